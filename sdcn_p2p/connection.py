@@ -1,0 +1,619 @@
+"""A secured, multiplexed connection to one peer: Noise over a transport, yamux over Noise.
+
+`secure_outbound` / `secure_inbound` run the Noise XX handshake (`wire.noise`) over a
+message-oriented `RawConnection`; `Connection` drives a `wire.yamux.YamuxSession` over the
+resulting `SecureChannel` and hands out `Stream` objects, which are trio half-closeable byte
+streams with a length-prefixed msgpack message API on top.
+
+Protocol selection: the first bytes an initiator writes on a new stream are
+``varint(len) + protocol id``; the responder answers with one status byte (0 accepted,
+1 unsupported) before any data of its own, and the initiator reads it lazily on its first
+receive, so selecting a protocol costs no round trip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from sdcn_p2p.errors import (
+    HandshakeError,
+    ProtocolError,
+    ResourceLimitExceeded,
+    StreamReset,
+    UnsupportedProtocol,
+)
+from sdcn_p2p.identity import Identity, PeerId
+from sdcn_p2p.multiaddr import Multiaddr
+from sdcn_p2p.transport import RawConnection
+from sdcn_p2p.wire import yamux
+from sdcn_p2p.wire.messages import MessageDecoder, encode_message
+from sdcn_p2p.wire.noise import MAX_PLAINTEXT, NoiseHandshake, NoiseTransport
+from sdcn_p2p.wire.varint import decode_varint, encode_varint
+
+__all__ = [
+    "MAX_PROTOCOL_ID",
+    "Connection",
+    "SecureChannel",
+    "Stream",
+    "secure_inbound",
+    "secure_outbound",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_PROTOCOL_ID = 128
+DEFAULT_MAX_MESSAGE = 1024 * 1024
+_STATUS_OK = b"\x00"
+_STATUS_UNSUPPORTED = b"\x01"
+# Outgoing bytes we queue before stream writers wait for the connection writer to catch up.
+_HIGH_WATER = 512 * 1024
+# Control frames (pongs, window updates, resets) queued while the remote does not read:
+# past this the remote is misbehaving and the connection ends.
+_CONTROL_LIMIT = 4 * 1024 * 1024
+
+
+class SecureChannel:
+    """Noise transport messages over a RawConnection, seen as a byte stream."""
+
+    def __init__(self, raw: RawConnection, noise: NoiseTransport) -> None:
+        self.raw = raw
+        self._noise = noise
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        for start in range(0, len(view), MAX_PLAINTEXT):
+            await self.raw.send_message(self._noise.encrypt(view[start : start + MAX_PLAINTEXT]))
+
+    async def receive_some(self) -> bytes:
+        """Next decrypted chunk. Raises ProtocolError on a bad ciphertext; trio errors on close."""
+        return self._noise.decrypt(await self.raw.receive_message())
+
+    async def aclose(self) -> None:
+        await self.raw.aclose()
+
+
+async def _handshake_receive(raw: RawConnection) -> bytes:
+    try:
+        return await raw.receive_message()
+    except trio.EndOfChannel:
+        raise HandshakeError("connection closed during the handshake") from None
+
+
+async def secure_outbound(
+    raw: RawConnection, identity: Identity, expected_peer: PeerId | None
+) -> tuple[SecureChannel, PeerId]:
+    """Run the initiator side of Noise XX. Raises HandshakeError; the caller sets a timeout."""
+    handshake = NoiseHandshake(identity, initiator=True, expected_peer=expected_peer)
+    await raw.send_message(handshake.write_message())
+    handshake.read_message(await _handshake_receive(raw))
+    await raw.send_message(handshake.write_message())
+    assert handshake.complete and handshake.remote_peer_id is not None
+    return SecureChannel(raw, handshake.to_transport()), handshake.remote_peer_id
+
+
+async def secure_inbound(raw: RawConnection, identity: Identity) -> tuple[SecureChannel, PeerId]:
+    """Run the responder side of Noise XX. Raises HandshakeError; the caller sets a timeout."""
+    handshake = NoiseHandshake(identity, initiator=False)
+    handshake.read_message(await _handshake_receive(raw))
+    await raw.send_message(handshake.write_message())
+    handshake.read_message(await _handshake_receive(raw))
+    assert handshake.complete and handshake.remote_peer_id is not None
+    return SecureChannel(raw, handshake.to_transport()), handshake.remote_peer_id
+
+
+class Stream(trio.abc.HalfCloseableStream):
+    """One yamux stream: a trio half-closeable byte stream plus a message API.
+
+    `send_message`/`receive_message` carry length-prefixed msgpack capped at
+    `max_message_size`; a message over the cap resets the stream. `aclose()` sends FIN and
+    stops reading; `reset()` aborts both directions. Not safe for two concurrent senders or
+    two concurrent receivers (trio.BusyResourceError).
+    """
+
+    def __init__(
+        self,
+        connection: Connection,
+        stream_id: int,
+        protocol: str | None,
+        *,
+        outbound: bool,
+        max_message_size: int = DEFAULT_MAX_MESSAGE,
+    ) -> None:
+        self.connection = connection
+        self.stream_id = stream_id
+        self.protocol = protocol
+        self.outbound = outbound
+        self.max_message_size = max_message_size
+        self._buf = bytearray()
+        self._remote_eof = False
+        self._reset = False
+        self._reset_by_remote = False
+        self._local_eof = False
+        self._closed = False
+        self._status_pending = outbound
+        self._decoder: MessageDecoder | None = None
+        self._lot = trio.lowlevel.ParkingLot()
+        self._sending = False
+        self._receiving = False
+
+    @property
+    def peer_id(self) -> PeerId:
+        return self.connection.peer_id
+
+    # --- events from the connection's reader task -------------------------------------------
+
+    def _on_data(self, data: bytes) -> None:
+        if self._closed:
+            # Nobody will read it: refuse more, as TCP does for a closed socket.
+            self._abort()
+            return
+        self._buf += data
+        self._lot.unpark_all()
+
+    def _on_eof(self) -> None:
+        self._remote_eof = True
+        self._lot.unpark_all()
+
+    def _on_reset(self) -> None:
+        self._reset = True
+        self._reset_by_remote = True
+        self.connection._forget(self)
+        self._lot.unpark_all()
+
+    def _on_window(self) -> None:
+        self._lot.unpark_all()
+
+    # --- byte stream API ---------------------------------------------------------------------
+
+    def _check_send(self) -> None:
+        if self._closed or self._local_eof:
+            raise trio.ClosedResourceError("stream closed for sending")
+        if self._reset:
+            raise StreamReset(self._reset_message())
+        self.connection._check_alive()
+
+    def _reset_message(self) -> str:
+        who = "remote peer" if self._reset_by_remote else "local side"
+        return f"stream {self.protocol or self.stream_id} reset by the {who}"
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._sending = True
+        try:
+            view = memoryview(data).cast("B")
+            conn = self.connection
+            while True:
+                self._check_send()
+                sent = conn._session.send(self.stream_id, view) if view else 0
+                if sent:
+                    view = view[sent:]
+                    conn._pump()
+                    await conn._wait_writable()
+                if not view:
+                    break
+                if not sent:
+                    await self._lot.park()
+        finally:
+            self._sending = False
+        await trio.lowlevel.checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        while True:
+            self._check_send()
+            if self.connection._session.send_window(self.stream_id) > 0:
+                await self.connection._wait_writable()
+                return
+            await self._lot.park()
+
+    async def send_eof(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        await trio.lowlevel.checkpoint()
+        if self._closed:
+            raise trio.ClosedResourceError("stream closed")
+        if self._local_eof or self._reset:
+            return
+        self._local_eof = True
+        self.connection._session.close_stream(self.stream_id)
+        self.connection._pump()
+        self.connection._forget_if_done(self)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        self._receiving = True
+        try:
+            if self._status_pending:
+                await self._read_status()
+            while not self._buf:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream closed")
+                if self._remote_eof:
+                    await trio.lowlevel.checkpoint()
+                    return b""
+                if self._reset:
+                    raise StreamReset(self._reset_message())
+                self.connection._check_alive()
+                await self._lot.park()
+            n = len(self._buf) if max_bytes is None else min(max_bytes, len(self._buf))
+            data = bytes(self._buf[:n])
+            del self._buf[:n]
+            self._consume(n)
+        finally:
+            self._receiving = False
+        await trio.lowlevel.checkpoint()
+        return data
+
+    def _consume(self, n: int) -> None:
+        if not self._reset:
+            self.connection._session.consume(self.stream_id, n)
+            self.connection._pump()
+
+    async def _read_status(self) -> None:
+        while not self._buf:
+            if self._remote_eof or self._reset or self._closed:
+                break
+            self.connection._check_alive()
+            await self._lot.park()
+        if not self._buf:
+            if self._closed:
+                raise trio.ClosedResourceError("stream closed")
+            raise StreamReset(f"stream {self.protocol} closed before the protocol was accepted")
+        status = self._buf[0]
+        del self._buf[:1]
+        self._consume(1)
+        self._status_pending = False
+        if status == _STATUS_UNSUPPORTED[0]:
+            self._abort()
+            raise UnsupportedProtocol(f"{self.peer_id} does not support {self.protocol}")
+        if status != _STATUS_OK[0]:
+            self._abort()
+            raise ProtocolError(f"bad protocol status byte {status}")
+
+    def _abort(self) -> None:
+        if not self._reset:
+            self._reset = True
+            self.connection._session.reset_stream(self.stream_id)
+            self.connection._pump()
+            self.connection._forget(self)
+        self._lot.unpark_all()
+
+    def reset(self) -> None:
+        """Abort both directions at once; the remote sees StreamReset."""
+        self._abort()
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if not self._reset and not self.connection.closed:
+                if self._buf:
+                    self._consume(len(self._buf))
+                    self._buf.clear()
+                if not self._local_eof:
+                    self._local_eof = True
+                    self.connection._session.close_stream(self.stream_id)
+                    self.connection._pump()
+                self.connection._forget_if_done(self)
+            self._lot.unpark_all()
+        await trio.lowlevel.checkpoint()
+
+    # --- message API -------------------------------------------------------------------------
+
+    async def send_message(self, obj: Any) -> None:
+        """Send one length-prefixed msgpack message; MessageTooLarge if over the cap."""
+        await self.send_all(encode_message(obj, max_size=self.max_message_size))
+
+    async def receive_message(self) -> Any:
+        """Receive one message. Raises trio.EndOfChannel at a clean end of stream,
+        ProtocolError (and resets the stream) on a malformed or oversized message.
+        """
+        if self._decoder is None:
+            self._decoder = MessageDecoder(self.max_message_size)
+        decoder = self._decoder
+        while True:
+            try:
+                message = decoder.next_message()
+            except ProtocolError:
+                self._abort()
+                raise
+            if message is not None:
+                return message
+            data = await self.receive_some(256 * 1024)
+            if not data:
+                if decoder.buffered:
+                    raise ProtocolError("stream ended in the middle of a message")
+                raise trio.EndOfChannel
+            decoder.feed(data)
+
+    # --- used when accepting ---------------------------------------------------------------------
+
+    async def _read_protocol_id(self) -> str:
+        """Parse the initiator's protocol header from the front of the receive buffer."""
+        while True:
+            decoded = decode_varint(self._buf) if self._buf else None
+            if decoded is not None:
+                length, offset = decoded
+                if length > MAX_PROTOCOL_ID:
+                    raise ProtocolError(f"protocol id longer than {MAX_PROTOCOL_ID} bytes")
+                if len(self._buf) >= offset + length:
+                    raw = bytes(self._buf[offset : offset + length])
+                    del self._buf[: offset + length]
+                    self._consume(offset + length)
+                    try:
+                        return raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise ProtocolError("protocol id is not UTF-8") from None
+            elif len(self._buf) > 9:
+                raise ProtocolError("bad protocol header")
+            if self._remote_eof or self._reset:
+                raise ProtocolError("stream ended before naming its protocol")
+            self.connection._check_alive()
+            await self._lot.park()
+
+    async def _accept(self, protocol: str, max_message_size: int) -> None:
+        self.protocol = protocol
+        self.max_message_size = max_message_size
+        await self.send_all(_STATUS_OK)
+
+    async def _refuse(self) -> None:
+        await self.send_all(_STATUS_UNSUPPORTED)
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        direction = "out" if self.outbound else "in"
+        return f"<Stream {self.protocol} {direction} #{self.stream_id} {self.peer_id.short()}>"
+
+
+class Connection:
+    """A secured yamux session with one peer; owned and closed by the Host.
+
+    `run` (started by the Host with `nursery.start`) reads frames and dispatches them, and
+    writes queued output from a single writer task so that a reader never waits on a writer.
+    Handlers for inbound streams run in this connection's nursery and are cancelled with it.
+    """
+
+    def __init__(
+        self,
+        channel: SecureChannel,
+        peer_id: PeerId,
+        *,
+        outbound: bool,
+        max_inbound_streams: int,
+        on_stream: Callable[[Stream], Awaitable[None]],
+    ) -> None:
+        self.peer_id = peer_id
+        self.outbound = outbound
+        self.remote_addr: Multiaddr | None = channel.raw.remote_addr
+        self.local_addr: Multiaddr | None = channel.raw.local_addr
+        self.opened_at = trio.current_time()
+        self.closed = False
+        self.close_reason: str | None = None
+        self.draining = False
+        self._channel = channel
+        self._session = yamux.YamuxSession(
+            is_client=outbound, max_inbound_streams=max_inbound_streams
+        )
+        self._streams: dict[int, Stream] = {}
+        self._on_stream = on_stream
+        self._outbuf = bytearray()
+        self._writer_lot = trio.lowlevel.ParkingLot()  # the writer waits here for output
+        self._space_lot = trio.lowlevel.ParkingLot()  # senders wait here for buffer space
+        self._idle_lot = trio.lowlevel.ParkingLot()  # stream-count changes
+        self._nursery: trio.Nursery | None = None
+        self._idle_interrupted = False
+        self.last_active = trio.current_time()
+
+    @property
+    def direction(self) -> str:
+        return "outbound" if self.outbound else "inbound"
+
+    @property
+    def num_streams(self) -> int:
+        return len(self._streams)
+
+    def _check_alive(self) -> None:
+        if self.closed:
+            raise trio.BrokenResourceError(
+                f"connection to {self.peer_id} closed: {self.close_reason}"
+            )
+
+    async def open_stream(
+        self, protocol: str, *, max_message_size: int = DEFAULT_MAX_MESSAGE
+    ) -> Stream:
+        """Open a stream that speaks `protocol`. Data can be sent at once (no round trip).
+
+        Raises UnsupportedProtocol on the first receive if the remote has no such handler,
+        ResourceLimitExceeded if the connection is draining or out of stream ids.
+        """
+        self._check_alive()
+        if self.draining or self._session.went_away:
+            raise ResourceLimitExceeded(f"connection to {self.peer_id} is closing")
+        encoded = protocol.encode("utf-8")
+        if not encoded or len(encoded) > MAX_PROTOCOL_ID:
+            raise ValueError(f"bad protocol id {protocol!r}")
+        stream_id = self._session.open_stream()
+        stream = Stream(self, stream_id, protocol, outbound=True, max_message_size=max_message_size)
+        self._streams[stream_id] = stream
+        self._touch()
+        await stream.send_all(encode_varint(len(encoded)) + encoded)
+        return stream
+
+    # --- the reader ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the connection until it closes; returns (never raises) when it is over."""
+        reason = "closed"
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._writer)
+                task_status.started()
+                try:
+                    await self._reader()
+                except trio.EndOfChannel:
+                    reason = "closed by the remote peer"
+                except ProtocolError as exc:
+                    reason = f"protocol error: {exc}"
+                    log.info("connection to %s: %s", self.peer_id.short(), exc)
+                    await self._flush_before_close()
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    reason = f"connection lost: {exc or type(exc).__name__}"
+                nursery.cancel_scope.cancel()
+        finally:
+            await self._teardown(reason)
+
+    async def _reader(self) -> None:
+        while True:
+            data = await self._channel.receive_some()
+            for event in self._session.receive_data(data):
+                self._dispatch(event)
+            self._pump()
+            if len(self._outbuf) > _CONTROL_LIMIT + _HIGH_WATER:
+                raise ProtocolError("remote peer does not read what it asks for")
+
+    def _dispatch(self, event: yamux.Event) -> None:
+        if isinstance(event, yamux.DataReceived):
+            stream = self._streams.get(event.stream_id)
+            if stream is None:
+                # A stream we have already forgotten: keep the window honest.
+                self._session.consume(event.stream_id, len(event.data))
+            else:
+                stream._on_data(event.data)
+        elif isinstance(event, yamux.StreamOpened):
+            self._accept_stream(event.stream_id)
+        elif isinstance(event, yamux.StreamEnded):
+            if (stream := self._streams.get(event.stream_id)) is not None:
+                stream._on_eof()
+                self._forget_if_done(stream)
+        elif isinstance(event, yamux.StreamResetReceived):
+            if (stream := self._streams.get(event.stream_id)) is not None:
+                stream._on_reset()
+        elif isinstance(event, yamux.WindowUpdated):
+            if (stream := self._streams.get(event.stream_id)) is not None:
+                stream._on_window()
+        elif isinstance(event, yamux.GoAwayReceived):
+            self.draining = True
+            self._idle_lot.unpark_all()
+
+    def _accept_stream(self, stream_id: int) -> None:
+        if self.draining or self._nursery is None:
+            self._session.reset_stream(stream_id)
+            return
+        stream = Stream(self, stream_id, None, outbound=False)
+        self._streams[stream_id] = stream
+        self._touch()
+        self._nursery.start_soon(self._on_stream, stream)
+
+    # --- the writer ------------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Move the session's queued output to our buffer and wake the writer."""
+        data = self._session.data_to_send()
+        if data:
+            self._outbuf += data
+            self._writer_lot.unpark_all()
+
+    async def _wait_writable(self) -> None:
+        while len(self._outbuf) > _HIGH_WATER:
+            self._check_alive()
+            await self._space_lot.park()
+
+    async def _writer(self) -> None:
+        try:
+            while True:
+                while not self._outbuf:
+                    await self._writer_lot.park()
+                data, self._outbuf = self._outbuf, bytearray()
+                self._space_lot.unpark_all()
+                await self._channel.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            # The reader sees the same failure; make sure it stops waiting.
+            await self._channel.aclose()
+            log.debug("connection to %s: write failed: %r", self.peer_id.short(), exc)
+
+    async def _flush_before_close(self) -> None:
+        self._pump()
+        if self._outbuf:
+            with trio.move_on_after(1):
+                data, self._outbuf = self._outbuf, bytearray()
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self._channel.send_all(data)
+
+    # --- bookkeeping -----------------------------------------------------------------------------
+
+    def _touch(self) -> None:
+        self.last_active = trio.current_time()
+        self._idle_lot.unpark_all()
+
+    def _forget(self, stream: Stream) -> None:
+        if self._streams.get(stream.stream_id) is stream:
+            del self._streams[stream.stream_id]
+            self._touch()
+
+    def _forget_if_done(self, stream: Stream) -> None:
+        # Once both sides sent FIN no more events come for the stream; the application may
+        # still read what is buffered through its own reference.
+        if stream._local_eof and stream._remote_eof:
+            self._forget(stream)
+
+    async def wait_idle(self, idle_timeout: float) -> bool:
+        """Wait until the connection has had no streams for `idle_timeout` seconds, or is
+        draining with no streams left (True), or `interrupt_idle_wait` is called (False).
+        """
+        self._idle_interrupted = False
+        while not self._idle_interrupted:
+            if self._streams:
+                await self._idle_lot.park()
+                continue
+            if self.draining:
+                return True
+            with trio.move_on_at(self.last_active + idle_timeout) as scope:
+                await self._idle_lot.park()
+            if scope.cancelled_caught:
+                return True
+        return False
+
+    def interrupt_idle_wait(self) -> None:
+        """Make a pending `wait_idle` return False (the idle policy changed)."""
+        self._idle_interrupted = True
+        self._idle_lot.unpark_all()
+
+    def drain(self) -> None:
+        """Stop new streams both ways (yamux GoAway); the Host closes it once streams end."""
+        if not self.draining and not self.closed:
+            self.draining = True
+            self._session.go_away()
+            self._pump()
+            self._idle_lot.unpark_all()
+
+    async def aclose(self, reason: str = "closed locally") -> None:
+        """Close at once: pending streams see BrokenResourceError. Idempotent."""
+        if self.close_reason is None:
+            self.close_reason = reason
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        await self._channel.aclose()
+
+    async def _teardown(self, reason: str) -> None:
+        if self.close_reason is None:
+            self.close_reason = reason
+        self.closed = True
+        for stream in list(self._streams.values()):
+            stream._lot.unpark_all()
+        self._streams.clear()
+        self._space_lot.unpark_all()
+        self._idle_lot.unpark_all()
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            await self._channel.aclose()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("draining" if self.draining else "open")
+        return f"<Connection {self.direction} {self.peer_id} {state} streams={len(self._streams)}>"

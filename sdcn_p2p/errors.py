@@ -1,0 +1,103 @@
+"""The exception tree of SDCN p2p.
+
+::
+
+    SdcnError
+    ├── ProtocolError          a peer's bytes broke the spec (codecs raise this)
+    │   ├── HandshakeError     Noise failed, or the peer id is not the one dialled
+    │   └── MessageTooLarge    a frame or message over its cap
+    ├── RecordError            a signed record failed verification or is stale
+    ├── MultiaddrError         a multiaddr we cannot parse or do not support
+    ├── DialError              no address of the peer answered
+    ├── StreamReset            the stream was reset (by either side)
+    ├── UnsupportedProtocol    the remote peer has no handler for the protocol
+    ├── ResourceLimitExceeded  a connection or stream limit refused the operation
+    ├── JobError(code)         bad_request, busy, unsupported, backend_failed, timeout, cancelled
+    └── ConfigError            bad local configuration (key file, flags)
+
+Errors raised because of what a remote peer sent carry ``remote=True``; errors we caused
+ourselves carry ``remote=False``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "DialError",
+    "HandshakeError",
+    "JobError",
+    "MessageTooLarge",
+    "MultiaddrError",
+    "ProtocolError",
+    "RecordError",
+    "ResourceLimitExceeded",
+    "SdcnError",
+    "StreamReset",
+    "UnsupportedProtocol",
+]
+
+
+class SdcnError(Exception):
+    """Root of every error SDCN p2p raises on purpose."""
+
+
+class ProtocolError(SdcnError):
+    """The bytes we received (or were about to send) break the protocol.
+
+    `remote` is True when the other side sent them.
+    """
+
+    def __init__(self, message: str, *, remote: bool = True) -> None:
+        super().__init__(message)
+        self.remote = remote
+
+
+class HandshakeError(ProtocolError):
+    """The secure-channel handshake failed, or authenticated an unexpected peer."""
+
+
+class MessageTooLarge(ProtocolError):
+    """A frame or message is larger than the cap for its protocol."""
+
+
+class RecordError(SdcnError):
+    """A signed record is forged, tampered, mis-keyed, for another domain, or stale."""
+
+
+class MultiaddrError(SdcnError, ValueError):
+    """A multiaddr that is malformed or uses a protocol we do not support."""
+
+
+class DialError(SdcnError):
+    """A dial failed: no address answered, or the handshake failed."""
+
+
+class StreamReset(SdcnError):
+    """The stream was reset, by the remote peer or locally; no more data will flow."""
+
+
+class UnsupportedProtocol(SdcnError):
+    """The remote peer has no handler for the protocol a stream asked for."""
+
+
+class ResourceLimitExceeded(SdcnError):
+    """A connection or stream limit refused the operation."""
+
+
+class JobError(SdcnError):
+    """A job failed; `code` says how, for the gateway to decide whether to retry."""
+
+    CODES = frozenset(
+        {"bad_request", "busy", "unsupported", "backend_failed", "timeout", "cancelled"}
+    )
+
+    def __init__(self, code: str, message: str) -> None:
+        if code not in self.CODES:
+            raise ValueError(f"unknown job error code {code!r}")
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ConfigError(SdcnError):
+    """Bad local configuration: a flag, a key file, an address to listen on."""

@@ -1,0 +1,519 @@
+"""Host: listen and dial, secure and multiplex connections, route streams to handlers.
+
+One connection per peer: concurrent local dials to a peer share one attempt, and when two
+peers dial each other at once both keep the connection dialled by the smaller peer id and
+drain the other. Connections without streams close after `idle_timeout` unless the peer is
+kept alive. `/sdcn/ping/1.0.0` and `/sdcn/identify/1.0.0` are served by every Host, and
+identify runs on every new connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+
+from sdcn_p2p.connection import (
+    DEFAULT_MAX_MESSAGE,
+    Connection,
+    Stream,
+    secure_inbound,
+    secure_outbound,
+)
+from sdcn_p2p.errors import (
+    DialError,
+    HandshakeError,
+    ProtocolError,
+    ResourceLimitExceeded,
+    SdcnError,
+)
+from sdcn_p2p.identity import Identity, PeerId
+from sdcn_p2p.multiaddr import Multiaddr
+from sdcn_p2p.peerstore import PeerStore
+from sdcn_p2p.protocols import identify, ping
+from sdcn_p2p.records import Envelope, PeerRecord
+from sdcn_p2p.transport import RawConnection, Transport
+
+__all__ = ["AGENT_VERSION", "Handler", "Host", "HostConfig", "open_host"]
+
+log = logging.getLogger(__name__)
+
+AGENT_VERSION = "sdcn-p2p/0.1.0"
+PROTOCOL_HEADER_TIMEOUT = 10.0
+#: Seconds a closing Host gives its connections to close cleanly before cutting them.
+CLOSE_GRACE = 1.0
+
+Handler = Callable[[Stream], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class HostConfig:
+    """Listen addresses, limits and timeouts of a Host (seconds)."""
+
+    listen: tuple[Multiaddr, ...] = ()
+    #: Addresses to advertise instead of the bound ones (e.g. a public DNS name).
+    announce: tuple[Multiaddr, ...] = ()
+    max_connections: int = 512
+    max_pending_inbound: int = 64
+    max_inbound_streams: int = 128
+    dial_timeout: float = 10.0
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 120.0
+    roles: tuple[str, ...] = ()
+    agent_version: str = AGENT_VERSION
+
+
+@dataclass(slots=True)
+class _HandlerEntry:
+    handler: Handler
+    max_message_size: int
+
+
+class _PendingDial:
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.connection: Connection | None = None
+        self.error: BaseException | None = None
+
+    async def wait(self) -> Connection:
+        await self.done.wait()
+        if self.connection is not None:
+            return self.connection
+        if self.error is not None:
+            raise DialError(str(self.error)) from self.error
+        raise DialError("dial abandoned: host closing")
+
+
+class Host:
+    """A peer's network endpoint. Create with `open_host`; closed when its context exits."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        config: HostConfig,
+        transport: Transport,
+        nursery: trio.Nursery,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.identity = identity
+        self.config = config
+        self.transport = transport
+        self.peerstore = PeerStore()
+        self.wall_clock = wall_clock
+        self.listen_addrs: list[Multiaddr] = []
+        self.observed_addrs: list[Multiaddr] = []
+        self._nursery = nursery
+        self._handlers: dict[str, _HandlerEntry] = {}
+        self._conns: dict[PeerId, list[Connection]] = {}
+        self._pending_dials: dict[PeerId, _PendingDial] = {}
+        self._pending_inbound = 0
+        self._pending_outbound = 0
+        self._keep_alive: set[PeerId] = set()
+        self._on_connected: list[Callable[[Connection], None]] = []
+        self._on_disconnected: list[Callable[[PeerId], None]] = []
+        self._on_identified: list[Callable[[PeerId], None]] = []
+        self._record_envelope: Envelope | None = None
+        self.set_handler(ping.PING, ping.handle_ping, max_message_size=ping.MAX_MESSAGE)
+        self.set_handler(
+            identify.IDENTIFY, self._handle_identify, max_message_size=identify.MAX_MESSAGE
+        )
+
+    # --- identity and addresses ------------------------------------------------------------------
+
+    @property
+    def peer_id(self) -> PeerId:
+        return self.identity.peer_id
+
+    @property
+    def advertised_addrs(self) -> list[Multiaddr]:
+        """Addresses other peers should dial: `announce` if set, else the bound ones."""
+        addrs = list(self.config.announce) or self.listen_addrs
+        return [a.without_peer_id() for a in addrs if not a.is_unspecified]
+
+    @property
+    def signed_record(self) -> Envelope:
+        """Our signed PeerRecord, re-sealed with a higher seq when our addresses change."""
+        addrs = tuple(self.advertised_addrs)
+        held = self._record_envelope
+        if held is None or PeerRecord.from_envelope(held).addrs != addrs:
+            seq = int(self.wall_clock() * 1000)
+            if held is not None:
+                seq = max(seq, PeerRecord.from_envelope(held).seq + 1)
+            self._record_envelope = PeerRecord(self.peer_id, seq, addrs).seal(self.identity)
+        return self._record_envelope
+
+    # --- handlers and notifications --------------------------------------------------------------
+
+    def set_handler(
+        self, protocol: str, handler: Handler, *, max_message_size: int = DEFAULT_MAX_MESSAGE
+    ) -> None:
+        """Serve `protocol`: each inbound stream runs `handler(stream)` in its connection's
+        nursery; the stream is closed when the handler returns and reset if it raises.
+        """
+        self._handlers[protocol] = _HandlerEntry(handler, max_message_size)
+
+    def remove_handler(self, protocol: str) -> None:
+        self._handlers.pop(protocol, None)
+
+    @property
+    def protocols(self) -> list[str]:
+        return sorted(self._handlers)
+
+    def add_listener(
+        self,
+        *,
+        on_connected: Callable[[Connection], None] | None = None,
+        on_disconnected: Callable[[PeerId], None] | None = None,
+        on_identified: Callable[[PeerId], None] | None = None,
+    ) -> None:
+        """Register synchronous callbacks; a listener that needs to await starts a task in a
+        nursery of its own.
+        """
+        if on_connected:
+            self._on_connected.append(on_connected)
+        if on_disconnected:
+            self._on_disconnected.append(on_disconnected)
+        if on_identified:
+            self._on_identified.append(on_identified)
+
+    # --- connections -----------------------------------------------------------------------------
+
+    def connection(self, peer: PeerId) -> Connection | None:
+        """The open connection new streams to `peer` go over, if any."""
+        for conn in self._conns.get(peer, ()):
+            if not conn.closed and not conn.draining:
+                return conn
+        return None
+
+    def is_connected(self, peer: PeerId) -> bool:
+        return self.connection(peer) is not None
+
+    @property
+    def connected_peers(self) -> list[PeerId]:
+        return [peer for peer in self._conns if self.connection(peer) is not None]
+
+    @property
+    def num_connections(self) -> int:
+        return sum(len(conns) for conns in self._conns.values())
+
+    def keep_alive(self, peer: PeerId, keep: bool = True) -> None:
+        """Exempt connections to `peer` from idle close (bootstrap peers, gateways)."""
+        if keep:
+            self._keep_alive.add(peer)
+        else:
+            self._keep_alive.discard(peer)
+        for conn in self._conns.get(peer, ()):
+            conn.interrupt_idle_wait()
+
+    async def connect(self, target: PeerId | Multiaddr) -> Connection:
+        """Return a connection to `target`, reusing an open one or dialling.
+
+        A Multiaddr with /p2p/<id> must reach that peer; a PeerId is dialled at its known
+        addresses. Raises DialError when no address answers within `config.dial_timeout`.
+        """
+        if isinstance(target, Multiaddr):
+            peer, addrs = target.peer_id, [target.without_peer_id()]
+        else:
+            peer, addrs = target, self.peerstore.addrs(target)
+        if peer is None:
+            return await self._dial(None, addrs)
+        if peer == self.peer_id:
+            raise DialError("refusing to dial ourselves")
+        if (conn := self.connection(peer)) is not None:
+            return conn
+        pending = self._pending_dials.get(peer)
+        if pending is None:
+            pending = self._pending_dials[peer] = _PendingDial()
+            self._nursery.start_soon(self._dial_shared, peer, addrs, pending)
+        return await pending.wait()
+
+    async def _dial_shared(
+        self, peer: PeerId, addrs: list[Multiaddr], pending: _PendingDial
+    ) -> None:
+        try:
+            pending.connection = await self._dial(peer, addrs)
+        except (DialError, ResourceLimitExceeded) as exc:
+            pending.error = exc
+        finally:
+            del self._pending_dials[peer]
+            pending.done.set()
+
+    async def _dial(self, peer: PeerId | None, addrs: list[Multiaddr]) -> Connection:
+        if not addrs:
+            raise DialError(f"no known address for {peer}")
+        failures: list[str] = []
+        with trio.move_on_after(self.config.dial_timeout):
+            for addr in addrs:
+                if not self.transport.can_dial(addr):
+                    failures.append(f"{addr}: no transport for this address")
+                    continue
+                try:
+                    return await self._dial_addr(addr, peer)
+                except (DialError, ProtocolError, trio.BrokenResourceError) as exc:
+                    failures.append(f"{addr}: {exc}")
+        if not failures:
+            failures.append(f"timed out after {self.config.dial_timeout:g} s")
+        raise DialError(f"could not reach {peer or addrs[0]}: " + "; ".join(failures))
+
+    async def _dial_addr(self, addr: Multiaddr, peer: PeerId | None) -> Connection:
+        if self.num_connections + self._pending_outbound >= self.config.max_connections:
+            raise DialError(f"connection limit ({self.config.max_connections}) reached")
+        self._pending_outbound += 1
+        try:
+            raw = await self.transport.dial(addr)
+            try:
+                with trio.fail_after(self.config.handshake_timeout):
+                    channel, remote = await secure_outbound(raw, self.identity, peer)
+            except BaseException as exc:
+                with trio.CancelScope(shield=True):
+                    await raw.aclose()
+                if isinstance(exc, trio.TooSlowError):
+                    raise DialError("handshake timed out") from exc
+                if isinstance(exc, HandshakeError):
+                    raise DialError(f"handshake failed: {exc}") from exc
+                raise
+        finally:
+            self._pending_outbound -= 1
+        conn = self._new_connection(channel, remote, outbound=True)
+        await self._nursery.start(self._serve_connection, conn)
+        return self.connection(remote) or conn
+
+    def _new_connection(self, channel, remote: PeerId, *, outbound: bool) -> Connection:  # type: ignore[no-untyped-def]
+        return Connection(
+            channel,
+            remote,
+            outbound=outbound,
+            max_inbound_streams=self.config.max_inbound_streams,
+            on_stream=self._handle_stream,
+        )
+
+    async def _handle_inbound(self, raw: RawConnection) -> None:
+        """Called by the transport for each accepted connection; returns when it is over."""
+        if (
+            self._pending_inbound >= self.config.max_pending_inbound
+            or self.num_connections >= self.config.max_connections
+        ):
+            log.debug("refusing inbound connection from %s: limit reached", raw.remote_addr)
+            return
+        self._pending_inbound += 1
+        try:
+            with trio.fail_after(self.config.handshake_timeout):
+                channel, remote = await secure_inbound(raw, self.identity)
+        except (HandshakeError, ProtocolError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            log.debug("inbound handshake from %s failed: %r", raw.remote_addr, exc)
+            return
+        finally:
+            self._pending_inbound -= 1
+        await self._serve_connection(self._new_connection(channel, remote, outbound=False))
+
+    async def _serve_connection(
+        self, conn: Connection, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        peer = conn.peer_id
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def run() -> None:
+                    try:
+                        await conn.run(task_status=trio.TASK_STATUS_IGNORED)
+                    finally:
+                        nursery.cancel_scope.cancel()
+
+                nursery.start_soon(run)
+                self._register(conn)
+                task_status.started()
+                nursery.start_soon(self._close_when_idle, conn)
+                nursery.start_soon(self._identify, conn)
+                for callback in self._on_connected:
+                    callback(conn)
+        finally:
+            with trio.CancelScope(shield=True):
+                await conn.aclose()
+            self._unregister(conn)
+            if self.connection(peer) is None and not self._conns.get(peer):
+                for on_disconnected in self._on_disconnected:
+                    on_disconnected(peer)
+
+    def _register(self, conn: Connection) -> None:
+        peer = conn.peer_id
+        conns = self._conns.setdefault(peer, [])
+        self.peerstore.pinned.add(peer)
+        if conn.remote_addr is not None and conn.outbound:
+            self.peerstore.add_addrs(peer, [conn.remote_addr])
+        current = self.connection(peer)
+        conns.append(conn)
+        if current is None:
+            return
+        # Two connections to one peer: both sides keep the one dialled by the smaller id.
+        dialer_current = self.peer_id if current.outbound else peer
+        dialer_new = self.peer_id if conn.outbound else peer
+        if dialer_current != dialer_new:
+            loser = conn if dialer_current < dialer_new else current
+            log.debug("duplicate connection to %s: draining %r", peer.short(), loser)
+            loser.drain()
+        elif dialer_new == self.peer_id:
+            conn.drain()  # we dialled twice: the remote waits for us to pick the older
+
+    def _unregister(self, conn: Connection) -> None:
+        conns = self._conns.get(conn.peer_id, [])
+        if conn in conns:
+            conns.remove(conn)
+        if not conns:
+            self._conns.pop(conn.peer_id, None)
+            self.peerstore.pinned.discard(conn.peer_id)
+
+    async def _close_when_idle(self, conn: Connection) -> None:
+        idle_timeout = self.config.idle_timeout
+        while True:
+            keep = conn.peer_id in self._keep_alive
+            # Kept-alive peers are pinged when idle for a third of the timeout: that keeps the
+            # remote's idle timer from closing the connection, and measures RTT.
+            if not await conn.wait_idle(idle_timeout / 3 if keep else idle_timeout):
+                continue  # keep_alive() changed the policy
+            if conn.draining or not keep or not await self._keep_alive_ping(conn):
+                break
+        reason = "drained" if conn.draining else "idle"
+        log.debug("closing %s connection to %s", reason, conn.peer_id.short())
+        await conn.aclose(reason)
+
+    async def _keep_alive_ping(self, conn: Connection) -> bool:
+        """Ping over `conn`; False if the peer did not answer in time."""
+        with trio.move_on_after(self.config.dial_timeout):
+            try:
+                stream = await conn.open_stream(ping.PING, max_message_size=ping.MAX_MESSAGE)
+                async with stream:
+                    self.peerstore.record_rtt(conn.peer_id, await ping.ping_once(stream))
+                return True
+            except (SdcnError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                log.debug("keep-alive ping to %s failed: %r", conn.peer_id.short(), exc)
+        return False
+
+    async def disconnect(self, peer: PeerId) -> None:
+        """Close every connection to `peer` at once."""
+        for conn in list(self._conns.get(peer, ())):
+            await conn.aclose("disconnected locally")
+
+    # --- streams ---------------------------------------------------------------------------------
+
+    async def new_stream(
+        self,
+        target: PeerId | Multiaddr,
+        protocol: str,
+        *,
+        max_message_size: int = DEFAULT_MAX_MESSAGE,
+    ) -> Stream:
+        """Open a stream to `target` speaking `protocol`, dialling if needed.
+
+        Raises DialError if the peer cannot be reached; UnsupportedProtocol surfaces on the
+        stream's first receive.
+        """
+        conn = await self.connect(target)
+        try:
+            return await conn.open_stream(protocol, max_message_size=max_message_size)
+        except trio.BrokenResourceError as exc:
+            raise DialError(f"connection to {conn.peer_id} lost: {exc}") from exc
+
+    async def _handle_stream(self, stream: Stream) -> None:
+        try:
+            with trio.fail_after(PROTOCOL_HEADER_TIMEOUT):
+                protocol = await stream._read_protocol_id()
+            entry = self._handlers.get(protocol)
+            if entry is None:
+                log.debug("%s asked for unsupported protocol %r", stream.peer_id.short(), protocol)
+                await stream._refuse()
+                return
+            await stream._accept(protocol, entry.max_message_size)
+            await entry.handler(stream)
+        except (
+            SdcnError,
+            trio.TooSlowError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            trio.EndOfChannel,
+        ) as exc:
+            log.debug("stream %r ended with %r", stream, exc)
+            stream.reset()
+        except Exception:
+            # A handler bug must not take the peer down with it.
+            log.exception("handler for %s failed", stream.protocol)
+            stream.reset()
+        finally:
+            await stream.aclose()
+
+    # --- identify --------------------------------------------------------------------------------
+
+    async def _handle_identify(self, stream: Stream) -> None:
+        await stream.send_message(identify.build_info(self, stream.connection))
+
+    async def _identify(self, conn: Connection) -> None:
+        try:
+            with trio.fail_after(self.config.handshake_timeout):
+                info = await identify.request(conn)
+        except (SdcnError, trio.TooSlowError, trio.BrokenResourceError, trio.EndOfChannel) as exc:
+            log.debug("identify with %s failed: %r", conn.peer_id.short(), exc)
+            return
+        identify.apply(self, conn, info)
+        for callback in self._on_identified:
+            callback(conn.peer_id)
+
+    async def ping(self, peer: PeerId | Multiaddr) -> float:
+        """Round-trip time to `peer` in seconds, folded into the peerstore's RTT EWMA."""
+        stream = await self.new_stream(peer, ping.PING, max_message_size=ping.MAX_MESSAGE)
+        async with stream:
+            rtt = await ping.ping_once(stream)
+        self.peerstore.record_rtt(stream.peer_id, rtt)
+        return rtt
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    async def _listen(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        for addr in self.config.listen:
+            bound = await self._nursery.start(self.transport.serve, addr, self._handle_inbound)
+            self.listen_addrs.extend(bound)
+        for addr in self.listen_addrs:
+            log.info("listening on %s", addr.with_peer_id(self.peer_id))
+        task_status.started()
+
+    async def _close_connections(self) -> None:
+        """Close every connection at once, letting each say goodbye to its peer."""
+        async with trio.open_nursery() as nursery:
+            for conns in self._conns.values():
+                for conn in conns:
+                    nursery.start_soon(conn.aclose, "host closing")
+
+    def __repr__(self) -> str:
+        return f"<Host {self.peer_id} connections={self.num_connections}>"
+
+
+@asynccontextmanager
+async def open_host(
+    identity: Identity,
+    config: HostConfig = HostConfig(),
+    *,
+    transport: Transport | None = None,
+    wall_clock: Callable[[], float] = time.time,
+) -> AsyncIterator[Host]:
+    """Start a Host listening on `config.listen`; everything stops when the block exits.
+
+    `transport` defaults to WebSockets. Raises ConfigError if an address cannot be bound.
+    """
+    async with trio.open_nursery() as nursery:
+        if transport is None:
+            from sdcn_p2p.transport.websocket import WebSocketTransport
+
+            transport = WebSocketTransport(nursery)
+        host = Host(identity, config, transport, nursery, wall_clock=wall_clock)
+        await host._listen()
+        try:
+            yield host
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_GRACE):
+                await host._close_connections()
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,114 @@
+"""``/sdcn/identify/1.0.0``: who a connected peer is and what it speaks.
+
+The responder sends one message: its signed PeerRecord (an Envelope), listen addresses, the
+address it observed us at, its protocols, roles and agent version. Each side asks on every
+new connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sdcn_p2p.connection import Connection
+from sdcn_p2p.errors import MultiaddrError, ProtocolError, RecordError
+from sdcn_p2p.multiaddr import Multiaddr
+from sdcn_p2p.records import Envelope, PeerRecord
+
+if TYPE_CHECKING:
+    from sdcn_p2p.host import Host
+
+__all__ = [
+    "IDENTIFY",
+    "MAX_MESSAGE",
+    "IdentifyInfo",
+    "apply",
+    "build_info",
+    "parse_info",
+    "request",
+]
+
+IDENTIFY = "/sdcn/identify/1.0.0"
+MAX_MESSAGE = 64 * 1024
+_MAX_LIST = 64
+_MAX_TEXT = 128
+
+
+@dataclass(frozen=True, slots=True)
+class IdentifyInfo:
+    record: PeerRecord
+    envelope: Envelope
+    listen_addrs: tuple[Multiaddr, ...]
+    observed_addr: Multiaddr | None
+    protocols: tuple[str, ...]
+    roles: tuple[str, ...]
+    agent_version: str
+
+
+def build_info(host: Host, conn: Connection) -> dict[str, Any]:
+    return {
+        "record": host.signed_record.to_bytes(),
+        "listen_addrs": [str(a) for a in host.advertised_addrs],
+        "observed_addr": str(conn.remote_addr) if conn.remote_addr else None,
+        "protocols": host.protocols,
+        "roles": list(host.config.roles),
+        "agent_version": host.config.agent_version,
+    }
+
+
+def _texts(message: dict[str, Any], key: str) -> tuple[str, ...]:
+    value = message.get(key)
+    if not isinstance(value, list) or len(value) > _MAX_LIST:
+        raise ProtocolError(f"identify field {key!r} must be a list of at most {_MAX_LIST}")
+    if not all(isinstance(v, str) and len(v) <= _MAX_TEXT for v in value):
+        raise ProtocolError(f"identify field {key!r} must hold short strings")
+    return tuple(value)
+
+
+def parse_info(message: Any, conn: Connection) -> IdentifyInfo:
+    """Validate an identify message from `conn`'s peer; raises ProtocolError."""
+    if not isinstance(message, dict):
+        raise ProtocolError("identify message must be a map")
+    try:
+        envelope = Envelope.from_bytes(message.get("record"))  # type: ignore[arg-type]
+        record = PeerRecord.from_envelope(envelope)
+        listen = tuple(Multiaddr.parse(a) for a in _texts(message, "listen_addrs"))
+        observed_text = message.get("observed_addr")
+        observed = Multiaddr.parse(observed_text) if isinstance(observed_text, str) else None
+    except (RecordError, MultiaddrError, TypeError) as exc:
+        raise ProtocolError(f"bad identify message: {exc}") from None
+    if record.peer_id != conn.peer_id:
+        raise ProtocolError("identify record is signed by another peer")
+    agent = message.get("agent_version")
+    if not isinstance(agent, str) or len(agent) > _MAX_TEXT:
+        raise ProtocolError("identify agent_version must be a short string")
+    return IdentifyInfo(
+        record=record,
+        envelope=envelope,
+        listen_addrs=listen,
+        observed_addr=observed,
+        protocols=_texts(message, "protocols"),
+        roles=_texts(message, "roles"),
+        agent_version=agent,
+    )
+
+
+async def request(conn: Connection) -> IdentifyInfo:
+    """Ask the peer at the other end of `conn` who it is."""
+    stream = await conn.open_stream(IDENTIFY, max_message_size=MAX_MESSAGE)
+    async with stream:
+        return parse_info(await stream.receive_message(), conn)
+
+
+def apply(host: Host, conn: Connection, info: IdentifyInfo) -> None:
+    """Store what identify told us in the host's peerstore."""
+    store = host.peerstore
+    with contextlib.suppress(RecordError):  # we already hold this record or a newer one
+        store.consume_record(info.envelope)
+    store.set_identify(
+        conn.peer_id, protocols=info.protocols, roles=info.roles, agent_version=info.agent_version
+    )
+    observed = info.observed_addr
+    if observed is not None and observed not in host.observed_addrs:
+        host.observed_addrs = [observed, *host.observed_addrs][:8]
