@@ -185,6 +185,7 @@ class Stream(trio.abc.HalfCloseableStream):
         if self._sending:
             raise trio.BusyResourceError("another task is sending on this stream")
         self._sending = True
+        waited = False
         try:
             view = memoryview(data).cast("B")
             conn = self.connection
@@ -194,14 +195,17 @@ class Stream(trio.abc.HalfCloseableStream):
                 if sent:
                     view = view[sent:]
                     conn._pump()
-                    await conn._wait_writable()
+                    waited |= await conn._wait_writable()
                 if not view:
                     break
                 if not sent:
                     await self._lot.park()
+                    waited = True
         finally:
             self._sending = False
-        await trio.lowlevel.checkpoint()
+        if not waited:
+            # The writer task sends the bytes; a schedule point here would only add latency.
+            await trio.lowlevel.checkpoint_if_cancelled()
 
     async def wait_send_all_might_not_block(self) -> None:
         while True:
@@ -233,23 +237,25 @@ class Stream(trio.abc.HalfCloseableStream):
         try:
             if self._status_pending:
                 await self._read_status()
+            waited = False
             while not self._buf:
                 if self._closed:
                     raise trio.ClosedResourceError("stream closed")
                 if self._remote_eof:
-                    await trio.lowlevel.checkpoint()
-                    return b""
+                    break
                 if self._reset:
                     raise StreamReset(self._reset_message())
                 self.connection._check_alive()
                 await self._lot.park()
+                waited = True
             n = len(self._buf) if max_bytes is None else min(max_bytes, len(self._buf))
             data = bytes(self._buf[:n])
             del self._buf[:n]
             self._consume(n)
         finally:
             self._receiving = False
-        await trio.lowlevel.checkpoint()
+        if not waited:
+            await trio.lowlevel.checkpoint()
         return data
 
     def _consume(self, n: int) -> None:
@@ -521,10 +527,14 @@ class Connection:
             self._outbuf += data
             self._writer_lot.unpark_all()
 
-    async def _wait_writable(self) -> None:
+    async def _wait_writable(self) -> bool:
+        """Wait while the output buffer is over its high-water mark; True if we waited."""
+        waited = False
         while len(self._outbuf) > _HIGH_WATER:
             self._check_alive()
             await self._space_lot.park()
+            waited = True
+        return waited
 
     async def _writer(self) -> None:
         try:
