@@ -15,7 +15,6 @@ import json
 import statistics
 import sys
 import time
-from functools import partial
 from collections.abc import Awaitable, Callable
 
 import trio
