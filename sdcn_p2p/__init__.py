@@ -1,0 +1,76 @@
+"""SDCN p2p: a peer-to-peer network for sharing Stable Diffusion compute.
+
+Layers, bottom up (each module imports only those above it in this list):
+
+- `identity`: Ed25519 keys and libp2p-compatible PeerIds; key files.
+- `records`: signed envelopes (libp2p RFC 0002) and PeerRecords.
+- `multiaddr`: ``/ip4|ip6|dns4|dns6/<host>/tcp/<port>/ws|wss[/p2p/<id>]``.
+- `wire`: pure codecs and state machines: varints, strict msgpack, Noise XX, yamux.
+- `transport`: WebSocket (trio-websocket) and an in-memory network for tests and simulations.
+- `connection`: a Noise-secured yamux session over a transport connection, and its streams.
+- `peerstore`: addresses, signed records, identify info and RTT of known peers.
+- `host`: listen, dial, one connection per peer, limits, handlers; `protocols`: ping, identify.
+- `testing`: in-memory networks of hosts.
+- `cli`: the ``sdcn`` command.
+"""
+
+from sdcn_p2p._version import __version__
+from sdcn_p2p.connection import Connection, Stream
+from sdcn_p2p.errors import (
+    ConfigError,
+    DialError,
+    HandshakeError,
+    JobError,
+    MessageTooLarge,
+    MultiaddrError,
+    ProtocolError,
+    RecordError,
+    ResourceLimitExceeded,
+    SdcnError,
+    StreamReset,
+    UnsupportedProtocol,
+)
+from sdcn_p2p.host import Host, HostConfig, open_host
+from sdcn_p2p.identity import Identity, PeerId, load_or_create_identity
+from sdcn_p2p.multiaddr import Multiaddr
+from sdcn_p2p.peerstore import PeerInfo, PeerStore
+from sdcn_p2p.protocols.identify import IDENTIFY
+from sdcn_p2p.protocols.ping import PING
+from sdcn_p2p.records import Envelope, PeerRecord
+from sdcn_p2p.transport.memory import MemoryNetwork, MemoryTransport
+from sdcn_p2p.transport.websocket import WebSocketTransport, open_websocket_transport
+
+__all__ = [
+    "IDENTIFY",
+    "PING",
+    "ConfigError",
+    "Connection",
+    "DialError",
+    "Envelope",
+    "HandshakeError",
+    "Host",
+    "HostConfig",
+    "Identity",
+    "JobError",
+    "MemoryNetwork",
+    "MemoryTransport",
+    "MessageTooLarge",
+    "Multiaddr",
+    "MultiaddrError",
+    "PeerId",
+    "PeerInfo",
+    "PeerRecord",
+    "PeerStore",
+    "ProtocolError",
+    "RecordError",
+    "ResourceLimitExceeded",
+    "SdcnError",
+    "Stream",
+    "StreamReset",
+    "UnsupportedProtocol",
+    "WebSocketTransport",
+    "__version__",
+    "load_or_create_identity",
+    "open_host",
+    "open_websocket_transport",
+]

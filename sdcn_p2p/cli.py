@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from sdcn_p2p._version import __version__
 from sdcn_p2p.errors import SdcnError
 from sdcn_p2p.identity import default_key_path, load_or_create_identity
 
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdcn", description="Share Stable Diffusion compute over a peer-to-peer network."
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--log-level",
         type=str.lower,
@@ -56,13 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _configure_logging(level: str) -> None:
     """Log to stderr at `level` (a name such as ``"info"``), unless logging is set up already."""
     logging.basicConfig(level=level.upper(), format=_LOG_FORMAT)
-
-
-def _version() -> str:
-    try:
-        return version("sdcn-p2p")
-    except PackageNotFoundError:  # running from a source tree that is not installed
-        return "unknown"
 
 
 def _add_key_option(parser: argparse.ArgumentParser) -> None:

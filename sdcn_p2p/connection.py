@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -204,16 +205,26 @@ class Stream(trio.abc.HalfCloseableStream):
         finally:
             self._sending = False
         if not waited:
-            # The writer task sends the bytes; a schedule point here would only add latency.
-            await trio.lowlevel.checkpoint_if_cancelled()
+            # Trio's stream contract: every call is a checkpoint, even one that did not block.
+            await trio.lowlevel.checkpoint()
 
     async def wait_send_all_might_not_block(self) -> None:
-        while True:
-            self._check_send()
-            if self.connection._session.send_window(self.stream_id) > 0:
-                await self.connection._wait_writable()
-                return
-            await self._lot.park()
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._sending = True
+        waited = False
+        try:
+            while True:
+                self._check_send()
+                if self.connection._session.send_window(self.stream_id) > 0:
+                    waited |= await self.connection._wait_writable()
+                    break
+                await self._lot.park()
+                waited = True
+        finally:
+            self._sending = False
+        if not waited:
+            await trio.lowlevel.checkpoint()
 
     async def send_eof(self) -> None:
         if self._sending:
@@ -229,7 +240,7 @@ class Stream(trio.abc.HalfCloseableStream):
         self.connection._forget_if_done(self)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if max_bytes is not None and max_bytes < 1:
+        if max_bytes is not None and operator.index(max_bytes) < 1:
             raise ValueError("max_bytes must be >= 1")
         if self._receiving:
             raise trio.BusyResourceError("another task is receiving on this stream")

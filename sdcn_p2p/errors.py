@@ -21,6 +21,8 @@ ourselves carry ``remote=False``.
 
 from __future__ import annotations
 
+import trio
+
 __all__ = [
     "ConfigError",
     "DialError",
@@ -72,8 +74,11 @@ class DialError(SdcnError):
     """A dial failed: no address answered, or the handshake failed."""
 
 
-class StreamReset(SdcnError):
-    """The stream was reset, by the remote peer or locally; no more data will flow."""
+class StreamReset(SdcnError, trio.BrokenResourceError):
+    """The stream was reset, by the remote peer or locally; no more data will flow.
+
+    Also a trio.BrokenResourceError, so streams keep trio's stream contract.
+    """
 
 
 class UnsupportedProtocol(SdcnError):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import trio
 
+from sdcn_p2p._version import __version__
 from sdcn_p2p.connection import (
     DEFAULT_MAX_MESSAGE,
     Connection,
@@ -42,7 +43,7 @@ __all__ = ["AGENT_VERSION", "Handler", "Host", "HostConfig", "open_host"]
 
 log = logging.getLogger(__name__)
 
-AGENT_VERSION = "sdcn-p2p/0.1.0"
+AGENT_VERSION = f"sdcn-p2p/{__version__}"
 PROTOCOL_HEADER_TIMEOUT = 10.0
 #: Seconds a closing Host gives its connections to close cleanly before cutting them.
 CLOSE_GRACE = 1.0

@@ -18,11 +18,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import msgpack
-
 from sdcn_p2p.errors import ProtocolError, RecordError
 from sdcn_p2p.identity import Identity, PeerId, decode_public_key, verify_signature
 from sdcn_p2p.multiaddr import Multiaddr
+from sdcn_p2p.wire.messages import pack, unpack
 from sdcn_p2p.wire.varint import encode_varint
 
 __all__ = [
@@ -56,24 +55,10 @@ def _signing_buffer(domain: str, payload_type: bytes, payload: bytes) -> bytes:
 
 
 def _unpack_strict(data: bytes, max_size: int) -> Any:
-    """Decode one msgpack value; raises RecordError if it is malformed.
-
-    Ext types (the timestamp ext included) are refused; strings, bins, arrays and maps are bounded
-    by `max_size`.
-    """
+    """Decode one msgpack value strictly (`wire.messages.unpack`); RecordError if malformed."""
     try:
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            max_ext_len=0,  # refuses every ext type, even the timestamp (-1) that skips ext_hook
-            max_bin_len=max_size,
-            max_str_len=max_size,
-            max_array_len=max_size,
-            max_map_len=max_size,
-        )
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        # ValueError covers ExtraData, FormatError, StackError and invalid UTF-8.
+        return unpack(data, max_size=max_size)
+    except ProtocolError as exc:
         raise RecordError(f"malformed msgpack: {exc}") from None
 
 
@@ -114,9 +99,7 @@ class Envelope:
 
     def to_bytes(self) -> bytes:
         """The msgpack array ``[public_key, payload_type, payload, signature]``."""
-        return msgpack.packb(
-            [self.public_key, self.payload_type, self.payload, self.signature], use_bin_type=True
-        )
+        return pack([self.public_key, self.payload_type, self.payload, self.signature])
 
     @classmethod
     def from_bytes(cls, data: bytes, *, max_size: int = MAX_ENVELOPE_SIZE) -> Envelope:
@@ -228,9 +211,8 @@ class PeerRecord:
         """Sign the record; raises ValueError if `identity` is not the record's peer."""
         if identity.peer_id != self.peer_id:
             raise ValueError(f"cannot seal a record of {self.peer_id} with the key of {identity}")
-        payload = msgpack.packb(
-            {"peer_id": self.peer_id.bytes, "seq": self.seq, "addrs": [str(a) for a in self.addrs]},
-            use_bin_type=True,
+        payload = pack(
+            {"peer_id": self.peer_id.bytes, "seq": self.seq, "addrs": [str(a) for a in self.addrs]}
         )
         return Envelope.seal(identity, self.DOMAIN, self.PAYLOAD_TYPE, payload)
 

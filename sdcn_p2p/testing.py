@@ -1,18 +1,28 @@
-"""In-memory networks of Hosts for tests and simulations (use under MockClock)."""
+"""In-memory networks of Hosts for tests and simulations (use under MockClock).
+
+`TamperingTransport` corrupts, drops or replays what a transport's connections send, to test
+how a Host copes with a hostile or broken peer.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
+
+import trio
 
 from sdcn_p2p.host import Host, HostConfig, open_host
 from sdcn_p2p.identity import Identity
 from sdcn_p2p.multiaddr import Multiaddr
+from sdcn_p2p.transport import ConnectionHandler, RawConnection, Transport
 from sdcn_p2p.transport.memory import MemoryNetwork
 
-__all__ = ["open_memory_hosts", "test_identity"]
+__all__ = ["Tamper", "TamperingTransport", "open_memory_hosts", "test_identity"]
+
+#: ``tamper(index, message)``: the messages to send instead of the `index`-th one (from 0).
+Tamper = Callable[[int, bytes], Sequence[bytes]]
 
 
 def test_identity(index: int, *, seed: int = 0) -> Identity:
@@ -51,3 +61,52 @@ async def open_memory_hosts(
             )
             hosts.append(host)
         yield hosts
+
+
+class TamperingTransport:
+    """Wraps a Transport: each connection it dials sends its messages through `tamper`.
+
+    `tamper` sees every message a dialled connection sends, numbered from 0 per connection
+    (a Noise dialler sends 2 handshake messages first), and returns what to send instead:
+    ``[message]`` to pass it on, ``[]`` to drop it, a changed copy to corrupt it, an old message
+    to replay it. Connections it accepts are not touched.
+    """
+
+    def __init__(self, inner: Transport, tamper: Tamper) -> None:
+        self._inner = inner
+        self._tamper = tamper
+
+    def can_dial(self, addr: Multiaddr) -> bool:
+        return self._inner.can_dial(addr)
+
+    async def dial(self, addr: Multiaddr) -> RawConnection:
+        return _TamperedConnection(await self._inner.dial(addr), self._tamper)
+
+    async def serve(
+        self,
+        addr: Multiaddr,
+        handler: ConnectionHandler,
+        *,
+        task_status: trio.TaskStatus[list[Multiaddr]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        await self._inner.serve(addr, handler, task_status=task_status)
+
+
+class _TamperedConnection:
+    def __init__(self, inner: RawConnection, tamper: Tamper) -> None:
+        self._inner = inner
+        self._tamper = tamper
+        self._sent = 0
+        self.local_addr = inner.local_addr
+        self.remote_addr = inner.remote_addr
+
+    async def send_message(self, data: bytes | bytearray | memoryview) -> None:
+        index, self._sent = self._sent, self._sent + 1
+        for message in self._tamper(index, bytes(data)):
+            await self._inner.send_message(message)
+
+    async def receive_message(self) -> bytes:
+        return await self._inner.receive_message()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
