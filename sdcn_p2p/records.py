@@ -13,8 +13,9 @@ they hold (`check_newer`).
 
 from __future__ import annotations
 
+import hashlib
 import reprlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,10 +27,18 @@ from sdcn_p2p.wire.varint import encode_varint
 
 __all__ = [
     "MAX_ENVELOPE_SIZE",
+    "REACHABILITY",
+    "STATES",
+    "Advert",
     "Envelope",
+    "LoraInfo",
+    "ModelInfo",
     "PeerRecord",
     "check_newer",
+    "model_key",
+    "normalize_model_name",
     "open_signed",
+    "peer_key",
 ]
 
 #: Default cap on an encoded envelope, in bytes.
@@ -233,3 +242,264 @@ class PeerRecord:
         if held is not None and held.peer_id != self.peer_id:
             raise ValueError(f"cannot order records of {self.peer_id} and {held.peer_id}")
         return _is_newer(None if held is None else held.seq, self.seq)
+
+    @property
+    def dht_key(self) -> bytes:
+        """The DHT key this record is stored under: sha256("/sdcn/peer/" + peer id)."""
+        return peer_key(self.peer_id)
+
+
+def normalize_model_name(name: str) -> str:
+    """The form model names are matched and hashed in: case-folded, whitespace collapsed."""
+    return " ".join(name.split()).casefold()
+
+
+def model_key(name: str) -> bytes:
+    """DHT key of the providers of a model: sha256("/sdcn/model/" + normalized name)."""
+    return hashlib.sha256(b"/sdcn/model/" + normalize_model_name(name).encode()).digest()
+
+
+def peer_key(peer_id: PeerId) -> bytes:
+    """DHT key of a peer's signed PeerRecord: sha256("/sdcn/peer/" + peer id)."""
+    return hashlib.sha256(b"/sdcn/peer/" + str(peer_id).encode()).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """A model a provider can run. `architecture` is e.g. "sd1", "sd2", "sdxl"."""
+
+    name: str
+    title: str = ""
+    hash: str = ""
+    architecture: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LoraInfo:
+    """A LoRA a provider can apply."""
+
+    name: str
+    hash: str = ""
+
+
+REACHABILITY = ("public", "outbound-only")
+STATES = ("online", "draining")
+
+
+def _check_text(name: str, value: object, limit: int, *, empty: bool = True) -> str:
+    if not isinstance(value, str) or len(value) > limit or (not empty and not value.strip()):
+        raise ValueError(
+            f"{name} must be a {'' if empty else 'non-empty '}string of at most {limit} chars"
+        )
+    return value
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError(f"{name} must be an int in {low}..{high}, not {value!r}")
+    return value
+
+
+def _check_number(name: str, value: object, low: float, high: float) -> float:
+    if type(value) not in (int, float) or not low <= value <= high:  # NaN fails too
+        raise ValueError(f"{name} must be a number in {low}..{high}, not {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class Advert:
+    """What a provider offers, signed by it: models, LoRAs, samplers, capacity and load.
+
+    Valid from `issued_at` (wall seconds) for `ttl` seconds; a newer `seq` replaces an older
+    advert of the same peer. The constructor raises ValueError for a field out of bounds.
+    """
+
+    peer_id: PeerId
+    seq: int
+    issued_at: float
+    ttl: float
+    addrs: tuple[Multiaddr, ...] = ()
+    reachability: str = "public"
+    backend: str = ""
+    models: tuple[ModelInfo, ...] = ()
+    loras: tuple[LoraInfo, ...] = ()
+    samplers: tuple[str, ...] = ()
+    vram_total_mb: int = 0
+    vram_free_mb: int = 0
+    max_pixels: int = 0
+    max_steps: int = 0
+    slots: int = 1
+    queue: int = 0
+    speed: float = 0.0  # iterations per second at 512x512
+    state: str = "online"
+
+    DOMAIN: ClassVar[str] = "sdcn-advert"
+    PAYLOAD_TYPE: ClassVar[bytes] = b"/sdcn/advert/1"
+    MAX_TTL: ClassVar[float] = 3600.0
+    MAX_MODELS: ClassVar[int] = 128
+    MAX_LORAS: ClassVar[int] = 512
+    MAX_SAMPLERS: ClassVar[int] = 64
+    MAX_ADDRS: ClassVar[int] = 16
+    #: Seconds an advert's issued_at may lie ahead of our clock.
+    MAX_CLOCK_SKEW: ClassVar[float] = 60.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.peer_id, PeerId):
+            raise ValueError(f"peer_id must be a PeerId, not {type(self.peer_id).__name__}")
+        _check_int("seq", self.seq, 0, _MAX_SEQ)
+        object.__setattr__(self, "issued_at", _check_number("issued_at", self.issued_at, 0, 1e11))
+        object.__setattr__(self, "ttl", _check_number("ttl", self.ttl, 1, self.MAX_TTL))
+        addrs = tuple(self.addrs)
+        if len(addrs) > self.MAX_ADDRS or not all(isinstance(a, Multiaddr) for a in addrs):
+            raise ValueError(f"addrs must be at most {self.MAX_ADDRS} Multiaddrs")
+        object.__setattr__(self, "addrs", tuple(a.without_peer_id() for a in addrs))
+        if self.reachability not in REACHABILITY:
+            raise ValueError(f"reachability must be one of {REACHABILITY}")
+        if self.state not in STATES:
+            raise ValueError(f"state must be one of {STATES}")
+        _check_text("backend", self.backend, 32)
+        models, loras, samplers = tuple(self.models), tuple(self.loras), tuple(self.samplers)
+        if len(models) > self.MAX_MODELS or not all(isinstance(m, ModelInfo) for m in models):
+            raise ValueError(f"models must be at most {self.MAX_MODELS} ModelInfo")
+        for m in models:
+            _check_text("model name", m.name, 256, empty=False)
+            _check_text("model title", m.title, 512)
+            _check_text("model hash", m.hash, 128)
+            _check_text("model architecture", m.architecture, 32)
+        if len(loras) > self.MAX_LORAS or not all(isinstance(lo, LoraInfo) for lo in loras):
+            raise ValueError(f"loras must be at most {self.MAX_LORAS} LoraInfo")
+        for lo in loras:
+            _check_text("LoRA name", lo.name, 256, empty=False)
+            _check_text("LoRA hash", lo.hash, 128)
+        if len(samplers) > self.MAX_SAMPLERS:
+            raise ValueError(f"at most {self.MAX_SAMPLERS} samplers")
+        for s in samplers:
+            _check_text("sampler", s, 64, empty=False)
+        object.__setattr__(self, "models", models)
+        object.__setattr__(self, "loras", loras)
+        object.__setattr__(self, "samplers", samplers)
+        _check_int("vram_total_mb", self.vram_total_mb, 0, 10**7)
+        _check_int("vram_free_mb", self.vram_free_mb, 0, 10**7)
+        _check_int("max_pixels", self.max_pixels, 0, 2**32)
+        _check_int("max_steps", self.max_steps, 0, 10_000)
+        _check_int("slots", self.slots, 1, 1024)
+        _check_int("queue", self.queue, 0, 10**6)
+        object.__setattr__(self, "speed", _check_number("speed", self.speed, 0, 1e4))
+
+    @property
+    def expires_at(self) -> float:
+        return self.issued_at + self.ttl
+
+    def check_fresh(self, now: float) -> None:
+        """Raise RecordError if the advert has expired at wall time `now` or is from the future."""
+        if now >= self.expires_at:
+            raise RecordError(f"advert of {self.peer_id} expired {now - self.expires_at:.0f} s ago")
+        if self.issued_at > now + self.MAX_CLOCK_SKEW:
+            raise RecordError(f"advert of {self.peer_id} is issued in the future")
+
+    def has_model(self, name: str) -> bool:
+        wanted = normalize_model_name(name)
+        return any(normalize_model_name(m.name) == wanted for m in self.models)
+
+    def has_loras(self, names: Iterable[str]) -> bool:
+        held = {normalize_model_name(lo.name) for lo in self.loras}
+        return all(normalize_model_name(n) in held for n in names)
+
+    @property
+    def dht_keys(self) -> tuple[bytes, ...]:
+        """The DHT keys this advert is stored under: one per model."""
+        return tuple(model_key(m.name) for m in self.models)
+
+    def seal(self, identity: Identity) -> Envelope:
+        """Sign the advert; raises ValueError if `identity` is not the advert's peer."""
+        if identity.peer_id != self.peer_id:
+            raise ValueError(f"cannot seal an advert of {self.peer_id} with the key of {identity}")
+        payload = {
+            "peer_id": self.peer_id.bytes,
+            "seq": self.seq,
+            "issued_at": self.issued_at,
+            "ttl": self.ttl,
+            "addrs": [str(a) for a in self.addrs],
+            "reach": self.reachability,
+            "backend": self.backend,
+            "models": [[m.name, m.title, m.hash, m.architecture] for m in self.models],
+            "loras": [[lo.name, lo.hash] for lo in self.loras],
+            "samplers": list(self.samplers),
+            "vram": [self.vram_total_mb, self.vram_free_mb],
+            "limits": [self.max_pixels, self.max_steps],
+            "load": [self.slots, self.queue],
+            "speed": self.speed,
+            "state": self.state,
+        }
+        return Envelope.seal(identity, self.DOMAIN, self.PAYLOAD_TYPE, pack(payload))
+
+    @classmethod
+    def from_envelope(cls, envelope: Envelope) -> Advert:
+        """Verify and decode a sealed advert (not its expiry: see `check_fresh`).
+
+        Raises RecordError if it is forged, malformed or out of bounds.
+        """
+        number = (int, float)
+        peer_id, p = open_signed(
+            envelope,
+            cls.DOMAIN,
+            cls.PAYLOAD_TYPE,
+            {
+                "seq": int,
+                "issued_at": number,
+                "ttl": number,
+                "addrs": list,
+                "reach": str,
+                "backend": str,
+                "models": list,
+                "loras": list,
+                "samplers": list,
+                "vram": list,
+                "limits": list,
+                "load": list,
+                "speed": number,
+                "state": str,
+            },
+        )
+        try:
+            if len(p["models"]) > cls.MAX_MODELS or len(p["loras"]) > cls.MAX_LORAS:
+                raise ValueError("too many models or LoRAs")
+            models = tuple(ModelInfo(*_strings(m, 4)) for m in p["models"])
+            loras = tuple(LoraInfo(*_strings(lo, 2)) for lo in p["loras"])
+            vram_total, vram_free = _pair(p["vram"])
+            max_pixels, max_steps = _pair(p["limits"])
+            slots, queue = _pair(p["load"])
+            return cls(
+                peer_id=peer_id,
+                seq=p["seq"],
+                issued_at=p["issued_at"],
+                ttl=p["ttl"],
+                addrs=tuple(Multiaddr.parse(a) for a in p["addrs"][: cls.MAX_ADDRS + 1]),
+                reachability=p["reach"],
+                backend=p["backend"],
+                models=models,
+                loras=loras,
+                samplers=tuple(p["samplers"]),
+                vram_total_mb=vram_total,
+                vram_free_mb=vram_free,
+                max_pixels=max_pixels,
+                max_steps=max_steps,
+                slots=slots,
+                queue=queue,
+                speed=p["speed"],
+                state=p["state"],
+            )
+        except (ValueError, TypeError) as exc:
+            raise RecordError(f"invalid advert of {peer_id}: {exc}") from None
+
+
+def _strings(value: object, count: int) -> list[str]:
+    if type(value) is not list or len(value) != count:
+        raise ValueError(f"expected a list of {count} strings")
+    return value
+
+
+def _pair(value: object) -> tuple[int, int]:
+    if type(value) is not list or len(value) != 2:
+        raise ValueError("expected a pair of numbers")
+    return value[0], value[1]

@@ -19,7 +19,14 @@ from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.transport import ConnectionHandler, RawConnection, Transport
 from sdcn_p2p.transport.memory import MemoryNetwork
 
-__all__ = ["Tamper", "TamperingTransport", "open_memory_hosts", "test_identity"]
+__all__ = [
+    "MOCK_EPOCH",
+    "Tamper",
+    "TamperingTransport",
+    "mock_wall_clock",
+    "open_memory_hosts",
+    "test_identity",
+]
 
 #: ``tamper(index, message)``: the messages to send instead of the `index`-th one (from 0).
 Tamper = Callable[[int, bytes], Sequence[bytes]]
@@ -110,3 +117,12 @@ class _TamperedConnection:
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+
+
+#: Wall time (seconds) that `mock_wall_clock` reads at trio time 0.
+MOCK_EPOCH = 1_700_000_000.0
+
+
+def mock_wall_clock() -> float:
+    """Wall time that follows trio's clock, so MockClock jumps move record expiry too."""
+    return MOCK_EPOCH + trio.current_time()
