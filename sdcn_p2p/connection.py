@@ -619,9 +619,13 @@ class Connection:
         """Close at once: pending streams see BrokenResourceError. Idempotent."""
         if self.close_reason is None:
             self.close_reason = reason
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
-        await self._channel.aclose()
+        try:
+            # The reader keeps draining meanwhile, so the transport's closing handshake can
+            # complete instead of waiting behind unread messages.
+            await self._channel.aclose()
+        finally:
+            if self._nursery is not None:
+                self._nursery.cancel_scope.cancel()
 
     async def _teardown(self, reason: str) -> None:
         if self.close_reason is None:

@@ -9,11 +9,13 @@ identify runs on every new connection.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import trio
 
@@ -39,7 +41,7 @@ from sdcn_p2p.protocols import identify, ping
 from sdcn_p2p.records import Envelope, PeerRecord
 from sdcn_p2p.transport import RawConnection, Transport
 
-__all__ = ["AGENT_VERSION", "Handler", "Host", "HostConfig", "open_host"]
+__all__ = ["AGENT_VERSION", "Handler", "Host", "HostConfig", "local_ips", "open_host"]
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,7 @@ class Host:
         self._on_disconnected: list[Callable[[PeerId], None]] = []
         self._on_identified: list[Callable[[PeerId], None]] = []
         self._record_envelope: Envelope | None = None
+        self._local_ip_cache: dict[str, list[str]] = {}
         self.set_handler(ping.PING, ping.handle_ping, max_message_size=ping.MAX_MESSAGE)
         self.set_handler(
             identify.IDENTIFY, self._handle_identify, max_message_size=identify.MAX_MESSAGE
@@ -132,9 +135,26 @@ class Host:
 
     @property
     def advertised_addrs(self) -> list[Multiaddr]:
-        """Addresses other peers should dial: `announce` if set, else the bound ones."""
-        addrs = list(self.config.announce) or self.listen_addrs
-        return [a.without_peer_id() for a in addrs if not a.is_unspecified]
+        """Addresses other peers should dial: `announce` if set, else the bound ones, with a
+        wildcard (0.0.0.0, ::) replaced by this machine's addresses.
+        """
+        if self.config.announce:
+            return [a.without_peer_id() for a in self.config.announce]
+        addrs: list[Multiaddr] = []
+        for addr in self.listen_addrs:
+            if not addr.is_unspecified:
+                addrs.append(addr.without_peer_id())
+                continue
+            for ip in self._local_ips(addr.family):
+                expanded = replace(addr, host=ip, peer_id=None)
+                if expanded not in addrs:
+                    addrs.append(expanded)
+        return addrs
+
+    def _local_ips(self, family: str) -> list[str]:
+        if family not in self._local_ip_cache:
+            self._local_ip_cache[family] = local_ips(family)
+        return self._local_ip_cache[family]
 
     @property
     def signed_record(self) -> Envelope:
@@ -491,6 +511,23 @@ class Host:
 
     def __repr__(self) -> str:
         return f"<Host {self.peer_id} connections={self.num_connections}>"
+
+
+def local_ips(family: str) -> list[str]:
+    """This machine's addresses for `family` ("ip4" or "ip6"): the one its default route
+    uses (found without sending a packet), then loopback.
+    """
+    if family == "ip4":
+        inet, probe, loopback = socket.AF_INET, ("192.0.2.1", 9), "127.0.0.1"
+    else:
+        inet, probe, loopback = socket.AF_INET6, ("2001:db8::1", 9), "::1"
+    ips = []
+    with contextlib.suppress(OSError), socket.socket(inet, socket.SOCK_DGRAM) as probe_socket:
+        probe_socket.connect(probe)  # UDP connect only picks a route and a source address
+        ips.append(probe_socket.getsockname()[0])
+    if loopback not in ips:
+        ips.append(loopback)
+    return ips
 
 
 @asynccontextmanager

@@ -14,6 +14,7 @@ from sdcn_p2p.host import Host, HostConfig, open_host
 from sdcn_p2p.identity import Identity
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.protocols import identify
+from sdcn_p2p.records import PeerRecord
 from sdcn_p2p.testing import open_memory_hosts, test_identity
 from sdcn_p2p.transport.memory import MemoryNetwork
 
@@ -360,3 +361,23 @@ async def test_host_config_listen_addresses_are_logged(caplog) -> None:
     async with open_host(identity, replace(HostConfig(), listen=LOOPBACK)) as host:
         expected = f"listening on {host.listen_addrs[0]}/p2p/{identity.peer_id}"
     assert expected in caplog.text
+
+
+async def test_wildcard_listen_address_is_advertised_as_local_addresses() -> None:
+    listen = (Multiaddr.parse("/ip4/0.0.0.0/tcp/0/ws"),)
+    async with open_host(test_identity(1), HostConfig(listen=listen)) as a, open_host(
+        test_identity(2)
+    ) as b:
+        port = a.listen_addrs[0].port
+        advertised = a.advertised_addrs
+        assert Multiaddr.parse(f"/ip4/127.0.0.1/tcp/{port}/ws") in advertised
+        assert all(not addr.is_unspecified and addr.port == port for addr in advertised)
+        assert list(PeerRecord.from_envelope(a.signed_record).addrs) == advertised
+        await b.ping(Multiaddr.parse(f"/ip4/127.0.0.1/tcp/{port}/ws").with_peer_id(a.peer_id))
+
+
+async def test_announce_replaces_the_listen_addresses() -> None:
+    announce = (Multiaddr.parse("/dns4/boot.example.org/tcp/443/wss"),)
+    config = HostConfig(listen=LOOPBACK, announce=announce)
+    async with open_host(test_identity(1), config) as host:
+        assert host.advertised_addrs == list(announce)
