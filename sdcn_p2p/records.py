@@ -352,6 +352,9 @@ class Advert:
         addrs = tuple(self.addrs)
         if len(addrs) > self.MAX_ADDRS or not all(isinstance(a, Multiaddr) for a in addrs):
             raise ValueError(f"addrs must be at most {self.MAX_ADDRS} Multiaddrs")
+        for addr in addrs:
+            if addr.peer_id not in (None, self.peer_id):
+                raise ValueError(f"address {addr} names another peer than {self.peer_id}")
         object.__setattr__(self, "addrs", tuple(a.without_peer_id() for a in addrs))
         if self.reachability not in REACHABILITY:
             raise ValueError(f"reachability must be one of {REACHABILITY}")
@@ -407,8 +410,8 @@ class Advert:
 
     @property
     def dht_keys(self) -> tuple[bytes, ...]:
-        """The DHT keys this advert is stored under: one per model."""
-        return tuple(model_key(m.name) for m in self.models)
+        """The DHT keys this advert is stored under: one per distinct (normalized) model."""
+        return tuple(dict.fromkeys(model_key(m.name) for m in self.models))
 
     def seal(self, identity: Identity) -> Envelope:
         """Sign the advert; raises ValueError if `identity` is not the advert's peer."""

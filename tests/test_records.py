@@ -13,9 +13,15 @@ from sdcn_p2p.identity import Identity, verify_signature
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.records import (
     MAX_ENVELOPE_SIZE,
+    STATES,
+    Advert,
     Envelope,
+    LoraInfo,
+    ModelInfo,
     PeerRecord,
     check_newer,
+    model_key,
+    normalize_model_name,
     open_signed,
 )
 
@@ -336,3 +342,394 @@ def test_is_newer_than() -> None:
     assert not PeerRecord(ALICE.peer_id, 4, ()).is_newer_than(held)
     with pytest.raises(ValueError, match="cannot order"):
         PeerRecord(BOB.peer_id, 6, ()).is_newer_than(held)
+
+
+# Advert
+
+NOW = 1_700_000_000.0
+FULL_ADVERT = Advert(
+    peer_id=ALICE.peer_id,
+    seq=1_700_000_000_123,
+    issued_at=NOW,
+    ttl=180.0,
+    addrs=ADDRS,
+    reachability="outbound-only",
+    backend="webui",
+    models=(
+        ModelInfo("SDXL Base 1.0", "sd_xl_base_1.0.safetensors [31e35c80fc]", "31e35c80fc", "sdxl"),
+        ModelInfo("Realistic Vision", architecture="sd1"),
+    ),
+    loras=(LoraInfo("Detail Tweaker", "abc123"), LoraInfo("add_detail")),
+    samplers=("Euler a", "DPM++ 2M Karras"),
+    vram_total_mb=24_576,
+    vram_free_mb=20_000,
+    max_pixels=2048 * 2048,
+    max_steps=150,
+    slots=2,
+    queue=3,
+    speed=7.5,
+    state="draining",
+)
+
+
+def advert_payload(**changes: object) -> dict:
+    """The payload map of `FULL_ADVERT`, with `changes` applied."""
+    payload = msgpack.unpackb(FULL_ADVERT.seal(ALICE).payload)
+    payload.update(changes)
+    return payload
+
+
+def seal_advert_payload(identity: Identity, payload: object) -> Envelope:
+    """Sign an arbitrary advert payload, as a malicious provider could."""
+    return Envelope.seal(
+        identity, Advert.DOMAIN, Advert.PAYLOAD_TYPE, msgpack.packb(payload, use_bin_type=True)
+    )
+
+
+def test_advert_round_trip() -> None:
+    envelope = Envelope.from_bytes(FULL_ADVERT.seal(ALICE).to_bytes())
+    assert envelope.open(Advert.DOMAIN, Advert.PAYLOAD_TYPE) == ALICE.peer_id
+    assert Advert.from_envelope(envelope) == FULL_ADVERT
+
+
+def test_advert_minimal_and_maximal_round_trip() -> None:
+    smallest = Advert(ALICE.peer_id, 0, 0, 1)
+    assert Advert.from_envelope(smallest.seal(ALICE)) == smallest
+    largest = Advert(
+        ALICE.peer_id,
+        2**64 - 1,
+        1e11,
+        Advert.MAX_TTL,
+        addrs=ADDRS * 8,
+        backend="b" * 32,
+        models=tuple(ModelInfo(f"m{i}", "t" * 16, "h" * 16, "a" * 32) for i in range(128)),
+        loras=tuple(LoraInfo(f"l{i}", "h" * 8) for i in range(512)),
+        samplers=tuple(f"s{i}" for i in range(64)),
+        vram_total_mb=10**7,
+        vram_free_mb=10**7,
+        max_pixels=2**32,
+        max_steps=10_000,
+        slots=1024,
+        queue=10**6,
+        speed=1e4,
+    )
+    envelope = largest.seal(ALICE)
+    assert len(envelope.to_bytes()) <= MAX_ENVELOPE_SIZE
+    assert Advert.from_envelope(Envelope.from_bytes(envelope.to_bytes())) == largest
+
+
+def test_advert_numbers_come_back_as_floats() -> None:
+    advert = Advert(ALICE.peer_id, 1, 1_700_000_000, 180, speed=3)
+    decoded = Advert.from_envelope(advert.seal(ALICE))
+    assert (type(decoded.issued_at), type(decoded.ttl), type(decoded.speed)) == (float,) * 3
+    assert decoded == advert
+
+
+def test_advert_payload_is_the_documented_map() -> None:
+    payload = msgpack.unpackb(FULL_ADVERT.seal(ALICE).payload)
+    assert payload == {
+        "peer_id": ALICE.peer_id.bytes,
+        "seq": FULL_ADVERT.seq,
+        "issued_at": NOW,
+        "ttl": 180.0,
+        "addrs": [str(a) for a in ADDRS],
+        "reach": "outbound-only",
+        "backend": "webui",
+        "models": [
+            ["SDXL Base 1.0", "sd_xl_base_1.0.safetensors [31e35c80fc]", "31e35c80fc", "sdxl"],
+            ["Realistic Vision", "", "", "sd1"],
+        ],
+        "loras": [["Detail Tweaker", "abc123"], ["add_detail", ""]],
+        "samplers": ["Euler a", "DPM++ 2M Karras"],
+        "vram": [24_576, 20_000],
+        "limits": [2048 * 2048, 150],
+        "load": [2, 3],
+        "speed": 7.5,
+        "state": "draining",
+    }
+
+
+def test_advert_stores_its_own_addresses_without_p2p() -> None:
+    advert = Advert(ALICE.peer_id, 1, NOW, 60, addrs=[a.with_peer_id(ALICE.peer_id) for a in ADDRS])
+    assert advert.addrs == ADDRS
+
+
+def test_advert_sealing_with_another_identity_is_refused() -> None:
+    with pytest.raises(ValueError, match="cannot seal an advert"):
+        FULL_ADVERT.seal(BOB)
+
+
+_BAD_FIELDS = [
+    ("peer_id", str(ALICE.peer_id), "PeerId"),
+    ("seq", -1, "seq"),
+    ("seq", 2**64, "seq"),
+    ("seq", True, "seq"),
+    ("seq", 1.0, "seq"),
+    ("issued_at", -1.0, "issued_at"),
+    ("issued_at", 1e11 + 1, "issued_at"),
+    ("issued_at", float("nan"), "issued_at"),
+    ("issued_at", "now", "issued_at"),
+    ("ttl", 0.5, "ttl"),
+    ("ttl", 3600.5, "ttl"),
+    ("ttl", float("inf"), "ttl"),
+    ("addrs", ADDRS * 8 + ADDRS[:1], "at most 16"),
+    ("addrs", ("/ip4/1.2.3.4/tcp/1/ws",), "Multiaddrs"),
+    ("addrs", (ADDRS[0].with_peer_id(BOB.peer_id),), "names another peer"),
+    ("reachability", "private", "reachability"),
+    ("state", "offline", "state"),
+    ("backend", "b" * 33, "backend"),
+    ("backend", 1, "backend"),
+    ("models", (ModelInfo("m"),) * 129, "at most 128"),
+    ("models", ("sdxl",), "ModelInfo"),
+    ("models", (ModelInfo(""),), "model name"),
+    ("models", (ModelInfo(" \t"),), "model name"),
+    ("models", (ModelInfo("m" * 257),), "model name"),
+    ("models", (ModelInfo("m", title="t" * 513),), "model title"),
+    ("models", (ModelInfo("m", hash="h" * 129),), "model hash"),
+    ("models", (ModelInfo("m", architecture="a" * 33),), "model architecture"),
+    ("models", (ModelInfo(1),), "model name"),  # type: ignore[arg-type]
+    ("loras", (LoraInfo("l"),) * 513, "at most 512"),
+    ("loras", (ModelInfo("l"),), "LoraInfo"),
+    ("loras", (LoraInfo(""),), "LoRA name"),
+    ("loras", (LoraInfo("l" * 257),), "LoRA name"),
+    ("loras", (LoraInfo("l", "h" * 129),), "LoRA hash"),
+    ("samplers", ("s",) * 65, "at most 64"),
+    ("samplers", ("",), "sampler"),
+    ("samplers", ("s" * 65,), "sampler"),
+    ("samplers", (1,), "sampler"),
+    ("vram_total_mb", 10**7 + 1, "vram_total_mb"),
+    ("vram_total_mb", -1, "vram_total_mb"),
+    ("vram_free_mb", 1.5, "vram_free_mb"),
+    ("max_pixels", 2**32 + 1, "max_pixels"),
+    ("max_steps", 10_001, "max_steps"),
+    ("slots", 0, "slots"),
+    ("slots", 1025, "slots"),
+    ("queue", 10**6 + 1, "queue"),
+    ("queue", False, "queue"),
+    ("speed", -0.1, "speed"),
+    ("speed", 1e4 + 1, "speed"),
+    ("speed", float("nan"), "speed"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), _BAD_FIELDS)
+def test_advert_constructor_enforces_every_bound(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(FULL_ADVERT, **{field: value})
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"seq": -1}, "seq must be an int"),
+        ({"seq": True}, "'seq' has type bool"),
+        ({"seq": 1.5}, "'seq' has type float"),
+        ({"issued_at": "now"}, "'issued_at' has type str"),
+        ({"issued_at": float("nan")}, "issued_at must be a number"),
+        ({"ttl": 0}, "ttl must be a number"),
+        ({"ttl": 3601}, "ttl must be a number"),
+        ({"ttl": None}, "'ttl' has type NoneType"),
+        ({"addrs": ["/ip4/1.2.3.4/tcp/1/ws"] * 17}, "at most 16"),
+        ({"addrs": ["/ip4/1.2.3.4/tcp/1/ws"] * 100_000}, "at most 16"),
+        ({"addrs": ["/ip4/1.2.3.4"]}, "invalid multiaddr"),
+        ({"addrs": [1]}, "must be a str"),
+        ({"addrs": [f"/ip4/1.2.3.4/tcp/1/ws/p2p/{BOB.peer_id}"]}, "names another peer"),
+        ({"addrs": {}}, "'addrs' has type dict"),
+        ({"reach": "private"}, "reachability"),
+        ({"state": "offline"}, "state"),
+        ({"backend": "b" * 33}, "backend"),
+        ({"models": [["sdxl"]]}, "list of 4 strings"),
+        ({"models": ["sdxl"]}, "list of 4 strings"),
+        ({"models": [{"name": "sdxl"}]}, "list of 4 strings"),
+        ({"models": [[1, "", "", ""]]}, "model name"),
+        ({"models": [[["x"], "", "", ""]]}, "model name"),
+        ({"models": [["", "", "", ""]]}, "model name"),
+        ({"models": [["m", "", "", ""]] * 129}, "too many models"),
+        ({"loras": [["l", "", ""]]}, "list of 2 strings"),
+        ({"loras": [["l", b"h"]]}, "LoRA hash"),
+        ({"loras": [["l", ""]] * 513}, "too many models or LoRAs"),
+        ({"samplers": [1]}, "sampler"),
+        ({"samplers": [["Euler"]]}, "sampler"),
+        ({"samplers": ["s"] * 65}, "at most 64 samplers"),
+        ({"vram": [1, 2, 3]}, "pair of numbers"),
+        ({"vram": [1.0, 2]}, "vram_total_mb"),
+        ({"vram": [True, 2]}, "vram_total_mb"),
+        ({"vram": "12"}, "'vram' has type str"),
+        ({"limits": [0, 10_001]}, "max_steps"),
+        ({"limits": [[0], 0]}, "max_pixels"),
+        ({"load": [0, 0]}, "slots"),
+        ({"load": [1]}, "pair of numbers"),
+        ({"speed": 2**64 - 1}, "speed"),
+        ({"speed": False}, "'speed' has type bool"),
+        ({"extra": 1}, "unexpected fields"),
+    ],
+)
+def test_malformed_advert_payload_is_rejected(changes: dict, message: str) -> None:
+    with pytest.raises(RecordError, match=message):
+        Advert.from_envelope(seal_advert_payload(ALICE, advert_payload(**changes)))
+
+
+@pytest.mark.parametrize("missing", ["seq", "issued_at", "ttl", "models", "state", "peer_id"])
+def test_advert_payload_lacking_a_field_is_rejected(missing: str) -> None:
+    payload = advert_payload()
+    del payload[missing]
+    with pytest.raises(RecordError, match=f"lacks {missing}"):
+        Advert.from_envelope(seal_advert_payload(ALICE, payload))
+
+
+def test_forged_advert_is_rejected() -> None:
+    # Bob signs an advert that claims to be Alice's.
+    envelope = seal_advert_payload(BOB, advert_payload())
+    with pytest.raises(RecordError, match="a key that does not match the peer id"):
+        Advert.from_envelope(envelope)
+    # Bob puts his key on Alice's signed advert.
+    envelope = dataclasses.replace(FULL_ADVERT.seal(ALICE), public_key=BOB.public_key_bytes)
+    with pytest.raises(RecordError, match="signature does not verify"):
+        Advert.from_envelope(envelope)
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda e: dataclasses.replace(
+            e, payload=msgpack.packb(advert_payload(queue=0), use_bin_type=True)
+        ),
+        lambda e: dataclasses.replace(e, payload=e.payload[:-1] + b"\x00"),
+        lambda e: dataclasses.replace(e, signature=flip_last_byte(e.signature)),
+        lambda e: dataclasses.replace(e, signature=bytes(64)),
+    ],
+    ids=["payload-field", "payload-byte", "signature", "zero-signature"],
+)
+def test_tampered_advert_is_rejected(tamper) -> None:
+    with pytest.raises(RecordError, match="signature does not verify"):
+        Advert.from_envelope(tamper(FULL_ADVERT.seal(ALICE)))
+
+
+def test_advert_in_another_domain_or_payload_type_is_rejected() -> None:
+    payload = FULL_ADVERT.seal(ALICE).payload
+    as_peer_record = Envelope.seal(ALICE, PeerRecord.DOMAIN, Advert.PAYLOAD_TYPE, payload)
+    with pytest.raises(RecordError, match="does not verify for domain 'sdcn-advert'"):
+        Advert.from_envelope(as_peer_record)
+    other_type = Envelope.seal(ALICE, Advert.DOMAIN, PeerRecord.PAYLOAD_TYPE, payload)
+    with pytest.raises(RecordError, match="payload type"):
+        Advert.from_envelope(other_type)
+    # And a sealed peer record is not an advert, nor an advert a peer record.
+    with pytest.raises(RecordError):
+        Advert.from_envelope(sealed_record())
+    with pytest.raises(RecordError):
+        PeerRecord.from_envelope(FULL_ADVERT.seal(ALICE))
+
+
+def test_check_fresh_accepts_the_validity_window_only() -> None:
+    advert = Advert(ALICE.peer_id, 1, NOW, 180)
+    assert advert.expires_at == NOW + 180
+    advert.check_fresh(NOW)
+    advert.check_fresh(NOW + 179.999)
+    with pytest.raises(RecordError, match="expired 0 s ago"):
+        advert.check_fresh(NOW + 180)
+    with pytest.raises(RecordError, match="expired 3600 s ago"):
+        advert.check_fresh(NOW + 3780)
+
+
+def test_check_fresh_allows_bounded_clock_skew_only() -> None:
+    ahead = Advert(ALICE.peer_id, 1, NOW + Advert.MAX_CLOCK_SKEW, 180)
+    ahead.check_fresh(NOW)
+    too_far = Advert(ALICE.peer_id, 1, NOW + Advert.MAX_CLOCK_SKEW + 0.001, 180)
+    with pytest.raises(RecordError, match="issued in the future"):
+        too_far.check_fresh(NOW)
+
+
+def test_has_model_and_has_loras_match_normalized_names() -> None:
+    assert FULL_ADVERT.has_model("SDXL Base 1.0")
+    assert FULL_ADVERT.has_model("  sdxl   BASE\t1.0 ")
+    assert FULL_ADVERT.has_model("realistic vision")
+    assert not FULL_ADVERT.has_model("SDXL Base")
+    assert not FULL_ADVERT.has_model("sd_xl_base_1.0.safetensors [31e35c80fc]")  # title
+    assert FULL_ADVERT.has_loras([])
+    assert FULL_ADVERT.has_loras(["detail tweaker", "ADD_DETAIL"])
+    assert FULL_ADVERT.has_loras(("Detail  Tweaker",))
+    assert not FULL_ADVERT.has_loras(["detail tweaker", "other"])
+    german = Advert(ALICE.peer_id, 1, NOW, 60, models=(ModelInfo("Straße"),))
+    assert german.has_model("STRASSE")  # casefold, not lower
+
+
+def test_normalize_model_name() -> None:
+    assert normalize_model_name("  SD\u00a0XL\n Base ") == "sd xl base"
+    assert normalize_model_name("ÉCLAIR") == "éclair"
+
+
+def test_advert_dht_keys_are_one_per_distinct_model() -> None:
+    assert FULL_ADVERT.dht_keys == (model_key("SDXL Base 1.0"), model_key("Realistic Vision"))
+    assert model_key("SDXL Base 1.0") == model_key(" sdxl base  1.0")
+    twice = Advert(ALICE.peer_id, 1, NOW, 60, models=(ModelInfo("SDXL"), ModelInfo("sdxl")))
+    assert twice.dht_keys == (model_key("sdxl"),)
+    assert Advert(ALICE.peer_id, 1, NOW, 60).dht_keys == ()
+
+
+_ADVERT_FIELD_VALUE = _MSGPACK_VALUE | st.sampled_from(
+    [
+        [["m", "", "", ""]],
+        [["l", ""]],
+        [0, 0],
+        [1, 0],
+        ["/ip4/1.2.3.4/tcp/1/ws"],
+        "online",
+        "public",
+        NOW,
+        180.0,
+    ]
+)
+_ADVERT_PAYLOAD = st.builds(
+    lambda base, changes, dropped: {
+        k: v for k, v in {**base, **changes}.items() if k not in dropped
+    },
+    st.just(advert_payload()),
+    st.dictionaries(st.sampled_from([*advert_payload(), "extra"]), _ADVERT_FIELD_VALUE, max_size=4),
+    st.sets(st.sampled_from(list(advert_payload())), max_size=2),
+)
+
+
+@FUZZ
+@given(_ADVERT_PAYLOAD)
+def test_hostile_advert_payloads_only_raise_record_error(payload: dict) -> None:
+    envelope = seal_advert_payload(ALICE, payload)
+    try:
+        advert = Advert.from_envelope(envelope)
+    except RecordError:
+        return
+    assert Advert.from_envelope(advert.seal(ALICE)) == advert
+
+
+@FUZZ
+@given(_PAYLOAD)
+def test_signed_garbage_advert_payloads_only_raise_record_error(payload: bytes) -> None:
+    envelope = Envelope.seal(ALICE, Advert.DOMAIN, Advert.PAYLOAD_TYPE, payload)
+    with contextlib.suppress(RecordError):
+        Advert.from_envelope(envelope)
+
+
+@FUZZ
+@given(
+    st.integers(0, 2**64 - 1),
+    st.floats(0, 1e11),
+    st.floats(1, 3600),
+    st.lists(st.text(min_size=1, max_size=20).filter(str.strip), max_size=5),
+    st.lists(st.text(min_size=1, max_size=20).filter(str.strip), max_size=5),
+    st.floats(0, 1e4),
+    st.sampled_from(STATES),
+)
+def test_any_valid_advert_round_trips(seq, issued_at, ttl, models, loras, speed, state) -> None:
+    advert = Advert(
+        ALICE.peer_id,
+        seq,
+        issued_at,
+        ttl,
+        models=tuple(ModelInfo(name) for name in models),
+        loras=tuple(LoraInfo(name) for name in loras),
+        speed=speed,
+        state=state,
+    )
+    envelope = Envelope.from_bytes(advert.seal(ALICE).to_bytes())
+    assert Advert.from_envelope(envelope) == advert
+    assert all(advert.has_model(f" {name}\t") for name in models)
+    assert advert.has_loras(f"{name} " for name in loras)

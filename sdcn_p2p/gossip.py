@@ -1,0 +1,808 @@
+"""Advert gossip over ``/sdcn/gossip/1.0.0``: a GossipSub-style mesh for one topic, adverts.
+
+Each peer keeps a mesh of about `GossipConfig.degree` connected peers that speak the protocol,
+made symmetric with GRAFT and PRUNE, and pushes every advert that is new to its AdvertCache to
+each mesh peer but the one it came from, at once and only once (a seen cache of (peer, seq)).
+Forged, expired, stale or oversized adverts are dropped, never forwarded. When a connection to
+a gossip peer opens, its dialler sends a digest ({peer: seq}) and both sides pull what they
+lack; every `anti_entropy_interval` a peer does the same with one random mesh peer.
+
+Wire messages are msgpack maps on short-lived streams, capped at `max_message_size`::
+
+    {"type": "ADVERTS", "adverts": [envelope, ...]}            a push: one message per stream
+    {"type": "DIGEST", "digest": [[peer id, seq], ...]}        answered by ADVERTS messages,
+    {"type": "ADVERTS", "adverts": [...], "want": [peer id]}   the last one with "want"; the
+                                                               asker sends those and closes
+    {"type": "GRAFT"}   answered by {"type": "GRAFT"} (joined) or {"type": "PRUNE"} (refused)
+    {"type": "PRUNE"}   one way: the sender dropped us from its mesh
+
+The module has three parts: the messages (`parse_message`), pure state (`SeenCache`,
+`MeshState`; time passed in), and the `Gossip` service, the only part that awaits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import trio
+
+from sdcn_p2p.adverts import AdvertCache
+from sdcn_p2p.connection import Stream
+from sdcn_p2p.errors import ConfigError, ProtocolError, RecordError, SdcnError
+from sdcn_p2p.host import Host
+from sdcn_p2p.identity import PeerId
+from sdcn_p2p.records import Advert, Envelope
+
+__all__ = [
+    "GOSSIP",
+    "AdvertBatch",
+    "Digest",
+    "Gossip",
+    "GossipConfig",
+    "GossipMessage",
+    "GossipStats",
+    "Graft",
+    "MeshState",
+    "Prune",
+    "SeenCache",
+    "max_entries",
+    "parse_message",
+]
+
+log = logging.getLogger(__name__)
+
+GOSSIP = "/sdcn/gossip/1.0.0"
+
+_MAX_SEQ = 2**64 - 1
+# Upper bound on one encoded digest entry or wanted peer id: a 44-byte peer id behind its bin
+# header, an array header and a uint64.
+_ENTRY_SIZE = 56
+# Room for a message's map keys and list headers.
+_MESSAGE_OVERHEAD = 64
+# A msgpack bin header is at most 5 bytes.
+_BIN_OVERHEAD = 5
+# Honest peers verify before they forward, so a message with this many bad adverts is hostile:
+# the rest of it is dropped unverified, which caps the signature checks one message can cost.
+_MAX_REJECTS_PER_MESSAGE = 8
+
+
+def max_entries(max_message_size: int) -> int:
+    """How many digest entries or wanted peer ids fit in a message of `max_message_size`."""
+    return max(1, (max_message_size - _MESSAGE_OVERHEAD) // _ENTRY_SIZE)
+
+
+# --- messages ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AdvertBatch:
+    """Advert envelopes (encoded); `want` is set only on the last answer to a Digest."""
+
+    adverts: tuple[bytes, ...]
+    want: tuple[PeerId, ...] | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"type": "ADVERTS", "adverts": list(self.adverts)}
+        if self.want is not None:
+            message["want"] = [peer.bytes for peer in self.want]
+        return message
+
+
+@dataclass(frozen=True, slots=True)
+class Digest:
+    """The seq the sender holds for each peer's advert."""
+
+    seqs: dict[PeerId, int]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": "DIGEST", "digest": [[p.bytes, seq] for p, seq in self.seqs.items()]}
+
+
+@dataclass(frozen=True, slots=True)
+class Graft:
+    """Asks to join the receiver's mesh; also the answer that accepts."""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": "GRAFT"}
+
+
+@dataclass(frozen=True, slots=True)
+class Prune:
+    """Leaves the receiver's mesh; also the answer that refuses a Graft."""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": "PRUNE"}
+
+
+GossipMessage: TypeAlias = AdvertBatch | Digest | Graft | Prune
+
+
+def parse_message(obj: object, *, max_entries: int) -> GossipMessage:
+    """Validate a decoded gossip message; raises ProtocolError.
+
+    Digests and want lists may hold at most `max_entries` peers, each once. Envelopes are
+    only checked to be bytes here: each is verified on its own when received.
+    """
+    if type(obj) is not dict:
+        raise ProtocolError("gossip message must be a map")
+    kind = obj.get("type")
+    if kind == "ADVERTS":
+        adverts = obj.get("adverts")
+        if type(adverts) is not list or not all(type(a) is bytes for a in adverts):
+            raise ProtocolError("ADVERTS 'adverts' must be a list of bin")
+        want = None
+        if "want" in obj:
+            want = _peer_list(obj["want"], max_entries)
+        return AdvertBatch(tuple(adverts), want)
+    if kind == "DIGEST":
+        entries = obj.get("digest")
+        if type(entries) is not list or len(entries) > max_entries:
+            raise ProtocolError(f"DIGEST 'digest' must be a list of at most {max_entries}")
+        seqs: dict[PeerId, int] = {}
+        for entry in entries:
+            if type(entry) is not list or len(entry) != 2:
+                raise ProtocolError("DIGEST entries must be [peer id, seq]")
+            peer_bytes, seq = entry
+            if type(seq) is not int or not 0 <= seq <= _MAX_SEQ:
+                raise ProtocolError("DIGEST seq must be an int in 0..2**64-1")
+            peer = _peer_id(peer_bytes)
+            if peer in seqs:
+                raise ProtocolError(f"DIGEST names {peer} twice")
+            seqs[peer] = seq
+        return Digest(seqs)
+    if kind == "GRAFT":
+        return Graft()
+    if kind == "PRUNE":
+        return Prune()
+    raise ProtocolError(f"unknown gossip message type {kind!r:.40}")
+
+
+def _peer_id(value: object) -> PeerId:
+    if type(value) is not bytes:
+        raise ProtocolError("peer id must be bin")
+    try:
+        return PeerId(value)
+    except ValueError as exc:
+        raise ProtocolError(f"invalid peer id: {exc}") from None
+
+
+def _peer_list(value: object, limit: int) -> tuple[PeerId, ...]:
+    if type(value) is not list or len(value) > limit:
+        raise ProtocolError(f"ADVERTS 'want' must be a list of at most {limit} peer ids")
+    peers = tuple(_peer_id(v) for v in value)
+    if len(set(peers)) != len(peers):
+        raise ProtocolError("ADVERTS 'want' names a peer twice")
+    return peers
+
+
+# --- pure state ----------------------------------------------------------------------------------
+
+
+class SeenCache:
+    """The (peer, seq) of adverts already forwarded, at most `max_size`, oldest dropped first.
+
+    An entry is useless once its advert has expired (the cache refuses it then), so `expire`
+    drops such entries from the oldest end.
+    """
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self._items: OrderedDict[tuple[PeerId, int], float] = OrderedDict()
+
+    def add(self, key: tuple[PeerId, int], expires_at: float) -> bool:
+        """Remember `key` until wall time `expires_at`; False if it was already seen."""
+        if key in self._items:
+            return False
+        self._items[key] = expires_at
+        if len(self._items) > self.max_size:
+            self._items.popitem(last=False)
+        return True
+
+    def expire(self, now: float) -> int:
+        dropped = 0
+        while self._items and next(iter(self._items.values())) <= now:
+            self._items.popitem(last=False)
+            dropped += 1
+        return dropped
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class MeshState:
+    """Mesh policy: whom to graft or prune, who is being grafted, who is backed off.
+
+    Members are passed in (the service owns them); times are trio seconds.
+    """
+
+    def __init__(self, config: GossipConfig) -> None:
+        self.config = config
+        self.pending: set[PeerId] = set()  # GRAFT sent, no answer yet
+        self._backoff: dict[PeerId, float] = {}  # peer -> time until which we leave it alone
+
+    def backoff(self, peer: PeerId, now: float) -> None:
+        """Leave `peer` out of the mesh for `config.prune_backoff` seconds."""
+        self._backoff[peer] = now + self.config.prune_backoff
+
+    def backed_off(self, peer: PeerId, now: float) -> bool:
+        until = self._backoff.get(peer)
+        return until is not None and until > now
+
+    def accepts_graft(self, peer: PeerId, members: Collection[PeerId], now: float) -> bool:
+        """Whether to let `peer` join our mesh when it asks."""
+        if peer in members:
+            return True
+        return not self.backed_off(peer, now) and len(members) < self.config.degree_high
+
+    def wants(self, peer: PeerId, members: Collection[PeerId], now: float) -> bool:
+        """Whether to graft `peer` now that it connected, the mesh being below `degree`."""
+        return (
+            peer not in members
+            and peer not in self.pending
+            and not self.backed_off(peer, now)
+            and len(members) + len(self.pending) < self.config.degree
+        )
+
+    def heartbeat(
+        self,
+        members: Collection[PeerId],
+        candidates: Iterable[PeerId],
+        now: float,
+        rng: random.Random,
+    ) -> tuple[list[PeerId], list[PeerId]]:
+        """Return (peers to graft, peers to prune) and mark the grafted ones pending.
+
+        Below `degree_low` (counting pending grafts) the mesh is topped up to `degree` from
+        `candidates`, best first; above `degree_high` it is cut down to `degree` at random.
+        """
+        self._backoff = {peer: t for peer, t in self._backoff.items() if t > now}
+        graft: list[PeerId] = []
+        size = len(members) + len(self.pending)
+        if size < self.config.degree_low:
+            for peer in candidates:
+                if len(graft) >= self.config.degree - size:
+                    break
+                if peer in members or peer in self.pending or peer in self._backoff:
+                    continue
+                graft.append(peer)
+            self.pending.update(graft)
+        prune: list[PeerId] = []
+        if len(members) > self.config.degree_high:
+            prune = rng.sample(sorted(members), len(members) - self.config.degree)
+        return graft, prune
+
+
+# --- the service ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GossipConfig:
+    """Mesh degree, timers (seconds) and limits of advert gossip."""
+
+    degree: int = 4
+    degree_low: int = 3
+    degree_high: int = 6
+    heartbeat: float = 1.0
+    anti_entropy_interval: float = 30.0
+    seen_size: int = 100_000
+    max_message_size: int = 4 * 1024 * 1024
+    #: Limit on each exchange: a push, a GRAFT, each message of a digest exchange.
+    rpc_timeout: float = 5.0
+    #: Adverts waiting to be pushed to one mesh peer; more are dropped (anti-entropy heals).
+    queue_size: int = 256
+    #: How long a peer that pruned us, refused us, or failed a push stays out of the mesh.
+    prune_backoff: float = 60.0
+    max_concurrent_syncs: int = 8
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.degree_low <= self.degree <= self.degree_high:
+            raise ConfigError(
+                "gossip degrees must satisfy 1 <= degree_low <= degree <= degree_high"
+            )
+        if min(self.heartbeat, self.anti_entropy_interval, self.rpc_timeout) <= 0:
+            raise ConfigError("gossip intervals and timeouts must be positive")
+        if self.prune_backoff < 0:
+            raise ConfigError("gossip prune_backoff must not be negative")
+        if min(self.seen_size, self.queue_size, self.max_concurrent_syncs) < 1:
+            raise ConfigError("gossip sizes must be at least 1")
+        if self.max_message_size < 128 * 1024:
+            raise ConfigError("gossip max_message_size must hold a 64 KiB advert")
+
+
+@dataclass(slots=True)
+class GossipStats:
+    """Counters for tests and benchmarks; they only grow."""
+
+    messages_sent: int = 0  # every gossip message: pushes, digests, GRAFT, PRUNE, ...
+    messages_received: int = 0
+    pushes: int = 0  # ADVERTS pushes to mesh peers
+    adverts_received: int = 0  # envelopes in any ADVERTS message
+    adverts_accepted: int = 0  # new to the cache
+    duplicates: int = 0  # already held, or not newer than the one held
+    rejected: int = 0  # forged, malformed, oversized, expired or from the future
+    forwarded: int = 0  # adverts pushed on to the mesh: at most once per (peer, seq)
+    dropped: int = 0  # adverts not pushed to a mesh peer: its queue was full or a push failed
+    syncs: int = 0  # digest exchanges completed, either side
+
+
+@dataclass(eq=False, slots=True)
+class _Link:
+    """A mesh peer and the queue its sender task pushes from."""
+
+    peer: PeerId
+    queue: trio.MemorySendChannel[bytes]
+
+
+class Gossip:
+    """Spreads adverts over a mesh of gossip peers and keeps `adverts` in sync with theirs.
+
+    Start with ``await nursery.start(gossip.run)``; it serves until cancelled.
+    """
+
+    def __init__(
+        self,
+        host: Host,
+        adverts: AdvertCache,
+        config: GossipConfig = GossipConfig(),
+        *,
+        wall_clock: Callable[[], float],
+        rng: random.Random | None = None,
+    ) -> None:
+        self.host = host
+        self.adverts = adverts
+        self.config = config
+        self.stats = GossipStats()
+        self._wall_clock = wall_clock
+        self._rng = rng or random.Random()
+        self._max_entries = max_entries(config.max_message_size)
+        self._seen = SeenCache(config.seen_size)
+        self._mesh = MeshState(config)
+        self._links: dict[PeerId, _Link] = {}
+        self._mesh_changed = trio.lowlevel.ParkingLot()
+        self._syncing: set[PeerId] = set()  # digest exchanges we started, queued or running
+        self._answering: set[PeerId] = set()  # digest exchanges peers started with us
+        self._sync_limiter = trio.CapacityLimiter(config.max_concurrent_syncs)
+        self._nursery: trio.Nursery | None = None
+        self._listening = False
+
+    @property
+    def mesh(self) -> frozenset[PeerId]:
+        """The peers we push adverts to."""
+        return frozenset(self._links)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve GOSSIP, keep the mesh and sync with peers until cancelled."""
+        if self._nursery is not None:
+            raise RuntimeError("Gossip is already running")
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                self.host.set_handler(
+                    GOSSIP, self._handle_stream, max_message_size=self.config.max_message_size
+                )
+                if not self._listening:  # the Host cannot forget listeners: add them once
+                    self.host.add_listener(
+                        on_identified=self._on_identified, on_disconnected=self._on_disconnected
+                    )
+                    self._listening = True
+                for peer in self.host.connected_peers:
+                    self._on_identified(peer)
+                nursery.start_soon(self._heartbeat_loop)
+                nursery.start_soon(self._anti_entropy_loop)
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                # Before the nursery closes: nothing may be started in it from here on.
+                self._nursery = None
+                self.host.remove_handler(GOSSIP)
+                for peer in list(self._links):
+                    self._remove_from_mesh(peer)
+
+    async def publish(self, envelope: Envelope) -> Advert:
+        """Add a sealed advert to the cache and push it to every mesh peer at once.
+
+        While the mesh is below `degree_low` (a peer just started), connected gossip peers
+        outside it get the advert too, up to `degree` peers in all. Raises RecordError if the
+        cache refuses it: forged, oversized, expired, or not newer than the one it holds.
+        """
+        await trio.lowlevel.checkpoint()
+        advert = self.adverts.add(envelope)
+        if advert is None:
+            raise RecordError("advert not kept: the cache holds a newer or equal seq of that peer")
+        data = envelope.to_bytes()
+        self._forward(advert, data, source=None)
+        nursery = self._nursery
+        if nursery is not None and len(self._links) < self.config.degree_low:
+            others = [
+                p
+                for p in self.host.connected_peers
+                if p not in self._links and self._speaks_gossip(p)
+            ]
+            count = min(self.config.degree - len(self._links), len(others))
+            for peer in self._rng.sample(others, count):
+                nursery.start_soon(self._push, peer, [data])
+        return advert
+
+    async def wait_mesh(self, size: int | None = None) -> None:
+        """Wait until at least `size` peers (default `config.degree_low`) are in the mesh."""
+        target = self.config.degree_low if size is None else size
+        while len(self._links) < target:
+            await self._mesh_changed.park()
+
+    # --- receiving and forwarding ----------------------------------------------------------------
+
+    def _receive(self, source: PeerId, adverts: Sequence[bytes]) -> None:
+        """Offer received envelopes to the cache and forward the new ones.
+
+        Raises ProtocolError, after pruning `source`, once a message holds too many bad adverts.
+        """
+        rejected = 0
+        for data in adverts:
+            self.stats.adverts_received += 1
+            try:
+                advert = self.adverts.add(Envelope.from_bytes(data))
+            except RecordError as exc:
+                self.stats.rejected += 1
+                rejected += 1
+                log.debug("dropped an advert from %s: %s", source.short(), exc)
+                if rejected >= _MAX_REJECTS_PER_MESSAGE:
+                    self._remove_from_mesh(source, backoff=True)
+                    raise ProtocolError(f"{rejected} bad adverts in one message") from None
+                continue
+            if advert is None:
+                self.stats.duplicates += 1
+                continue
+            self.stats.adverts_accepted += 1
+            self._forward(advert, data, source)
+
+    def _forward(self, advert: Advert, data: bytes, source: PeerId | None) -> None:
+        if not self._seen.add((advert.peer_id, advert.seq), advert.expires_at):
+            return
+        self.stats.forwarded += 1
+        for peer, link in self._links.items():
+            if peer == source or peer == advert.peer_id:
+                continue
+            try:
+                link.queue.send_nowait(data)
+            except (trio.WouldBlock, trio.BrokenResourceError):
+                self.stats.dropped += 1
+
+    async def _sender(self, link: _Link, queue: trio.MemoryReceiveChannel[bytes]) -> None:
+        """Push what is queued for one mesh peer, batching only what is already waiting."""
+        budget = self.config.max_message_size - _MESSAGE_OVERHEAD
+        carry: bytes | None = None
+        async with queue:
+            while True:
+                if carry is None:
+                    try:
+                        carry = await queue.receive()
+                    except trio.EndOfChannel:
+                        return
+                batch, size, carry = [carry], len(carry) + _BIN_OVERHEAD, None
+                while True:
+                    try:
+                        data = queue.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    if size + len(data) + _BIN_OVERHEAD > budget:
+                        carry = data
+                        break
+                    batch.append(data)
+                    size += len(data) + _BIN_OVERHEAD
+                if not await self._push(link.peer, batch):
+                    self.stats.dropped += len(batch)
+                    if self._links.get(link.peer) is link:
+                        self._remove_from_mesh(link.peer, backoff=True)
+                    return
+
+    async def _push(self, peer: PeerId, batch: list[bytes]) -> bool:
+        """Send one ADVERTS message over a new stream, without dialling; False if it failed."""
+        conn = self.host.connection(peer)
+        if conn is None:
+            return False
+        with trio.move_on_after(self.config.rpc_timeout):
+            try:
+                stream = await conn.open_stream(
+                    GOSSIP, max_message_size=self.config.max_message_size
+                )
+                try:
+                    await self._send(stream, AdvertBatch(tuple(batch)))
+                except BaseException:
+                    stream.reset()
+                    raise
+                await stream.aclose()
+            except (SdcnError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                log.debug("push to %s failed: %r", peer.short(), exc)
+                return False
+            self.stats.pushes += 1
+            return True
+        log.debug("push to %s timed out", peer.short())
+        return False
+
+    # --- inbound streams -------------------------------------------------------------------------
+
+    async def _handle_stream(self, stream: Stream) -> None:
+        # Errors reset the stream (the Host does it); none of them ends the peer.
+        peer = stream.peer_id
+        message = await self._receive_message(stream)
+        if isinstance(message, AdvertBatch):
+            if message.want is not None:
+                raise ProtocolError("'want' outside a digest exchange")
+            self._receive(peer, message.adverts)
+        elif isinstance(message, Digest):
+            await self._answer_digest(stream, message)
+        elif isinstance(message, Graft):
+            joined = self._nursery is not None and self._mesh.accepts_graft(
+                peer, self._links, trio.current_time()
+            )
+            if joined:
+                self._add_to_mesh(peer)
+            await self._send(stream, Graft() if joined else Prune())
+        else:
+            self._remove_from_mesh(peer, backoff=True)
+
+    async def _receive_message(self, stream: Stream) -> GossipMessage:
+        """Next message, within `rpc_timeout`. Raises trio.EndOfChannel at a clean end."""
+        with trio.fail_after(self.config.rpc_timeout):
+            obj = await stream.receive_message()
+        self.stats.messages_received += 1
+        return parse_message(obj, max_entries=self._max_entries)
+
+    async def _send(self, stream: Stream, message: GossipMessage) -> None:
+        await stream.send_message(message.to_wire())
+        self.stats.messages_sent += 1
+
+    # --- digest exchange -------------------------------------------------------------------------
+
+    def _digest(self) -> Digest:
+        seqs = self.adverts.digest()
+        if len(seqs) > self._max_entries:
+            seqs = dict(itertools.islice(seqs.items(), self._max_entries))
+        return Digest(seqs)
+
+    async def _sync_with(self, peer: PeerId) -> None:
+        """Run one digest exchange with `peer` as the asker; failures are logged only."""
+        try:
+            async with self._sync_limiter:
+                conn = self.host.connection(peer)
+                if conn is None:
+                    return
+                stream = await conn.open_stream(
+                    GOSSIP, max_message_size=self.config.max_message_size
+                )
+                try:
+                    await self._ask_digest(stream)
+                except BaseException:
+                    stream.reset()
+                    raise
+                await stream.aclose()
+                self.stats.syncs += 1
+        except (
+            SdcnError,
+            trio.TooSlowError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            trio.EndOfChannel,
+        ) as exc:
+            log.debug("digest exchange with %s failed: %r", peer.short(), exc)
+        finally:
+            self._syncing.discard(peer)
+
+    async def _ask_digest(self, stream: Stream) -> None:
+        await self._send(stream, self._digest())
+        received = 0
+        while True:
+            message = await self._receive_message(stream)
+            if not isinstance(message, AdvertBatch):
+                raise ProtocolError("a DIGEST must be answered with ADVERTS")
+            received += len(message.adverts)
+            if received > self._max_entries:
+                raise ProtocolError("digest answer holds too many adverts")
+            self._receive(stream.peer_id, message.adverts)
+            if message.want is not None:
+                break
+        for batch, _ in self._batches(message.want):
+            await self._send(stream, AdvertBatch(tuple(batch)))
+
+    async def _answer_digest(self, stream: Stream, digest: Digest) -> None:
+        peer = stream.peer_id
+        if peer in self._answering:
+            raise ProtocolError("a digest exchange with this peer is already running")
+        self._answering.add(peer)
+        try:
+            ours = self.adverts.digest()
+            theirs = digest.seqs
+            give = [p for p, seq in ours.items() if theirs.get(p, -1) < seq]
+            want = tuple(
+                itertools.islice(
+                    (p for p, seq in theirs.items() if ours.get(p, -1) < seq), self._max_entries
+                )
+            )
+            budget = self.config.max_message_size - _MESSAGE_OVERHEAD
+            want_size = len(want) * _ENTRY_SIZE
+            last: list[bytes] = []
+            last_size = 0
+            for batch, size in self._batches(give):
+                if last:
+                    await self._send(stream, AdvertBatch(tuple(last)))
+                last, last_size = batch, size
+            if last and last_size + want_size > budget:
+                await self._send(stream, AdvertBatch(tuple(last)))
+                last = []
+            await self._send(stream, AdvertBatch(tuple(last), want))
+            received = 0
+            while True:
+                try:
+                    message = await self._receive_message(stream)
+                except trio.EndOfChannel:
+                    break
+                if not isinstance(message, AdvertBatch) or message.want is not None:
+                    raise ProtocolError("expected the wanted ADVERTS")
+                received += len(message.adverts)
+                if received > len(want):
+                    raise ProtocolError("sent more adverts than were wanted")
+                self._receive(peer, message.adverts)
+            self.stats.syncs += 1
+        finally:
+            self._answering.discard(peer)
+
+    def _batches(self, peers: Iterable[PeerId]) -> Iterator[tuple[list[bytes], int]]:
+        """The held envelopes of `peers`, encoded, in batches that fit one message."""
+        budget = self.config.max_message_size - _MESSAGE_OVERHEAD
+        batch: list[bytes] = []
+        size = 0
+        for peer in peers:
+            envelope = self.adverts.envelope(peer)
+            if envelope is None:
+                continue
+            data = envelope.to_bytes()
+            if batch and size + len(data) + _BIN_OVERHEAD > budget:
+                yield batch, size
+                batch, size = [], 0
+            batch.append(data)
+            size += len(data) + _BIN_OVERHEAD
+        if batch:
+            yield batch, size
+
+    # --- the mesh --------------------------------------------------------------------------------
+
+    def _speaks_gossip(self, peer: PeerId) -> bool:
+        info = self.host.peerstore.get(peer)
+        return info is not None and GOSSIP in info.protocols
+
+    def _on_identified(self, peer: PeerId) -> None:
+        nursery = self._nursery
+        if nursery is None or not self._speaks_gossip(peer):
+            return
+        conn = self.host.connection(peer)
+        # The dialler starts the digest exchange; one exchange syncs both sides.
+        if conn is not None and conn.outbound and peer not in self._syncing:
+            self._syncing.add(peer)
+            nursery.start_soon(self._sync_with, peer)
+        if self._mesh.wants(peer, self._links, trio.current_time()):
+            self._mesh.pending.add(peer)
+            nursery.start_soon(self._graft, peer)
+
+    def _on_disconnected(self, peer: PeerId) -> None:
+        self._remove_from_mesh(peer)
+
+    def _add_to_mesh(self, peer: PeerId) -> None:
+        nursery = self._nursery
+        if nursery is None or peer in self._links:
+            return
+        send, receive = trio.open_memory_channel[bytes](self.config.queue_size)
+        link = self._links[peer] = _Link(peer, send)
+        self.host.keep_alive(peer)
+        nursery.start_soon(self._sender, link, receive)
+        self._mesh_changed.unpark_all()
+
+    def _remove_from_mesh(self, peer: PeerId, *, backoff: bool = False) -> None:
+        if backoff:
+            self._mesh.backoff(peer, trio.current_time())
+        link = self._links.pop(peer, None)
+        if link is None:
+            return
+        link.queue.close()  # its sender pushes what is queued, then ends
+        self.host.keep_alive(peer, False)
+        self._mesh_changed.unpark_all()
+
+    async def _graft(self, peer: PeerId) -> None:
+        """Ask `peer` (dialling it if needed) to join our mesh; `peer` is already pending."""
+        joined = False
+        try:
+            with trio.move_on_after(self.config.rpc_timeout):
+                conn = await self.host.connect(peer)
+                stream = await conn.open_stream(
+                    GOSSIP, max_message_size=self.config.max_message_size
+                )
+                async with stream:
+                    await self._send(stream, Graft())
+                    joined = isinstance(await self._receive_message(stream), Graft)
+        except (
+            SdcnError,
+            trio.TooSlowError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            trio.EndOfChannel,
+        ) as exc:
+            log.debug("graft of %s failed: %r", peer.short(), exc)
+        finally:
+            self._mesh.pending.discard(peer)
+        if joined and self.host.is_connected(peer):
+            self._add_to_mesh(peer)
+        elif not joined:
+            self._mesh.backoff(peer, trio.current_time())
+
+    async def _prune(self, peer: PeerId) -> None:
+        """Tell `peer` it left our mesh; best effort."""
+        conn = self.host.connection(peer)
+        if conn is None:
+            return
+        with trio.move_on_after(self.config.rpc_timeout):
+            try:
+                stream = await conn.open_stream(
+                    GOSSIP, max_message_size=self.config.max_message_size
+                )
+                async with stream:
+                    await self._send(stream, Prune())
+            except (SdcnError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                log.debug("prune of %s failed: %r", peer.short(), exc)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.heartbeat)
+            self._heartbeat()
+
+    def _heartbeat(self) -> None:
+        nursery = self._nursery
+        if nursery is None:  # stopping: the sleep ended as run() was cancelled
+            return
+        for peer in [p for p in self._links if not self.host.is_connected(p)]:
+            self._remove_from_mesh(peer)
+        graft, prune = self._mesh.heartbeat(
+            self._links, self._candidates(), trio.current_time(), self._rng
+        )
+        for peer in graft:
+            nursery.start_soon(self._graft, peer)
+        for peer in prune:
+            self._remove_from_mesh(peer, backoff=True)
+            nursery.start_soon(self._prune, peer)
+        self.adverts.expire()
+        self._seen.expire(self._wall_clock())
+
+    def _candidates(self) -> Iterator[PeerId]:
+        """Gossip peers to graft, connected ones first, each group shuffled; lazily."""
+        connected = [p for p in self.host.connected_peers if self._speaks_gossip(p)]
+        self._rng.shuffle(connected)
+        yield from connected
+        known = [
+            p
+            for p in self.host.peerstore.peers()
+            if p != self.host.peer_id
+            and not self.host.is_connected(p)
+            and self._speaks_gossip(p)
+            and self.host.peerstore.addrs(p)
+        ]
+        self._rng.shuffle(known)
+        yield from known
+
+    async def _anti_entropy_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.anti_entropy_interval)
+            peers = sorted(self._links) or sorted(
+                p for p in self.host.connected_peers if self._speaks_gossip(p)
+            )
+            if peers:
+                peer = self._rng.choice(peers)
+                if peer not in self._syncing:
+                    self._syncing.add(peer)
+                    await self._sync_with(peer)
