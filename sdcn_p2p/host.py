@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 import trio
 
+from sdcn_p2p._util import open_service_nursery
 from sdcn_p2p._version import __version__
 from sdcn_p2p.connection import (
     DEFAULT_MAX_MESSAGE,
@@ -116,7 +117,7 @@ class Host:
         self._pending_dials: dict[PeerId, _PendingDial] = {}
         self._pending_inbound = 0
         self._pending_outbound = 0
-        self._keep_alive: set[PeerId] = set()
+        self._keep_alive: dict[PeerId, int] = {}  # peer -> how many asked to keep it
         self._on_connected: list[Callable[[Connection], None]] = []
         self._on_disconnected: list[Callable[[PeerId], None]] = []
         self._on_identified: list[Callable[[PeerId], None]] = []
@@ -223,11 +224,14 @@ class Host:
         return sum(len(conns) for conns in self._conns.values())
 
     def keep_alive(self, peer: PeerId, keep: bool = True) -> None:
-        """Exempt connections to `peer` from idle close (bootstrap peers, gateways)."""
-        if keep:
-            self._keep_alive.add(peer)
+        """Exempt connections to `peer` from idle close (bootstrap peers, gateways, mesh
+        peers), or withdraw one such request: the peer stays kept while any request stands.
+        """
+        count = self._keep_alive.get(peer, 0) + (1 if keep else -1)
+        if count > 0:
+            self._keep_alive[peer] = count
         else:
-            self._keep_alive.discard(peer)
+            self._keep_alive.pop(peer, None)
         for conn in self._conns.get(peer, ()):
             conn.interrupt_idle_wait()
 
@@ -542,7 +546,7 @@ async def open_host(
 
     `transport` defaults to WebSockets. Raises ConfigError if an address cannot be bound.
     """
-    async with trio.open_nursery() as nursery:
+    async with open_service_nursery() as nursery:
         if transport is None:
             from sdcn_p2p.transport.websocket import WebSocketTransport
 

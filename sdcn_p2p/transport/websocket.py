@@ -20,7 +20,6 @@ import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import NoReturn
 
 import trio
 from trio_websocket import (
@@ -30,6 +29,7 @@ from trio_websocket import (
     wrap_server_stream,
 )
 
+from sdcn_p2p._util import open_service_nursery
 from sdcn_p2p.errors import ConfigError, DialError, MessageTooLarge
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.transport import (
@@ -226,22 +226,16 @@ async def open_websocket_transport(
     Leaving the block closes, abruptly, the dialled connections still open. Exceptions from the
     block propagate unwrapped.
     """
-    try:
-        async with trio.open_nursery() as nursery:
-            try:
-                yield WebSocketTransport(
-                    nursery,
-                    ssl_context_server=ssl_context_server,
-                    ssl_context_client=ssl_context_client,
-                    max_message=max_message,
-                )
-            finally:
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        # Connection tasks never raise, so the group holds only the block's exception.
-        if len(group.exceptions) == 1:
-            _reraise(group.exceptions[0])
-        raise
+    async with open_service_nursery() as nursery:
+        try:
+            yield WebSocketTransport(
+                nursery,
+                ssl_context_server=ssl_context_server,
+                ssl_context_client=ssl_context_client,
+                max_message=max_message,
+            )
+        finally:
+            nursery.cancel_scope.cancel()
 
 
 class _WebSocketConnection:
@@ -322,13 +316,3 @@ def _peer(stream: _Stream) -> object:
         return socket.getpeername()
     except OSError:
         return "a disconnected peer"
-
-
-def _reraise(exc: BaseException) -> NoReturn:
-    """Raise `exc` keeping its own context, not the group it was unwrapped from (as trio does)."""
-    context = exc.__context__
-    try:
-        raise exc
-    finally:
-        exc.__context__ = context
-        del exc, context
