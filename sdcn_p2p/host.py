@@ -121,6 +121,7 @@ class Host:
         self._on_connected: list[Callable[[Connection], None]] = []
         self._on_disconnected: list[Callable[[PeerId], None]] = []
         self._on_identified: list[Callable[[PeerId], None]] = []
+        self._record: PeerRecord | None = None
         self._record_envelope: Envelope | None = None
         self._local_ip_cache: dict[str, list[str]] = {}
         self.set_handler(ping.PING, ping.handle_ping, max_message_size=ping.MAX_MESSAGE)
@@ -161,12 +162,13 @@ class Host:
     def signed_record(self) -> Envelope:
         """Our signed PeerRecord, re-sealed with a higher seq when our addresses change."""
         addrs = tuple(self.advertised_addrs)
-        held = self._record_envelope
-        if held is None or PeerRecord.from_envelope(held).addrs != addrs:
+        held = self._record
+        if held is None or held.addrs != addrs or self._record_envelope is None:
             seq = int(self.wall_clock() * 1000)
             if held is not None:
-                seq = max(seq, PeerRecord.from_envelope(held).seq + 1)
-            self._record_envelope = PeerRecord(self.peer_id, seq, addrs).seal(self.identity)
+                seq = max(seq, held.seq + 1)
+            self._record = PeerRecord(self.peer_id, seq, addrs)
+            self._record_envelope = self._record.seal(self.identity)
         return self._record_envelope
 
     # --- handlers and notifications --------------------------------------------------------------

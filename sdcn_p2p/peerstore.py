@@ -94,7 +94,13 @@ class PeerStore:
         Its addresses replace the peer's known ones. Raises RecordError when forged,
         mis-keyed or stale.
         """
-        record = PeerRecord.from_envelope(envelope)
+        return self.add_record(PeerRecord.from_envelope(envelope), envelope)
+
+    def add_record(self, record: PeerRecord, envelope: Envelope) -> PeerRecord:
+        """Keep `record`, already verified from `envelope`, if newer than the one held.
+
+        Raises RecordError when it is stale.
+        """
         held = self._peers.get(record.peer_id)
         check_newer(held.record.seq if held and held.record else None, record.seq)
         info = self._entry(record.peer_id)

@@ -105,7 +105,7 @@ def apply(host: Host, conn: Connection, info: IdentifyInfo) -> None:
     """Store what identify told us in the host's peerstore."""
     store = host.peerstore
     with contextlib.suppress(RecordError):  # we already hold this record or a newer one
-        store.consume_record(info.envelope)
+        store.add_record(info.record, info.envelope)
     store.set_identify(
         conn.peer_id, protocols=info.protocols, roles=info.roles, agent_version=info.agent_version
     )
