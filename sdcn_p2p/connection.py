@@ -33,7 +33,7 @@ from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.transport import RawConnection
 from sdcn_p2p.wire import yamux
 from sdcn_p2p.wire.messages import MessageDecoder, encode_message
-from sdcn_p2p.wire.noise import MAX_PLAINTEXT, NoiseHandshake, NoiseTransport
+from sdcn_p2p.wire.noise import MAX_PLAINTEXT, NoiseCredentials, NoiseHandshake, NoiseTransport
 from sdcn_p2p.wire.varint import decode_varint, encode_varint
 
 __all__ = [
@@ -86,7 +86,7 @@ async def _handshake_receive(raw: RawConnection) -> bytes:
 
 
 async def secure_outbound(
-    raw: RawConnection, identity: Identity, expected_peer: PeerId | None
+    raw: RawConnection, identity: Identity | NoiseCredentials, expected_peer: PeerId | None
 ) -> tuple[SecureChannel, PeerId]:
     """Run the initiator side of Noise XX. Raises HandshakeError; the caller sets a timeout."""
     handshake = NoiseHandshake(identity, initiator=True, expected_peer=expected_peer)
@@ -97,7 +97,9 @@ async def secure_outbound(
     return SecureChannel(raw, handshake.to_transport()), handshake.remote_peer_id
 
 
-async def secure_inbound(raw: RawConnection, identity: Identity) -> tuple[SecureChannel, PeerId]:
+async def secure_inbound(
+    raw: RawConnection, identity: Identity | NoiseCredentials
+) -> tuple[SecureChannel, PeerId]:
     """Run the responder side of Noise XX. Raises HandshakeError; the caller sets a timeout."""
     handshake = NoiseHandshake(identity, initiator=False)
     handshake.read_message(await _handshake_receive(raw))

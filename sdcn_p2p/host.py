@@ -41,6 +41,7 @@ from sdcn_p2p.peerstore import PeerStore
 from sdcn_p2p.protocols import identify, ping
 from sdcn_p2p.records import Envelope, PeerRecord
 from sdcn_p2p.transport import RawConnection, Transport
+from sdcn_p2p.wire.noise import NoiseCredentials
 
 __all__ = ["AGENT_VERSION", "Handler", "Host", "HostConfig", "local_ips", "open_host"]
 
@@ -105,6 +106,7 @@ class Host:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.identity = identity
+        self._noise = NoiseCredentials(identity)  # one static key per Host, signed once
         self.config = config
         self.transport = transport
         self.peerstore = PeerStore()
@@ -295,7 +297,7 @@ class Host:
             raw = await self.transport.dial(addr)
             try:
                 with trio.fail_after(self.config.handshake_timeout):
-                    channel, remote = await secure_outbound(raw, self.identity, peer)
+                    channel, remote = await secure_outbound(raw, self._noise, peer)
             except BaseException as exc:
                 with trio.CancelScope(shield=True):
                     await raw.aclose()
@@ -330,7 +332,7 @@ class Host:
         self._pending_inbound += 1
         try:
             with trio.fail_after(self.config.handshake_timeout):
-                channel, remote = await secure_inbound(raw, self.identity)
+                channel, remote = await secure_inbound(raw, self._noise)
         except (HandshakeError, ProtocolError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             log.debug("inbound handshake from %s failed: %r", raw.remote_addr, exc)
             return

@@ -46,6 +46,7 @@ __all__ = [
     "MAX_MESSAGE",
     "MAX_PLAINTEXT",
     "PROTOCOL_NAME",
+    "NoiseCredentials",
     "NoiseHandshake",
     "NoiseTransport",
 ]
@@ -310,6 +311,22 @@ def _decode_payload(data: bytes) -> tuple[bytes, bytes]:
     return fields[_FIELD_IDENTITY_KEY], fields[_FIELD_IDENTITY_SIG]
 
 
+class NoiseCredentials:
+    """A Noise static key and the identity's signature over it.
+
+    libp2p keeps one static key per process: build this once per Host and hand it to every
+    handshake, which then neither generates a key nor signs anything.
+    """
+
+    __slots__ = ("identity", "payload", "static_key")
+
+    def __init__(self, identity: Identity, static_key: X25519PrivateKey | None = None) -> None:
+        self.identity = identity
+        self.static_key = static_key or X25519PrivateKey.generate()
+        signature = identity.sign(_STATIC_KEY_PREFIX + _public_bytes(self.static_key))
+        self.payload = _encode_payload(identity.public_key_bytes, signature)
+
+
 class NoiseHandshake:
     """One side of a Noise XX handshake that authenticates the peers' libp2p identities.
 
@@ -318,7 +335,7 @@ class NoiseHandshake:
 
     def __init__(
         self,
-        identity: Identity,
+        identity: Identity | NoiseCredentials,
         *,
         initiator: bool,
         expected_peer: PeerId | None = None,
@@ -326,14 +343,17 @@ class NoiseHandshake:
     ) -> None:
         """`expected_peer`: the peer we dialled; reaching any other fails the handshake.
 
-        `static_key` is the Noise static key, a fresh one for this handshake by default.
+        Given an Identity, the Noise static key is `static_key`, or a fresh one; given
+        NoiseCredentials, theirs.
         """
-        static_key = static_key or X25519PrivateKey.generate()
-        signature = identity.sign(_STATIC_KEY_PREFIX + _public_bytes(static_key))
-        self._payload = _encode_payload(identity.public_key_bytes, signature)
+        if isinstance(identity, NoiseCredentials):
+            credentials = identity
+        else:
+            credentials = NoiseCredentials(identity, static_key)
+        self._payload = credentials.payload
         self._expected_peer = expected_peer
         self._state: _HandshakeState | None = _HandshakeState(
-            initiator=initiator, static_key=static_key
+            initiator=initiator, static_key=credentials.static_key
         )
         self._failure: HandshakeError | None = None
         self._remote_peer_id: PeerId | None = None

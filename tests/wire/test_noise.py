@@ -17,6 +17,7 @@ from sdcn_p2p.wire.noise import (
     MAX_MESSAGE,
     MAX_PLAINTEXT,
     PROTOCOL_NAME,
+    NoiseCredentials,
     NoiseHandshake,
     NoiseTransport,
     _CipherState,
@@ -54,6 +55,21 @@ def pair(expected_peer: PeerId | None = None) -> tuple[NoiseHandshake, NoiseHand
     """Alice dials Bob."""
     initiator = NoiseHandshake(ALICE, initiator=True, expected_peer=expected_peer)
     return initiator, NoiseHandshake(BOB, initiator=False)
+
+
+def test_credentials_are_reused_across_handshakes() -> None:
+    """One static key per process, signed once: every handshake presents the same one."""
+    credentials = NoiseCredentials(BOB)
+    seen_statics = set()
+    for _ in range(3):
+        initiator = NoiseHandshake(ALICE, initiator=True, expected_peer=BOB.peer_id)
+        responder = NoiseHandshake(credentials, initiator=False)
+        state = initiator._state  # run_handshake releases it once complete
+        client, server = run_handshake(initiator, responder)
+        assert initiator.remote_peer_id == BOB.peer_id
+        assert server.decrypt(client.encrypt(b"hi")) == b"hi"
+        seen_statics.add(state.remote_static)
+    assert seen_statics == {_public_bytes(credentials.static_key)}
 
 
 def flip(message: bytes, position: int) -> bytes:
