@@ -9,13 +9,20 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from functools import partial
 from pathlib import Path
 
-from sdcn_p2p._version import __version__
-from sdcn_p2p.errors import SdcnError
-from sdcn_p2p.identity import default_key_path, load_or_create_identity
+import trio
 
-__all__ = ["build_parser", "main"]
+from sdcn_p2p._version import __version__
+from sdcn_p2p.errors import ConfigError, MultiaddrError, SdcnError
+from sdcn_p2p.host import HostConfig, open_host
+from sdcn_p2p.httpserver import parse_bind
+from sdcn_p2p.identity import Identity, default_key_path, load_or_create_identity
+from sdcn_p2p.multiaddr import Multiaddr
+from sdcn_p2p.peer import PeerConfig
+
+__all__ = ["build_parser", "main", "peer_config_from_args", "ping_peer"]
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -33,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     except SdcnError as exc:
         print(f"sdcn: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="log messages of this level and above (default: %(default)s)",
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    for add_command in (_add_keygen, _add_id):
+    for add_command in (_add_keygen, _add_id, _add_bootstrap, _add_ping):
         add_command(commands)
     return parser
 
@@ -107,6 +116,124 @@ def _id(args: argparse.Namespace) -> int:
     identity = load_or_create_identity(args.key, create=False)
     print(identity.peer_id.to_cid() if args.cid else identity.peer_id)
     return 0
+
+
+def _multiaddr(text: str) -> Multiaddr:
+    try:
+        return Multiaddr.parse(text)
+    except MultiaddrError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_peer_options(parser: argparse.ArgumentParser, *, default_listen: str | None) -> None:
+    """The options every command that runs a peer takes."""
+    _add_key_option(parser)
+    parser.add_argument(
+        "--listen",
+        type=_multiaddr,
+        action="append",
+        metavar="MULTIADDR",
+        help="address to listen on, e.g. /ip4/0.0.0.0/tcp/4001/ws (repeatable)"
+        + (f"; default {default_listen}" if default_listen else "; default: none (outbound only)"),
+    )
+    parser.add_argument(
+        "--announce",
+        type=_multiaddr,
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
+        help="address other peers should dial instead of the listen addresses (repeatable)",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=_multiaddr,
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
+        help="bootstrap peer to join through, /.../p2p/<peer id> (repeatable)",
+    )
+    parser.set_defaults(default_listen=default_listen)
+
+
+def peer_config_from_args(args: argparse.Namespace, *, roles: tuple[str, ...] = ()) -> PeerConfig:
+    """The PeerConfig a peer command runs with (also used by tests, to start peers alike)."""
+    listen = args.listen or ([Multiaddr.parse(args.default_listen)] if args.default_listen else [])
+    return PeerConfig(
+        host=HostConfig(listen=tuple(listen), announce=tuple(args.announce), roles=roles),
+        bootstrap=tuple(args.bootstrap),
+    )
+
+
+def _add_bootstrap(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "bootstrap",
+        help="run a bootstrap peer: a DHT server that relays gossip",
+        description="Run a bootstrap peer until interrupted: a DHT server that relays advert "
+        "gossip, with an optional HTTP status API (GET /v1/network).",
+    )
+    _add_peer_options(parser, default_listen="/ip4/0.0.0.0/tcp/4001/ws")
+    parser.add_argument(
+        "--http", metavar="HOST:PORT", type=_bind, help="serve GET /v1/network on this address"
+    )
+    parser.set_defaults(run=_bootstrap)
+
+
+def _bind(text: str) -> str:
+    try:
+        return parse_bind(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _bootstrap(args: argparse.Namespace) -> int:
+    from bootstrap.node import run_bootstrap
+
+    identity = load_or_create_identity(args.key)
+    config = peer_config_from_args(args)
+    trio.run(partial(run_bootstrap, identity, config, http=args.http))
+    return 0
+
+
+def _add_ping(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "ping",
+        help="dial a peer and print round-trip times",
+        description="Dial MULTIADDR (with /p2p/<peer id> to check who answers) with a fresh "
+        "identity and ping it over /sdcn/ping/1.0.0.",
+    )
+    parser.add_argument("target", type=_multiaddr, metavar="MULTIADDR")
+    parser.add_argument("--count", "-c", type=int, default=4, help="pings to send (default 4)")
+    parser.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between pings (default 1)"
+    )
+    parser.set_defaults(run=_ping)
+
+
+def _ping(args: argparse.Namespace) -> int:
+    if args.count < 1:
+        raise ConfigError("--count must be at least 1")
+    rtts = trio.run(ping_peer, args.target, args.count, args.interval)
+    ms = [rtt * 1000 for rtt in rtts]
+    print(
+        f"{len(ms)} pings: min {min(ms):.2f} ms, avg {sum(ms) / len(ms):.2f} ms, "
+        f"max {max(ms):.2f} ms"
+    )
+    return 0
+
+
+async def ping_peer(target: Multiaddr, count: int, interval: float) -> list[float]:
+    """Dial `target` with a throwaway identity and ping it `count` times; print each RTT."""
+    async with open_host(Identity.generate()) as host:
+        conn = await host.connect(target)
+        print(f"connected to {conn.peer_id} at {conn.remote_addr}")
+        rtts = []
+        for seq in range(1, count + 1):
+            if seq > 1:
+                await trio.sleep(interval)
+            rtt = await host.ping(conn.peer_id)
+            rtts.append(rtt)
+            print(f"seq={seq} rtt={rtt * 1000:.2f} ms")
+        return rtts
 
 
 if __name__ == "__main__":

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from sdcn_p2p.cli import main
+from sdcn_p2p.cli import main, ping_peer
+from sdcn_p2p.host import HostConfig, open_host
 from sdcn_p2p.identity import PeerId, default_key_path, load_or_create_identity
+from sdcn_p2p.multiaddr import Multiaddr
+from sdcn_p2p.testing import test_identity
 
 
 @pytest.fixture
@@ -120,3 +123,27 @@ def test_module_runs_as_a_script(tmp_path: Path) -> None:
     created = sdcn("keygen", "--key", str(path))
     assert created.returncode == 0
     assert PeerId.from_string(created.stdout.strip()) == load_or_create_identity(path).peer_id
+
+
+async def test_ping_peer_prints_each_round_trip(capsys) -> None:
+    listen = (Multiaddr.parse("/ip4/127.0.0.1/tcp/0/ws"),)
+    async with open_host(test_identity(7), HostConfig(listen=listen)) as host:
+        target = host.listen_addrs[0].with_peer_id(host.peer_id)
+        rtts = await ping_peer(target, 3, 0)
+    out = capsys.readouterr().out
+    assert len(rtts) == 3
+    assert f"connected to {host.peer_id}" in out
+    assert out.count("rtt=") == 3
+
+
+def test_ping_to_nobody_fails_cleanly(capsys) -> None:
+    code = main(["ping", "/ip4/127.0.0.1/tcp/1/ws", "--count", "1"])
+    assert code == 1
+    assert "sdcn: error: could not reach" in capsys.readouterr().err
+
+
+def test_bad_multiaddr_is_a_usage_error(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["ping", "/ip4/1.2.3.4/udp/1"])
+    assert info.value.code == 2
+    assert "invalid multiaddr" in capsys.readouterr().err

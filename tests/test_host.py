@@ -365,9 +365,10 @@ async def test_host_config_listen_addresses_are_logged(caplog) -> None:
 
 async def test_wildcard_listen_address_is_advertised_as_local_addresses() -> None:
     listen = (Multiaddr.parse("/ip4/0.0.0.0/tcp/0/ws"),)
-    async with open_host(test_identity(1), HostConfig(listen=listen)) as a, open_host(
-        test_identity(2)
-    ) as b:
+    async with (
+        open_host(test_identity(1), HostConfig(listen=listen)) as a,
+        open_host(test_identity(2)) as b,
+    ):
         port = a.listen_addrs[0].port
         advertised = a.advertised_addrs
         assert Multiaddr.parse(f"/ip4/127.0.0.1/tcp/{port}/ws") in advertised

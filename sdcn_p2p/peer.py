@@ -1,0 +1,167 @@
+"""Peer: a Host with the DHT, advert gossip and the advert cache; roles plug into it.
+
+`open_peer` starts everything and joins the network through the bootstrap peers in the
+background: while none answers it retries with exponential backoff (1 s doubling to 5 min,
+with jitter) and the peer keeps working with the peers it already knows. A peer that cannot
+accept connections (no advertised address) runs the DHT in client mode and keeps its
+connections to the bootstrap peers alive, since nobody can dial it back.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from sdcn_p2p._util import open_service_nursery
+from sdcn_p2p.adverts import AdvertCache
+from sdcn_p2p.dht.service import Dht, DhtConfig
+from sdcn_p2p.errors import SdcnError
+from sdcn_p2p.gossip import Gossip, GossipConfig
+from sdcn_p2p.host import Host, HostConfig, open_host
+from sdcn_p2p.identity import Identity, PeerId
+from sdcn_p2p.multiaddr import Multiaddr
+from sdcn_p2p.records import Advert, Envelope
+from sdcn_p2p.transport import Transport
+
+__all__ = ["Peer", "PeerConfig", "open_peer"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    """How a Peer listens, joins the network and runs its protocols."""
+
+    host: HostConfig = field(default_factory=HostConfig)
+    dht: DhtConfig = field(default_factory=DhtConfig)
+    gossip: GossipConfig = field(default_factory=GossipConfig)
+    #: Well-known peers to join through; dialled at start and whenever we lose the network.
+    bootstrap: tuple[Multiaddr, ...] = ()
+    #: First and longest wait between bootstrap attempts while none answers (seconds).
+    bootstrap_backoff: tuple[float, float] = (1.0, 300.0)
+
+
+class Peer:
+    """One member of the network. Create with `open_peer`."""
+
+    def __init__(
+        self,
+        host: Host,
+        dht: Dht,
+        gossip: Gossip,
+        adverts: AdvertCache,
+        config: PeerConfig,
+        nursery: trio.Nursery,
+        *,
+        wall_clock: Callable[[], float],
+    ) -> None:
+        self.host = host
+        self.dht = dht
+        self.gossip = gossip
+        self.adverts = adverts
+        self.config = config
+        self.wall_clock = wall_clock
+        self.bootstrapped = trio.Event()
+        self._nursery = nursery
+        self._rng = random.Random()
+        self._kept_seeds: set[PeerId] = set()
+
+    @property
+    def peer_id(self) -> PeerId:
+        return self.host.peer_id
+
+    @property
+    def identity(self) -> Identity:
+        return self.host.identity
+
+    @property
+    def reachable(self) -> bool:
+        """Whether other peers can dial us (we have an address to advertise)."""
+        return bool(self.host.advertised_addrs)
+
+    async def publish_advert(self, advert: Advert) -> Envelope:
+        """Sign `advert`, gossip it to the network and store it in the DHT under its models.
+
+        The DHT store runs in the background; gossip is pushed before this returns.
+        """
+        envelope = advert.seal(self.identity)
+        await self.gossip.publish(envelope)
+        self._nursery.start_soon(self._store_in_dht, envelope)
+        return envelope
+
+    async def _store_in_dht(self, envelope: Envelope) -> None:
+        try:
+            await self.dht.put(envelope)
+        except SdcnError as exc:
+            log.info("could not store advert in the DHT: %s", exc)
+
+    async def _join(self) -> None:
+        """Bootstrap now, and again whenever the routing table runs empty."""
+        seeds = list(self.config.bootstrap)
+        if not seeds:
+            self.bootstrapped.set()
+            return
+        first, longest = self.config.bootstrap_backoff
+        delay = first
+        while True:
+            if await self._bootstrap_once(seeds):
+                self.bootstrapped.set()
+                delay = first
+                # A periodic health check: failed peers leave the routing table one by one.
+                while len(self.dht.routing_table) or self.host.connected_peers:  # noqa: ASYNC110
+                    await trio.sleep(self.config.dht.refresh_interval)
+                log.info("lost every peer; bootstrapping again")
+                continue
+            wait = delay * (0.5 + self._rng.random())
+            log.warning("no bootstrap peer answered; retrying in %.0f s", wait)
+            await trio.sleep(wait)
+            delay = min(delay * 2, longest)
+
+    async def _bootstrap_once(self, seeds: Sequence[Multiaddr]) -> bool:
+        ok = await self.dht.bootstrap(seeds)
+        if ok and not self.reachable:
+            # Nobody can dial us: hold on to the connections we made ourselves.
+            for seed in seeds:
+                if seed.peer_id is not None and seed.peer_id not in self._kept_seeds:
+                    self._kept_seeds.add(seed.peer_id)
+                    self.host.keep_alive(seed.peer_id)
+        return ok
+
+    def __repr__(self) -> str:
+        return f"<Peer {self.peer_id}>"
+
+
+@asynccontextmanager
+async def open_peer(
+    identity: Identity,
+    config: PeerConfig = PeerConfig(),
+    *,
+    transport: Transport | None = None,
+    wall_clock: Callable[[], float] = time.time,
+) -> AsyncIterator[Peer]:
+    """Start a Peer; it joins the network in the background (see `Peer.bootstrapped`).
+
+    Everything stops when the block exits. Raises ConfigError if a listen address cannot be
+    bound.
+    """
+    async with (
+        open_host(identity, config.host, transport=transport, wall_clock=wall_clock) as host,
+        open_service_nursery() as nursery,
+    ):
+        adverts = AdvertCache(wall_clock=wall_clock)
+        dht = Dht(host, config.dht, wall_clock=wall_clock)
+        gossip = Gossip(host, adverts, config.gossip, wall_clock=wall_clock)
+        await nursery.start(dht.run)
+        await nursery.start(gossip.run)
+        peer = Peer(host, dht, gossip, adverts, config, nursery, wall_clock=wall_clock)
+        nursery.start_soon(peer._join)
+        try:
+            yield peer
+        finally:
+            nursery.cancel_scope.cancel()
