@@ -56,6 +56,8 @@ _HIGH_WATER = 512 * 1024
 # Control frames (pongs, window updates, resets) queued while the remote does not read:
 # past this the remote is misbehaving and the connection ends.
 _CONTROL_LIMIT = 4 * 1024 * 1024
+#: Seconds a draining connection stays open without streams, for streams already in flight.
+DRAIN_GRACE = 5.0
 
 
 class SecureChannel:
@@ -523,7 +525,7 @@ class Connection:
             self._idle_lot.unpark_all()
 
     def _accept_stream(self, stream_id: int) -> None:
-        if self.draining or self._nursery is None:
+        if self._nursery is None:
             self._session.reset_stream(stream_id)
             return
         stream = Stream(self, stream_id, None, outbound=False)
@@ -588,17 +590,16 @@ class Connection:
             self._forget(stream)
 
     async def wait_idle(self, idle_timeout: float) -> bool:
-        """Wait until the connection has had no streams for `idle_timeout` seconds, or is
-        draining with no streams left (True), or `interrupt_idle_wait` is called (False).
+        """Wait until the connection has had no streams for `idle_timeout` seconds, or
+        DRAIN_GRACE if it is draining (True), or `interrupt_idle_wait` is called (False).
         """
         self._idle_interrupted = False
         while not self._idle_interrupted:
             if self._streams:
                 await self._idle_lot.park()
                 continue
-            if self.draining:
-                return True
-            with trio.move_on_at(self.last_active + idle_timeout) as scope:
+            timeout = min(idle_timeout, DRAIN_GRACE) if self.draining else idle_timeout
+            with trio.move_on_at(self.last_active + timeout) as scope:
                 await self._idle_lot.park()
             if scope.cancelled_caught:
                 return True
@@ -610,11 +611,15 @@ class Connection:
         self._idle_lot.unpark_all()
 
     def drain(self) -> None:
-        """Stop new streams both ways (yamux GoAway); the Host closes it once streams end."""
+        """Open no more streams here; the Host closes the connection once it has had no
+        streams for DRAIN_GRACE seconds.
+
+        Streams the remote opens meanwhile are still served: it may not know yet that this
+        connection is being retired (a duplicate of a simultaneous dial), and resetting its
+        streams would fail requests that did nothing wrong.
+        """
         if not self.draining and not self.closed:
             self.draining = True
-            self._session.go_away()
-            self._pump()
             self._idle_lot.unpark_all()
 
     async def aclose(self, reason: str = "closed locally") -> None:

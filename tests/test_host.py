@@ -382,3 +382,20 @@ async def test_announce_replaces_the_listen_addresses() -> None:
     config = HostConfig(listen=LOOPBACK, announce=announce)
     async with open_host(test_identity(1), config) as host:
         assert host.advertised_addrs == list(announce)
+
+
+async def test_a_draining_connection_still_serves_streams_the_remote_opens(autojump_clock) -> None:
+    """The remote may open a stream before it learns the connection is a retired duplicate."""
+    async with open_memory_hosts(2) as (a, b):
+        add_test_handlers(a, b)
+        conn = await b.connect(dial_addr(a))
+        a_side = a.connection(b.peer_id)
+        assert a_side is not None
+        a_side.drain()
+        assert a.connection(b.peer_id) is None  # a opens nothing new on it
+        stream = await conn.open_stream(SUM)
+        async with stream:
+            await stream.send_message([1, 2, 3])
+            assert (await stream.receive_message())["sum"] == 6
+        await trio.sleep(10)  # idle past the drain grace: a closes it
+        assert a.num_connections == 0
