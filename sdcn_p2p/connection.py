@@ -576,7 +576,10 @@ class Connection:
 
     def _touch(self) -> None:
         self.last_active = trio.current_time()
-        self._idle_lot.unpark_all()
+        if not self._streams:
+            # Idle again: the watcher parked on "streams exist" starts its timer. While it is
+            # timing, a stream opening needs no wake-up: the timer re-checks when it fires.
+            self._idle_lot.unpark_all()
 
     def _forget(self, stream: Stream) -> None:
         if self._streams.get(stream.stream_id) is stream:
@@ -599,10 +602,11 @@ class Connection:
                 await self._idle_lot.park()
                 continue
             timeout = min(idle_timeout, DRAIN_GRACE) if self.draining else idle_timeout
-            with trio.move_on_at(self.last_active + timeout) as scope:
-                await self._idle_lot.park()
-            if scope.cancelled_caught:
+            deadline = self.last_active + timeout
+            if trio.current_time() >= deadline:
                 return True
+            with trio.move_on_at(deadline):
+                await self._idle_lot.park()
         return False
 
     def interrupt_idle_wait(self) -> None:

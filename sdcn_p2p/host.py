@@ -126,6 +126,7 @@ class Host:
         self._record: PeerRecord | None = None
         self._record_envelope: Envelope | None = None
         self._local_ip_cache: dict[str, list[str]] = {}
+        self._advertised: tuple[tuple[Multiaddr, ...], list[Multiaddr]] | None = None
         self.set_handler(ping.PING, ping.handle_ping, max_message_size=ping.MAX_MESSAGE)
         self.set_handler(
             identify.IDENTIFY, self._handle_identify, max_message_size=identify.MAX_MESSAGE
@@ -142,6 +143,12 @@ class Host:
         """Addresses other peers should dial: `announce` if set, else the bound ones, with a
         wildcard (0.0.0.0, ::) replaced by this machine's addresses.
         """
+        key = tuple(self.listen_addrs)
+        if self._advertised is None or self._advertised[0] != key:
+            self._advertised = (key, self._compute_advertised())
+        return list(self._advertised[1])
+
+    def _compute_advertised(self) -> list[Multiaddr]:
         if self.config.announce:
             return [a.without_peer_id() for a in self.config.announce]
         addrs: list[Multiaddr] = []
@@ -357,7 +364,8 @@ class Host:
                 self._register(conn)
                 task_status.started()
                 nursery.start_soon(self._close_when_idle, conn)
-                nursery.start_soon(self._identify, conn)
+                if conn.outbound:  # the dialler starts the identify exchange
+                    nursery.start_soon(self._identify, conn)
                 for callback in self._on_connected:
                     callback(conn)
         finally:
@@ -477,15 +485,20 @@ class Host:
     # --- identify --------------------------------------------------------------------------------
 
     async def _handle_identify(self, stream: Stream) -> None:
-        await stream.send_message(identify.build_info(self, stream.connection))
+        with trio.fail_after(self.config.handshake_timeout):
+            info = await identify.answer(self, stream)
+        self._identified(stream.connection, info)
 
     async def _identify(self, conn: Connection) -> None:
         try:
             with trio.fail_after(self.config.handshake_timeout):
-                info = await identify.request(conn)
+                info = await identify.exchange(self, conn)
         except (SdcnError, trio.TooSlowError, trio.BrokenResourceError, trio.EndOfChannel) as exc:
             log.debug("identify with %s failed: %r", conn.peer_id.short(), exc)
             return
+        self._identified(conn, info)
+
+    def _identified(self, conn: Connection, info: identify.IdentifyInfo) -> None:
         identify.apply(self, conn, info)
         for callback in self._on_identified:
             callback(conn.peer_id)

@@ -130,7 +130,7 @@ class PeerId:
         else:
             raise ValueError(f"unsupported multihash code {code:#x} in peer id")
         self._bytes = multihash
-        self._text = b58encode(multihash)
+        self._text: str | None = None  # base58, computed when first shown
 
     @classmethod
     def from_public_key(cls, key: Ed25519PublicKey) -> PeerId:
@@ -192,13 +192,15 @@ class PeerId:
 
     def short(self) -> str:
         """A short form for logs: the last 8 characters."""
-        return "…" + self._text[-8:]
+        return "…" + str(self)[-8:]
 
     def __str__(self) -> str:
+        if self._text is None:
+            self._text = b58encode(self._bytes)
         return self._text
 
     def __repr__(self) -> str:
-        return f"PeerId({self._text!r})"
+        return f"PeerId({str(self)!r})"
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PeerId) and other._bytes == self._bytes

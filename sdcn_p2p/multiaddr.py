@@ -10,7 +10,6 @@ Only the shapes SDCN uses are supported::
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -138,10 +137,20 @@ class Multiaddr:
         return f"Multiaddr({str(self)!r})"
 
     def with_peer_id(self, peer_id: PeerId) -> Multiaddr:
-        return dataclasses.replace(self, peer_id=peer_id)
+        if not isinstance(peer_id, PeerId):
+            raise MultiaddrError(f"peer_id must be a PeerId, not {type(peer_id).__name__}")
+        return self._with(peer_id)
 
     def without_peer_id(self) -> Multiaddr:
-        return dataclasses.replace(self, peer_id=None)
+        return self if self.peer_id is None else self._with(None)
+
+    def _with(self, peer_id: PeerId | None) -> Multiaddr:
+        # The other fields are valid already: skip __post_init__'s parsing.
+        addr = object.__new__(Multiaddr)
+        for name in ("family", "host", "port", "secure"):
+            object.__setattr__(addr, name, getattr(self, name))
+        object.__setattr__(addr, "peer_id", peer_id)
+        return addr
 
     @property
     def url(self) -> str:

@@ -1,8 +1,8 @@
 """``/sdcn/identify/1.0.0``: who a connected peer is and what it speaks.
 
-The responder sends one message: its signed PeerRecord (an Envelope), listen addresses, the
-address it observed us at, its protocols, roles and agent version. Each side asks on every
-new connection.
+On every new connection the dialler opens one identify stream and both sides send one
+message each, the dialler first: its signed PeerRecord (an Envelope), listen addresses, the
+address it observed the other side at, its protocols, roles and agent version.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sdcn_p2p.connection import Connection
+from sdcn_p2p.connection import Connection, Stream
 from sdcn_p2p.errors import MultiaddrError, ProtocolError, RecordError
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.records import Envelope, PeerRecord
@@ -23,10 +23,11 @@ __all__ = [
     "IDENTIFY",
     "MAX_MESSAGE",
     "IdentifyInfo",
+    "answer",
     "apply",
     "build_info",
+    "exchange",
     "parse_info",
-    "request",
 ]
 
 IDENTIFY = "/sdcn/identify/1.0.0"
@@ -94,11 +95,19 @@ def parse_info(message: Any, conn: Connection) -> IdentifyInfo:
     )
 
 
-async def request(conn: Connection) -> IdentifyInfo:
-    """Ask the peer at the other end of `conn` who it is."""
+async def exchange(host: Host, conn: Connection) -> IdentifyInfo:
+    """Tell the peer at the other end of `conn` who we are, and learn who it is (dialler)."""
     stream = await conn.open_stream(IDENTIFY, max_message_size=MAX_MESSAGE)
     async with stream:
+        await stream.send_message(build_info(host, conn))
         return parse_info(await stream.receive_message(), conn)
+
+
+async def answer(host: Host, stream: Stream) -> IdentifyInfo:
+    """The listener's side of `exchange`: learn who the dialler is, then tell it who we are."""
+    info = parse_info(await stream.receive_message(), stream.connection)
+    await stream.send_message(build_info(host, stream.connection))
+    return info
 
 
 def apply(host: Host, conn: Connection, info: IdentifyInfo) -> None:
