@@ -7,8 +7,8 @@ streams with a length-prefixed msgpack message API on top.
 
 Protocol selection: the first bytes an initiator writes on a new stream are
 ``varint(len) + protocol id``; the responder answers with one status byte (0 accepted,
-1 unsupported) before any data of its own, and the initiator reads it lazily on its first
-receive, so selecting a protocol costs no round trip.
+1 unsupported) in front of its first data or its FIN, and the initiator reads it lazily on
+its first receive, so selecting a protocol costs no round trip and no frame of its own.
 """
 
 from __future__ import annotations
@@ -141,6 +141,7 @@ class Stream(trio.abc.HalfCloseableStream):
         self._local_eof = False
         self._closed = False
         self._status_pending = outbound
+        self._prefix = b""  # the accept status, sent with our first data or our FIN
         self._decoder: MessageDecoder | None = None
         self._lot = trio.lowlevel.ParkingLot()
         self._sending = False
@@ -194,6 +195,7 @@ class Stream(trio.abc.HalfCloseableStream):
         try:
             view = memoryview(data).cast("B")
             conn = self.connection
+            self._send_prefix()
             while True:
                 self._check_send()
                 sent = conn._session.send(self.stream_id, view) if view else 0
@@ -238,10 +240,18 @@ class Stream(trio.abc.HalfCloseableStream):
             raise trio.ClosedResourceError("stream closed")
         if self._local_eof or self._reset:
             return
+        self._send_prefix()
         self._local_eof = True
         self.connection._session.close_stream(self.stream_id)
         self.connection._pump()
         self.connection._forget_if_done(self)
+
+    def _send_prefix(self) -> None:
+        """Queue the pending accept status ahead of whatever we send next (same frame batch)."""
+        if self._prefix and not self._reset and not self._local_eof:
+            self.connection._check_alive()
+            self.connection._session.send(self.stream_id, self._prefix)  # the window is fresh
+            self._prefix = b""
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if max_bytes is not None and operator.index(max_bytes) < 1:
@@ -319,6 +329,7 @@ class Stream(trio.abc.HalfCloseableStream):
                     self._consume(len(self._buf))
                     self._buf.clear()
                 if not self._local_eof:
+                    self._send_prefix()
                     self._local_eof = True
                     self.connection._session.close_stream(self.stream_id)
                     self.connection._pump()
@@ -379,10 +390,11 @@ class Stream(trio.abc.HalfCloseableStream):
             self.connection._check_alive()
             await self._lot.park()
 
-    async def _accept(self, protocol: str, max_message_size: int) -> None:
+    def _accept(self, protocol: str, max_message_size: int) -> None:
+        # The status goes out with the handler's first bytes or FIN: one frame batch fewer.
         self.protocol = protocol
         self.max_message_size = max_message_size
-        await self.send_all(_STATUS_OK)
+        self._prefix = _STATUS_OK
 
     async def _refuse(self) -> None:
         await self.send_all(_STATUS_UNSUPPORTED)

@@ -464,7 +464,7 @@ class Host:
                 log.debug("%s asked for unsupported protocol %r", stream.peer_id.short(), protocol)
                 await stream._refuse()
                 return
-            await stream._accept(protocol, entry.max_message_size)
+            stream._accept(protocol, entry.max_message_size)
             await entry.handler(stream)
         except (
             SdcnError,

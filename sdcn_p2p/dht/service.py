@@ -213,7 +213,8 @@ class Dht:
         """Join the network through `seeds`: connect, look up our own key, then refresh the
         buckets farther than the k peers found (the lookup met every peer nearer than those).
 
-        Returns True if any seed answered; a seed that is down or not a DHT server is skipped.
+        Returns True if a seed was reached and the lookup got answers; a seed that is down or
+        not a DHT server is skipped.
         """
         reached: list[PeerId] = []
 
@@ -235,7 +236,9 @@ class Dht:
             farthest = node_key_int(closest[-1]) ^ key_int(own_key)
             # Buckets from this one on lie wholly nearer than `farthest`.
             await self._refresh(below=KEY_BITS + 1 - farthest.bit_length())
-        return any(peer in run.responders for peer in reached)
+        # A seed need not answer the lookup itself: once inbound queries have filled our
+        # table, the lookup may never get to ask it. Any answer means we are in.
+        return bool(run.responders)
 
     # --- routing table ---------------------------------------------------------------------------
 
@@ -349,6 +352,7 @@ class Dht:
         )
         async with stream:
             await stream.send_message(encode_request(request))
+            await stream.send_eof()  # travels with the request: one frame batch per side
             return await stream.receive_message()
 
     async def lookup(self, key: bytes) -> LookupResult:

@@ -100,6 +100,7 @@ async def exchange(host: Host, conn: Connection) -> IdentifyInfo:
     stream = await conn.open_stream(IDENTIFY, max_message_size=MAX_MESSAGE)
     async with stream:
         await stream.send_message(build_info(host, conn))
+        await stream.send_eof()
         return parse_info(await stream.receive_message(), conn)
 
 
