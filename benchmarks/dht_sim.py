@@ -4,7 +4,8 @@ Every peer is a real `Peer` (Host + Noise + yamux + DHT + gossip) on the in-memo
 under trio's MockClock, so simulated minutes take seconds. Pairwise round-trip times are drawn
 uniformly from 20-200 ms (fixed per pair). The run:
 
-1. starts N peers; each joins through one of a few bootstrap peers;
+1. starts N peers, one every JOIN_INTERVAL simulated seconds; each joins through two of a
+   few bootstrap peers;
 2. runs LOOKUPS lookups for random keys from random peers and checks each result against a
    brute-force sort of all peers by XOR distance (success = exactly the true k closest);
 3. has ADVERTS random peers publish an advert and records when each peer's cache gets it
@@ -13,7 +14,7 @@ uniformly from 20-200 ms (fixed per pair). The run:
    runs LOOKUPS more lookups for keys of live peers (success = the peer owning the key is found).
 
 Usage: python benchmarks/dht_sim.py --peers 1000 [--churn 0.2] [--lookups 200] [--adverts 5]
-       [--seed 1] [--json]
+       [--seed 1] [--join-interval 0.05] [--json]
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class Simulation:
                 self.alive.append(True)
                 if index < BOOTSTRAPS:
                     seeds.append(peer.host.listen_addrs[0].with_peer_id(peer.peer_id))
+                await trio.sleep(args.join_interval)  # peers arrive over time, not in one herd
             with trio.move_on_after(3600):
                 for peer in self.peers:
                     await peer.bootstrapped.wait()
@@ -220,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lookups", type=int, default=200)
     parser.add_argument("--adverts", type=int, default=5)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--join-interval", type=float, default=0.05, help="simulated seconds between joins"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     # A simulation holds millions of long-lived objects; collecting the young generation less

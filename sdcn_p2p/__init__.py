@@ -10,12 +10,18 @@ Layers, bottom up (each module imports only those above it in this list):
 - `connection`: a Noise-secured yamux session over a transport connection, and its streams.
 - `peerstore`: addresses, signed records, identify info and RTT of known peers.
 - `host`: listen, dial, one connection per peer, limits, handlers; `protocols`: ping, identify.
+- `dht`: Kademlia over ``/sdcn/kad/1.0.0``: routing table, lookups, signed record store.
+- `adverts`, `gossip`: the cache of providers' signed adverts and their GossipSub-style spread.
+- `peer`: Peer = Host + DHT + gossip + adverts; the roles plug into it.
+- `httpserver`: FastAPI apps on hypercorn's trio worker, in the peer's trio run.
 - `testing`: in-memory networks of hosts.
 - `cli`: the ``sdcn`` command.
 """
 
 from sdcn_p2p._version import __version__
+from sdcn_p2p.adverts import AdvertCache
 from sdcn_p2p.connection import Connection, Stream
+from sdcn_p2p.dht import Dht, DhtConfig, LookupResult
 from sdcn_p2p.errors import (
     ConfigError,
     DialError,
@@ -30,33 +36,46 @@ from sdcn_p2p.errors import (
     StreamReset,
     UnsupportedProtocol,
 )
+from sdcn_p2p.gossip import Gossip, GossipConfig
 from sdcn_p2p.host import Host, HostConfig, open_host
 from sdcn_p2p.identity import Identity, PeerId, load_or_create_identity
 from sdcn_p2p.multiaddr import Multiaddr
+from sdcn_p2p.peer import Peer, PeerConfig, open_peer
 from sdcn_p2p.peerstore import PeerInfo, PeerStore
 from sdcn_p2p.protocols.identify import IDENTIFY
 from sdcn_p2p.protocols.ping import PING
-from sdcn_p2p.records import Envelope, PeerRecord
+from sdcn_p2p.records import Advert, Envelope, LoraInfo, ModelInfo, PeerRecord
 from sdcn_p2p.transport.memory import MemoryNetwork, MemoryTransport
 from sdcn_p2p.transport.websocket import WebSocketTransport, open_websocket_transport
 
 __all__ = [
     "IDENTIFY",
     "PING",
+    "Advert",
+    "AdvertCache",
     "ConfigError",
     "Connection",
+    "Dht",
+    "DhtConfig",
     "DialError",
     "Envelope",
+    "Gossip",
+    "GossipConfig",
     "HandshakeError",
     "Host",
     "HostConfig",
     "Identity",
     "JobError",
+    "LookupResult",
+    "LoraInfo",
     "MemoryNetwork",
     "MemoryTransport",
     "MessageTooLarge",
+    "ModelInfo",
     "Multiaddr",
     "MultiaddrError",
+    "Peer",
+    "PeerConfig",
     "PeerId",
     "PeerInfo",
     "PeerRecord",
@@ -72,5 +91,6 @@ __all__ = [
     "__version__",
     "load_or_create_identity",
     "open_host",
+    "open_peer",
     "open_websocket_transport",
 ]

@@ -9,6 +9,7 @@ query and by `expire()`.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ class AdvertCache:
         # (expires_at, seq, peer): a min-heap with stale items, skipped when popped.
         self._expiry: list[tuple[float, int, PeerId]] = []
         self._listeners: list[Callable[[Advert], None]] = []
+        self._digest_xor = 0  # XOR of _entry_hash over the entries: an order-free summary
 
     # --- adding and removing ---------------------------------------------------------------------
 
@@ -121,6 +123,14 @@ class AdvertCache:
         self.expire()
         return {peer: entry.advert.seq for peer, entry in self._entries.items()}
 
+    @property
+    def digest_hash(self) -> bytes:
+        """16 bytes summing up `digest()`: equal for two caches holding the same (peer, seq)
+        pairs, so peers can skip a digest exchange that would change nothing.
+        """
+        self.expire()
+        return self._digest_xor.to_bytes(16, "big")
+
     def find(
         self, model: str, loras: Iterable[str] = (), *, include_draining: bool = False
     ) -> list[Advert]:
@@ -170,6 +180,7 @@ class AdvertCache:
     def _link(self, entry: _Entry) -> None:
         advert = entry.advert
         self._entries[advert.peer_id] = entry
+        self._digest_xor ^= _entry_hash(advert)
         self._by_signature[entry.envelope.signature] = advert.peer_id
         for name in entry.models:
             self._by_model.setdefault(name, {})[advert.peer_id] = None
@@ -184,6 +195,7 @@ class AdvertCache:
     def _unlink(self, entry: _Entry) -> None:
         peer = entry.advert.peer_id
         del self._entries[peer]
+        self._digest_xor ^= _entry_hash(entry.advert)
         if self._by_signature.get(entry.envelope.signature) == peer:
             del self._by_signature[entry.envelope.signature]
         for name in entry.models:
@@ -211,6 +223,11 @@ class AdvertCache:
                 self._unlink(entry)
                 dropped += 1
         return dropped
+
+
+def _entry_hash(advert: Advert) -> int:
+    data = advert.peer_id.bytes + advert.seq.to_bytes(8, "big")
+    return int.from_bytes(hashlib.sha256(data).digest()[:16], "big")
 
 
 def _model_names(advert: Advert) -> tuple[str, ...]:

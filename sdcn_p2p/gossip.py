@@ -58,6 +58,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 GOSSIP = "/sdcn/gossip/1.0.0"
+#: Identify extension carrying `AdvertCache.digest_hash`.
+DIGEST_EXTENSION = "gossip/digest"
 
 _MAX_SEQ = 2**64 - 1
 # Upper bound on one encoded digest entry or wanted peer id: a 44-byte peer id behind its bin
@@ -290,7 +292,7 @@ class GossipConfig:
 
     degree: int = 4
     degree_low: int = 3
-    degree_high: int = 6
+    degree_high: int = 5
     heartbeat: float = 1.0
     anti_entropy_interval: float = 30.0
     seen_size: int = 100_000
@@ -332,6 +334,7 @@ class GossipStats:
     forwarded: int = 0  # adverts pushed on to the mesh: at most once per (peer, seq)
     dropped: int = 0  # adverts not pushed to a mesh peer: its queue was full or a push failed
     syncs: int = 0  # digest exchanges completed, either side
+    syncs_skipped: int = 0  # exchanges a dialler skipped: identify said the caches match
 
 
 @dataclass(eq=False, slots=True)
@@ -389,6 +392,7 @@ class Gossip:
                 self.host.set_handler(
                     GOSSIP, self._handle_stream, max_message_size=self.config.max_message_size
                 )
+                self.host.set_identify_extension(DIGEST_EXTENSION, lambda: self.adverts.digest_hash)
                 if not self._listening:  # the Host cannot forget listeners: add them once
                     self.host.add_listener(
                         on_identified=self._on_identified, on_disconnected=self._on_disconnected
@@ -684,13 +688,27 @@ class Gossip:
         if nursery is None or not self._speaks_gossip(peer):
             return
         conn = self.host.connection(peer)
-        # The dialler starts the digest exchange; one exchange syncs both sides.
-        if conn is not None and conn.outbound and peer not in self._syncing:
+        # The dialler starts the digest exchange; one exchange syncs both sides. It is skipped
+        # when the peer's identify said its cache holds exactly what ours holds.
+        if (
+            conn is not None
+            and conn.outbound
+            and peer not in self._syncing
+            and not self._same_digest(peer)
+        ):
             self._syncing.add(peer)
             nursery.start_soon(self._sync_with, peer)
         if self._mesh.wants(peer, self._links, trio.current_time()):
             self._mesh.pending.add(peer)
             nursery.start_soon(self._graft, peer)
+
+    def _same_digest(self, peer: PeerId) -> bool:
+        info = self.host.peerstore.get(peer)
+        theirs = info.extensions.get(DIGEST_EXTENSION) if info is not None else None
+        if theirs is None or theirs != self.adverts.digest_hash:
+            return False
+        self.stats.syncs_skipped += 1
+        return True
 
     def _on_disconnected(self, peer: PeerId) -> None:
         self._remove_from_mesh(peer)

@@ -123,6 +123,7 @@ class Host:
         self._on_connected: list[Callable[[Connection], None]] = []
         self._on_disconnected: list[Callable[[PeerId], None]] = []
         self._on_identified: list[Callable[[PeerId], None]] = []
+        self._identify_ext: dict[str, Callable[[], bytes]] = {}
         self._record: PeerRecord | None = None
         self._record_envelope: Envelope | None = None
         self._local_ip_cache: dict[str, list[str]] = {}
@@ -196,6 +197,18 @@ class Host:
     @property
     def protocols(self) -> list[str]:
         return sorted(self._handlers)
+
+    def set_identify_extension(self, name: str, value: Callable[[], bytes]) -> None:
+        """Send `value()` (≤ 64 bytes) under `name` in every identify message, so peers learn
+        a protocol's state at connect time (gossip sends a summary of its advert cache);
+        a peer's extensions land in `peerstore.get(peer).extensions`.
+        """
+        if name not in self._identify_ext and len(self._identify_ext) >= identify.MAX_EXTENSIONS:
+            raise ValueError(f"at most {identify.MAX_EXTENSIONS} identify extensions")
+        self._identify_ext[name] = value
+
+    def identify_extensions(self) -> dict[str, bytes]:
+        return {name: value() for name, value in self._identify_ext.items()}
 
     def add_listener(
         self,

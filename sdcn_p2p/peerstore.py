@@ -27,6 +27,7 @@ class PeerInfo:
     protocols: tuple[str, ...] = ()
     roles: tuple[str, ...] = ()
     agent_version: str = ""
+    extensions: dict[str, bytes] = field(default_factory=dict)  # from identify
 
 
 class PeerStore:
@@ -127,8 +128,10 @@ class PeerStore:
         protocols: tuple[str, ...],
         roles: tuple[str, ...],
         agent_version: str,
+        extensions: dict[str, bytes] | None = None,
     ) -> None:
         info = self._entry(peer_id)
         info.protocols = protocols
         info.roles = roles
         info.agent_version = agent_version
+        info.extensions = extensions or {}

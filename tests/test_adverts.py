@@ -301,3 +301,23 @@ def test_cache_invariants_hold_for_any_sequence(steps: list, max_adverts: int) -
             assert held_advert is not None and held_advert.seq == held_seq
             assert held_advert.expires_at > clock.now
         assert [a.peer_id for a in cache.find("sdxl base")] == list(digest)
+
+
+def test_digest_hash_summarises_the_held_peer_seq_pairs() -> None:
+    clock = Clock()
+    a, b = new_cache(clock), new_cache(clock)
+    assert a.digest_hash == b.digest_hash  # both empty
+    a.add(sealed(PEERS[0], 1))
+    a.add(sealed(PEERS[1], 1))
+    assert a.digest_hash != b.digest_hash
+    b.add(sealed(PEERS[1], 1))  # another order
+    b.add(sealed(PEERS[0], 1))
+    assert a.digest_hash == b.digest_hash
+    b.add(sealed(PEERS[0], 2))
+    assert a.digest_hash != b.digest_hash
+    b.remove(PEERS[1].peer_id)
+    a.remove(PEERS[1].peer_id)
+    a.add(sealed(PEERS[0], 2))
+    assert a.digest_hash == b.digest_hash
+    clock.now += 1000  # everything expires
+    assert a.digest_hash == new_cache(clock).digest_hash

@@ -203,9 +203,11 @@ def test_mesh_state_tops_up_below_degree_low_from_the_best_candidates() -> None:
 
 def test_mesh_state_prunes_down_to_degree_above_degree_high() -> None:
     mesh = MeshState(CONFIG)
-    graft, prune = mesh.heartbeat(PEER_IDS[:7], PEER_IDS, 0.0, random.Random(1))
-    assert graft == [] and len(prune) == 3 and set(prune) <= set(PEER_IDS[:7])
-    assert mesh.heartbeat(PEER_IDS[:6], PEER_IDS, 0.0, random.Random(1)) == ([], [])
+    high = CONFIG.degree_high
+    graft, prune = mesh.heartbeat(PEER_IDS[: high + 1], PEER_IDS, 0.0, random.Random(1))
+    assert graft == [] and len(prune) == high + 1 - CONFIG.degree
+    assert set(prune) <= set(PEER_IDS[: high + 1])
+    assert mesh.heartbeat(PEER_IDS[:high], PEER_IDS, 0.0, random.Random(1)) == ([], [])
 
 
 def test_mesh_state_backoff_keeps_a_peer_out_for_a_while() -> None:
@@ -222,9 +224,10 @@ def test_mesh_state_backoff_keeps_a_peer_out_for_a_while() -> None:
 
 def test_mesh_state_accepts_grafts_up_to_degree_high() -> None:
     mesh = MeshState(CONFIG)
-    assert mesh.accepts_graft(PEER_IDS[6], PEER_IDS[:5], 0.0)
-    assert not mesh.accepts_graft(PEER_IDS[6], PEER_IDS[:6], 0.0)
-    assert mesh.accepts_graft(PEER_IDS[0], PEER_IDS[:6], 0.0)  # already a member
+    high = CONFIG.degree_high
+    assert mesh.accepts_graft(PEER_IDS[6], PEER_IDS[: high - 1], 0.0)
+    assert not mesh.accepts_graft(PEER_IDS[6], PEER_IDS[:high], 0.0)
+    assert mesh.accepts_graft(PEER_IDS[0], PEER_IDS[:high], 0.0)  # already a member
     assert mesh.wants(PEER_IDS[6], PEER_IDS[:3], 0.0)
     assert not mesh.wants(PEER_IDS[6], PEER_IDS[:4], 0.0)
 
@@ -312,7 +315,8 @@ class Swarm:
         now = trio.current_time()
         ours = {host.peer_id: gossip for host, gossip in zip(self.hosts, self.gossips, strict=True)}
         links = sum(p in ours for host in self.hosts for p in host.connected_peers)
-        if sum(g.stats.syncs for g in self.gossips) < links:  # both ends count an exchange
+        # Both ends count an exchange; a skipped one (caches already equal) counts for both.
+        if sum(g.stats.syncs + 2 * g.stats.syncs_skipped for g in self.gossips) < links:
             return False
         for host, gossip in zip(self.hosts, self.gossips, strict=True):
             mesh = gossip.mesh
@@ -704,6 +708,23 @@ async def test_a_newcomer_gets_everything_by_digest_exchange(autojump_clock) -> 
         assert len(swarm.caches[10]) == 11
         assert swarm.gossips[10].stats.syncs == 1
         assert swarm.gossips[10].stats.adverts_accepted == 10
+
+
+async def test_peers_whose_caches_match_skip_the_digest_exchange(autojump_clock) -> None:
+    async with open_swarm(4) as swarm:
+        await swarm.connect_all([(0, 1), (1, 2)])
+        await swarm.wait_settled()
+        await swarm.gossips[0].publish(advert_envelope(swarm.hosts[0].identity))
+        await swarm.wait_held(swarm.hosts[0].peer_id, indices=[0, 1, 2])
+        syncs_before = swarm.gossips[2].stats.syncs
+        await swarm.connect(2, 0)  # same caches: identify says so, no exchange
+        await swarm.wait_settled()
+        assert swarm.gossips[2].stats.syncs_skipped == 1
+        assert swarm.gossips[2].stats.syncs == syncs_before
+        await swarm.connect(3, 0)  # the newcomer's cache differs: it syncs
+        await swarm.wait_held(swarm.hosts[0].peer_id)
+        await swarm.wait_settled()
+        assert swarm.gossips[3].stats.syncs == 1
 
 
 async def test_a_partition_heals_once_a_link_across_returns(autojump_clock) -> None:

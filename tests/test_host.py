@@ -399,3 +399,18 @@ async def test_a_draining_connection_still_serves_streams_the_remote_opens(autoj
             assert (await stream.receive_message())["sum"] == 6
         await trio.sleep(10)  # idle past the drain grace: a closes it
         assert a.num_connections == 0
+
+
+async def test_identify_extensions_reach_the_other_side(autojump_clock) -> None:
+    async with open_memory_hosts(2) as (a, b):
+        state = {"value": b"v1"}
+        b.set_identify_extension("test/state", lambda: state["value"])
+        identified = trio.Event()
+        a.add_listener(on_identified=lambda peer: identified.set())
+        await a.connect(dial_addr(b))
+        await identified.wait()
+        assert a.peerstore.get(b.peer_id).extensions == {"test/state": b"v1"}
+        for name in range(7):
+            b.set_identify_extension(f"n{name}", lambda: b"")
+        with pytest.raises(ValueError, match="at most 8"):
+            b.set_identify_extension("one too many", lambda: b"")

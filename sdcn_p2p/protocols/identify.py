@@ -34,6 +34,9 @@ IDENTIFY = "/sdcn/identify/1.0.0"
 MAX_MESSAGE = 64 * 1024
 _MAX_LIST = 64
 _MAX_TEXT = 128
+#: Identify extensions (`Host.set_identify_extension`): at most 8, values ≤ 64 bytes.
+MAX_EXTENSIONS = 8
+MAX_EXTENSION_SIZE = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +48,7 @@ class IdentifyInfo:
     protocols: tuple[str, ...]
     roles: tuple[str, ...]
     agent_version: str
+    extensions: dict[str, bytes]
 
 
 def build_info(host: Host, conn: Connection) -> dict[str, Any]:
@@ -55,6 +59,7 @@ def build_info(host: Host, conn: Connection) -> dict[str, Any]:
         "protocols": host.protocols,
         "roles": list(host.config.roles),
         "agent_version": host.config.agent_version,
+        "ext": host.identify_extensions(),
     }
 
 
@@ -84,6 +89,19 @@ def parse_info(message: Any, conn: Connection) -> IdentifyInfo:
     agent = message.get("agent_version")
     if not isinstance(agent, str) or len(agent) > _MAX_TEXT:
         raise ProtocolError("identify agent_version must be a short string")
+    extensions = message.get("ext", {})
+    if (
+        not isinstance(extensions, dict)
+        or len(extensions) > MAX_EXTENSIONS
+        or not all(
+            isinstance(k, str)
+            and len(k) <= _MAX_TEXT
+            and isinstance(v, bytes)
+            and len(v) <= MAX_EXTENSION_SIZE
+            for k, v in extensions.items()
+        )
+    ):
+        raise ProtocolError(f"identify ext must map at most {MAX_EXTENSIONS} names to short bytes")
     return IdentifyInfo(
         record=record,
         envelope=envelope,
@@ -92,6 +110,7 @@ def parse_info(message: Any, conn: Connection) -> IdentifyInfo:
         protocols=_texts(message, "protocols"),
         roles=_texts(message, "roles"),
         agent_version=agent,
+        extensions=extensions,
     )
 
 
@@ -117,7 +136,11 @@ def apply(host: Host, conn: Connection, info: IdentifyInfo) -> None:
     with contextlib.suppress(RecordError):  # we already hold this record or a newer one
         store.add_record(info.record, info.envelope)
     store.set_identify(
-        conn.peer_id, protocols=info.protocols, roles=info.roles, agent_version=info.agent_version
+        conn.peer_id,
+        protocols=info.protocols,
+        roles=info.roles,
+        agent_version=info.agent_version,
+        extensions=info.extensions,
     )
     observed = info.observed_addr
     if observed is not None and observed not in host.observed_addrs:
