@@ -283,7 +283,9 @@ class LoraInfo:
 
 
 REACHABILITY = ("public", "outbound-only")
-STATES = ("online", "draining")
+#: online: taking jobs; draining: finishing its jobs before leaving; unavailable: its backend
+#: cannot run jobs now (a webui that went away).
+STATES = ("online", "draining", "unavailable")
 
 
 def _check_text(name: str, value: object, limit: int, *, empty: bool = True) -> str:
@@ -332,6 +334,9 @@ class Advert:
     queue: int = 0
     speed: float = 0.0  # iterations per second at 512x512
     state: str = "online"
+    #: What the peer does: "provider" runs jobs, "gateway" takes HTTP requests (providers
+    #: behind NAT dial the gateways they learn of this way).
+    roles: tuple[str, ...] = ("provider",)
 
     DOMAIN: ClassVar[str] = "sdcn-advert"
     PAYLOAD_TYPE: ClassVar[bytes] = b"/sdcn/advert/1"
@@ -340,6 +345,7 @@ class Advert:
     MAX_LORAS: ClassVar[int] = 512
     MAX_SAMPLERS: ClassVar[int] = 64
     MAX_ADDRS: ClassVar[int] = 16
+    MAX_ROLES: ClassVar[int] = 8
     #: Seconds an advert's issued_at may lie ahead of our clock.
     MAX_CLOCK_SKEW: ClassVar[float] = 60.0
 
@@ -360,6 +366,12 @@ class Advert:
             raise ValueError(f"reachability must be one of {REACHABILITY}")
         if self.state not in STATES:
             raise ValueError(f"state must be one of {STATES}")
+        roles = tuple(self.roles)
+        if len(roles) > self.MAX_ROLES:
+            raise ValueError(f"at most {self.MAX_ROLES} roles")
+        for role in roles:
+            _check_text("role", role, 32, empty=False)
+        object.__setattr__(self, "roles", roles)
         _check_text("backend", self.backend, 32)
         models, loras, samplers = tuple(self.models), tuple(self.loras), tuple(self.samplers)
         if len(models) > self.MAX_MODELS or not all(isinstance(m, ModelInfo) for m in models):
@@ -433,6 +445,7 @@ class Advert:
             "load": [self.slots, self.queue],
             "speed": self.speed,
             "state": self.state,
+            "roles": list(self.roles),
         }
         return Envelope.seal(identity, self.DOMAIN, self.PAYLOAD_TYPE, pack(payload))
 
@@ -462,6 +475,7 @@ class Advert:
                 "load": list,
                 "speed": number,
                 "state": str,
+                "roles": list,
             },
         )
         try:
@@ -491,6 +505,7 @@ class Advert:
                 queue=queue,
                 speed=p["speed"],
                 state=p["state"],
+                roles=tuple(p["roles"][: cls.MAX_ROLES + 1]),
             )
         except (ValueError, TypeError) as exc:
             raise RecordError(f"invalid advert of {peer_id}: {exc}") from None

@@ -446,7 +446,18 @@ def test_advert_payload_is_the_documented_map() -> None:
         "load": [2, 3],
         "speed": 7.5,
         "state": "draining",
+        "roles": ["provider"],
     }
+
+
+def test_advert_roles_round_trip_and_are_bounded() -> None:
+    gateway = Identity.from_seed(bytes(range(42, 74)))
+    advert = Advert(gateway.peer_id, 1, 1000.0, 180, roles=("gateway",), state="unavailable")
+    assert Advert.from_envelope(advert.seal(gateway)).roles == ("gateway",)
+    with pytest.raises(ValueError, match="roles"):
+        Advert(gateway.peer_id, 1, 1000.0, 180, roles=tuple(f"r{i}" for i in range(9)))
+    with pytest.raises(ValueError, match="role"):
+        Advert(gateway.peer_id, 1, 1000.0, 180, roles=("",))
 
 
 def test_advert_stores_its_own_addresses_without_p2p() -> None:
