@@ -9,20 +9,35 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from contextlib import AbstractAsyncContextManager
 from functools import partial
 from pathlib import Path
 
 import trio
 
 from sdcn_p2p._version import __version__
+from sdcn_p2p.backends import Backend
+from sdcn_p2p.backends.testcard import TestcardConfig, open_testcard_backend
+from sdcn_p2p.backends.webui import open_webui_backend
 from sdcn_p2p.errors import ConfigError, MultiaddrError, SdcnError
 from sdcn_p2p.host import HostConfig, open_host
 from sdcn_p2p.httpserver import parse_bind
 from sdcn_p2p.identity import Identity, default_key_path, load_or_create_identity
 from sdcn_p2p.multiaddr import Multiaddr
-from sdcn_p2p.peer import PeerConfig
+from sdcn_p2p.peer import PeerConfig, open_peer
+from sdcn_p2p.provider import PROVIDER_ROLE, ProviderConfig, open_provider, run_until_signalled
 
-__all__ = ["build_parser", "main", "peer_config_from_args", "ping_peer"]
+__all__ = [
+    "build_parser",
+    "main",
+    "node_config_from_args",
+    "open_backend_from_args",
+    "peer_config_from_args",
+    "ping_peer",
+    "run_node",
+]
+
+log = logging.getLogger(__name__)
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -57,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="log messages of this level and above (default: %(default)s)",
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    for add_command in (_add_keygen, _add_id, _add_bootstrap, _add_ping):
+    for add_command in (_add_keygen, _add_id, _add_node, _add_bootstrap, _add_ping):
         add_command(commands)
     return parser
 
@@ -162,6 +177,108 @@ def peer_config_from_args(args: argparse.Namespace, *, roles: tuple[str, ...] = 
         host=HostConfig(listen=tuple(listen), announce=tuple(args.announce), roles=roles),
         bootstrap=tuple(args.bootstrap),
     )
+
+
+def _add_node(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "node",
+        help="run a provider node: offer a GPU's Stable Diffusion to the network",
+        description="Run a provider until interrupted: advertise what the backend can run and "
+        "run jobs for the network. Without --listen the node is outbound-only: it dials the "
+        "bootstrap peers and the gateways it learns of, and serves jobs over those "
+        "connections. The first SIGINT/SIGTERM drains (finishes running jobs), a second stops.",
+    )
+    _add_peer_options(parser, default_listen=None)
+    parser.add_argument(
+        "--outbound-only",
+        action="store_true",
+        help="accept no connections even if --listen is given (behind NAT)",
+    )
+    parser.add_argument("--backend", choices=("webui", "testcard"), required=True)
+    webui = parser.add_argument_group("webui backend (AUTOMATIC1111, Forge, SD.Next)")
+    webui.add_argument("--webui-url", metavar="URL", default="http://127.0.0.1:7860")
+    webui.add_argument(
+        "--webui-auth", metavar="USER:PASS", type=_user_pass, help="the webui's --api-auth"
+    )
+    card = parser.add_argument_group("testcard backend (no GPU: a picture of the parameters)")
+    card.add_argument("--testcard-models", metavar="A,B", type=_names, default=("testcard-v1",))
+    card.add_argument("--testcard-loras", metavar="X,Y", type=_names, default=())
+    card.add_argument(
+        "--testcard-speed",
+        metavar="IT_PER_S",
+        type=float,
+        help="pretend to run this many iterations per second at 512x512 (default: instant)",
+    )
+    capacity = parser.add_argument_group("capacity")
+    capacity.add_argument("--slots", type=int, default=1, help="jobs run at once (default 1)")
+    capacity.add_argument(
+        "--max-queue", type=int, default=8, help="jobs waiting beyond the slots (default 8)"
+    )
+    parser.set_defaults(run=_node)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of names")
+    return names
+
+
+def _user_pass(text: str) -> tuple[str, str]:
+    user, sep, password = text.partition(":")
+    if not sep or not user:
+        raise argparse.ArgumentTypeError("expected USER:PASS")
+    return user, password
+
+
+def node_config_from_args(args: argparse.Namespace) -> tuple[PeerConfig, ProviderConfig]:
+    """The peer and provider configuration `sdcn node` runs with."""
+    if args.outbound_only and args.listen:
+        raise ConfigError("--outbound-only and --listen contradict each other")
+    if args.slots < 1 or args.max_queue < 0:
+        raise ConfigError("--slots must be at least 1 and --max-queue at least 0")
+    if args.backend == "webui" and args.slots != 1:
+        # Its progress and interrupt calls are global: two jobs at once would mix them up.
+        raise ConfigError("a webui runs one job at a time: use --slots 1")
+    return (
+        peer_config_from_args(args, roles=(PROVIDER_ROLE,)),
+        ProviderConfig(slots=args.slots, max_queue=args.max_queue),
+    )
+
+
+def open_backend_from_args(args: argparse.Namespace) -> AbstractAsyncContextManager[Backend]:
+    """The backend `sdcn node --backend ...` asks for."""
+    if args.backend == "webui":
+        return open_webui_backend(args.webui_url, auth=args.webui_auth)
+    config = TestcardConfig(
+        models=args.testcard_models, loras=args.testcard_loras, speed=args.testcard_speed
+    )
+    return open_testcard_backend(config)
+
+
+def _node(args: argparse.Namespace) -> int:
+    identity = load_or_create_identity(args.key)
+    peer_config, provider_config = node_config_from_args(args)
+    backend = open_backend_from_args(args)  # checks the backend options before starting
+    trio.run(run_node, identity, peer_config, backend, provider_config)
+    return 0
+
+
+async def run_node(
+    identity: Identity,
+    peer_config: PeerConfig,
+    backend: AbstractAsyncContextManager[Backend],
+    provider_config: ProviderConfig,
+) -> None:
+    """Run a provider node until signalled (what ``sdcn node`` does)."""
+    async with (
+        open_peer(identity, peer_config) as peer,
+        backend as opened,
+        open_provider(peer, opened, provider_config) as provider,
+    ):
+        mode = "reachable" if peer.reachable else "outbound-only"
+        log.info("provider %s (%s) on backend %s", peer.peer_id, mode, opened.name)
+        await run_until_signalled(provider)
 
 
 def _add_bootstrap(commands: argparse._SubParsersAction) -> None:

@@ -13,6 +13,7 @@
     ├── UnsupportedProtocol    the remote peer has no handler for the protocol
     ├── ResourceLimitExceeded  a connection or stream limit refused the operation
     ├── JobError(code)         bad_request, busy, unsupported, backend_failed, timeout, cancelled
+    ├── BackendUnavailable     a provider's backend (a webui) cannot be reached or answers nonsense
     └── ConfigError            bad local configuration (key file, flags)
 
 Errors raised because of what a remote peer sent carry ``remote=True``; errors we caused
@@ -24,6 +25,7 @@ from __future__ import annotations
 import trio
 
 __all__ = [
+    "BackendUnavailable",
     "ConfigError",
     "DialError",
     "HandshakeError",
@@ -102,6 +104,10 @@ class JobError(SdcnError):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+class BackendUnavailable(SdcnError):
+    """A backend cannot tell what it offers: its server is down, refuses us, or answers nonsense."""
 
 
 class ConfigError(SdcnError):

@@ -16,6 +16,7 @@ import trio
 from sdcn_p2p.host import Host, HostConfig, open_host
 from sdcn_p2p.identity import Identity
 from sdcn_p2p.multiaddr import Multiaddr
+from sdcn_p2p.peer import Peer, PeerConfig, open_peer
 from sdcn_p2p.transport import ConnectionHandler, RawConnection, Transport
 from sdcn_p2p.transport.memory import MemoryNetwork
 
@@ -25,6 +26,7 @@ __all__ = [
     "TamperingTransport",
     "mock_wall_clock",
     "open_memory_hosts",
+    "open_memory_peers",
     "test_identity",
 ]
 
@@ -68,6 +70,49 @@ async def open_memory_hosts(
             )
             hosts.append(host)
         yield hosts
+
+
+@asynccontextmanager
+async def open_memory_peers(
+    count: int,
+    *,
+    network: MemoryNetwork | None = None,
+    config: PeerConfig = PeerConfig(),
+    seed: int = 0,
+    port: int = 4001,
+    listen: bool | Sequence[bool] = True,
+) -> AsyncIterator[list[Peer]]:
+    """Start `count` Peers on `network`; peer 0 is everyone else's bootstrap peer.
+
+    Peer i listens on ``/ip4/<ip>/tcp/<port>/ws`` unless `listen` (one flag, or one per peer)
+    says no: such a peer is outbound-only. Wall time follows trio's clock
+    (`mock_wall_clock`). Returns once every peer has joined; all stop on exit.
+    """
+    network = network or MemoryNetwork(seed=seed)
+    flags = [listen] * count if isinstance(listen, bool) else list(listen)
+    async with AsyncExitStack() as stack:
+        peers: list[Peer] = []
+        for index in range(count):
+            transport = network.transport()
+            addrs = (Multiaddr.parse(f"/ip4/{transport.host}/tcp/{port}/ws"),)
+            seeds = (peers[0].host.listen_addrs[0].with_peer_id(peers[0].peer_id),) if peers else ()
+            peer_config = replace(
+                config,
+                host=replace(config.host, listen=addrs if flags[index] else ()),
+                bootstrap=config.bootstrap or seeds,
+            )
+            peer = await stack.enter_async_context(
+                open_peer(
+                    test_identity(index, seed=seed),
+                    peer_config,
+                    transport=transport,
+                    wall_clock=mock_wall_clock,
+                )
+            )
+            peers.append(peer)
+        for peer in peers:
+            await peer.bootstrapped.wait()
+        yield peers
 
 
 class TamperingTransport:

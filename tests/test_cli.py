@@ -1,16 +1,20 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import trio
 
-from sdcn_p2p.cli import main, ping_peer
+from bootstrap.node import open_bootstrap
+from sdcn_p2p.cli import build_parser, main, peer_config_from_args, ping_peer
 from sdcn_p2p.host import HostConfig, open_host
 from sdcn_p2p.identity import PeerId, default_key_path, load_or_create_identity
+from sdcn_p2p.jobs import JobRequest, request_job
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.testing import test_identity
 
@@ -147,3 +151,48 @@ def test_bad_multiaddr_is_a_usage_error(capsys) -> None:
         main(["ping", "/ip4/1.2.3.4/udp/1"])
     assert info.value.code == 2
     assert "invalid multiaddr" in capsys.readouterr().err
+
+
+async def test_node_subprocess_joins_serves_a_job_and_drains_on_sigterm(tmp_path: Path) -> None:
+    """`sdcn node --backend testcard` as a real process, through a bootstrap peer."""
+    config = peer_config_from_args(
+        build_parser().parse_args(["bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0/ws"])
+    )
+    async with open_bootstrap(test_identity(0), config) as boot:
+        seed = boot.peer.host.listen_addrs[0].with_peer_id(boot.peer.peer_id)
+        arrived = trio.lowlevel.ParkingLot()
+        boot.peer.adverts.add_listener(lambda advert: arrived.unpark_all())
+        process = await trio.lowlevel.open_process(
+            [
+                sys.executable,
+                "-m",
+                "sdcn_p2p.cli",
+                "node",
+                "--key",
+                str(tmp_path / "k"),
+                "--backend",
+                "testcard",
+                "--testcard-models",
+                "card-x",
+                "--bootstrap",
+                str(seed),
+            ],
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            with trio.fail_after(60):
+                while not (adverts := boot.peer.adverts.find("card-x")):
+                    await arrived.park()
+            node = adverts[0].peer_id
+            assert adverts[0].reachability == "outbound-only"
+            job = JobRequest("txt2img", "card-x", "a cat", seed=1, width=64, height=64)
+            result = await request_job(boot.peer.host, node, job, deadline=30)
+            assert result.info["provider"] == str(node) and result.images
+            process.send_signal(signal.SIGTERM)
+            with trio.fail_after(30):
+                while boot.peer.adverts.get(node).state != "draining":
+                    await arrived.park()
+                assert await process.wait() == 0
+        finally:
+            process.kill()
+            await process.wait()

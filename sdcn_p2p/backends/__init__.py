@@ -1,0 +1,122 @@
+"""Backends: what runs a provider's jobs.
+
+- this module: the `Backend` protocol, `Capabilities` (what a backend offers, advertised by
+  the provider) and `JobOutput` (what a job returns).
+- `testcard`: no GPU; a deterministic picture of the job's parameters, for demos and tests.
+- `webui`: an AUTOMATIC1111 / Forge / SD.Next server driven over its HTTP API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from sdcn_p2p.errors import JobError
+from sdcn_p2p.jobs import JobRequest, split_sampler
+from sdcn_p2p.records import LoraInfo, ModelInfo, normalize_model_name
+
+__all__ = ["Backend", "Capabilities", "JobOutput", "ResolvedJob"]
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedJob:
+    """A job's model, LoRAs and sampler as the backend names them."""
+
+    model: ModelInfo
+    loras: tuple[tuple[LoraInfo, float], ...]
+    sampler: str
+    #: A scheduler name from `Capabilities.schedulers`, when the job's sampler name ends with
+    #: one ("DPM++ 2M Karras"); None leaves the choice to the backend.
+    scheduler: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend can run now. `samplers` are base names, without a scheduler suffix."""
+
+    backend: str
+    models: tuple[ModelInfo, ...]
+    loras: tuple[LoraInfo, ...]
+    samplers: tuple[str, ...]
+    vram_total_mb: int = 0
+    vram_free_mb: int = 0
+    max_pixels: int = 2048 * 2048
+    max_steps: int = 150
+    #: Scheduler names ("karras", "sgm_uniform") for sampler names like "DPM++ 2M Karras";
+    #: empty for a webui older than 1.9, whose samplers carry the suffix themselves.
+    schedulers: tuple[str, ...] = ()
+
+    def resolve(self, job: JobRequest) -> ResolvedJob:
+        """Match `job` against what is offered here (names compared case-insensitively).
+
+        Raises JobError("unsupported") naming the model, LoRA, sampler, size or step count
+        that is not offered.
+        """
+        model = _find(self.models, job.model, lambda m: (m.name, m.title))
+        if model is None:
+            raise JobError("unsupported", f"model {job.model!r} is not offered here")
+        loras = []
+        for name, weight in job.loras:
+            lora = _find(self.loras, name, lambda lo: (lo.name,))
+            if lora is None:
+                raise JobError("unsupported", f"LoRA {name!r} is not offered here")
+            loras.append((lora, weight))
+        sampler, scheduler = self._resolve_sampler(job.sampler_name)
+        if job.width * job.height > self.max_pixels:
+            raise JobError(
+                "unsupported", f"{job.width}x{job.height} is over {self.max_pixels} pixels"
+            )
+        if job.steps > self.max_steps:
+            raise JobError("unsupported", f"{job.steps} steps is over {self.max_steps}")
+        return ResolvedJob(model, tuple(loras), sampler, scheduler)
+
+    def _resolve_sampler(self, name: str) -> tuple[str, str | None]:
+        whole = _find(self.samplers, name, lambda s: (s,))
+        if whole is not None:
+            return whole, None
+        base, scheduler = split_sampler(name)
+        sampler = _find(self.samplers, base, lambda s: (s,))
+        if scheduler is not None and sampler is not None:
+            known = _find(self.schedulers, scheduler, lambda s: (s,))
+            if known is not None:
+                return sampler, known
+        raise JobError("unsupported", f"sampler {name!r} is not offered here")
+
+
+def _find(items: tuple[_T, ...], wanted: str, names: Callable[[_T], tuple[str, ...]]) -> _T | None:
+    key = normalize_model_name(wanted)
+    for item in items:
+        if any(n and normalize_model_name(n) == key for n in names(item)):
+            return item
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class JobOutput:
+    """A finished job: PNG images, image i made with seed ``job.seed + i``, and backend extras
+    for the result's info (``{"testcard": True}``)."""
+
+    images: list[bytes]
+    info: dict[str, Any]
+
+
+class Backend(Protocol):
+    """Something that runs jobs: a webui, the test card."""
+
+    #: Short kind name: "webui", "testcard".
+    name: str
+
+    async def capabilities(self) -> Capabilities:
+        """Ask the backend what it offers now. Raises BackendUnavailable if it cannot answer."""
+        ...
+
+    async def generate(self, job: JobRequest, progress: Callable[[int, int], None]) -> JobOutput:
+        """Run `job` (its seed concrete, never -1), calling ``progress(step, total)`` on the way.
+
+        Raises JobError "unsupported" for a model, LoRA or sampler not offered, and
+        "backend_failed" for anything else that goes wrong. Cancelling stops the work.
+        """
+        ...

@@ -1,0 +1,449 @@
+"""The provider role: advertise what a backend can run, and run jobs for other peers.
+
+A Provider serves ``/sdcn/job/1.0.0`` on a Peer. It runs at most `slots` jobs at once and
+keeps at most `max_queue` more waiting; beyond that it refuses with ``busy``. It checks every
+job against the capabilities it advertised (a webui would silently run another model) and
+refuses with ``unsupported``. Closing or resetting the job stream cancels the job.
+
+Its signed advert is republished every `advert_interval` seconds and within a second of a
+change in load, capabilities or state. A backend that cannot be reached makes the provider
+advertise itself ``unavailable`` until it answers again. `drain()` advertises ``draining``,
+refuses new jobs and returns once the running ones are done.
+
+A provider that cannot accept connections (no advertised address) dials every gateway it
+learns of from their adverts and keeps those connections alive: gateways send it jobs over
+the connections it opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from sdcn_p2p._util import open_service_nursery
+from sdcn_p2p.backends import Backend, Capabilities
+from sdcn_p2p.connection import Stream
+from sdcn_p2p.errors import BackendUnavailable, JobError, SdcnError
+from sdcn_p2p.identity import PeerId
+from sdcn_p2p.jobs import (
+    JOB,
+    MAX_JOB_MESSAGE,
+    JobRequest,
+    error_message,
+    parse_job_message,
+    progress_message,
+    queued_message,
+    result_message,
+)
+from sdcn_p2p.peer import Peer
+from sdcn_p2p.records import Advert
+
+__all__ = [
+    "GATEWAY_ROLE",
+    "PROVIDER_ROLE",
+    "Provider",
+    "ProviderConfig",
+    "open_provider",
+    "run_until_signalled",
+]
+
+log = logging.getLogger(__name__)
+
+PROVIDER_ROLE = "provider"
+GATEWAY_ROLE = "gateway"
+#: Seconds a job stream has to deliver its request.
+REQUEST_TIMEOUT = 30.0
+#: Weight of the newest job in the measured speed (an EWMA).
+SPEED_ALPHA = 0.3
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    """Capacity, timers (seconds) and advert settings of a provider."""
+
+    slots: int = 1
+    max_queue: int = 8
+    advert_interval: float = 60.0
+    advert_ttl: float = 180.0
+    #: Least time between two adverts: changes are batched for this long.
+    min_advert_gap: float = 1.0
+    capability_interval: float = 30.0
+    #: Longest a job may run, whatever deadline the gateway asks for.
+    max_job_seconds: float = 900.0
+    #: it/s at 512x512 advertised until a job has been measured (None: the backend's own guess).
+    initial_speed: float | None = None
+    #: Extra roles to advertise (a provider that is also a gateway).
+    roles: tuple[str, ...] = field(default=(PROVIDER_ROLE,))
+
+    def __post_init__(self) -> None:
+        if self.slots < 1 or self.max_queue < 0:
+            raise ValueError("slots must be ≥ 1 and max_queue ≥ 0")
+
+
+class Provider:
+    """Runs jobs on `backend` for the network. Create with `open_provider`."""
+
+    def __init__(self, peer: Peer, backend: Backend, config: ProviderConfig) -> None:
+        self.peer = peer
+        self.backend = backend
+        self.config = config
+        self.capabilities: Capabilities | None = None
+        self.state = "unavailable"  # until the backend has answered once
+        self.running = 0
+        self.waiting = 0
+        self.jobs_done = 0
+        self.speed = config.initial_speed
+        self._slots = trio.Semaphore(config.slots)
+        self._changed = trio.Event()
+        self._idle = trio.Event()
+        self._idle.set()
+        self._seq = 0
+        self._nursery: trio.Nursery | None = None
+        self._gateways: set[PeerId] = set()
+        self.advert: Advert | None = None
+
+    @property
+    def load(self) -> int:
+        """Jobs running or waiting for a slot."""
+        return self.running + self.waiting
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve jobs and keep the advert current until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self._refresh_capabilities()
+            self.peer.host.set_handler(JOB, self._handle_job, max_message_size=MAX_JOB_MESSAGE)
+            if not self.peer.reachable:
+                self.peer.adverts.add_listener(self._on_advert)
+                self.peer.host.add_listener(on_disconnected=self._on_disconnected)
+                for advert in self.peer.adverts:
+                    self._on_advert(advert)
+            nursery.start_soon(self._capabilities_loop)
+            nursery.start_soon(self._advert_loop)
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.peer.host.remove_handler(JOB)
+                self._nursery = None
+
+    async def drain(self) -> None:
+        """Advertise ``draining``, refuse new jobs and wait for the running ones to finish."""
+        if self.state != "draining":
+            log.info("draining: %d job(s) to finish", self.load)
+            self.state = "draining"
+            await self._publish()
+        await self._idle.wait()
+
+    # --- capabilities and adverts --------------------------------------------------------------
+
+    async def _capabilities_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.capability_interval)
+            await self._refresh_capabilities()
+
+    async def _refresh_capabilities(self) -> None:
+        try:
+            capabilities = await self.backend.capabilities()
+        except BackendUnavailable as exc:
+            if self.state == "online":
+                log.warning("backend unavailable: %s", exc)
+                self.state = "unavailable"
+                self._mark_changed()
+            return
+        # Free VRAM moves all the time: it goes out with the next periodic advert, but alone it
+        # is no reason to republish.
+        steady = dataclasses.replace(capabilities, vram_free_mb=0)
+        held = self.capabilities
+        changed = held is None or steady != dataclasses.replace(held, vram_free_mb=0)
+        self.capabilities = capabilities
+        if changed or self.state == "unavailable":
+            if self.state == "unavailable":
+                log.info(
+                    "backend %s ready: %d model(s), %d LoRA(s)",
+                    capabilities.backend,
+                    len(capabilities.models),
+                    len(capabilities.loras),
+                )
+                self.state = "online"
+            self._mark_changed()
+
+    def _mark_changed(self) -> None:
+        self._changed.set()
+
+    async def _advert_loop(self) -> None:
+        while True:
+            await self._publish()
+            with trio.move_on_after(self.config.advert_interval):
+                await self._changed.wait()
+            await trio.sleep(self.config.min_advert_gap)  # batch bursts of changes
+
+    async def _publish(self) -> None:
+        self._changed = trio.Event()
+        advert = self._build_advert()
+        self.advert = advert
+        try:
+            await self.peer.publish_advert(advert)
+        except SdcnError as exc:
+            log.warning("could not publish our advert: %s", exc)
+
+    def _build_advert(self) -> Advert:
+        caps = self.capabilities
+        now = self.peer.wall_clock()
+        self._seq = max(self._seq + 1, int(now * 1000))
+        speed = self.speed if self.speed is not None else 1.0
+        host = self.peer.host
+        return Advert(
+            peer_id=self.peer.peer_id,
+            seq=self._seq,
+            issued_at=now,
+            ttl=self.config.advert_ttl,
+            addrs=tuple(host.advertised_addrs),
+            reachability="public" if self.peer.reachable else "outbound-only",
+            backend=caps.backend if caps else getattr(self.backend, "name", ""),
+            models=caps.models if caps else (),
+            loras=caps.loras if caps else (),
+            samplers=caps.samplers if caps else (),
+            vram_total_mb=caps.vram_total_mb if caps else 0,
+            vram_free_mb=caps.vram_free_mb if caps else 0,
+            max_pixels=caps.max_pixels if caps else 0,
+            max_steps=caps.max_steps if caps else 0,
+            slots=self.config.slots,
+            queue=min(self.load, 10**6),
+            speed=min(speed, 1e4),
+            state=self.state,
+            roles=self.config.roles,
+        )
+
+    # --- gateways, for providers nobody can dial -------------------------------------------------
+
+    def _on_advert(self, advert: Advert) -> None:
+        if (
+            GATEWAY_ROLE in advert.roles
+            and advert.peer_id != self.peer.peer_id
+            and advert.addrs
+            and advert.peer_id not in self._gateways
+            and self._nursery is not None
+        ):
+            self._gateways.add(advert.peer_id)
+            self.peer.host.peerstore.add_addrs(advert.peer_id, list(advert.addrs))
+            self.peer.host.keep_alive(advert.peer_id)
+            self._nursery.start_soon(self._dial_gateway, advert.peer_id)
+
+    def _on_disconnected(self, peer: PeerId) -> None:
+        if peer in self._gateways and self._nursery is not None:
+            self._nursery.start_soon(self._dial_gateway, peer)
+
+    async def _dial_gateway(self, peer: PeerId) -> None:
+        """Connect to a gateway so it can send us jobs; retry with backoff while it advertises."""
+        delay = 1.0
+        while peer in self._gateways and not self.peer.host.is_connected(peer):
+            try:
+                await self.peer.host.connect(peer)
+                log.info("connected to gateway %s", peer)
+                return
+            except SdcnError as exc:
+                if self.peer.adverts.get(peer) is None:
+                    # The gateway stopped advertising: forget it.
+                    self._gateways.discard(peer)
+                    self.peer.host.keep_alive(peer, False)
+                    return
+                log.info("gateway %s unreachable (%s); retrying in %.0f s", peer, exc, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 300.0)
+
+    # --- jobs --------------------------------------------------------------------------------
+
+    async def _handle_job(self, stream: Stream) -> None:
+        received = trio.current_time()
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                message = await stream.receive_message()
+            job, deadline = await _parse_job(message)
+            self._check_supported(job)
+            deadline = min(deadline, self.config.max_job_seconds)
+            with trio.move_on_at(received + deadline) as scope:
+                await self._run_job(stream, job, received)
+            if scope.cancelled_caught:
+                raise JobError("timeout", f"job did not finish within {deadline:.0f} s")
+        except JobError as exc:
+            if exc.code != "cancelled":
+                await _send_quietly(stream, error_message(exc.code, exc.message))
+        except trio.TooSlowError:
+            await _send_quietly(stream, error_message("timeout", "no job request arrived"))
+
+    def _check_supported(self, job: JobRequest) -> None:
+        """Refuse what this provider cannot run right now (busy) or at all (unsupported)."""
+        if self.state == "draining":
+            raise JobError("busy", "provider is draining")
+        if self.state == "unavailable" or self.capabilities is None:
+            raise JobError("busy", "provider's backend is unavailable")
+        self.capabilities.resolve(job)  # JobError("unsupported") naming what is missing
+
+    async def _run_job(self, stream: Stream, job: JobRequest, received: float) -> None:
+        if self.load >= self.config.slots + self.config.max_queue:
+            raise JobError("busy", f"{self.load} job(s) running or queued")
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        self.waiting += 1
+        phase = "waiting"
+        self._mark_changed()
+        try:
+            async with open_service_nursery() as nursery:
+                # The client cancels by closing or resetting the stream.
+                nursery.start_soon(_cancel_when_closed, stream, nursery.cancel_scope)
+                if self._slots.value == 0:
+                    await stream.send_message(queued_message(self.waiting - 1))
+                async with self._slots:
+                    self.waiting -= 1
+                    self.running += 1
+                    phase = "running"
+                    await self._generate(stream, job, received)
+                    phase = "done"
+                nursery.cancel_scope.cancel()
+        finally:
+            if phase == "waiting":
+                self.waiting -= 1
+            else:
+                self.running -= 1
+            self._mark_changed()
+            if self.load == 0:
+                self._idle.set()
+        if phase != "done":
+            raise JobError("cancelled", "the client closed the job stream")
+
+    async def _generate(self, stream: Stream, job: JobRequest, received: float) -> None:
+        started = trio.current_time()
+        progress = _Progress()
+        async with open_service_nursery() as nursery:
+            nursery.start_soon(progress.forward, stream)
+            try:
+                output = await self.backend.generate(job, progress.update)
+            except JobError as exc:
+                if exc.code == "backend_failed" and self._nursery is not None:
+                    # Is the backend gone? Find out now rather than at the next refresh.
+                    self._nursery.start_soon(self._refresh_capabilities)
+                raise
+            finally:
+                nursery.cancel_scope.cancel()
+        finished = trio.current_time()
+        run_s = max(finished - started, 1e-3)
+        self._measure(job, run_s)
+        info: dict[str, Any] = {
+            **output.info,
+            "seed": job.seed,
+            "model": job.model,
+            "sampler_name": job.sampler_name,
+            "steps": job.steps,
+            "width": job.width,
+            "height": job.height,
+            "provider": str(self.peer.peer_id),
+            "backend": self.capabilities.backend if self.capabilities else "",
+            "queue_ms": round((started - received) * 1000),
+            "run_ms": round(run_s * 1000),
+        }
+        await stream.send_message(result_message(output.images, info))
+        self.jobs_done += 1
+
+    def _measure(self, job: JobRequest, run_s: float) -> None:
+        """Fold the job's speed (it/s at 512x512) into the advertised EWMA."""
+        work = job.steps * job.batch_size * job.width * job.height / (512 * 512)
+        sample = work / run_s
+        if self.speed is None:
+            self.speed = sample
+        else:
+            self.speed = (1 - SPEED_ALPHA) * self.speed + SPEED_ALPHA * sample
+
+
+async def _parse_job(message: Any) -> tuple[JobRequest, float]:
+    """Validate a job request; decoding an init image (up to ~1 s of CPU for a large one)
+    happens in a worker thread so the peer keeps answering meanwhile.
+    """
+    job = message.get("job") if isinstance(message, dict) else None
+    if isinstance(job, dict) and job.get("init_image") is not None:
+        return await trio.to_thread.run_sync(parse_job_message, message)
+    return parse_job_message(message)
+
+
+class _Progress:
+    """The latest (step, total) a backend reported, sent on by one task as it changes."""
+
+    def __init__(self) -> None:
+        self._latest: tuple[int, int] | None = None
+        self._sent: tuple[int, int] | None = None
+        self._event = trio.Event()
+
+    def update(self, step: int, total: int) -> None:
+        self._latest = (step, total)
+        self._event.set()
+
+    async def forward(self, stream: Stream) -> None:
+        while True:
+            await self._event.wait()
+            self._event = trio.Event()
+            latest = self._latest
+            if latest is not None and latest != self._sent:
+                self._sent = latest
+                await stream.send_message(progress_message(*latest))
+
+
+async def _cancel_when_closed(stream: Stream, scope: trio.CancelScope) -> None:
+    """Cancel `scope` when the client closes or resets the stream (or breaks the protocol)."""
+    with contextlib.suppress(SdcnError, trio.BrokenResourceError, trio.ClosedResourceError):
+        await stream.receive_some()
+    scope.cancel()
+
+
+async def _send_quietly(stream: Stream, message: dict[str, Any]) -> None:
+    """Best effort: the client may be gone already."""
+    try:
+        await stream.send_message(message)
+    except (SdcnError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        log.debug("could not send %s to %s: %r", message.get("type"), stream.peer_id.short(), exc)
+
+
+async def run_until_signalled(provider: Provider) -> None:
+    """Serve until SIGINT or SIGTERM, then drain: advertise ``draining`` and finish the
+    running jobs. A second signal stops at once.
+    """
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        first = await signals.__anext__()
+        log.info(
+            "%s: finishing %d job(s) before leaving; again to stop at once",
+            signal.Signals(first).name,
+            provider.load,
+        )
+        async with trio.open_nursery() as nursery:
+
+            async def drain() -> None:
+                await provider.drain()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(drain)
+            await signals.__anext__()
+            log.warning("stopping now: %d job(s) abandoned", provider.load)
+            nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def open_provider(
+    peer: Peer, backend: Backend, config: ProviderConfig = ProviderConfig()
+) -> AsyncIterator[Provider]:
+    """Start providing on `peer`; stops (without draining) when the block exits."""
+    async with open_service_nursery() as nursery:
+        provider = Provider(peer, backend, config)
+        await nursery.start(provider.run)
+        try:
+            yield provider
+        finally:
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,312 @@
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from functools import partial
+
+import pytest
+import trio
+from PIL import Image
+
+from sdcn_p2p.backends import Capabilities, JobOutput
+from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
+from sdcn_p2p.errors import BackendUnavailable, JobError
+from sdcn_p2p.jobs import JOB, MAX_JOB_MESSAGE, JobRequest, request_job
+from sdcn_p2p.peer import Peer
+from sdcn_p2p.provider import GATEWAY_ROLE, ProviderConfig, open_provider
+from sdcn_p2p.records import Advert
+from sdcn_p2p.testing import open_memory_peers
+from sdcn_p2p.transport.memory import MemoryNetwork
+
+CARD = TestcardConfig(models=("card-a", "card-b"), loras=("pixel",), speed=10.0)
+#: A slow card: a 100-step 64x64 job takes 100 * (64 * 64 / 512**2) / 0.5 = 3.1 s.
+SLOW = TestcardConfig(models=("card-a",), speed=0.5)
+
+
+def job(**fields: object) -> JobRequest:
+    values: dict[str, object] = {
+        "kind": "txt2img",
+        "model": "card-a",
+        "prompt": "a dog",
+        "seed": 7,
+        "steps": 10,
+        "width": 64,
+        "height": 64,
+    }
+    values.update(fields)
+    return JobRequest(**values)  # type: ignore[arg-type]
+
+
+def png_bytes(width: int, height: int, *, noise: bool = False) -> bytes:
+    if noise:
+        image = Image.frombytes("RGB", (width, height), os.urandom(width * height * 3))
+    else:
+        image = Image.new("RGB", (width, height), (200, 30, 30))
+    out = io.BytesIO()
+    image.save(out, "PNG", compress_level=0 if noise else 6)
+    return out.getvalue()
+
+
+async def wait_advert(peer: Peer, provider: Peer, check: Callable[[Advert], bool]) -> Advert:
+    """Wait until `peer` holds an advert of `provider` that passes `check`."""
+    arrived = trio.lowlevel.ParkingLot()
+    peer.adverts.add_listener(lambda advert: arrived.unpark_all())
+    with trio.fail_after(120):
+        while (held := peer.adverts.get(provider.peer_id)) is None or not check(held):
+            await arrived.park()
+    return held
+
+
+@asynccontextmanager
+async def provider_network(config: ProviderConfig = ProviderConfig(), card: TestcardConfig = CARD):
+    """A gateway-ish peer 0 and a provider on peer 1, both listening."""
+    network = MemoryNetwork(latency=0.005)
+    async with (
+        open_memory_peers(2, network=network) as (client, node),
+        open_provider(node, TestcardBackend(card), config) as provider,
+    ):
+        await wait_advert(client, node, lambda a: a.state == "online")
+        yield client, node, provider
+
+
+async def test_provider_advertises_the_backend_capabilities(autojump_clock) -> None:
+    async with provider_network(ProviderConfig(slots=2)) as (client, node, _):
+        advert = client.adverts.get(node.peer_id)
+        assert [m.name for m in advert.models] == ["card-a", "card-b"]
+        assert [lo.name for lo in advert.loras] == ["pixel"]
+        assert advert.backend == "testcard" and advert.state == "online"
+        assert advert.slots == 2 and advert.queue == 0
+        assert advert.reachability == "public" and advert.addrs
+        assert "Euler a" in advert.samplers
+        assert [a.peer_id for a in client.adverts.find("CARD-A", ["pixel"])] == [node.peer_id]
+
+
+async def test_txt2img_round_trip_with_progress(autojump_clock) -> None:
+    async with provider_network() as (client, node, provider):
+        steps: list[tuple[int, int]] = []
+        result = await request_job(
+            client.host,
+            node.peer_id,
+            job(batch_size=2, loras=(("pixel", 0.5),)),
+            deadline=60,
+            on_progress=lambda step, total: steps.append((step, total)),
+        )
+        assert len(result.images) == 2
+        for data in result.images:
+            assert Image.open(io.BytesIO(data)).size == (64, 64)
+        assert result.info["seed"] == 7 and result.info["model"] == "card-a"
+        assert result.info["provider"] == str(node.peer_id)
+        assert result.info["testcard"] is True
+        assert result.info["run_ms"] == pytest.approx(2 * 10 * 64 * 64 / 512**2 / 10 * 1000, abs=2)
+        assert steps and steps[-1] == (10, 10)
+        assert [s for s, _ in steps] == sorted(s for s, _ in steps)
+        assert provider.jobs_done == 1 and provider.speed == pytest.approx(10.0, rel=0.05)
+
+
+async def test_img2img_round_trip(autojump_clock) -> None:
+    async with provider_network() as (client, node, _):
+        init = png_bytes(64, 64)
+        result = await request_job(
+            client.host,
+            node.peer_id,
+            job(kind="img2img", init_image=init, denoising_strength=0.0),
+            deadline=60,
+        )
+        image = Image.open(io.BytesIO(result.images[0])).convert("RGB")
+        assert image.getpixel((32, 32)) == (200, 30, 30)  # strength 0 keeps the init image
+
+
+async def test_unsupported_model_lora_and_sampler_are_refused(autojump_clock) -> None:
+    async with provider_network() as (client, node, _):
+        for bad, word in (
+            (job(model="sdxl"), "model"),
+            (job(loras=(("nope", 1.0),)), "LoRA"),
+            (job(sampler_name="Made Up"), "sampler"),
+        ):
+            with pytest.raises(JobError) as info:
+                await request_job(client.host, node.peer_id, bad, deadline=60)
+            assert info.value.code == "unsupported" and word in info.value.message
+
+
+async def test_invalid_parameters_are_refused_naming_the_field(autojump_clock) -> None:
+    async with provider_network() as (client, node, _):
+        for field, value in (("steps", 0), ("width", 65), ("cfg_scale", 99), ("seed", -5)):
+            wire = job().to_wire()
+            wire[field] = value
+            stream = await client.host.new_stream(
+                node.peer_id, JOB, max_message_size=MAX_JOB_MESSAGE
+            )
+            async with stream:
+                await stream.send_message({"type": "job", "job": wire, "deadline": 30.0})
+                reply = await stream.receive_message()
+            assert reply["type"] == "error" and reply["code"] == "bad_request"
+            assert field in reply["message"]
+
+
+async def test_busy_when_slots_and_queue_are_full(autojump_clock) -> None:
+    config = ProviderConfig(slots=1, max_queue=1)
+    async with provider_network(config, card=SLOW) as (client, node, provider):
+        outcomes: list[str] = []
+
+        async def one() -> None:
+            try:
+                await request_job(client.host, node.peer_id, job(steps=100), deadline=60)
+                outcomes.append("done")
+            except JobError as exc:
+                outcomes.append(exc.code)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(one)
+            advert = await wait_advert(client, node, lambda a: a.queue == 2)
+            assert advert.queue == 2 and provider.running == 1 and provider.waiting == 1
+        assert sorted(outcomes) == ["busy", "done", "done"]
+        await wait_advert(client, node, lambda a: a.queue == 0)
+
+
+async def test_closing_the_stream_cancels_the_job(autojump_clock) -> None:
+    async with provider_network(card=SLOW) as (client, node, provider):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                partial(request_job, client.host, node.peer_id, job(steps=150), deadline=60)
+            )
+            await wait_advert(client, node, lambda a: a.queue == 1)
+            nursery.cancel_scope.cancel()  # the client gives up: its stream is reset
+        await wait_advert(client, node, lambda a: a.queue == 0)
+        assert provider.running == 0 and provider.jobs_done == 0
+
+
+async def test_deadline_passed_is_a_timeout(autojump_clock) -> None:
+    async with provider_network(card=SLOW) as (client, node, provider):
+        stream = await client.host.new_stream(node.peer_id, JOB, max_message_size=MAX_JOB_MESSAGE)
+        async with stream:
+            await stream.send_message(
+                {"type": "job", "job": job(steps=150).to_wire(), "deadline": 2}
+            )
+            reply = await stream.receive_message()
+            while reply["type"] == "progress":
+                reply = await stream.receive_message()
+        assert reply["type"] == "error" and reply["code"] == "timeout"
+        assert provider.running == 0
+
+
+async def test_draining_refuses_new_jobs_and_waits_for_running_ones(autojump_clock) -> None:
+    async with provider_network(card=SLOW) as (client, node, provider):
+        results = []
+
+        async def long_job() -> None:
+            results.append(
+                await request_job(client.host, node.peer_id, job(steps=100), deadline=60)
+            )
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(long_job)
+            await wait_advert(client, node, lambda a: a.queue == 1)
+            nursery.start_soon(provider.drain)
+            await wait_advert(client, node, lambda a: a.state == "draining")
+            with pytest.raises(JobError) as info:
+                await request_job(client.host, node.peer_id, job(), deadline=60)
+            assert info.value.code == "busy"
+        assert len(results) == 1 and provider.load == 0
+
+
+class FlakyBackend(TestcardBackend):
+    """A test card whose backend can be switched off, like a webui that goes away."""
+
+    def __init__(self) -> None:
+        super().__init__(TestcardConfig())
+        self.up = True
+
+    async def capabilities(self) -> Capabilities:
+        if not self.up:
+            raise BackendUnavailable("the webui went away")
+        return await super().capabilities()
+
+    async def generate(self, job: JobRequest, progress) -> JobOutput:  # type: ignore[no-untyped-def]
+        if not self.up:
+            raise JobError("backend_failed", "connection refused")
+        return await super().generate(job, progress)
+
+
+async def test_a_backend_that_goes_away_makes_the_provider_unavailable_then_online(
+    autojump_clock,
+) -> None:
+    backend = FlakyBackend()
+    config = ProviderConfig(capability_interval=5)
+    async with open_memory_peers(2) as (client, node), open_provider(node, backend, config):
+        await wait_advert(client, node, lambda a: a.state == "online")
+        backend.up = False
+        await wait_advert(client, node, lambda a: a.state == "unavailable")
+        with pytest.raises(JobError) as info:
+            await request_job(client.host, node.peer_id, job(model="testcard-v1"), deadline=60)
+        assert info.value.code == "busy"
+        backend.up = True
+        await wait_advert(client, node, lambda a: a.state == "online")
+        result = await request_job(client.host, node.peer_id, job(model="testcard-v1"), deadline=60)
+        assert result.images
+
+
+async def test_outbound_only_provider_serves_a_peer_it_dialled(autojump_clock) -> None:
+    async with open_memory_peers(2, listen=[True, False]) as (gateway, node):
+        assert not node.host.listen_addrs and not node.reachable
+        async with open_provider(node, TestcardBackend(CARD)):
+            advert = await wait_advert(gateway, node, lambda a: a.state == "online")
+            assert advert.reachability == "outbound-only" and advert.addrs == ()
+            result = await request_job(gateway.host, node.peer_id, job(), deadline=60)
+            assert result.info["provider"] == str(node.peer_id)
+            # Idle for long: the connection the provider opened stays up.
+            await trio.sleep(600)
+            assert gateway.host.is_connected(node.peer_id)
+            await request_job(gateway.host, node.peer_id, job(), deadline=60)
+
+
+async def test_outbound_only_provider_dials_the_gateways_it_learns_of(autojump_clock) -> None:
+    async with (
+        open_memory_peers(3, listen=[True, True, False]) as (_, gateway, node),
+        open_provider(node, TestcardBackend(CARD)) as provider,
+    ):
+        connected = trio.Event()
+        node.host.add_listener(
+            on_connected=lambda conn: conn.peer_id == gateway.peer_id and connected.set()
+        )
+        await gateway.publish_advert(
+            Advert(
+                gateway.peer_id,
+                seq=1,
+                issued_at=gateway.wall_clock(),
+                ttl=180,
+                addrs=tuple(gateway.host.advertised_addrs),
+                roles=(GATEWAY_ROLE,),
+            )
+        )
+        await wait_advert(node, gateway, lambda a: GATEWAY_ROLE in a.roles)
+        assert gateway.peer_id in provider._gateways
+        if not node.host.is_connected(gateway.peer_id):
+            await connected.wait()
+        await trio.sleep(900)  # idle: the connection to a gateway is kept alive
+        assert node.host.is_connected(gateway.peer_id)
+        await request_job(gateway.host, node.peer_id, job(), deadline=60)
+
+
+async def test_ten_megabyte_init_image_accepted_and_sixty_refused() -> None:
+    """Real time: the provider decodes big images in a worker thread."""
+    async with provider_network() as (client, node, _):
+        big = png_bytes(1900, 1900, noise=True)
+        assert len(big) > 10_000_000
+        result = await request_job(
+            client.host,
+            node.peer_id,
+            job(kind="img2img", init_image=big, width=64, height=64),
+            deadline=60,
+        )
+        assert result.images
+        wire = job(kind="img2img", init_image=png_bytes(64, 64)).to_wire()
+        wire["init_image"] = b"\x89PNG\r\n\x1a\n" + os.urandom(60_000_000)
+        stream = await client.host.new_stream(node.peer_id, JOB, max_message_size=MAX_JOB_MESSAGE)
+        async with stream:
+            await stream.send_message({"type": "job", "job": wire, "deadline": 30.0})
+            reply = await stream.receive_message()
+        assert reply["type"] == "error" and reply["code"] == "bad_request"
+        assert "init_image" in reply["message"]
