@@ -140,3 +140,15 @@ async def test_a_webui_that_disappears_and_returns() -> None:
             result = await request_job(client.host, node.peer_id, job(), deadline=30)
             assert result.images
             stop.set()
+
+
+async def test_a_model_added_in_the_webui_is_advertised() -> None:
+    fake = FakeWebui(models=("sd-v1-5",))
+    async with webui_network(fake) as (client, node, _, _):
+        fake.models.append("new-model")
+        advert = await wait_advert(
+            client, node, lambda a: "new-model" in [m.name for m in a.models]
+        )
+        assert advert.state == "online"
+        result = await request_job(client.host, node.peer_id, job(model="new-model"), deadline=30)
+        assert result.images
