@@ -25,6 +25,7 @@ from __future__ import annotations
 import trio
 
 __all__ = [
+    "NETWORK_ERRORS",
     "BackendUnavailable",
     "ConfigError",
     "DialError",
@@ -112,3 +113,15 @@ class BackendUnavailable(SdcnError):
 
 class ConfigError(SdcnError):
     """Bad local configuration: a flag, a key file, an address to listen on."""
+
+
+#: What talking to another peer raises in normal operation, through its fault or the
+#: network's: catch these around remote calls and handlers, and let anything else (a bug)
+#: propagate.
+NETWORK_ERRORS: tuple[type[BaseException], ...] = (
+    SdcnError,
+    trio.TooSlowError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    trio.EndOfChannel,
+)

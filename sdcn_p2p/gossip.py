@@ -34,7 +34,7 @@ import trio
 
 from sdcn_p2p.adverts import AdvertCache
 from sdcn_p2p.connection import Stream
-from sdcn_p2p.errors import ConfigError, ProtocolError, RecordError, SdcnError
+from sdcn_p2p.errors import NETWORK_ERRORS, ConfigError, ProtocolError, RecordError
 from sdcn_p2p.host import Host
 from sdcn_p2p.identity import PeerId
 from sdcn_p2p.records import Advert, Envelope
@@ -524,7 +524,7 @@ class Gossip:
                     stream.reset()
                     raise
                 await stream.aclose()
-            except (SdcnError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            except NETWORK_ERRORS as exc:
                 log.debug("push to %s failed: %r", peer.short(), exc)
                 return False
             self.stats.pushes += 1
@@ -590,13 +590,7 @@ class Gossip:
                     raise
                 await stream.aclose()
                 self.stats.syncs += 1
-        except (
-            SdcnError,
-            trio.TooSlowError,
-            trio.BrokenResourceError,
-            trio.ClosedResourceError,
-            trio.EndOfChannel,
-        ) as exc:
+        except NETWORK_ERRORS as exc:
             log.debug("digest exchange with %s failed: %r", peer.short(), exc)
         finally:
             self._syncing.discard(peer)
@@ -745,13 +739,7 @@ class Gossip:
                 async with stream:
                     await self._send(stream, Graft())
                     joined = isinstance(await self._receive_message(stream), Graft)
-        except (
-            SdcnError,
-            trio.TooSlowError,
-            trio.BrokenResourceError,
-            trio.ClosedResourceError,
-            trio.EndOfChannel,
-        ) as exc:
+        except NETWORK_ERRORS as exc:
             log.debug("graft of %s failed: %r", peer.short(), exc)
         finally:
             self._mesh.pending.discard(peer)
@@ -772,7 +760,7 @@ class Gossip:
                 )
                 async with stream:
                     await self._send(stream, Prune())
-            except (SdcnError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            except NETWORK_ERRORS as exc:
                 log.debug("prune of %s failed: %r", peer.short(), exc)
 
     async def _heartbeat_loop(self) -> None:

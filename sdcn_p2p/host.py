@@ -29,11 +29,11 @@ from sdcn_p2p.connection import (
     secure_outbound,
 )
 from sdcn_p2p.errors import (
+    NETWORK_ERRORS,
     DialError,
     HandshakeError,
     ProtocolError,
     ResourceLimitExceeded,
-    SdcnError,
 )
 from sdcn_p2p.identity import Identity, PeerId
 from sdcn_p2p.multiaddr import Multiaddr
@@ -439,7 +439,7 @@ class Host:
                 async with stream:
                     self.peerstore.record_rtt(conn.peer_id, await ping.ping_once(stream))
                 return True
-            except (SdcnError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            except NETWORK_ERRORS as exc:
                 log.debug("keep-alive ping to %s failed: %r", conn.peer_id.short(), exc)
         return False
 
@@ -479,13 +479,7 @@ class Host:
                 return
             stream._accept(protocol, entry.max_message_size)
             await entry.handler(stream)
-        except (
-            SdcnError,
-            trio.TooSlowError,
-            trio.BrokenResourceError,
-            trio.ClosedResourceError,
-            trio.EndOfChannel,
-        ) as exc:
+        except NETWORK_ERRORS as exc:
             log.debug("stream %r ended with %r", stream, exc)
             stream.reset()
         except Exception:
@@ -506,7 +500,7 @@ class Host:
         try:
             with trio.fail_after(self.config.handshake_timeout):
                 info = await identify.exchange(self, conn)
-        except (SdcnError, trio.TooSlowError, trio.BrokenResourceError, trio.EndOfChannel) as exc:
+        except NETWORK_ERRORS as exc:
             log.debug("identify with %s failed: %r", conn.peer_id.short(), exc)
             return
         self._identified(conn, info)

@@ -31,7 +31,7 @@ import trio
 from sdcn_p2p._util import open_service_nursery
 from sdcn_p2p.backends import Backend, Capabilities
 from sdcn_p2p.connection import Stream
-from sdcn_p2p.errors import BackendUnavailable, JobError, SdcnError
+from sdcn_p2p.errors import NETWORK_ERRORS, BackendUnavailable, JobError, SdcnError
 from sdcn_p2p.identity import PeerId
 from sdcn_p2p.jobs import (
     JOB,
@@ -399,7 +399,7 @@ class _Progress:
 
 async def _cancel_when_closed(stream: Stream, scope: trio.CancelScope) -> None:
     """Cancel `scope` when the client closes or resets the stream (or breaks the protocol)."""
-    with contextlib.suppress(SdcnError, trio.BrokenResourceError, trio.ClosedResourceError):
+    with contextlib.suppress(*NETWORK_ERRORS):
         await stream.receive_some()
     scope.cancel()
 
@@ -408,7 +408,7 @@ async def _send_quietly(stream: Stream, message: dict[str, Any]) -> None:
     """Best effort: the client may be gone already."""
     try:
         await stream.send_message(message)
-    except (SdcnError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+    except NETWORK_ERRORS as exc:
         log.debug("could not send %s to %s: %r", message.get("type"), stream.peer_id.short(), exc)
 
 

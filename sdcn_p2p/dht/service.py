@@ -39,7 +39,7 @@ from sdcn_p2p.dht.messages import (
 )
 from sdcn_p2p.dht.routing import AddStatus, RoutingTable
 from sdcn_p2p.dht.store import RecordStore, StoredValue, validate
-from sdcn_p2p.errors import DialError, RecordError, ResourceLimitExceeded, SdcnError
+from sdcn_p2p.errors import NETWORK_ERRORS, DialError, RecordError, ResourceLimitExceeded, SdcnError
 from sdcn_p2p.host import Host
 from sdcn_p2p.identity import PeerId
 from sdcn_p2p.multiaddr import Multiaddr
@@ -49,14 +49,6 @@ __all__ = ["KAD", "Dht", "DhtConfig", "LookupResult"]
 
 log = logging.getLogger(__name__)
 
-#: Errors that make a query count as failed.
-_RPC_ERRORS = (
-    SdcnError,
-    trio.TooSlowError,
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-    trio.EndOfChannel,
-)
 #: Seconds between sweeps of expired records (and checks for buckets due a refresh).
 _MAINTENANCE_PERIOD = 60.0
 #: Refresh lookups, and keys of one put, run at most this many at a time.
@@ -221,7 +213,7 @@ class Dht:
         async def connect(addr: Multiaddr) -> None:
             try:
                 reached.append((await self.host.connect(addr)).peer_id)
-            except _RPC_ERRORS as exc:
+            except NETWORK_ERRORS as exc:
                 log.info("bootstrap peer %s unreachable: %s", addr, exc)
 
         async with trio.open_nursery() as nursery:
@@ -275,7 +267,7 @@ class Dht:
             try:
                 await self.host.ping(peer)
                 return True
-            except _RPC_ERRORS as exc:
+            except NETWORK_ERRORS as exc:
                 log.debug("ping to %s failed: %r", peer.short(), exc)
         return False
 
@@ -342,7 +334,7 @@ class Dht:
                     if not self.host.is_connected(peer):
                         raise
                     return await self._exchange(peer, request)
-        except _RPC_ERRORS as exc:
+        except NETWORK_ERRORS as exc:
             log.debug("%s query to %s failed: %r", type(request).__name__, peer.short(), exc)
             return None
 

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import trio
 
-from sdcn_p2p.errors import SdcnError
+from sdcn_p2p.errors import NETWORK_ERRORS
 from sdcn_p2p.multiaddr import Multiaddr
 
 __all__ = ["MAX_TRANSPORT_MESSAGE", "ConnectionHandler", "RawConnection", "Transport"]
@@ -100,16 +100,6 @@ class Transport(Protocol):
         ...
 
 
-# Errors a connection handler meets in normal operation: peers disconnect or misbehave.
-_EXPECTED_ERRORS = (
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-    trio.EndOfChannel,
-    trio.TooSlowError,
-    SdcnError,
-)
-
-
 async def _run_handler(handler: ConnectionHandler, conn: RawConnection) -> None:
     """Run `handler` on an accepted connection, log what it raises, then close the connection.
 
@@ -119,9 +109,9 @@ async def _run_handler(handler: ConnectionHandler, conn: RawConnection) -> None:
         await handler(conn)
     except Exception as exc:
         if isinstance(exc, BaseExceptionGroup):
-            expected = exc.split(_EXPECTED_ERRORS)[1] is None
+            expected = exc.split(NETWORK_ERRORS)[1] is None
         else:
-            expected = isinstance(exc, _EXPECTED_ERRORS)
+            expected = isinstance(exc, NETWORK_ERRORS)
         if expected:
             log.debug("connection from %s ended: %r", conn.remote_addr, exc)
         else:
