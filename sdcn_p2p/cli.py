@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from functools import partial
 from pathlib import Path
 
@@ -25,7 +25,13 @@ from sdcn_p2p.httpserver import parse_bind
 from sdcn_p2p.identity import Identity, default_key_path, load_or_create_identity
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.peer import PeerConfig, open_peer
-from sdcn_p2p.provider import PROVIDER_ROLE, ProviderConfig, open_provider, run_until_signalled
+from sdcn_p2p.provider import (
+    GATEWAY_ROLE,
+    PROVIDER_ROLE,
+    ProviderConfig,
+    open_provider,
+    run_until_signalled,
+)
 
 __all__ = [
     "build_parser",
@@ -34,6 +40,8 @@ __all__ = [
     "open_backend_from_args",
     "peer_config_from_args",
     "ping_peer",
+    "run_devnet",
+    "run_gateway",
     "run_node",
 ]
 
@@ -72,7 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="log messages of this level and above (default: %(default)s)",
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    for add_command in (_add_keygen, _add_id, _add_node, _add_bootstrap, _add_ping):
+    for add_command in (
+        _add_keygen,
+        _add_id,
+        _add_node,
+        _add_gateway,
+        _add_bootstrap,
+        _add_devnet,
+        _add_ping,
+    ):
         add_command(commands)
     return parser
 
@@ -209,6 +225,12 @@ def _add_node(commands: argparse._SubParsersAction) -> None:
         type=float,
         help="pretend to run this many iterations per second at 512x512 (default: instant)",
     )
+    parser.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        type=_bind,
+        help="also be a gateway: serve the SDCN and AUTOMATIC1111 HTTP APIs here",
+    )
     capacity = parser.add_argument_group("capacity")
     capacity.add_argument("--slots", type=int, default=1, help="jobs run at once (default 1)")
     capacity.add_argument(
@@ -240,9 +262,10 @@ def node_config_from_args(args: argparse.Namespace) -> tuple[PeerConfig, Provide
     if args.backend == "webui" and args.slots != 1:
         # Its progress and interrupt calls are global: two jobs at once would mix them up.
         raise ConfigError("a webui runs one job at a time: use --slots 1")
+    roles = (PROVIDER_ROLE, GATEWAY_ROLE) if args.http else (PROVIDER_ROLE,)
     return (
-        peer_config_from_args(args, roles=(PROVIDER_ROLE,)),
-        ProviderConfig(slots=args.slots, max_queue=args.max_queue),
+        peer_config_from_args(args, roles=roles),
+        ProviderConfig(slots=args.slots, max_queue=args.max_queue, roles=roles),
     )
 
 
@@ -260,7 +283,7 @@ def _node(args: argparse.Namespace) -> int:
     identity = load_or_create_identity(args.key)
     peer_config, provider_config = node_config_from_args(args)
     backend = open_backend_from_args(args)  # checks the backend options before starting
-    trio.run(run_node, identity, peer_config, backend, provider_config)
+    trio.run(partial(run_node, identity, peer_config, backend, provider_config, http=args.http))
     return 0
 
 
@@ -269,16 +292,105 @@ async def run_node(
     peer_config: PeerConfig,
     backend: AbstractAsyncContextManager[Backend],
     provider_config: ProviderConfig,
+    *,
+    http: str | None = None,
 ) -> None:
-    """Run a provider node until signalled (what ``sdcn node`` does)."""
+    """Run a provider node until signalled (what ``sdcn node`` does); with `http`, it is a
+    gateway too.
+    """
+    from gateway.node import open_gateway
+
     async with (
         open_peer(identity, peer_config) as peer,
         backend as opened,
         open_provider(peer, opened, provider_config) as provider,
+        AsyncExitStack() as stack,
     ):
+        if http is not None:
+            # The provider's advert already carries the gateway role.
+            await stack.enter_async_context(open_gateway(peer, http=http, advertise=False))
         mode = "reachable" if peer.reachable else "outbound-only"
         log.info("provider %s (%s) on backend %s", peer.peer_id, mode, opened.name)
         await run_until_signalled(provider)
+
+
+def _add_gateway(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "gateway",
+        help="run a gateway: the HTTP APIs that route jobs to providers",
+        description="Run a gateway until interrupted: serve the SDCN API (POST /txt2img, "
+        "/img2img) and the AUTOMATIC1111-compatible API (/sdapi/v1/...) over HTTP, and send "
+        "each job to the provider that will finish it soonest.",
+    )
+    _add_peer_options(parser, default_listen="/ip4/0.0.0.0/tcp/4002/ws")
+    parser.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        type=_bind,
+        default="127.0.0.1:8080",
+        help="where to serve HTTP (default %(default)s)",
+    )
+    parser.add_argument(
+        "--default-model",
+        metavar="NAME",
+        help="model for A1111 requests that name none (A1111's sd_model_checkpoint)",
+    )
+    parser.set_defaults(run=_gateway)
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    identity = load_or_create_identity(args.key)
+    config = peer_config_from_args(args, roles=(GATEWAY_ROLE,))
+    trio.run(partial(run_gateway, identity, config, http=args.http, model=args.default_model))
+    return 0
+
+
+async def run_gateway(
+    identity: Identity, config: PeerConfig, *, http: str, model: str | None = None
+) -> None:
+    """Run a gateway until interrupted (what ``sdcn gateway`` does)."""
+    from gateway.node import open_gateway
+
+    async with (
+        open_peer(identity, config) as peer,
+        open_gateway(peer, http=http, default_model=model),
+    ):
+        await trio.sleep_forever()
+
+
+def _add_devnet(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "devnet",
+        help="run a whole network on this machine: bootstrap, test-card providers, gateway",
+        description="Run a bootstrap peer, N test-card providers and a gateway in one process "
+        "on loopback (real WebSockets), and print the gateway URL. With --demo, send "
+        "examples/params-txt2img.json through the gateway, write the image and exit.",
+    )
+    parser.add_argument("--providers", type=int, default=3, help="providers (default 3)")
+    parser.add_argument(
+        "--http", metavar="HOST:PORT", type=_bind, default="127.0.0.1:8080", help="gateway HTTP"
+    )
+    parser.add_argument("--demo", metavar="OUT.png", type=Path, help="make one image and exit")
+    parser.set_defaults(run=_devnet)
+
+
+def _devnet(args: argparse.Namespace) -> int:
+    trio.run(partial(run_devnet, providers=args.providers, http=args.http, demo=args.demo))
+    return 0
+
+
+async def run_devnet(*, providers: int, http: str, demo: Path | None) -> None:
+    """Run the devnet until interrupted, or make the demo image and stop."""
+    from sdcn_p2p.devnet import demo_params, describe, open_devnet, run_demo
+
+    params = demo_params() if demo is not None else None
+    async with open_devnet(providers=providers, http=http) as devnet:
+        if params is not None and demo is not None:
+            for path in await run_demo(devnet.url, demo, params):
+                print(path)
+            return
+        print(describe(devnet), flush=True)
+        await trio.sleep_forever()
 
 
 def _add_bootstrap(commands: argparse._SubParsersAction) -> None:

@@ -303,6 +303,10 @@ def _text(name: str, value: object, max_chars: int, *, non_empty: bool = False) 
         raise _bad(name, "must not be empty")
     if len(value) > max_chars:
         raise _bad(name, f"must be at most {max_chars} characters, got {len(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: JSON allows "\ud800", UTF-8 does not
+        raise _bad(name, "is not valid Unicode text") from None
     return value
 
 

@@ -1,0 +1,225 @@
+"""Which providers can run a job, and which will finish it soonest (pure: time passed in).
+
+A candidate is an unexpired advert in state ``online``, with role ``provider``, offering the
+job's model (by name, or by title when no advert has that name), every LoRA, the sampler, and
+enough pixels and steps, from a provider that is not banned. Each is scored by its estimated
+completion time (ARCHITECTURE.md, "Choosing a provider")::
+
+    run   = job.cost / speed                       (job.cost: steps at 512x512)
+    queue = max(advertised queue, this gateway's jobs in flight there) / slots
+    eta   = rtt + queue * run + run
+
+`choose` picks at random among the candidates within 10 % of the best, so that gateways
+reading the same adverts do not all herd onto one provider. A provider that fails is banned
+for 5 s, doubling with each consecutive failure up to 5 min; a success forgets its failures.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
+
+from sdcn_p2p.adverts import AdvertCache
+from sdcn_p2p.identity import PeerId
+from sdcn_p2p.jobs import JobRequest, split_sampler
+from sdcn_p2p.provider import PROVIDER_ROLE
+from sdcn_p2p.records import Advert, normalize_model_name
+
+__all__ = [
+    "BAN_BASE",
+    "BAN_MAX",
+    "CHOICE_BAND",
+    "DEFAULT_RTT",
+    "DEFAULT_SPEED",
+    "Candidate",
+    "ProviderDirectory",
+]
+
+#: Seconds assumed for a provider whose RTT has not been measured.
+DEFAULT_RTT = 0.150
+#: it/s at 512x512 assumed for an advert that claims no speed.
+DEFAULT_SPEED = 0.5
+#: Candidates whose ETA is within this fraction of the best are chosen among at random.
+CHOICE_BAND = 0.10
+#: First ban, in seconds; each consecutive failure doubles it, up to BAN_MAX.
+BAN_BASE = 5.0
+BAN_MAX = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A provider that can run a job, and when it would be done."""
+
+    advert: Advert
+    eta: float  # estimated seconds until the result arrives
+    rtt: float  # seconds: the measured EWMA, or DEFAULT_RTT
+    in_flight: int  # this gateway's jobs running there now
+
+    @property
+    def peer_id(self) -> PeerId:
+        return self.advert.peer_id
+
+
+@dataclass(slots=True)
+class _Ban:
+    failures: int
+    until: float
+
+
+class ProviderDirectory:
+    """Candidates for a job from an AdvertCache, with this gateway's load and bans on top.
+
+    `rtt(peer)` gives the measured round trip in seconds, or None. Times (`now`, ban ends)
+    are wall-clock seconds, as `Peer.wall_clock` reads them.
+    """
+
+    def __init__(
+        self,
+        adverts: AdvertCache,
+        rtt: Callable[[PeerId], float | None],
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.adverts = adverts
+        self._rtt = rtt
+        self._rng = rng or random.Random()
+        self._in_flight: dict[PeerId, int] = {}
+        self._bans: dict[PeerId, _Ban] = {}
+
+    # --- choosing --------------------------------------------------------------------------------
+
+    def candidates(
+        self, job: JobRequest, now: float, *, exclude: Collection[PeerId] = ()
+    ) -> list[Candidate]:
+        """The providers that can run `job` now, soonest first."""
+        found = [
+            self._candidate(advert, job)
+            for advert in self._offering(job.model, [name for name, _ in job.loras])
+            if advert.state == "online"
+            and PROVIDER_ROLE in advert.roles
+            and _fits(advert, job)
+            and advert.peer_id not in exclude
+            and not self.is_banned(advert.peer_id, now)
+        ]
+        found.sort(key=lambda c: c.eta)
+        return found
+
+    def choose(
+        self, job: JobRequest, now: float, *, exclude: Collection[PeerId] = ()
+    ) -> Candidate | None:
+        """The candidate with the lowest ETA, or one at random within CHOICE_BAND of it."""
+        found = self.candidates(job, now, exclude=exclude)
+        if not found:
+            return None
+        limit = found[0].eta * (1 + CHOICE_BAND)
+        return self._rng.choice([c for c in found if c.eta <= limit])
+
+    def eta(self, advert: Advert, job: JobRequest) -> float:
+        """Estimated seconds until `advert`'s provider returns `job`'s result."""
+        return self._candidate(advert, job).eta
+
+    def _candidate(self, advert: Advert, job: JobRequest) -> Candidate:
+        peer = advert.peer_id
+        measured = self._rtt(peer)
+        rtt = DEFAULT_RTT if measured is None else measured
+        in_flight = self._in_flight.get(peer, 0)
+        speed = advert.speed if advert.speed > 0 else DEFAULT_SPEED
+        run = job.cost / speed
+        # The advertised queue counts our jobs too once the provider has republished; the max
+        # avoids counting them twice while reacting to them before the advert does.
+        queue = max(advert.queue, in_flight) / advert.slots
+        return Candidate(advert, rtt + queue * run + run, rtt, in_flight)
+
+    def has_model(self, model: str, loras: Iterable[str] = ()) -> bool:
+        """Whether any provider, in any state, banned or not, offers `model` with every LoRA.
+
+        Tells "nobody has it" (404) from "nobody can take it now" (503).
+        """
+        return bool(self._offering(model, list(loras)))
+
+    def can_run(self, job: JobRequest) -> bool:
+        """Whether any provider, in any state, banned or not, offers all that `job` needs."""
+        return any(
+            _fits(a, job) for a in self._offering(job.model, [name for name, _ in job.loras])
+        )
+
+    def _offering(self, model: str, loras: list[str]) -> list[Advert]:
+        """Adverts of any state offering `model` by name (or else by title) and all `loras`."""
+        found = self.adverts.find(model, loras, include_draining=True)
+        if found:
+            return found
+        wanted = normalize_model_name(model)
+        return [
+            advert
+            for advert in self.adverts
+            if advert.has_loras(loras)
+            and any(m.title and normalize_model_name(m.title) == wanted for m in advert.models)
+        ]
+
+    # --- this gateway's load -----------------------------------------------------------------
+
+    def started(self, peer: PeerId) -> None:
+        """Count a job this gateway sent to `peer`; pair with `finished`."""
+        self._in_flight[peer] = self._in_flight.get(peer, 0) + 1
+
+    def finished(self, peer: PeerId) -> None:
+        """A job counted by `started` ended, whichever way."""
+        count = self._in_flight.get(peer, 0) - 1
+        if count > 0:
+            self._in_flight[peer] = count
+        else:
+            self._in_flight.pop(peer, None)
+
+    def in_flight(self, peer: PeerId) -> int:
+        """This gateway's jobs running on `peer` now."""
+        return self._in_flight.get(peer, 0)
+
+    # --- bans --------------------------------------------------------------------------------
+
+    def ban(self, peer: PeerId, now: float) -> float:
+        """Ban `peer` after a failure: BAN_BASE seconds, doubled for each failure since its
+        last success, at most BAN_MAX. Returns when the ban ends.
+
+        Failures while a ban runs (other jobs that were in flight there) do not lengthen it:
+        a provider that dies with ten of our jobs is one failure, not ten.
+        """
+        self._forget_old_bans(now)
+        held = self._bans.get(peer)
+        if held is not None and now < held.until:
+            return held.until
+        failures = 1 if held is None else held.failures + 1
+        length = min(BAN_BASE * 2.0 ** min(failures - 1, 32), BAN_MAX)
+        self._bans[peer] = _Ban(failures, now + length)
+        return now + length
+
+    def succeeded(self, peer: PeerId) -> None:
+        """`peer` ran a job: forget its failures."""
+        self._bans.pop(peer, None)
+
+    def banned_until(self, peer: PeerId) -> float | None:
+        """When `peer`'s latest ban ends (possibly past), or None after a success or none."""
+        held = self._bans.get(peer)
+        return None if held is None else held.until
+
+    def is_banned(self, peer: PeerId, now: float) -> bool:
+        """Whether a ban of `peer` runs at wall time `now`."""
+        held = self._bans.get(peer)
+        return held is not None and now < held.until
+
+    def _forget_old_bans(self, now: float) -> None:
+        # A provider quiet for BAN_MAX past its ban starts afresh; this also bounds the table.
+        for peer in [p for p, b in self._bans.items() if b.until + BAN_MAX <= now]:
+            del self._bans[peer]
+
+
+def _fits(advert: Advert, job: JobRequest) -> bool:
+    """Whether `advert` offers `job`'s sampler, pixels and steps (model and LoRAs aside)."""
+    if advert.max_pixels and job.pixels > advert.max_pixels:
+        return False
+    if advert.max_steps and job.steps > advert.max_steps:
+        return False
+    offered = {normalize_model_name(s) for s in advert.samplers}
+    whole = normalize_model_name(job.sampler_name)
+    base = normalize_model_name(split_sampler(job.sampler_name)[0])
+    return whole in offered or base in offered

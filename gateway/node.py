@@ -1,0 +1,104 @@
+"""The gateway role on a Peer: route jobs to providers and serve the HTTP APIs.
+
+A gateway advertises itself (an advert with the role "gateway" and no models) so providers
+that cannot accept connections learn of it and dial it; it then sends them jobs over the
+connections they opened. A peer that is both a provider and a gateway advertises both roles
+in its provider's advert instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+
+from gateway.api import create_app
+from gateway.directory import ProviderDirectory
+from gateway.dispatch import Dispatcher, GatewayConfig
+from sdcn_p2p._util import open_service_nursery
+from sdcn_p2p.errors import SdcnError
+from sdcn_p2p.httpserver import serve_http
+from sdcn_p2p.peer import Peer
+from sdcn_p2p.provider import GATEWAY_ROLE
+from sdcn_p2p.records import Advert
+
+__all__ = ["ADVERT_INTERVAL", "Gateway", "open_gateway"]
+
+log = logging.getLogger(__name__)
+
+#: Seconds between re-publications of the gateway's own advert (its TTL is three times that).
+ADVERT_INTERVAL = 60.0
+
+
+class Gateway:
+    """What the HTTP API needs: the peer, the provider directory and the dispatcher."""
+
+    def __init__(
+        self,
+        peer: Peer,
+        config: GatewayConfig = GatewayConfig(),
+        *,
+        default_model: str | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.peer = peer
+        self.config = config
+        self.directory = ProviderDirectory(peer.adverts, peer.host.peerstore.rtt, rng=rng)
+        self.dispatcher = Dispatcher(peer, self.directory, config, rng=rng)
+        #: The model a request that names none runs on (A1111's sd_model_checkpoint option).
+        self.default_model = default_model
+        #: The HTTP API's base URLs once served (``http://127.0.0.1:8080``).
+        self.urls: list[str] = []
+
+    async def advertise(self) -> None:
+        """Publish our gateway advert now and every ADVERT_INTERVAL seconds."""
+        seq = 0
+        while True:
+            now = self.peer.wall_clock()
+            seq = max(seq + 1, int(now * 1000))
+            advert = Advert(
+                self.peer.peer_id,
+                seq=seq,
+                issued_at=now,
+                ttl=3 * ADVERT_INTERVAL,
+                addrs=tuple(self.peer.host.advertised_addrs),
+                reachability="public" if self.peer.reachable else "outbound-only",
+                roles=(GATEWAY_ROLE,),
+            )
+            try:
+                await self.peer.publish_advert(advert)
+            except SdcnError as exc:
+                log.warning("could not publish the gateway advert: %s", exc)
+            await trio.sleep(ADVERT_INTERVAL)
+
+
+@asynccontextmanager
+async def open_gateway(
+    peer: Peer,
+    config: GatewayConfig = GatewayConfig(),
+    *,
+    http: str | None = None,
+    default_model: str | None = None,
+    advertise: bool = True,
+    rng: random.Random | None = None,
+) -> AsyncIterator[Gateway]:
+    """Run the gateway role on `peer`, serving the HTTP API on `http` (``HOST:PORT``) if given.
+
+    `advertise=False` when the peer's provider already advertises the gateway role.
+    Raises ConfigError if the HTTP address cannot be bound.
+    """
+    gateway = Gateway(peer, config, default_model=default_model, rng=rng)
+    async with open_service_nursery() as nursery:
+        if advertise:
+            nursery.start_soon(gateway.advertise)
+        if http is not None:
+            gateway.urls = await nursery.start(serve_http, create_app(gateway), http)
+            for url in gateway.urls:
+                log.info("gateway HTTP API on %s (docs at %s/docs)", url, url)
+        try:
+            yield gateway
+        finally:
+            nursery.cancel_scope.cancel()

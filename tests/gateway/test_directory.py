@@ -1,0 +1,241 @@
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from gateway.directory import BAN_MAX, DEFAULT_RTT, ProviderDirectory
+from sdcn_p2p.adverts import AdvertCache
+from sdcn_p2p.identity import PeerId
+from sdcn_p2p.jobs import JobRequest
+from sdcn_p2p.records import Advert, LoraInfo, ModelInfo
+from sdcn_p2p.testing import test_identity
+
+NOW = 1_700_000_000.0
+IDS = [test_identity(i, seed=5) for i in range(8)]
+PEERS = [identity.peer_id for identity in IDS]
+
+
+def advert(
+    index: int,
+    *,
+    models: tuple[ModelInfo, ...] = (ModelInfo("SD 1.5", "v1-5-pruned.safetensors [6ce0161689]"),),
+    loras: tuple[str, ...] = (),
+    samplers: tuple[str, ...] = ("Euler a", "DPM++ 2M"),
+    speed: float = 2.0,
+    slots: int = 1,
+    queue: int = 0,
+    max_pixels: int = 0,
+    max_steps: int = 0,
+    state: str = "online",
+    roles: tuple[str, ...] = ("provider",),
+) -> Advert:
+    return Advert(
+        PEERS[index],
+        seq=1,
+        issued_at=NOW,
+        ttl=180,
+        models=models,
+        loras=tuple(LoraInfo(name) for name in loras),
+        samplers=samplers,
+        speed=speed,
+        slots=slots,
+        queue=queue,
+        max_pixels=max_pixels,
+        max_steps=max_steps,
+        state=state,
+        roles=roles,
+    )
+
+
+def job(**fields: object) -> JobRequest:
+    """20 steps at 512x512: a cost of 20 units, so 10 s at 2 it/s."""
+    values: dict[str, object] = {"kind": "txt2img", "model": "SD 1.5", "prompt": "a cat"}
+    values.update(fields)
+    return JobRequest(**values)  # type: ignore[arg-type]
+
+
+def directory(
+    *adverts: Advert, rtts: dict[PeerId, float] | None = None, seed: int = 0
+) -> ProviderDirectory:
+    cache = AdvertCache(wall_clock=lambda: NOW)
+    for index, held in enumerate(adverts):
+        identity = next(i for i in IDS if i.peer_id == held.peer_id)
+        assert cache.add(held.seal(identity)) is not None, index
+    known = rtts if rtts is not None else {p: 0.0 for p in PEERS}
+    return ProviderDirectory(cache, known.get, rng=random.Random(seed))
+
+
+def chosen(found: ProviderDirectory, request: JobRequest, **kwargs: object) -> list[PeerId]:
+    return [c.peer_id for c in found.candidates(request, NOW, **kwargs)]  # type: ignore[arg-type]
+
+
+# --- who can run a job -------------------------------------------------------------------------
+
+
+def test_candidates_match_model_by_name_or_title_and_every_lora() -> None:
+    found = directory(
+        advert(0, loras=("pixel", "ink")),
+        advert(1, loras=("pixel",)),
+        advert(2, models=(ModelInfo("SDXL"),)),
+    )
+    assert set(chosen(found, job(model="  sd   1.5 "))) == {PEERS[0], PEERS[1]}
+    assert chosen(found, job(loras=(("PIXEL", 1.0), ("ink", 0.5)))) == [PEERS[0]]
+    assert chosen(found, job(loras=(("nope", 1.0),))) == []
+    assert chosen(found, job(model="sdxl")) == [PEERS[2]]
+    # A1111 clients name a checkpoint by its title.
+    by_title = set(chosen(found, job(model="v1-5-pruned.safetensors [6ce0161689]")))
+    assert by_title == {PEERS[0], PEERS[1]}
+    assert chosen(found, job(model="unknown")) == []
+
+
+def test_candidates_need_the_sampler_pixels_and_steps() -> None:
+    found = directory(
+        advert(0, samplers=("Euler a",), max_pixels=512 * 512, max_steps=30),
+        advert(1, samplers=("DPM++ 2M", "Euler a")),  # 0: no limit
+    )
+    assert set(chosen(found, job(sampler_name="euler A"))) == {PEERS[0], PEERS[1]}
+    # A scheduler suffix: the base sampler must be offered.
+    assert chosen(found, job(sampler_name="DPM++ 2M Karras")) == [PEERS[1]]
+    assert chosen(found, job(sampler_name="Heun")) == []
+    assert chosen(found, job(width=1024)) == [PEERS[1]]
+    assert chosen(found, job(steps=31)) == [PEERS[1]]
+    assert set(chosen(found, job(steps=30, width=512))) == {PEERS[0], PEERS[1]}
+
+
+def test_only_online_providers_not_excluded_nor_banned() -> None:
+    found = directory(
+        advert(0),
+        advert(1, state="draining"),
+        advert(2, state="unavailable"),
+        advert(3, roles=("gateway",)),
+        advert(4),
+        advert(5),
+    )
+    found.ban(PEERS[5], NOW - 1)
+    assert set(chosen(found, job())) == {PEERS[0], PEERS[4]}
+    assert chosen(found, job(), exclude={PEERS[4]}) == [PEERS[0]]
+    assert found.has_model("sd 1.5") and not found.has_model("sd 1.5", ["pixel"])
+    assert not found.has_model("sdxl")
+
+
+def test_has_model_and_can_run_ignore_state_and_bans() -> None:
+    found = directory(advert(0, state="draining", loras=("pixel",), max_steps=30))
+    found.ban(PEERS[0], NOW)
+    assert found.has_model("SD 1.5", ["pixel"])
+    assert found.can_run(job(loras=(("pixel", 1.0),)))
+    assert not found.can_run(job(steps=50))
+    assert found.candidates(job(), NOW) == []
+
+
+# --- scoring -----------------------------------------------------------------------------------
+
+
+def test_eta_is_rtt_plus_queue_plus_run() -> None:
+    found = directory(
+        advert(0, speed=2.0, slots=2, queue=3),
+        advert(1, speed=0.0),  # no measured speed: 0.5 it/s
+        rtts={PEERS[0]: 0.05},
+    )
+    first, second = found.candidates(job(), NOW)
+    # run = 20 / 2 = 10 s; queue = 3 / 2 slots
+    assert first.peer_id == PEERS[0]
+    assert first.eta == pytest.approx(0.05 + 1.5 * 10 + 10)
+    assert first.rtt == 0.05 and first.in_flight == 0
+    # Unknown RTT counts as 150 ms.
+    assert second.rtt == DEFAULT_RTT
+    assert second.eta == pytest.approx(DEFAULT_RTT + 20 / 0.5)
+    assert found.eta(second.advert, job(batch_size=2, width=256)) == pytest.approx(
+        DEFAULT_RTT + 20 * 2 * (256 * 512 / 512**2) / 0.5
+    )
+
+
+def test_jobs_in_flight_raise_the_eta_before_the_advert_shows_them() -> None:
+    found = directory(advert(0, queue=0), advert(1, queue=2))
+    idle, loaded = advert(0, queue=0), advert(1, queue=2)
+    assert found.eta(idle, job()) == pytest.approx(10)
+    found.started(PEERS[0])
+    found.started(PEERS[0])
+    assert found.in_flight(PEERS[0]) == 2
+    assert found.eta(idle, job()) == pytest.approx(2 * 10 + 10)
+    # Once the advert counts them, they are not counted twice.
+    found.started(PEERS[1])
+    assert found.eta(loaded, job()) == pytest.approx(2 * 10 + 10)
+    found.finished(PEERS[0])
+    found.finished(PEERS[0])
+    found.finished(PEERS[1])
+    assert found.in_flight(PEERS[0]) == 0
+    assert found.eta(idle, job()) == pytest.approx(10)
+
+
+def test_in_flight_jobs_move_the_choice_to_another_provider() -> None:
+    found = directory(advert(0, speed=4.0), advert(1, speed=2.0))
+    assert found.choose(job(), NOW).peer_id == PEERS[0]  # 5 s against 10 s
+    found.started(PEERS[0])  # 5 + 5 = 10 s: within the band of provider 1's 10 s
+    found.started(PEERS[0])  # 15 s
+    assert found.choose(job(), NOW).peer_id == PEERS[1]
+
+
+def test_the_provider_that_finishes_sooner_wins_queue_or_not() -> None:
+    fast_busy = advert(0, speed=10.0, queue=3)  # 3 * 2 + 2 = 8 s
+    slow_idle = advert(1, speed=1.0)  # 20 s
+    assert directory(fast_busy, slow_idle).choose(job(), NOW).peer_id == PEERS[0]
+    fast_swamped = advert(0, speed=10.0, queue=15)  # 15 * 2 + 2 = 32 s
+    assert directory(fast_swamped, slow_idle).choose(job(), NOW).peer_id == PEERS[1]
+
+
+def test_choice_is_random_among_candidates_within_ten_percent_of_the_best() -> None:
+    found = directory(
+        advert(0, speed=2.0),  # 10 s
+        advert(1, speed=20 / 10.8),  # 10.8 s: within 10 %
+        advert(2, speed=20 / 11.5),  # 11.5 s: outside
+        advert(3, speed=1.0),  # 20 s
+    )
+    counts = Counter(found.choose(job(), NOW).peer_id for _ in range(1000))
+    assert set(counts) == {PEERS[0], PEERS[1]}
+    assert 400 < counts[PEERS[0]] < 600
+
+
+def test_choose_returns_none_without_candidates() -> None:
+    assert directory(advert(0)).choose(job(model="SDXL"), NOW) is None
+
+
+# --- bans --------------------------------------------------------------------------------------
+
+
+def test_ban_doubles_with_each_failure_caps_at_five_minutes_and_resets_on_success() -> None:
+    found = directory(advert(0), advert(1, speed=1.0))
+    peer = PEERS[0]
+    now = NOW
+    lengths = []
+    for _ in range(9):
+        until = found.ban(peer, now)
+        assert found.banned_until(peer) == until
+        assert found.is_banned(peer, until - 0.001) and not found.is_banned(peer, until)
+        assert found.choose(job(), now).peer_id == PEERS[1]
+        lengths.append(until - now)
+        now = until  # fails again as soon as its ban ends
+    assert lengths == [5, 10, 20, 40, 80, 160, 300, 300, 300]
+    assert found.choose(job(), now).peer_id == peer  # the ban is over: the faster one again
+    found.succeeded(peer)
+    assert found.banned_until(peer) is None
+    assert found.ban(peer, now) == now + 5
+
+
+def test_failures_during_a_ban_do_not_lengthen_it() -> None:
+    found = directory(advert(0))
+    assert found.ban(PEERS[0], NOW) == NOW + 5
+    # The other jobs that were running there fail a moment later.
+    assert found.ban(PEERS[0], NOW + 0.1) == NOW + 5
+    assert found.ban(PEERS[0], NOW + 5) == NOW + 15
+
+
+def test_a_ban_long_past_is_forgotten() -> None:
+    found = directory(advert(0), advert(1))
+    found.ban(PEERS[0], NOW)
+    found.ban(PEERS[0], NOW + 5)  # 10 s, until NOW + 15
+    later = NOW + 15 + BAN_MAX
+    found.ban(PEERS[1], later)  # any ban prunes the table
+    assert found.banned_until(PEERS[0]) is None
+    assert found.ban(PEERS[0], later) == later + 5

@@ -1,0 +1,362 @@
+"""The dispatcher against real providers (test cards) on the in-memory network."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, replace
+
+import pytest
+import trio
+
+from gateway.directory import ProviderDirectory
+from gateway.dispatch import Dispatcher, DispatchError, DispatchResult, GatewayConfig
+from sdcn_p2p.backends import Backend, JobOutput
+from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
+from sdcn_p2p.errors import JobError
+from sdcn_p2p.jobs import JobRequest, request_job
+from sdcn_p2p.peer import Peer
+from sdcn_p2p.provider import Provider, ProviderConfig, open_provider
+from sdcn_p2p.records import Advert, model_key
+from sdcn_p2p.testing import mock_wall_clock, open_memory_peers
+from sdcn_p2p.transport.memory import MemoryNetwork
+
+#: 10 steps of 64x64 take 10 * (64 * 64 / 512**2) / 0.5 = 0.31 s on this card.
+SLOW = TestcardConfig(models=("card-a",), speed=0.5)
+#: Adverts that do not change for a long while after a job starts: the gateway's view of the
+#: providers' load stays stale, so that they answer busy.
+STALE = ProviderConfig(slots=1, max_queue=0, min_advert_gap=100.0)
+
+
+def job(**fields: object) -> JobRequest:
+    values: dict[str, object] = {
+        "kind": "txt2img",
+        "model": "card-a",
+        "prompt": "a dog",
+        "seed": 7,
+        "steps": 10,
+        "width": 64,
+        "height": 64,
+    }
+    values.update(fields)
+    return JobRequest(**values)  # type: ignore[arg-type]
+
+
+def long_job(**fields: object) -> JobRequest:
+    """150 steps: 4.7 s on the slow card."""
+    return job(steps=150, **fields)
+
+
+class WatchedBackend(TestcardBackend):
+    """A test card that tells when a job starts and ends, and can be told to fail."""
+
+    def __init__(self, config: TestcardConfig = SLOW, *, fail: bool = False) -> None:
+        super().__init__(config)
+        self.fail = fail
+        self.started = trio.Event()
+        self.ended = trio.Event()
+        self.seeds: list[int] = []
+
+    async def generate(self, job: JobRequest, progress: Callable[[int, int], None]) -> JobOutput:
+        self.seeds.append(job.seed)
+        self.started.set()
+        try:
+            if self.fail:
+                await trio.lowlevel.checkpoint()
+                raise JobError("backend_failed", "out of VRAM")
+            return await super().generate(job, progress)
+        finally:
+            self.ended.set()
+
+
+@dataclass
+class Net:
+    network: MemoryNetwork
+    gateway: Peer
+    nodes: list[Peer]
+    providers: list[Provider]
+    directory: ProviderDirectory
+    dispatcher: Dispatcher
+
+    def provider_of(self, result: DispatchResult) -> int:
+        return [str(node.peer_id) for node in self.nodes].index(result.info["provider"])
+
+    def banned(self, index: int) -> bool:
+        return self.directory.is_banned(self.nodes[index].peer_id, mock_wall_clock())
+
+
+async def wait_advert(peer: Peer, provider: Peer, check: Callable[[Advert], bool]) -> Advert:
+    """Wait until `peer` holds an advert of `provider` that passes `check`."""
+    arrived = trio.lowlevel.ParkingLot()
+    peer.adverts.add_listener(lambda advert: arrived.unpark_all())
+    with trio.fail_after(120):
+        while (held := peer.adverts.get(provider.peer_id)) is None or not check(held):
+            await arrived.park()
+    return held
+
+
+async def wait_idle(net: Net, index: int) -> None:
+    """Wait for an advert of provider `index`, issued from now on, that shows it idle."""
+    since = mock_wall_clock()
+    await wait_advert(
+        net.gateway, net.nodes[index], lambda a: a.issued_at >= since and a.queue == 0
+    )
+    assert net.providers[index].load == 0
+
+
+@asynccontextmanager
+async def gateway_network(
+    *backends: Backend,
+    configs: Sequence[ProviderConfig] | None = None,
+    gateway_config: GatewayConfig = GatewayConfig(),
+) -> AsyncIterator[Net]:
+    """Peer 0 is the gateway (and everyone's bootstrap); one provider per backend after it."""
+    network = MemoryNetwork(latency=0.005)
+    configs = configs or [ProviderConfig()] * len(backends)
+    async with (
+        open_memory_peers(1 + len(backends), network=network) as (gateway, *nodes),
+        AsyncExitStack() as stack,
+    ):
+        providers = [
+            await stack.enter_async_context(open_provider(node, backend, config))
+            for node, backend, config in zip(nodes, backends, configs, strict=True)
+        ]
+        for node in nodes:
+            await wait_advert(gateway, node, lambda a: a.state == "online")
+        directory = ProviderDirectory(
+            gateway.adverts, gateway.host.peerstore.rtt, rng=random.Random(1)
+        )
+        dispatcher = Dispatcher(gateway, directory, gateway_config, rng=random.Random(2))
+        yield Net(network, gateway, nodes, providers, directory, dispatcher)
+
+
+def speeds(*values: float, base: ProviderConfig = ProviderConfig()) -> list[ProviderConfig]:
+    """One config per provider, each advertising its speed until it has measured one."""
+    return [replace(base, initial_speed=value) for value in values]
+
+
+async def occupy(net: Net, index: int, nursery: trio.Nursery) -> WatchedBackend:
+    """Start a long job on provider `index` behind the dispatcher's back; return once it runs."""
+    backend = net.providers[index].backend
+    assert isinstance(backend, WatchedBackend)
+    nursery.start_soon(
+        lambda: request_job(net.gateway.host, net.nodes[index].peer_id, long_job(), deadline=60)
+    )
+    await backend.started.wait()
+    return backend
+
+
+# --- choosing --------------------------------------------------------------------------------
+
+
+async def test_a_model_only_one_provider_has_goes_to_it(autojump_clock) -> None:
+    async with gateway_network(
+        TestcardBackend(TestcardConfig(models=("card-a",))),
+        TestcardBackend(TestcardConfig(models=("card-b",), loras=("pixel",))),
+        TestcardBackend(TestcardConfig(models=("card-a", "card-c"))),
+    ) as net:
+        for _ in range(5):
+            result = await net.dispatcher.run(job(model="CARD-B", loras=(("pixel", 0.8),)))
+            assert net.provider_of(result) == 1
+            assert result.info["attempts"] == 1 and result.info["seed"] == 7
+            assert len(result.images) == 1 and result.images[0].startswith(b"\x89PNG")
+            assert {"queue_ms", "run_ms", "model"} <= result.info.keys()
+        result = await net.dispatcher.run(job(model="card-c"))
+        assert net.provider_of(result) == 2
+        assert net.directory.in_flight(net.nodes[1].peer_id) == 0
+
+
+async def test_nobody_has_the_model_or_the_lora_is_404(autojump_clock) -> None:
+    async with gateway_network(TestcardBackend(TestcardConfig(models=("card-a",)))) as net:
+        with pytest.raises(DispatchError) as info:
+            await net.dispatcher.run(job(loras=(("nope", 1.0),)))
+        assert info.value.status == 404 and "'nope'" in info.value.message
+        with pytest.raises(DispatchError) as info:
+            await net.dispatcher.run(job(model="sdxl"))
+        assert info.value.status == 404 and "'sdxl'" in info.value.message
+        with pytest.raises(DispatchError) as info:
+            await net.dispatcher.run(job(sampler_name="Made Up"))
+        assert info.value.status == 404 and "'Made Up'" in info.value.message
+        assert not net.banned(0)
+
+
+# --- failover --------------------------------------------------------------------------------
+
+
+async def test_busy_providers_are_skipped_and_attempts_counted(autojump_clock) -> None:
+    backends = [WatchedBackend() for _ in range(3)]
+    async with (
+        gateway_network(*backends, configs=speeds(4.0, 2.0, 1.0, base=STALE)) as net,
+        trio.open_nursery() as nursery,
+    ):
+        # The two the gateway thinks fastest are running jobs it does not know of.
+        await occupy(net, 0, nursery)
+        await occupy(net, 1, nursery)
+        result = await net.dispatcher.run(job())
+        assert net.provider_of(result) == 2 and result.info["attempts"] == 3
+        assert net.banned(0) and net.banned(1) and not net.banned(2)
+        # While they are banned, the next job goes straight to the idle one.
+        result = await net.dispatcher.run(job())
+        assert net.provider_of(result) == 2 and result.info["attempts"] == 1
+
+
+async def test_all_busy_is_503(autojump_clock) -> None:
+    backends = [WatchedBackend() for _ in range(2)]
+    async with (
+        gateway_network(*backends, configs=speeds(2.0, 1.0, base=STALE)) as net,
+        trio.open_nursery() as nursery,
+    ):
+        await occupy(net, 0, nursery)
+        await occupy(net, 1, nursery)
+        with pytest.raises(DispatchError) as info:
+            await net.dispatcher.run(job())
+        assert info.value.status == 503 and "busy" in info.value.message
+        assert net.banned(0) and net.banned(1)
+        # Both banned: no provider to try at all, though both offer the model.
+        with pytest.raises(DispatchError) as info:
+            await net.dispatcher.run(job())
+        assert info.value.status == 503
+        assert [len(b.seeds) for b in backends] == [1, 1]
+
+
+async def test_a_provider_killed_mid_job_fails_over_and_each_job_runs_once(
+    autojump_clock,
+) -> None:
+    backends = [WatchedBackend() for _ in range(3)]
+    config = ProviderConfig(slots=4, max_queue=8)
+    async with gateway_network(*backends, configs=[config] * 3) as net:
+        results: dict[int, DispatchResult] = {}
+
+        async def one(seed: int) -> None:
+            results[seed] = await net.dispatcher.run(long_job(seed=seed))
+
+        async with trio.open_nursery() as nursery:
+            for seed in range(9):
+                nursery.start_soon(one, seed)
+            victim = backends[0]
+            await victim.started.wait()
+            net.network.set_down(net.nodes[0].host.transport.host)
+
+        assert sorted(results) == list(range(9))
+        assert all(r.info["seed"] == seed for seed, r in results.items())
+        moved = [r for r in results.values() if r.info["attempts"] > 1]
+        assert moved, "some jobs were running on the provider that died"
+        assert all(net.provider_of(r) != 0 for r in results.values())
+        assert all(r.info["attempts"] == 2 for r in moved)
+        # Every job ran to the end exactly once, on a provider that survived.
+        assert net.providers[0].jobs_done == 0
+        assert net.providers[1].jobs_done + net.providers[2].jobs_done == 9
+        assert net.directory.banned_until(net.nodes[0].peer_id) is not None
+        assert all(net.directory.in_flight(node.peer_id) == 0 for node in net.nodes)
+
+
+async def test_a_provider_that_always_fails_is_banned_longer_each_time(autojump_clock) -> None:
+    broken, sound = WatchedBackend(fail=True), WatchedBackend()
+    async with gateway_network(broken, sound, configs=speeds(4.0, 1.0)) as net:
+        bad = net.nodes[0].peer_id
+        result = await net.dispatcher.run(job())
+        assert net.provider_of(result) == 1 and result.info["attempts"] == 2
+        until = net.directory.banned_until(bad)
+        assert until == pytest.approx(mock_wall_clock() + 5, abs=1)
+        # Banned: not chosen, though it still looks fastest.
+        result = await net.dispatcher.run(job())
+        assert result.info["attempts"] == 1 and len(broken.seeds) == 1
+        await trio.sleep(until - mock_wall_clock())
+        result = await net.dispatcher.run(job())
+        assert result.info["attempts"] == 2 and len(broken.seeds) == 2
+        assert net.directory.banned_until(bad) == pytest.approx(mock_wall_clock() + 10, abs=1)
+        assert net.directory.banned_until(net.nodes[1].peer_id) is None
+
+
+async def test_the_only_provider_failing_is_502(autojump_clock) -> None:
+    async with gateway_network(WatchedBackend(fail=True)) as net:
+        with pytest.raises(DispatchError) as info:
+            await net.dispatcher.run(job())
+        assert info.value.status == 502 and "out of VRAM" in info.value.message
+
+
+async def test_a_random_seed_is_drawn_once_and_kept_on_retry(autojump_clock) -> None:
+    broken, sound = WatchedBackend(fail=True), WatchedBackend()
+    async with gateway_network(broken, sound, configs=speeds(4.0, 1.0)) as net:
+        result = await net.dispatcher.run(job(seed=-1))
+        seed = result.info["seed"]
+        assert 0 <= seed < 2**32 and result.info["attempts"] == 2
+        assert broken.seeds == sound.seeds == [seed]
+
+
+# --- deadlines and cancelling ------------------------------------------------------------------
+
+
+async def test_deadline_passed_is_504_and_the_job_stops(autojump_clock) -> None:
+    backend = WatchedBackend()
+    async with gateway_network(backend) as net:
+        start = trio.current_time()
+        with pytest.raises(DispatchError) as info:
+            await net.dispatcher.run(long_job(), deadline=1.0)
+        assert info.value.status == 504
+        assert trio.current_time() - start == pytest.approx(1.0, abs=0.1)
+        # A deadline shorter than the job needs is not the provider's fault.
+        assert not net.banned(0)
+        await backend.ended.wait()
+        await wait_idle(net, 0)
+
+
+async def test_a_provider_far_slower_than_it_claims_is_banned_at_the_deadline(
+    autojump_clock,
+) -> None:
+    # It claims 10 it/s but runs at 0.5: an ETA of 0.3 s, and nothing after 2 s.
+    async with gateway_network(WatchedBackend(), configs=speeds(10.0)) as net:
+        with pytest.raises(DispatchError) as info:
+            await net.dispatcher.run(long_job(), deadline=2.0)
+        assert info.value.status == 504 and net.banned(0)
+
+
+async def test_default_deadline_scales_with_the_job_and_is_capped(autojump_clock) -> None:
+    async with gateway_network(TestcardBackend()) as net:
+        small, big = job(steps=20, width=512, height=512), job(steps=150, width=2048, height=2048)
+        assert net.dispatcher.default_deadline(small) == 30 + 20 * 2
+        assert net.dispatcher.default_deadline(big) == 600
+
+
+async def test_cancelling_run_cancels_the_job_on_the_provider(autojump_clock) -> None:
+    backend = WatchedBackend()
+    async with gateway_network(backend) as net:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: net.dispatcher.run(long_job()))
+            await backend.started.wait()
+            assert net.directory.in_flight(net.nodes[0].peer_id) == 1
+            nursery.cancel_scope.cancel()  # the HTTP client went away
+        assert net.directory.in_flight(net.nodes[0].peer_id) == 0
+        await backend.ended.wait()
+        await wait_idle(net, 0)
+        assert net.providers[0].jobs_done == 0 and not net.banned(0)
+
+
+# --- the DHT ---------------------------------------------------------------------------------
+
+
+async def test_a_provider_missing_from_the_cache_is_found_in_the_dht(
+    autojump_clock, monkeypatch
+) -> None:
+    async with gateway_network(TestcardBackend(TestcardConfig(models=("card-a",)))) as net:
+        node, gateway = net.nodes[0], net.gateway
+        envelope = node.adverts.envelope(node.peer_id)
+        assert envelope is not None and await node.dht.put(envelope)  # stored by now
+        # A gateway that joined late: gossip has not brought it this advert.
+        gateway.adverts.remove(node.peer_id)
+        lookups: list[bytes] = []
+        get = gateway.dht.get
+
+        async def spy(key: bytes):  # type: ignore[no-untyped-def]
+            lookups.append(key)
+            return await get(key)
+
+        monkeypatch.setattr(gateway.dht, "get", spy)
+        result = await net.dispatcher.run(job())
+        assert result.info["provider"] == str(node.peer_id)
+        assert lookups == [model_key("card-a")]
+        assert gateway.adverts.get(node.peer_id) is not None
+        # Known now: no more lookups.
+        await net.dispatcher.run(job())
+        assert len(lookups) == 1
