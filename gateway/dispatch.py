@@ -14,7 +14,7 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -84,6 +84,18 @@ class GatewayConfig:
             raise ValueError("deadline_per_unit must be ≥ 0")
 
 
+class LocalRunner(Protocol):
+    """`Provider.run_job`: runs a job on a provider of our own peer."""
+
+    async def __call__(
+        self,
+        job: JobRequest,
+        *,
+        deadline: float,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> JobResult: ...
+
+
 class Dispatcher:
     """Runs jobs on providers found through `directory`, talking through `peer`'s host."""
 
@@ -94,10 +106,15 @@ class Dispatcher:
         config: GatewayConfig,
         *,
         rng: random.Random | None = None,
+        local: LocalRunner | None = None,
     ) -> None:
+        """`local`: how to run a job on a provider on this same peer (`Provider.run_job`);
+        without it our own peer is never chosen, since a host cannot dial itself.
+        """
         self.peer = peer
         self.directory = directory
         self.config = config
+        self.local = local
         self._rng = rng or random.Random()
 
     def default_deadline(self, job: JobRequest) -> float:
@@ -171,7 +188,9 @@ class Dispatcher:
         raise self._no_result(request)
 
     def _choose(self, request: _Request) -> Candidate | None:
-        exclude = {self.peer.peer_id, *request.tried}
+        exclude = set(request.tried)
+        if self.local is None:
+            exclude.add(self.peer.peer_id)
         return self.directory.choose(request.job, self.peer.wall_clock(), exclude=exclude)
 
     async def _attempt(
@@ -190,9 +209,12 @@ class Dispatcher:
         log.debug("attempt %d on %s, eta %.1f s", len(request.tried), peer.short(), candidate.eta)
         self.directory.started(peer)
         try:
-            result = await request_job(
-                host, peer, request.job, deadline=left, on_progress=on_progress
-            )
+            if peer == self.peer.peer_id and self.local is not None:
+                result = await self.local(request.job, deadline=left, on_progress=on_progress)
+            else:
+                result = await request_job(
+                    host, peer, request.job, deadline=left, on_progress=on_progress
+                )
         except JobError as exc:
             log.debug("%s failed the job: %s", peer.short(), exc)
             if exc.code == "bad_request":

@@ -17,12 +17,12 @@ import trio
 
 from gateway.api import create_app
 from gateway.directory import ProviderDirectory
-from gateway.dispatch import Dispatcher, GatewayConfig
+from gateway.dispatch import Dispatcher, GatewayConfig, LocalRunner
 from sdcn_p2p._util import open_service_nursery
 from sdcn_p2p.errors import SdcnError
 from sdcn_p2p.httpserver import serve_http
 from sdcn_p2p.peer import Peer
-from sdcn_p2p.provider import GATEWAY_ROLE
+from sdcn_p2p.provider import GATEWAY_ROLE, Provider
 from sdcn_p2p.records import Advert
 
 __all__ = ["ADVERT_INTERVAL", "Gateway", "open_gateway"]
@@ -43,11 +43,12 @@ class Gateway:
         *,
         default_model: str | None = None,
         rng: random.Random | None = None,
+        local: LocalRunner | None = None,
     ) -> None:
         self.peer = peer
         self.config = config
         self.directory = ProviderDirectory(peer.adverts, peer.host.peerstore.rtt, rng=rng)
-        self.dispatcher = Dispatcher(peer, self.directory, config, rng=rng)
+        self.dispatcher = Dispatcher(peer, self.directory, config, rng=rng, local=local)
         #: The model a request that names none runs on (A1111's sd_model_checkpoint option).
         self.default_model = default_model
         #: The HTTP API's base URLs once served (``http://127.0.0.1:8080``).
@@ -82,17 +83,19 @@ async def open_gateway(
     *,
     http: str | None = None,
     default_model: str | None = None,
-    advertise: bool = True,
+    provider: Provider | None = None,
     rng: random.Random | None = None,
 ) -> AsyncIterator[Gateway]:
     """Run the gateway role on `peer`, serving the HTTP API on `http` (``HOST:PORT``) if given.
 
-    `advertise=False` when the peer's provider already advertises the gateway role.
-    Raises ConfigError if the HTTP address cannot be bound.
+    With `provider` (the peer is a provider too) jobs may run on it in-process, and its
+    advert carries the gateway role, so the gateway publishes none of its own. Raises
+    ConfigError if the HTTP address cannot be bound.
     """
-    gateway = Gateway(peer, config, default_model=default_model, rng=rng)
+    local = provider.run_job if provider is not None else None
+    gateway = Gateway(peer, config, default_model=default_model, rng=rng, local=local)
     async with open_service_nursery() as nursery:
-        if advertise:
+        if provider is None:
             nursery.start_soon(gateway.advertise)
         if http is not None:
             gateway.urls = await nursery.start(serve_http, create_app(gateway), http)

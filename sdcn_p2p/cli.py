@@ -307,8 +307,8 @@ async def run_node(
         AsyncExitStack() as stack,
     ):
         if http is not None:
-            # The provider's advert already carries the gateway role.
-            await stack.enter_async_context(open_gateway(peer, http=http, advertise=False))
+            # Jobs may run on our own provider; its advert carries the gateway role.
+            await stack.enter_async_context(open_gateway(peer, http=http, provider=provider))
         mode = "reachable" if peer.reachable else "outbound-only"
         log.info("provider %s (%s) on backend %s", peer.peer_id, mode, opened.name)
         await run_until_signalled(provider)

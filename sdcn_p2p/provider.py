@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +37,7 @@ from sdcn_p2p.jobs import (
     JOB,
     MAX_JOB_MESSAGE,
     JobRequest,
+    JobResult,
     error_message,
     parse_job_message,
     progress_message,
@@ -61,6 +62,8 @@ PROVIDER_ROLE = "provider"
 GATEWAY_ROLE = "gateway"
 #: Seconds a job stream has to deliver its request.
 REQUEST_TIMEOUT = 30.0
+#: it/s at 512x512 advertised before any job is measured, when the backend has no estimate.
+DEFAULT_SPEED = 1.0
 #: Weight of the newest job in the measured speed (an EWMA).
 SPEED_ALPHA = 0.3
 
@@ -201,7 +204,9 @@ class Provider:
         caps = self.capabilities
         now = self.peer.wall_clock()
         self._seq = max(self._seq + 1, int(now * 1000))
-        speed = self.speed if self.speed is not None else 1.0
+        speed = self.speed
+        if speed is None:
+            speed = caps.speed if caps is not None and caps.speed else DEFAULT_SPEED
         host = self.peer.host
         return Advert(
             peer_id=self.peer.peer_id,
@@ -264,23 +269,26 @@ class Provider:
 
     # --- jobs --------------------------------------------------------------------------------
 
-    async def _handle_job(self, stream: Stream) -> None:
+    async def run_job(
+        self,
+        job: JobRequest,
+        *,
+        deadline: float,
+        on_progress: Callable[[int, int], None] | None = None,
+        on_queued: Callable[[int], None] | None = None,
+    ) -> JobResult:
+        """Run `job` here within `deadline` seconds: the job protocol's handler and a gateway
+        on this same peer both come through here.
+
+        `on_queued(position)` is called when the job has to wait for a slot. Raises JobError
+        (busy, unsupported, backend_failed, timeout); cancelling cancels the job.
+        """
         received = trio.current_time()
-        try:
-            with trio.fail_after(REQUEST_TIMEOUT):
-                message = await stream.receive_message()
-            job, deadline = await _parse_job(message)
-            self._check_supported(job)
-            deadline = min(deadline, self.config.max_job_seconds)
-            with trio.move_on_at(received + deadline) as scope:
-                await self._run_job(stream, job, received)
-            if scope.cancelled_caught:
-                raise JobError("timeout", f"job did not finish within {deadline:.0f} s")
-        except JobError as exc:
-            if exc.code != "cancelled":
-                await _send_quietly(stream, error_message(exc.code, exc.message))
-        except trio.TooSlowError:
-            await _send_quietly(stream, error_message("timeout", "no job request arrived"))
+        self._check_supported(job)
+        deadline = min(deadline, self.config.max_job_seconds)
+        with trio.move_on_at(received + deadline):
+            return await self._queue_and_run(job, received, on_progress, on_queued)
+        raise JobError("timeout", f"job did not finish within {deadline:.0f} s")
 
     def _check_supported(self, job: JobRequest) -> None:
         """Refuse what this provider cannot run right now (busy) or at all (unsupported)."""
@@ -289,56 +297,52 @@ class Provider:
         if self.state == "unavailable" or self.capabilities is None:
             raise JobError("busy", "provider's backend is unavailable")
         self.capabilities.resolve(job)  # JobError("unsupported") naming what is missing
-
-    async def _run_job(self, stream: Stream, job: JobRequest, received: float) -> None:
         if self.load >= self.config.slots + self.config.max_queue:
             raise JobError("busy", f"{self.load} job(s) running or queued")
+
+    async def _queue_and_run(
+        self,
+        job: JobRequest,
+        received: float,
+        on_progress: Callable[[int, int], None] | None,
+        on_queued: Callable[[int], None] | None,
+    ) -> JobResult:
         if self._idle.is_set():
             self._idle = trio.Event()
         self.waiting += 1
-        phase = "waiting"
+        running = False
         self._mark_changed()
         try:
-            async with open_service_nursery() as nursery:
-                # The client cancels by closing or resetting the stream.
-                nursery.start_soon(_cancel_when_closed, stream, nursery.cancel_scope)
-                if self._slots.value == 0:
-                    await stream.send_message(queued_message(self.waiting - 1))
-                async with self._slots:
-                    self.waiting -= 1
-                    self.running += 1
-                    phase = "running"
-                    await self._generate(stream, job, received)
-                    phase = "done"
-                nursery.cancel_scope.cancel()
-        finally:
-            if phase == "waiting":
+            if self._slots.value == 0 and on_queued is not None:
+                on_queued(self.waiting - 1)
+            async with self._slots:
                 self.waiting -= 1
-            else:
+                self.running += 1
+                running = True
+                return await self._generate(job, received, on_progress or _ignore_progress)
+        finally:
+            if running:
                 self.running -= 1
+            else:
+                self.waiting -= 1
             self._mark_changed()
             if self.load == 0:
                 self._idle.set()
-        if phase != "done":
-            raise JobError("cancelled", "the client closed the job stream")
 
-    async def _generate(self, stream: Stream, job: JobRequest, received: float) -> None:
+    async def _generate(
+        self, job: JobRequest, received: float, on_progress: Callable[[int, int], None]
+    ) -> JobResult:
         started = trio.current_time()
-        progress = _Progress()
-        async with open_service_nursery() as nursery:
-            nursery.start_soon(progress.forward, stream)
-            try:
-                output = await self.backend.generate(job, progress.update)
-            except JobError as exc:
-                if exc.code == "backend_failed" and self._nursery is not None:
-                    # Is the backend gone? Find out now rather than at the next refresh.
-                    self._nursery.start_soon(self._refresh_capabilities)
-                raise
-            finally:
-                nursery.cancel_scope.cancel()
-        finished = trio.current_time()
-        run_s = max(finished - started, 1e-3)
+        try:
+            output = await self.backend.generate(job, on_progress)
+        except JobError as exc:
+            if exc.code == "backend_failed" and self._nursery is not None:
+                # Is the backend gone? Find out now rather than at the next refresh.
+                self._nursery.start_soon(self._refresh_capabilities)
+            raise
+        run_s = max(trio.current_time() - started, 1e-3)
         self._measure(job, run_s)
+        self.jobs_done += 1
         info: dict[str, Any] = {
             **output.info,
             "seed": job.seed,
@@ -352,8 +356,30 @@ class Provider:
             "queue_ms": round((started - received) * 1000),
             "run_ms": round(run_s * 1000),
         }
-        await stream.send_message(result_message(output.images, info))
-        self.jobs_done += 1
+        return JobResult(output.images, info)
+
+    async def _handle_job(self, stream: Stream) -> None:
+        """``/sdcn/job/1.0.0``: one job per stream; closing the stream cancels it."""
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                message = await stream.receive_message()
+            job, deadline = await _parse_job(message)
+            replies = _Replies()
+            result: JobResult | None = None
+            async with open_service_nursery() as nursery:
+                nursery.start_soon(_cancel_when_closed, stream, nursery.cancel_scope)
+                nursery.start_soon(replies.forward, stream)
+                result = await self.run_job(
+                    job, deadline=deadline, on_progress=replies.progress, on_queued=replies.queued
+                )
+                nursery.cancel_scope.cancel()
+            if result is None:
+                return  # the client closed the stream: the job was cancelled
+            await stream.send_message(result_message(result.images, result.info))
+        except JobError as exc:
+            await _send_quietly(stream, error_message(exc.code, exc.message))
+        except trio.TooSlowError:
+            await _send_quietly(stream, error_message("timeout", "no job request arrived"))
 
     def _measure(self, job: JobRequest, run_s: float) -> None:
         """Fold the job's speed (it/s at 512x512) into the advertised EWMA."""
@@ -375,26 +401,38 @@ async def _parse_job(message: Any) -> tuple[JobRequest, float]:
     return parse_job_message(message)
 
 
-class _Progress:
-    """The latest (step, total) a backend reported, sent on by one task as it changes."""
+class _Replies:
+    """What to tell the client while its job waits or runs: the latest queue position and
+    (step, total), sent on by one task as they change.
+    """
 
     def __init__(self) -> None:
-        self._latest: tuple[int, int] | None = None
-        self._sent: tuple[int, int] | None = None
+        self._pending: list[dict[str, Any]] = []
+        self._latest_progress: tuple[int, int] | None = None
         self._event = trio.Event()
 
-    def update(self, step: int, total: int) -> None:
-        self._latest = (step, total)
+    def queued(self, position: int) -> None:
+        self._pending.append(queued_message(position))
         self._event.set()
+
+    def progress(self, step: int, total: int) -> None:
+        if (step, total) != self._latest_progress:
+            self._latest_progress = (step, total)
+            self._pending = [m for m in self._pending if m["type"] != "progress"]
+            self._pending.append(progress_message(step, total))
+            self._event.set()
 
     async def forward(self, stream: Stream) -> None:
         while True:
             await self._event.wait()
             self._event = trio.Event()
-            latest = self._latest
-            if latest is not None and latest != self._sent:
-                self._sent = latest
-                await stream.send_message(progress_message(*latest))
+            pending, self._pending = self._pending, []
+            for message in pending:
+                await stream.send_message(message)
+
+
+def _ignore_progress(step: int, total: int) -> None:
+    pass
 
 
 async def _cancel_when_closed(stream: Stream, scope: trio.CancelScope) -> None:

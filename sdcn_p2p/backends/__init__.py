@@ -48,6 +48,9 @@ class Capabilities:
     #: Scheduler names ("karras", "sgm_uniform") for sampler names like "DPM++ 2M Karras";
     #: empty for a webui older than 1.9, whose samplers carry the suffix themselves.
     schedulers: tuple[str, ...] = ()
+    #: Iterations per second at 512x512 the backend expects to run, if it knows; the
+    #: provider advertises it until it has measured jobs of its own.
+    speed: float | None = None
 
     def resolve(self, job: JobRequest) -> ResolvedJob:
         """Match `job` against what is offered here (names compared case-insensitively).

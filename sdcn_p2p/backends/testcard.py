@@ -57,6 +57,8 @@ SAMPLERS = (
     "UniPC",
     "LCM",
 )
+#: The speed an instant test card advertises (it/s at 512x512).
+INSTANT_SPEED = 1000.0
 # Jobs up to this many pixels (all images together) are drawn without a worker thread.
 _INLINE_PIXELS = 256 * 256
 _IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
@@ -110,6 +112,7 @@ class TestcardBackend:
             loras=tuple(LoraInfo(lo, _short_hash(lo)) for lo in config.loras),
             samplers=tuple(config.samplers),
             schedulers=tuple(SCHEDULERS.values()),
+            speed=config.speed if config.speed is not None else INSTANT_SPEED,
         )
 
     async def capabilities(self) -> Capabilities:
