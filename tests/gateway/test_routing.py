@@ -72,7 +72,7 @@ async def test_30_concurrent_requests_survive_a_provider_killed_mid_job(autojump
     """Three providers, 30 requests at once, one provider dies with jobs running: every
     request gets its images exactly once, and info.attempts shows the retries.
     """
-    async with network([1.0, 1.0, 1.0], max_queue=20) as (http, gateway, providers, net):
+    async with network([1.0, 1.0, 1.0], max_queue=20) as (http, _, providers, net):
         answers: dict[int, dict] = {}
 
         async def one(seed: int) -> None:
