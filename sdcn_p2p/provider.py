@@ -103,6 +103,7 @@ class Provider:
         self.running = 0
         self.waiting = 0
         self.jobs_done = 0
+        self.jobs_cancelled = 0  # by clients that closed their stream
         self.speed = config.initial_speed
         self._slots = trio.Semaphore(config.slots)
         self._changed = trio.Event()
@@ -140,13 +141,18 @@ class Provider:
                 self.peer.host.remove_handler(JOB)
                 self._nursery = None
 
+    async def wait_idle(self) -> None:
+        """Return once no job is running or waiting here."""
+        while self.load:
+            await self._idle.wait()
+
     async def drain(self) -> None:
         """Advertise ``draining``, refuse new jobs and wait for the running ones to finish."""
         if self.state != "draining":
             log.info("draining: %d job(s) to finish", self.load)
             self.state = "draining"
             await self._publish()
-        await self._idle.wait()
+        await self.wait_idle()
 
     # --- capabilities and adverts --------------------------------------------------------------
 
@@ -373,8 +379,9 @@ class Provider:
                     job, deadline=deadline, on_progress=replies.progress, on_queued=replies.queued
                 )
                 nursery.cancel_scope.cancel()
-            if result is None:
-                return  # the client closed the stream: the job was cancelled
+            if result is None:  # the client closed the stream: the job was cancelled
+                self.jobs_cancelled += 1
+                return
             await stream.send_message(result_message(result.images, result.info))
         except JobError as exc:
             await _send_quietly(stream, error_message(exc.code, exc.message))

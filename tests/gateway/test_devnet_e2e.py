@@ -9,6 +9,7 @@ import json
 import httpx
 import pytest
 import trio
+import trio.testing
 from PIL import Image
 
 from sdcn_p2p.cli import main
@@ -165,6 +166,20 @@ async def test_a_body_over_the_limit_is_refused_not_a_crash(client: httpx.AsyncC
     response = await client.send(request)
     assert response.status_code in (400, 413) and set(response.json()) == {"msg"}
     assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_a_client_that_disconnects_cancels_its_job(devnet: Devnet) -> None:
+    [provider] = [
+        p for p in devnet.providers if "dreamshaper-8" in [m.name for m in p.capabilities.models]
+    ]
+    slow = sdcn(model="dreamshaper-8", steps=150, width=512, height=512)  # ~50 s on it
+    async with httpx.AsyncClient(base_url=devnet.url, timeout=1.0) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post("/txt2img", json=slow)
+    with trio.fail_after(10):  # far sooner than the job would take
+        await provider.wait_idle()
+    await trio.testing.wait_all_tasks_blocked()  # the job handler finishes its bookkeeping
+    assert provider.jobs_done == 0 and provider.jobs_cancelled == 1
 
 
 def test_devnet_demo_writes_the_example_image(tmp_path, monkeypatch) -> None:
