@@ -17,6 +17,7 @@ from sdcn_p2p.host import Host, HostConfig, open_host
 from sdcn_p2p.identity import Identity
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.peer import Peer, PeerConfig, open_peer
+from sdcn_p2p.records import Advert
 from sdcn_p2p.transport import ConnectionHandler, RawConnection, Transport
 from sdcn_p2p.transport.memory import MemoryNetwork
 
@@ -24,10 +25,12 @@ __all__ = [
     "MOCK_EPOCH",
     "Tamper",
     "TamperingTransport",
+    "all_tasks",
     "mock_wall_clock",
     "open_memory_hosts",
     "open_memory_peers",
     "test_identity",
+    "wait_advert",
 ]
 
 #: ``tamper(index, message)``: the messages to send instead of the `index`-th one (from 0).
@@ -171,3 +174,36 @@ MOCK_EPOCH = 1_700_000_000.0
 def mock_wall_clock() -> float:
     """Wall time that follows trio's clock, so MockClock jumps move record expiry too."""
     return MOCK_EPOCH + trio.current_time()
+
+
+#: Seconds `wait_advert` waits before failing the test.
+WAIT_TIMEOUT = 60.0
+
+
+def all_tasks() -> set[trio.lowlevel.Task]:
+    """Every task of the current trio run (to check that closing left none behind)."""
+    tasks: set[trio.lowlevel.Task] = set()
+    todo = [trio.lowlevel.current_root_task()]
+    while todo:
+        task = todo.pop()
+        tasks.add(task)
+        for nursery in task.child_nurseries:
+            todo.extend(nursery.child_tasks)
+    return tasks
+
+
+async def wait_advert(
+    peer: Peer,
+    of: Peer,
+    check: Callable[[Advert], bool] = lambda advert: advert.state == "online",
+) -> Advert:
+    """Wait until `peer`'s cache holds an advert of `of` that passes `check` (default: online).
+
+    Raises trio.TooSlowError after WAIT_TIMEOUT seconds.
+    """
+    arrived = trio.lowlevel.ParkingLot()
+    peer.adverts.add_listener(lambda advert: arrived.unpark_all())
+    with trio.fail_after(WAIT_TIMEOUT):
+        while (held := peer.adverts.get(of.peer_id)) is None or not check(held):
+            await arrived.park()
+    return held

@@ -24,7 +24,7 @@ from sdcn_p2p.host import PROTOCOL_HEADER_TIMEOUT, Host, HostConfig, open_host
 from sdcn_p2p.identity import Identity
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.protocols.ping import PING
-from sdcn_p2p.testing import TamperingTransport, open_memory_hosts, test_identity
+from sdcn_p2p.testing import TamperingTransport, all_tasks, open_memory_hosts, test_identity
 from sdcn_p2p.transport.memory import MemoryNetwork
 from sdcn_p2p.wire import noise, yamux
 from sdcn_p2p.wire.varint import encode_varint
@@ -36,17 +36,6 @@ BOOM = "/test/boom/1.0.0"
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-def all_tasks() -> set[trio.lowlevel.Task]:
-    tasks: set[trio.lowlevel.Task] = set()
-    todo = [trio.lowlevel.current_root_task()]
-    while todo:
-        task = todo.pop()
-        tasks.add(task)
-        for nursery in task.child_nurseries:
-            todo.extend(nursery.child_tasks)
-    return tasks
 
 
 @contextmanager

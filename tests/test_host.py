@@ -15,7 +15,7 @@ from sdcn_p2p.identity import Identity
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.protocols import identify
 from sdcn_p2p.records import PeerRecord
-from sdcn_p2p.testing import open_memory_hosts, test_identity
+from sdcn_p2p.testing import all_tasks, open_memory_hosts, test_identity
 from sdcn_p2p.transport.memory import MemoryNetwork
 
 ECHO = "/test/echo/1.0.0"
@@ -41,17 +41,6 @@ def add_test_handlers(*hosts: Host) -> None:
 
 def dial_addr(host: Host) -> Multiaddr:
     return host.listen_addrs[0].with_peer_id(host.peer_id)
-
-
-def all_tasks() -> set[trio.lowlevel.Task]:
-    tasks: set[trio.lowlevel.Task] = set()
-    todo = [trio.lowlevel.current_root_task()]
-    while todo:
-        task = todo.pop()
-        tasks.add(task)
-        for nursery in task.child_nurseries:
-            todo.extend(nursery.child_tasks)
-    return tasks
 
 
 async def test_websocket_hosts_run_100_concurrent_streams_of_mixed_protocols() -> None:

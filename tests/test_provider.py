@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -14,10 +13,9 @@ from sdcn_p2p.backends import Capabilities, JobOutput
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.errors import BackendUnavailable, JobError
 from sdcn_p2p.jobs import JOB, MAX_JOB_MESSAGE, JobRequest, request_job
-from sdcn_p2p.peer import Peer
 from sdcn_p2p.provider import GATEWAY_ROLE, ProviderConfig, open_provider
 from sdcn_p2p.records import Advert
-from sdcn_p2p.testing import open_memory_peers
+from sdcn_p2p.testing import open_memory_peers, wait_advert
 from sdcn_p2p.transport.memory import MemoryNetwork
 
 CARD = TestcardConfig(models=("card-a", "card-b"), loras=("pixel",), speed=10.0)
@@ -47,16 +45,6 @@ def png_bytes(width: int, height: int, *, noise: bool = False) -> bytes:
     out = io.BytesIO()
     image.save(out, "PNG", compress_level=0 if noise else 6)
     return out.getvalue()
-
-
-async def wait_advert(peer: Peer, provider: Peer, check: Callable[[Advert], bool]) -> Advert:
-    """Wait until `peer` holds an advert of `provider` that passes `check`."""
-    arrived = trio.lowlevel.ParkingLot()
-    peer.adverts.add_listener(lambda advert: arrived.unpark_all())
-    with trio.fail_after(120):
-        while (held := peer.adverts.get(provider.peer_id)) is None or not check(held):
-            await arrived.park()
-    return held
 
 
 @asynccontextmanager

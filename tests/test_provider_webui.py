@@ -12,10 +12,8 @@ from sdcn_p2p.backends.webui import WebuiConfig, open_webui_backend
 from sdcn_p2p.errors import JobError
 from sdcn_p2p.fakewebui import FakeWebui, open_fake_webui
 from sdcn_p2p.jobs import JobRequest, request_job
-from sdcn_p2p.peer import Peer
 from sdcn_p2p.provider import ProviderConfig, open_provider
-from sdcn_p2p.records import Advert
-from sdcn_p2p.testing import open_memory_peers
+from sdcn_p2p.testing import open_memory_peers, wait_advert
 
 FAST = WebuiConfig(timeout=5.0, progress_interval=0.02)
 PROVIDER = ProviderConfig(capability_interval=0.2, min_advert_gap=0.05)
@@ -25,15 +23,6 @@ def job(**fields: object) -> JobRequest:
     values: dict[str, object] = {"kind": "txt2img", "model": "sd-v1-5", "prompt": "a fox"}
     values.update(seed=3, steps=10, width=64, height=64, **fields)
     return JobRequest(**values)  # type: ignore[arg-type]
-
-
-async def wait_advert(peer: Peer, provider: Peer, check) -> Advert:  # type: ignore[no-untyped-def]
-    arrived = trio.lowlevel.ParkingLot()
-    peer.adverts.add_listener(lambda advert: arrived.unpark_all())
-    with trio.fail_after(20):
-        while (held := peer.adverts.get(provider.peer_id)) is None or not check(held):
-            await arrived.park()
-    return held
 
 
 @asynccontextmanager

@@ -28,8 +28,7 @@ from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.jobs import JobRequest
 from sdcn_p2p.peer import Peer
 from sdcn_p2p.provider import Provider, ProviderConfig, open_provider
-from sdcn_p2p.records import Advert
-from sdcn_p2p.testing import open_memory_peers
+from sdcn_p2p.testing import open_memory_peers, wait_advert
 
 CARDS = (
     TestcardConfig(models=("card-a", "card-b"), loras=("pixel",)),
@@ -63,15 +62,6 @@ class Net:
     providers: list[Provider]
 
 
-async def wait_online(peer: Peer, provider: Peer) -> Advert:
-    arrived = trio.lowlevel.ParkingLot()
-    peer.adverts.add_listener(lambda advert: arrived.unpark_all())
-    with trio.fail_after(30):
-        while (held := peer.adverts.get(provider.peer_id)) is None or held.state != "online":
-            await arrived.park()
-    return held
-
-
 @asynccontextmanager
 async def gateway_network(
     *backends: TestcardBackend, default_model: str | None = None
@@ -87,7 +77,7 @@ async def gateway_network(
             for node, backend in zip(nodes, backends, strict=True)
         ]
         for node in nodes:
-            await wait_online(peer, node)
+            await wait_advert(peer, node)
         gateway = Gateway(peer, default_model=default_model)
         app = create_app(gateway)
         transport = httpx.ASGITransport(app=app)

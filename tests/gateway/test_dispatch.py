@@ -18,8 +18,8 @@ from sdcn_p2p.errors import JobError
 from sdcn_p2p.jobs import JobRequest, request_job
 from sdcn_p2p.peer import Peer
 from sdcn_p2p.provider import Provider, ProviderConfig, open_provider
-from sdcn_p2p.records import Advert, model_key
-from sdcn_p2p.testing import mock_wall_clock, open_memory_peers
+from sdcn_p2p.records import model_key
+from sdcn_p2p.testing import mock_wall_clock, open_memory_peers, wait_advert
 from sdcn_p2p.transport.memory import MemoryNetwork
 
 #: 10 steps of 64x64 take 10 * (64 * 64 / 512**2) / 0.5 = 0.31 s on this card.
@@ -84,16 +84,6 @@ class Net:
 
     def banned(self, index: int) -> bool:
         return self.directory.is_banned(self.nodes[index].peer_id, mock_wall_clock())
-
-
-async def wait_advert(peer: Peer, provider: Peer, check: Callable[[Advert], bool]) -> Advert:
-    """Wait until `peer` holds an advert of `provider` that passes `check`."""
-    arrived = trio.lowlevel.ParkingLot()
-    peer.adverts.add_listener(lambda advert: arrived.unpark_all())
-    with trio.fail_after(120):
-        while (held := peer.adverts.get(provider.peer_id)) is None or not check(held):
-            await arrived.park()
-    return held
 
 
 async def wait_idle(net: Net, index: int) -> None:

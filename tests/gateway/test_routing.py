@@ -14,20 +14,9 @@ import trio
 from gateway.api import create_app
 from gateway.node import Gateway, open_gateway
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
-from sdcn_p2p.peer import Peer
 from sdcn_p2p.provider import Provider, ProviderConfig, open_provider
-from sdcn_p2p.testing import open_memory_peers
+from sdcn_p2p.testing import open_memory_peers, wait_advert
 from sdcn_p2p.transport.memory import MemoryNetwork
-
-
-async def wait_online(peer: Peer, providers: list[Peer]) -> None:
-    arrived = trio.lowlevel.ParkingLot()
-    peer.adverts.add_listener(lambda advert: arrived.unpark_all())
-    with trio.fail_after(60):
-        while any(
-            (a := peer.adverts.get(p.peer_id)) is None or a.state != "online" for p in providers
-        ):
-            await arrived.park()
 
 
 def body(seed: int, steps: int = 20) -> dict[str, object]:
@@ -59,7 +48,8 @@ async def network(
             providers.append(
                 await stack.enter_async_context(open_provider(node, TestcardBackend(card), config))
             )
-        await wait_online(peer, nodes)
+        for node in nodes:
+            await wait_advert(peer, node)
         gateway = Gateway(peer)
         transport = httpx.ASGITransport(app=create_app(gateway))
         async with httpx.AsyncClient(
@@ -139,7 +129,7 @@ async def test_a_provider_that_is_also_the_gateway_runs_jobs_itself(autojump_clo
         ) as provider,
         open_gateway(peer, provider=provider) as gateway,
     ):
-        await wait_online(peer, [peer])
+        await wait_advert(peer, peer)
         transport = httpx.ASGITransport(app=create_app(gateway))
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
             response = await http.post("/txt2img", json=body(3))
