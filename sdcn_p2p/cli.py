@@ -17,6 +17,13 @@ import trio
 
 from sdcn_p2p._version import __version__
 from sdcn_p2p.backends import Backend
+from sdcn_p2p.backends.diffusers import DEVICES as DIFFUSERS_DEVICES
+from sdcn_p2p.backends.diffusers import DTYPES as DIFFUSERS_DTYPES
+from sdcn_p2p.backends.diffusers import (
+    DiffusersConfig,
+    open_diffusers_backend,
+    require_diffusers,
+)
 from sdcn_p2p.backends.testcard import TestcardConfig, open_testcard_backend
 from sdcn_p2p.backends.webui import open_webui_backend
 from sdcn_p2p.errors import ConfigError, MultiaddrError, SdcnError
@@ -210,11 +217,29 @@ def _add_node(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="accept no connections even if --listen is given (behind NAT)",
     )
-    parser.add_argument("--backend", choices=("webui", "testcard"), required=True)
+    parser.add_argument("--backend", choices=("webui", "diffusers", "testcard"), required=True)
     webui = parser.add_argument_group("webui backend (AUTOMATIC1111, Forge, SD.Next)")
     webui.add_argument("--webui-url", metavar="URL", default="http://127.0.0.1:7860")
     webui.add_argument(
         "--webui-auth", metavar="USER:PASS", type=_user_pass, help="the webui's --api-auth"
+    )
+    local = parser.add_argument_group(
+        "diffusers backend (runs the models itself; pip install 'sdcn-p2p[diffusers]')"
+    )
+    local.add_argument(
+        "--models-dir",
+        metavar="DIR",
+        type=Path,
+        help="diffusers folders and .safetensors/.ckpt checkpoints (SD 1.x, 2.x, XL)",
+    )
+    local.add_argument("--loras-dir", metavar="DIR", type=Path, help="LoRA .safetensors files")
+    local.add_argument("--device", choices=DIFFUSERS_DEVICES, default="auto")
+    local.add_argument("--dtype", choices=DIFFUSERS_DTYPES, default="auto")
+    local.add_argument(
+        "--vram-budget-mb",
+        metavar="N",
+        type=int,
+        help="memory for cached pipelines (default: the GPU's total less 2 GiB)",
     )
     card = parser.add_argument_group("testcard backend (no GPU: a picture of the parameters)")
     card.add_argument("--testcard-models", metavar="A,B", type=_names, default=("testcard-v1",))
@@ -262,6 +287,8 @@ def node_config_from_args(args: argparse.Namespace) -> tuple[PeerConfig, Provide
     if args.backend == "webui" and args.slots != 1:
         # Its progress and interrupt calls are global: two jobs at once would mix them up.
         raise ConfigError("a webui runs one job at a time: use --slots 1")
+    if args.backend == "diffusers" and args.slots != 1:
+        raise ConfigError("the diffusers backend runs one job at a time: use --slots 1")
     roles = (PROVIDER_ROLE, GATEWAY_ROLE) if args.http else (PROVIDER_ROLE,)
     return (
         peer_config_from_args(args, roles=roles),
@@ -273,6 +300,18 @@ def open_backend_from_args(args: argparse.Namespace) -> AbstractAsyncContextMana
     """The backend `sdcn node --backend ...` asks for."""
     if args.backend == "webui":
         return open_webui_backend(args.webui_url, auth=args.webui_auth)
+    if args.backend == "diffusers":
+        if args.models_dir is None:
+            raise ConfigError("--backend diffusers needs --models-dir DIR")
+        require_diffusers()
+        diffusers_config = DiffusersConfig(
+            models_dir=args.models_dir,
+            loras_dir=args.loras_dir,
+            device=args.device,
+            dtype=args.dtype,
+            vram_budget_mb=args.vram_budget_mb,
+        )
+        return open_diffusers_backend(diffusers_config)
     config = TestcardConfig(
         models=args.testcard_models, loras=args.testcard_loras, speed=args.testcard_speed
     )
