@@ -79,7 +79,7 @@ DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 #: What ``pip install 'sdcn-p2p[diffusers]'`` brings, by import name.
 _REQUIRED = ("torch", "diffusers", "transformers", "safetensors", "peft", "torchsde")
-_INSTALL_HINT = "install it with: pip install 'sdcn-p2p[diffusers]'"
+_INSTALL_HINT = "install them with: pip install 'sdcn-p2p[diffusers]'"
 
 #: A1111 sampler names and the diffusers scheduler class (with settings) that each stands for.
 SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -386,9 +386,14 @@ def checkpoint_architecture(path: Path) -> str:
     if path.suffix.lower() == ".safetensors":
         keys = _safetensors_keys(path)
     else:
+        import pickle
+
         import torch
 
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (RuntimeError, pickle.UnpicklingError, EOFError) as exc:
+            raise ValueError(f"torch cannot load it: {exc}") from exc
         data = data.get("state_dict", data) if isinstance(data, dict) else {}
         keys = [k for k in data if isinstance(k, str)]
     return _architecture_of_keys(keys)
@@ -396,7 +401,10 @@ def checkpoint_architecture(path: Path) -> str:
 
 def _safetensors_keys(path: Path) -> list[str]:
     with path.open("rb") as file:
-        (size,) = struct.unpack("<Q", file.read(8))
+        start = file.read(8)
+        if len(start) < 8:
+            raise ValueError("it is too short for a safetensors file")
+        (size,) = struct.unpack("<Q", start)
         if size > 100 * _MIB:
             raise ValueError("its safetensors header is implausibly large")
         header = json.loads(file.read(size))
