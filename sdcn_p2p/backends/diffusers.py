@@ -42,7 +42,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -229,7 +229,9 @@ class HashCache:
         if isinstance(data, dict):
             self._entries = {k: v for k, v in data.items() if isinstance(v, dict)}
 
-    def get(self, path: Path, stamp: tuple[int, int], compute: Callable[[], dict[str, Any]]) -> Any:
+    def get(
+        self, path: Path, stamp: tuple[int, int], compute: Callable[[], dict[str, Any]]
+    ) -> dict[str, Any]:
         """The entry of `path` as of `stamp` (size, mtime in ns), computed when not known."""
         key = str(path.resolve())
         entry = self._entries.get(key)
@@ -349,7 +351,9 @@ def _file_entry(path: Path, cache: HashCache) -> ModelEntry | None:
     return _model_entry(path, path.stem, entry, single_file=True)
 
 
-def _model_entry(path: Path, name: str, entry: dict[str, Any], *, single_file: bool) -> Any:
+def _model_entry(
+    path: Path, name: str, entry: dict[str, Any], *, single_file: bool
+) -> ModelEntry | None:
     architecture = entry.get("architecture")
     if not architecture:
         log.warning("skipping %s: not a Stable Diffusion 1.x, 2.x or XL model", path)
@@ -436,6 +440,8 @@ class _Interrupted(Exception):
 class _Loaded:
     pipe: Any
     size_mb: int
+    #: The model's own scheduler settings, which each job's scheduler starts from.
+    scheduler_config: Any
     img2img: Any = None
 
 
@@ -448,7 +454,6 @@ class _Runtime:
     device: str
     dtype: Any
     budget_mb: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class DiffusersBackend:
@@ -600,7 +605,7 @@ class DiffusersBackend:
         if class_name in _SEEDED_SCHEDULERS:
             settings = {**settings, "noise_sampler_seed": seeds}
         pipe.scheduler = getattr(runtime.diffusers, class_name).from_config(
-            loaded.pipe.scheduler.config, **settings
+            loaded.scheduler_config, **settings
         )
 
         def on_step_end(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> Any:
@@ -665,7 +670,7 @@ class DiffusersBackend:
             log.info("unloading %s to make room for %s", evicted, name)
             self._free_memory()
         pipe.to(runtime.device)
-        loaded = _Loaded(pipe, size_mb)
+        loaded = _Loaded(pipe, size_mb, pipe.scheduler.config)
         self._pipelines[name] = loaded
         return loaded
 

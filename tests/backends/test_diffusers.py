@@ -209,6 +209,16 @@ async def test_samplers_run_deterministically_and_differ(config: DiffusersConfig
     assert len(set(images.values())) == len(images)
 
 
+async def test_a_jobs_scheduler_settings_do_not_leak_into_the_next(
+    config: DiffusersConfig,
+) -> None:
+    async with open_diffusers_backend(config) as backend:
+        plain = await run(backend, job(sampler_name="DPM++ 2M", steps=4))
+        await run(backend, job(sampler_name="DPM++ 2M Karras", steps=4))
+        await run(backend, job(sampler_name="DPM++ 2M SDE", steps=4))
+        assert await run(backend, job(sampler_name="DPM++ 2M", steps=4)) == plain
+
+
 @pytest.mark.parametrize("sampler", ["Restart", "Euler a Karras", "DDIM Exponential"])
 async def test_unknown_sampler_is_unsupported(config: DiffusersConfig, sampler: str) -> None:
     async with open_diffusers_backend(config) as backend:
