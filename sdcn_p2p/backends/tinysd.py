@@ -20,7 +20,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_tiny_pipeline", "to_ldm_checkpoint", "write_tiny_lora", "write_tiny_models"]
+__all__ = [
+    "build_tiny_pipeline",
+    "build_tiny_xl_pipeline",
+    "to_ldm_checkpoint",
+    "write_tiny_lora",
+    "write_tiny_models",
+]
 
 #: The text model's and the UNet's cross-attention width.
 _WIDTH = 32
@@ -107,13 +113,58 @@ def build_tiny_pipeline(seed: int = 0) -> Any:
     )
 
 
+def build_tiny_xl_pipeline(seed: int = 0) -> Any:
+    """A `StableDiffusionXLPipeline` of random weights drawn from `seed`: the tiny SD 1.x
+    parts, a second text encoder with projection, and a UNet with SDXL's size and crop
+    conditioning."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
+
+    base = build_tiny_pipeline(seed)
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        # 6 size and crop numbers of 8 features each, and the pooled text embedding.
+        projection_class_embeddings_input_dim=6 * 8 + _WIDTH,
+        cross_attention_dim=2 * _WIDTH,  # both text encoders' hidden states, side by side
+    )
+    return StableDiffusionXLPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        text_encoder_2=CLIPTextModelWithProjection(base.text_encoder.config),
+        tokenizer=base.tokenizer,
+        tokenizer_2=base.tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(base.scheduler.config),
+    )
+
+
 def write_tiny_models(
-    models_dir: Path, *, name: str = "tiny-sd", seed: int = 0, loras_dir: Path | None = None
+    models_dir: Path,
+    *,
+    name: str = "tiny-sd",
+    seed: int = 0,
+    loras_dir: Path | None = None,
+    xl: bool = False,
 ) -> Any:
     """Save a tiny pipeline in `models_dir` as the folder `name` and as ``name-single.safetensors``
-    (the same weights), and with `loras_dir` a LoRA ``tiny-lora.safetensors`` for it there.
+    (the same weights); with `xl`, a tiny SDXL pipeline as the folder ``name-xl`` too.
 
-    Returns the pipeline.
+    With `loras_dir`, writes a LoRA for the SD 1.x pipeline there twice, the same weights in
+    diffusers' layout (``tiny-lora.safetensors``) and in Kohya's (``tiny-lora-kohya``).
+    Returns the SD 1.x pipeline.
     """
     from safetensors.torch import save_file
 
@@ -121,13 +172,19 @@ def write_tiny_models(
     models_dir.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(models_dir / name)
     save_file(to_ldm_checkpoint(pipe), models_dir / f"{name}-single.safetensors")
+    if xl:
+        build_tiny_xl_pipeline(seed).save_pretrained(models_dir / f"{name}-xl")
     if loras_dir is not None:
         write_tiny_lora(pipe, loras_dir / "tiny-lora.safetensors", seed=seed + 1)
+        write_tiny_lora(pipe, loras_dir / "tiny-lora-kohya.safetensors", seed=seed + 1, kohya=True)
     return pipe
 
 
-def write_tiny_lora(pipe: Any, path: Path, *, seed: int = 1, rank: int = 4) -> None:
-    """Write a random LoRA for `pipe`'s UNet attention layers to `path` (diffusers layout).
+def write_tiny_lora(
+    pipe: Any, path: Path, *, seed: int = 1, rank: int = 4, kohya: bool = False
+) -> None:
+    """Write a random LoRA for `pipe`'s UNet attention layers to `path`, in diffusers' layout
+    or (`kohya`) in the Kohya / A1111 one; the same `seed` gives the same weights.
 
     `pipe` is left as it was.
     """
@@ -135,6 +192,7 @@ def write_tiny_lora(pipe: Any, path: Path, *, seed: int = 1, rank: int = 4) -> N
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
 
     torch.manual_seed(seed)
     config = LoraConfig(
@@ -146,9 +204,20 @@ def write_tiny_lora(pipe: Any, path: Path, *, seed: int = 1, rank: int = 4) -> N
     unet = copy.deepcopy(pipe.unet)  # deleting an adapter would leave peft wrappers behind
     unet.add_adapter(config, adapter_name="tiny")
     layers = get_peft_model_state_dict(unet, adapter_name="tiny")
-    StableDiffusionPipeline.save_lora_weights(
-        path.parent, unet_lora_layers=layers, weight_name=path.name
-    )
+    if not kohya:
+        StableDiffusionPipeline.save_lora_weights(
+            path.parent, unet_lora_layers=layers, weight_name=path.name
+        )
+        return
+    # Kohya: lora_unet_<module path with _>.lora_down/.lora_up, and alpha (scale alpha / rank).
+    state = {}
+    for key, value in layers.items():
+        module, _, part = key.rpartition(".lora_")
+        name = "lora_unet_" + module.replace(".", "_")
+        state[f"{name}.lora_{'down' if part.startswith('A') else 'up'}.weight"] = value
+        state[f"{name}.alpha"] = torch.tensor(float(rank))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, path)
 
 
 def to_ldm_checkpoint(pipe: Any) -> dict[str, Any]:

@@ -62,11 +62,12 @@ class TinyModels:
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
-    """A models dir with the tiny pipeline as a folder and as a single file, and a LoRA dir."""
+    """A models dir with the tiny SD 1.x pipeline as a folder and as a single file, and a tiny
+    SDXL folder; a LoRA dir with one LoRA in two layouts."""
     # Pixels depend on the thread count: keep it fixed (and small: the tiny model gains nothing).
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("diffusers")
-    write_tiny_models(root / "models", name="tiny-sd", loras_dir=root / "loras")
+    write_tiny_models(root / "models", name="tiny-sd", loras_dir=root / "loras", xl=True)
     return TinyModels(root / "models", root / "loras")
 
 
@@ -106,17 +107,19 @@ async def test_advertises_models_loras_and_samplers(config: DiffusersConfig) -> 
         caps = await backend.capabilities()
     assert caps.backend == "diffusers"
     by_name = {m.name: m for m in caps.models}
-    assert sorted(by_name) == ["tiny-sd", "tiny-sd-single"]
-    assert {m.architecture for m in caps.models} == {"sd1"}
+    assert sorted(by_name) == ["tiny-sd", "tiny-sd-single", "tiny-sd-xl"]
+    assert [by_name[n].architecture for n in sorted(by_name)] == ["sd1", "sd1", "sdxl"]
     single = (config.models_dir / "tiny-sd-single.safetensors").read_bytes()
     assert by_name["tiny-sd-single"].hash == hashlib.sha256(single).hexdigest()[:10]
     assert (
         len(by_name["tiny-sd"].hash) == 10
         and by_name["tiny-sd"].hash != by_name["tiny-sd-single"].hash
     )
-    [lora] = caps.loras
+    loras = {lo.name: lo for lo in caps.loras}
+    assert sorted(loras) == ["tiny-lora", "tiny-lora-kohya"]
+    lora = loras["tiny-lora"]
     lora_bytes = (config.loras_dir / "tiny-lora.safetensors").read_bytes()
-    assert (lora.name, lora.hash) == ("tiny-lora", hashlib.sha256(lora_bytes).hexdigest()[:10])
+    assert lora.hash == hashlib.sha256(lora_bytes).hexdigest()[:10]
     assert caps.samplers == tuple(SAMPLERS)
     for name in A1111_SAMPLERS:
         caps.resolve(job(sampler_name=name))  # offered: no JobError
@@ -127,7 +130,7 @@ async def test_advertises_models_loras_and_samplers(config: DiffusersConfig) -> 
 async def test_hashes_are_cached_between_opens(config: DiffusersConfig, monkeypatch) -> None:
     async with open_diffusers_backend(config) as backend:
         first = await backend.capabilities()
-        assert backend.hashes_computed == 3  # folder, single file, LoRA
+        assert backend.hashes_computed == 5  # 2 folders, a single file, 2 LoRAs
 
     def no_hashing(path: Path) -> str:
         raise AssertionError(f"hashed {path} again")
@@ -238,6 +241,24 @@ async def test_lora_changes_the_output_and_is_removed_after(config: DiffusersCon
     assert after == plain
 
 
+async def test_a_kohya_layout_lora_gives_the_same_picture(config: DiffusersConfig) -> None:
+    async with open_diffusers_backend(config) as backend:
+        diffusers_layout = await run(backend, job(loras=(("tiny-lora", 0.7),)))
+        kohya_layout = await run(backend, job(loras=(("tiny-lora-kohya", 0.7),)))
+    assert np.abs(pixels(diffusers_layout[0]) - pixels(kohya_layout[0])).max() <= 1
+
+
+async def test_sdxl_txt2img_and_img2img(config: DiffusersConfig) -> None:
+    async with open_diffusers_backend(config) as backend:
+        [first] = await run(backend, job(model="tiny-sd-xl"))
+        assert await run(backend, job(model="tiny-sd-xl")) == [first]
+        [changed] = await run(
+            backend, job(model="tiny-sd-xl", kind="img2img", init_image=first, steps=4)
+        )
+    assert pixels(first).shape == pixels(changed).shape == (64, 64, 3)
+    assert changed != first
+
+
 async def test_progress_is_reported_per_step(config: DiffusersConfig) -> None:
     async with open_diffusers_backend(config) as backend:
         steps: list[tuple[int, int]] = []
@@ -309,7 +330,7 @@ async def test_jobs_through_the_provider_and_the_job_protocol(config: DiffusersC
     ):
         advert = await wait_advert(client, node, lambda a: a.state == "online")
         assert advert.backend == "diffusers"
-        assert {m.name for m in advert.models} == {"tiny-sd", "tiny-sd-single"}
+        assert {m.name for m in advert.models} == {"tiny-sd", "tiny-sd-single", "tiny-sd-xl"}
         assert "DPM++ 2M" in advert.samplers
 
         steps: list[tuple[int, int]] = []
