@@ -4,6 +4,8 @@
   the provider) and `JobOutput` (what a job returns).
 - `testcard`: no GPU; a deterministic picture of the job's parameters, for demos and tests.
 - `webui`: an AUTOMATIC1111 / Forge / SD.Next server driven over its HTTP API.
+- `diffusers`: Stable Diffusion run in this process by Hugging Face diffusers (the optional
+  ``diffusers`` extra); `tinysd` builds a tiny random pipeline for its tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -107,9 +109,9 @@ class JobOutput:
 
 
 class Backend(Protocol):
-    """Something that runs jobs: a webui, the test card."""
+    """Something that runs jobs: a webui, diffusers, the test card."""
 
-    #: Short kind name: "webui", "testcard".
+    #: Short kind name: "webui", "diffusers", "testcard".
     name: str
 
     async def capabilities(self) -> Capabilities:

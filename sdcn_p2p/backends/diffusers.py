@@ -629,29 +629,9 @@ class DiffusersBackend:
             # At least one step: diffusers refuses a strength that leaves none.
             strength = max(job.denoising_strength, 1 / job.steps)
             arguments.update(image=init_image, strength=strength)
-        with self._loras_applied(loaded.pipe, loras), torch.inference_mode():
+        with _loras_applied(loaded.pipe, loras), torch.inference_mode():
             output = pipe(**arguments)
         return [_png(image) for image in output.images]
-
-    @contextlib.contextmanager
-    def _loras_applied(self, pipe: Any, loras: list[tuple[Path, float]]) -> Iterator[None]:
-        if not loras:
-            yield
-            return
-        names = [f"sdcn_lora_{i}" for i in range(len(loras))]
-        try:
-            for (path, _), name in zip(loras, names, strict=True):
-                try:
-                    pipe.load_lora_weights(str(path), adapter_name=name)
-                except (ValueError, KeyError, RuntimeError) as exc:
-                    raise JobError(
-                        "unsupported", f"LoRA {path.stem!r} does not fit this model: {exc}"
-                    ) from exc
-            pipe.set_adapters(names, adapter_weights=[weight for _, weight in loras])
-            yield
-        finally:
-            # Unloading restores the weights exactly (fusing would drift).
-            pipe.unload_lora_weights()
 
     def _pipeline(self, entry: ModelEntry) -> _Loaded:
         name = entry.info.name
@@ -737,6 +717,31 @@ async def _run_cancellable(work: Callable[[threading.Event], _T]) -> _T:
         raise
 
 
+@contextlib.contextmanager
+def _loras_applied(pipe: Any, loras: list[tuple[Path, float]]) -> Iterator[None]:
+    """Load `loras` (path, weight) into `pipe` for the block and unload them after it.
+
+    Raises JobError("unsupported") for a LoRA that does not fit the model.
+    """
+    if not loras:
+        yield
+        return
+    names = [f"sdcn_lora_{i}" for i in range(len(loras))]
+    try:
+        for (path, _), name in zip(loras, names, strict=True):
+            try:
+                pipe.load_lora_weights(str(path), adapter_name=name)
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise JobError(
+                    "unsupported", f"LoRA {path.stem!r} does not fit this model: {exc}"
+                ) from exc
+        pipe.set_adapters(names, adapter_weights=[weight for _, weight in loras])
+        yield
+    finally:
+        # Unloading restores the weights exactly (fusing would drift).
+        pipe.unload_lora_weights()
+
+
 def _decode_init_image(job: JobRequest) -> Image.Image:
     try:
         with Image.open(io.BytesIO(job.init_image or b"")) as source:
@@ -779,7 +784,7 @@ def _import_runtime(config: DiffusersConfig) -> _Runtime:
         diffusers = importlib.import_module("diffusers")
         importlib.import_module("peft")  # LoRAs load through it
         transformers = importlib.import_module("transformers")
-    except ImportError as exc:
+    except (ImportError, OSError) as exc:  # OSError: a broken CUDA library
         raise ConfigError(f"cannot import the diffusers backend ({exc}): {_INSTALL_HINT}") from exc
     # Progress bars on a node's stderr are noise: steps go out as progress messages.
     diffusers.utils.logging.disable_progress_bar()

@@ -163,6 +163,17 @@ async def test_txt2img_is_deterministic_by_seed(config: DiffusersConfig) -> None
     assert np.abs(pixels(other_seed[0]) - pixels(output.images[1])).max() <= 2
 
 
+async def test_bfloat16_runs_and_rounds_differently(config: DiffusersConfig) -> None:
+    from dataclasses import replace
+
+    async with open_diffusers_backend(config) as backend:
+        [float32] = await run(backend, job(steps=3))
+    async with open_diffusers_backend(replace(config, dtype="bfloat16")) as backend:
+        [bfloat16] = await run(backend, job(steps=3))
+        assert await run(backend, job(steps=3)) == [bfloat16]
+    assert pixels(bfloat16).shape == (64, 64, 3) and bfloat16 != float32
+
+
 async def test_single_file_checkpoint_gives_the_folders_pixels(config: DiffusersConfig) -> None:
     async with open_diffusers_backend(config) as backend:
         folder = await run(backend, job())
