@@ -64,6 +64,8 @@ __all__ = [
     "DiffusersConfig",
     "HashCache",
     "ModelEntry",
+    "checkpoint_architecture",
+    "folder_architecture",
     "open_diffusers_backend",
     "require_diffusers",
     "scan_loras",

@@ -381,6 +381,9 @@ async def test_jobs_through_the_provider_and_the_job_protocol(config: DiffusersC
                 )
             )
             await started.wait()
+            # The peer answers while the worker thread generates: the job is still running.
+            await client.host.ping(node.peer_id)
+            assert provider.running == 1
             nursery.cancel_scope.cancel()
         with trio.fail_after(30):
             await provider.wait_idle()
