@@ -73,7 +73,7 @@ async def measure(args: argparse.Namespace, models: Path) -> dict:
     async with open_diffusers_backend(config) as backend:
         await backend.capabilities()
         results["device"] = backend.device
-        results["dtype"] = str(backend._runtime.dtype).removeprefix("torch.")
+        results["dtype"] = backend.dtype
         await timed(backend, job("tiny-sd", 2, 64))  # load and warm up
         for side in (64, 256):
             if backend.device == "cuda":

@@ -480,6 +480,11 @@ class DiffusersBackend:
         return self._runtime.device
 
     @property
+    def dtype(self) -> str:
+        """The torch dtype of the pipelines: "float16", "bfloat16" or "float32"."""
+        return str(self._runtime.dtype).removeprefix("torch.")
+
+    @property
     def hashes_computed(self) -> int:
         """Content hashes computed (not found in the cache) since this backend was opened."""
         return self._cache.computed
@@ -828,8 +833,8 @@ async def open_diffusers_backend(config: DiffusersConfig) -> AsyncIterator[Diffu
     backend = DiffusersBackend(config, runtime)
     log.info(
         "diffusers backend on %s (%s), pipeline budget %d MiB",
-        runtime.device,
-        str(runtime.dtype).removeprefix("torch."),
+        backend.device,
+        backend.dtype,
         runtime.budget_mb,
     )
     try:

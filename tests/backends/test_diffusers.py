@@ -169,6 +169,7 @@ async def test_bfloat16_runs_and_rounds_differently(config: DiffusersConfig) -> 
     async with open_diffusers_backend(config) as backend:
         [float32] = await run(backend, job(steps=3))
     async with open_diffusers_backend(replace(config, dtype="bfloat16")) as backend:
+        assert (backend.device, backend.dtype) == ("cpu", "bfloat16")
         [bfloat16] = await run(backend, job(steps=3))
         assert await run(backend, job(steps=3)) == [bfloat16]
     assert pixels(bfloat16).shape == (64, 64, 3) and bfloat16 != float32
