@@ -6,6 +6,11 @@ in its backend or drops the connection, it is banned and the next best is tried,
 `GatewayConfig.max_attempts` providers within the job's deadline. When the AdvertCache knows
 no provider for the model (a gateway that just joined), one DHT lookup of the model's key fills
 it in.
+
+Against providers that advertise what they cannot deliver (or never answer), a request
+makes at most one attempt on an unproven provider (one that has completed no job here) while
+a proven one could take the job, and that attempt gets half the time left, so the proven
+provider still has time to finish when the unproven one fails or hangs.
 """
 
 from __future__ import annotations
@@ -188,10 +193,25 @@ class Dispatcher:
         raise self._no_result(request)
 
     def _choose(self, request: _Request) -> Candidate | None:
+        return self.directory.choose(
+            request.job,
+            self.peer.wall_clock(),
+            exclude=self._exclude(request),
+            proven_only=request.tried_unproven,
+        )
+
+    def _exclude(self, request: _Request) -> set[PeerId]:
         exclude = set(request.tried)
         if self.local is None:
             exclude.add(self.peer.peer_id)
-        return self.directory.choose(request.job, self.peer.wall_clock(), exclude=exclude)
+        return exclude
+
+    def _has_proven_fallback(self, request: _Request) -> bool:
+        """Whether a proven provider not yet tried could take the job."""
+        found = self.directory.candidates(
+            request.job, self.peer.wall_clock(), exclude=self._exclude(request)
+        )
+        return any(candidate.proven for candidate in found)
 
     async def _attempt(
         self,
@@ -204,6 +224,11 @@ class Dispatcher:
         peer = candidate.peer_id
         host = self.peer.host
         request.tried.append(peer)
+        shortened = False
+        if not candidate.proven:
+            request.tried_unproven = True
+            if self._has_proven_fallback(request):
+                left, shortened = left / 2, True
         if candidate.advert.addrs and not host.is_connected(peer):
             host.peerstore.add_addrs(peer, candidate.advert.addrs)
         log.debug("attempt %d on %s, eta %.1f s", len(request.tried), peer.short(), candidate.eta)
@@ -222,6 +247,9 @@ class Dispatcher:
             if exc.code == "timeout":
                 if left >= _TIMEOUT_BAN_FACTOR * candidate.eta:
                     self.directory.ban(peer, self.peer.wall_clock())
+                if shortened:  # a proven provider has the other half
+                    request.last_error = exc
+                    return None
                 raise DispatchError(504, f"no result within the deadline: {exc.message}") from None
             self._failed(request, peer, exc)
             return None
@@ -301,4 +329,5 @@ class _Request:
     job: JobRequest
     end: float  # trio time when the deadline passes
     tried: list[PeerId] = field(default_factory=list)
+    tried_unproven: bool = False  # an attempt went to a provider not proven yet
     last_error: BaseException | None = None
