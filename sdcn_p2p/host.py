@@ -63,6 +63,9 @@ class HostConfig:
     #: Addresses to advertise instead of the bound ones (e.g. a public DNS name).
     announce: tuple[Multiaddr, ...] = ()
     max_connections: int = 512
+    #: Inbound connections stop here, so that peers dialling us (or a flood of fresh
+    #: identities) can never take the connections we need to dial providers ourselves.
+    max_inbound_connections: int = 384
     max_pending_inbound: int = 64
     max_inbound_streams: int = 128
     dial_timeout: float = 10.0
@@ -119,6 +122,7 @@ class Host:
         self._pending_dials: dict[PeerId, _PendingDial] = {}
         self._pending_inbound = 0
         self._pending_outbound = 0
+        self._inbound = 0  # inbound connections registered
         self._keep_alive: dict[PeerId, int] = {}  # peer -> how many asked to keep it
         self._on_connected: list[Callable[[Connection], None]] = []
         self._on_disconnected: list[Callable[[PeerId], None]] = []
@@ -346,6 +350,7 @@ class Host:
         if (
             self._pending_inbound >= self.config.max_pending_inbound
             or self.num_connections >= self.config.max_connections
+            or self._inbound + self._pending_inbound >= self.config.max_inbound_connections
         ):
             log.debug("refusing inbound connection from %s: limit reached", raw.remote_addr)
             return
@@ -397,6 +402,7 @@ class Host:
             self.peerstore.add_addrs(peer, [conn.remote_addr])
         current = self.connection(peer)
         conns.append(conn)
+        self._inbound += not conn.outbound
         if current is None:
             return
         # Two connections to one peer: both sides keep the one dialled by the smaller id.
@@ -413,6 +419,7 @@ class Host:
         conns = self._conns.get(conn.peer_id, [])
         if conn in conns:
             conns.remove(conn)
+            self._inbound -= not conn.outbound
         if not conns:
             self._conns.pop(conn.peer_id, None)
             self.peerstore.pinned.discard(conn.peer_id)
