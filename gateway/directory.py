@@ -37,6 +37,7 @@ from sdcn_p2p.records import Advert, normalize_model_name
 __all__ = [
     "BAN_BASE",
     "BAN_MAX",
+    "BUSY_HOLD",
     "CHOICE_BAND",
     "DEFAULT_RTT",
     "DEFAULT_SPEED",
@@ -54,6 +55,8 @@ CHOICE_BAND = 0.10
 #: First ban, in seconds; each consecutive failure doubles it, up to BAN_MAX.
 BAN_BASE = 5.0
 BAN_MAX = 300.0
+#: Longest a provider that answered busy is left out, unless its next advert comes sooner.
+BUSY_HOLD = 5.0
 #: Proven providers remembered (the most recent successes).
 MAX_PROVEN = 1024
 
@@ -99,6 +102,7 @@ class ProviderDirectory:
         self._in_flight: dict[PeerId, int] = {}
         self._bans: dict[PeerId, _Ban] = {}
         self._proven: dict[PeerId, None] = {}  # in order of the latest success
+        self._busy: dict[PeerId, tuple[int, float]] = {}  # peer -> (advert seq, hold end)
 
     # --- choosing --------------------------------------------------------------------------------
 
@@ -114,6 +118,7 @@ class ProviderDirectory:
             and _fits(advert, job)
             and advert.peer_id not in exclude
             and not self.is_banned(advert.peer_id, now)
+            and not self._held(advert, now)
         ]
         proven_speeds = [_speed(a) for a in adverts if a.peer_id in self._proven]
         cap = max(proven_speeds, default=None)
@@ -205,6 +210,25 @@ class ProviderDirectory:
     def in_flight(self, peer: PeerId) -> int:
         """This gateway's jobs running on `peer` now."""
         return self._in_flight.get(peer, 0)
+
+    # --- busy providers ----------------------------------------------------------------------
+
+    def hold_busy(self, peer: PeerId, now: float, seq: int) -> None:
+        """`peer` answered busy to its advert `seq`: leave it out until it publishes another
+        advert or BUSY_HOLD seconds pass. Not a failure: no ban, nothing doubles.
+        """
+        for other in [p for p, (_, until) in self._busy.items() if until <= now]:
+            del self._busy[other]
+        self._busy[peer] = (seq, now + BUSY_HOLD)
+
+    def is_busy(self, peer: PeerId, now: float) -> bool:
+        """Whether `peer` is held back after answering busy (see `hold_busy`)."""
+        advert = self.adverts.get(peer)
+        return advert is not None and self._held(advert, now)
+
+    def _held(self, advert: Advert, now: float) -> bool:
+        held = self._busy.get(advert.peer_id)
+        return held is not None and held[0] == advert.seq and now < held[1]
 
     # --- bans --------------------------------------------------------------------------------
 

@@ -1,11 +1,13 @@
 """Dispatch and failover: run a job on the best provider, and on the next when one fails.
 
 A job gets a concrete seed first (so that a retry draws the same picture), then goes to the
-provider `ProviderDirectory.choose` picks. When one is busy, refuses what it advertised, fails
-in its backend or drops the connection, it is banned and the next best is tried, up to
+provider `ProviderDirectory.choose` picks. When one refuses what it advertised, fails in its
+backend or drops the connection, it is banned and the next best is tried, up to
 `GatewayConfig.max_attempts` providers within the job's deadline. When the AdvertCache knows
 no provider for the model (a gateway that just joined), one DHT lookup of the model's key fills
-it in.
+it in. A provider that answers busy is not banned but held back until its next advert (which
+comes within a second of its queue draining) or BUSY_HOLD seconds: a ban would leave it idle
+after its queue drains, halving what an overloaded network serves (benchmarks/load.py).
 
 Against providers that advertise what they cannot deliver (or never answer), a request
 makes at most one attempt on an unproven provider (one that has completed no job here) while
@@ -251,6 +253,10 @@ class Dispatcher:
                     request.last_error = exc
                     return None
                 raise DispatchError(504, f"no result within the deadline: {exc.message}") from None
+            if exc.code == "busy":  # back-pressure, not a failure: no ban
+                self.directory.hold_busy(peer, self.peer.wall_clock(), candidate.advert.seq)
+                request.last_error = exc
+                return None
             self._failed(request, peer, exc)
             return None
         except NETWORK_ERRORS as exc:

@@ -185,8 +185,11 @@ async def test_busy_providers_are_skipped_and_attempts_counted(autojump_clock) -
         await occupy(net, 1, nursery)
         result = await net.dispatcher.run(job())
         assert net.provider_of(result) == 2 and result.info["attempts"] == 3
-        assert net.banned(0) and net.banned(1) and not net.banned(2)
-        # While they are banned, the next job goes straight to the idle one.
+        # Busy is back-pressure, not a failure: held back until their next advert, not banned.
+        assert not any(net.banned(i) for i in range(3))
+        now = mock_wall_clock()
+        assert [net.directory.is_busy(n.peer_id, now) for n in net.nodes] == [True, True, False]
+        # While they are held back, the next job goes straight to the idle one.
         result = await net.dispatcher.run(job())
         assert net.provider_of(result) == 2 and result.info["attempts"] == 1
 
@@ -202,8 +205,8 @@ async def test_all_busy_is_503(autojump_clock) -> None:
         with pytest.raises(DispatchError) as info:
             await net.dispatcher.run(job())
         assert info.value.status == 503 and "busy" in info.value.message
-        assert net.banned(0) and net.banned(1)
-        # Both banned: no provider to try at all, though both offer the model.
+        assert all(net.directory.is_busy(n.peer_id, mock_wall_clock()) for n in net.nodes)
+        # Both held back: no provider to try at all, though both offer the model.
         with pytest.raises(DispatchError) as info:
             await net.dispatcher.run(job())
         assert info.value.status == 503
