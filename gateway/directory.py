@@ -10,7 +10,9 @@ completion time (ARCHITECTURE.md, "Choosing a provider")::
     eta   = rtt + queue * run + run
 
 `choose` picks at random among the candidates within 10 % of the best, so that gateways
-reading the same adverts do not all herd onto one provider. A provider that fails is banned
+reading the same adverts do not all herd onto one provider. A provider with MAX_IN_FLIGHT of
+this gateway's jobs, or held back after answering busy, is no candidate. A provider that fails
+is banned
 for 5 s, doubling with each consecutive failure up to 5 min; a success forgets its failures.
 
 Adverts are claims anyone can make, so the gateway trusts what it has seen: a provider that
@@ -41,6 +43,7 @@ __all__ = [
     "CHOICE_BAND",
     "DEFAULT_RTT",
     "DEFAULT_SPEED",
+    "MAX_IN_FLIGHT",
     "MAX_PROVEN",
     "Candidate",
     "ProviderDirectory",
@@ -57,6 +60,9 @@ BAN_BASE = 5.0
 BAN_MAX = 300.0
 #: Longest a provider that answered busy is left out, unless its next advert comes sooner.
 BUSY_HOLD = 5.0
+#: Jobs this gateway keeps in flight at one provider at most: more can only queue or bounce
+#: off it as busy, and would run into its stream limit (128 by default).
+MAX_IN_FLIGHT = 64
 #: Proven providers remembered (the most recent successes).
 MAX_PROVEN = 1024
 
@@ -119,6 +125,7 @@ class ProviderDirectory:
             and advert.peer_id not in exclude
             and not self.is_banned(advert.peer_id, now)
             and not self._held(advert, now)
+            and self._in_flight.get(advert.peer_id, 0) < MAX_IN_FLIGHT
         ]
         proven_speeds = [_speed(a) for a in adverts if a.peer_id in self._proven]
         cap = max(proven_speeds, default=None)
@@ -201,6 +208,7 @@ class ProviderDirectory:
 
     def finished(self, peer: PeerId) -> None:
         """A job counted by `started` ended, whichever way."""
+        self._busy.pop(peer, None)  # it has room again, as far as we can tell
         count = self._in_flight.get(peer, 0) - 1
         if count > 0:
             self._in_flight[peer] = count
@@ -214,8 +222,9 @@ class ProviderDirectory:
     # --- busy providers ----------------------------------------------------------------------
 
     def hold_busy(self, peer: PeerId, now: float, seq: int) -> None:
-        """`peer` answered busy to its advert `seq`: leave it out until it publishes another
-        advert or BUSY_HOLD seconds pass. Not a failure: no ban, nothing doubles.
+        """`peer` answered busy to its advert `seq`: leave it out until one of our jobs there
+        ends, it publishes another advert, or BUSY_HOLD seconds pass. Not a failure: no ban,
+        nothing doubles.
         """
         for other in [p for p, (_, until) in self._busy.items() if until <= now]:
             del self._busy[other]

@@ -4,10 +4,13 @@ A job gets a concrete seed first (so that a retry draws the same picture), then 
 provider `ProviderDirectory.choose` picks. When one refuses what it advertised, fails in its
 backend or drops the connection, it is banned and the next best is tried, up to
 `GatewayConfig.max_attempts` providers within the job's deadline. When the AdvertCache knows
-no provider for the model (a gateway that just joined), one DHT lookup of the model's key fills
-it in. A provider that answers busy is not banned but held back until its next advert (which
-comes within a second of its queue draining) or BUSY_HOLD seconds: a ban would leave it idle
-after its queue drains, halving what an overloaded network serves (benchmarks/load.py).
+no provider for the model (a gateway that just joined), one DHT lookup of the model's key
+fills it in (only then: not when every known provider is busy, or every 503 would wait on it).
+
+Busy is back-pressure, not a failure: a provider that answers busy, or resets a new stream
+while we keep it full, is held back (see `ProviderDirectory.hold_busy`) rather than banned.
+A ban would leave it idle once its queue drains, and under overload that cut what the
+network served by half or more (benchmarks/load.py).
 
 Against providers that advertise what they cannot deliver (or never answer), a request
 makes at most one attempt on an unproven provider (one that has completed no job here) while
@@ -26,7 +29,7 @@ from typing import Any, Protocol
 import trio
 
 from gateway.directory import Candidate, ProviderDirectory
-from sdcn_p2p.errors import NETWORK_ERRORS, JobError, RecordError, SdcnError
+from sdcn_p2p.errors import NETWORK_ERRORS, JobError, RecordError, SdcnError, StreamReset
 from sdcn_p2p.identity import PeerId
 from sdcn_p2p.jobs import JobRequest, JobResult, request_job
 from sdcn_p2p.peer import Peer
@@ -180,7 +183,9 @@ class Dispatcher:
         looked_up = False
         while len(request.tried) < self.config.max_attempts:
             candidate = self._choose(request)
-            if candidate is None and not looked_up:
+            # Only when nobody is known to offer the model: providers that are all busy or
+            # banned are no reason for a lookup, which would hold up every 503 under load.
+            if candidate is None and not looked_up and not self._known(job):
                 looked_up = True
                 await self._look_up(job.model, request.end)
                 candidate = self._choose(request)
@@ -193,6 +198,10 @@ class Dispatcher:
             if result is not None:
                 return result
         raise self._no_result(request)
+
+    def _known(self, job: JobRequest) -> bool:
+        """Whether any provider we know of offers `job`'s model with its LoRAs."""
+        return self.directory.has_model(job.model, [name for name, _ in job.loras])
 
     def _choose(self, request: _Request) -> Candidate | None:
         return self.directory.choose(
@@ -235,6 +244,7 @@ class Dispatcher:
             host.peerstore.add_addrs(peer, candidate.advert.addrs)
         log.debug("attempt %d on %s, eta %.1f s", len(request.tried), peer.short(), candidate.eta)
         self.directory.started(peer)
+        busy = False
         try:
             if peer == self.peer.peer_id and self.local is not None:
                 result = await self.local(request.job, deadline=left, on_progress=on_progress)
@@ -254,19 +264,36 @@ class Dispatcher:
                     return None
                 raise DispatchError(504, f"no result within the deadline: {exc.message}") from None
             if exc.code == "busy":  # back-pressure, not a failure: no ban
-                self.directory.hold_busy(peer, self.peer.wall_clock(), candidate.advert.seq)
+                busy = True
                 request.last_error = exc
                 return None
             self._failed(request, peer, exc)
             return None
         except NETWORK_ERRORS as exc:
             log.debug("job on %s broke: %r", peer.short(), exc)
+            if self._refused_stream(peer, candidate, exc):
+                busy = True
+                request.last_error = exc
+                return None
             self._failed(request, peer, exc)
             return None
         finally:
             self.directory.finished(peer)
+            if busy:  # after `finished`, which lifts holds
+                self.directory.hold_busy(peer, self.peer.wall_clock(), candidate.advert.seq)
         self.directory.succeeded(peer)
         return result
+
+    def _refused_stream(self, peer: PeerId, candidate: Candidate, exc: BaseException) -> bool:
+        """Whether `exc` is a provider refusing one more stream while we keep it full (its
+        stream limit): back-pressure like busy, not a failure, as long as the connection
+        lives and we have more jobs in flight there than it has slots.
+        """
+        return (
+            isinstance(exc, StreamReset)
+            and self.peer.host.is_connected(peer)
+            and self.directory.in_flight(peer) > candidate.advert.slots
+        )
 
     def _failed(self, request: _Request, peer: PeerId, exc: BaseException) -> None:
         self.directory.ban(peer, self.peer.wall_clock())

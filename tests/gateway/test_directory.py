@@ -6,7 +6,13 @@ from dataclasses import replace
 
 import pytest
 
-from gateway.directory import BAN_MAX, BUSY_HOLD, DEFAULT_RTT, ProviderDirectory
+from gateway.directory import (
+    BAN_MAX,
+    BUSY_HOLD,
+    DEFAULT_RTT,
+    MAX_IN_FLIGHT,
+    ProviderDirectory,
+)
 from sdcn_p2p.adverts import AdvertCache
 from sdcn_p2p.identity import PeerId
 from sdcn_p2p.jobs import JobRequest
@@ -267,3 +273,21 @@ def test_unproven_providers_are_credited_no_more_speed_than_the_fastest_proven()
     assert all(found.choose(job(), NOW).peer_id == PEERS[1] for _ in range(20))  # proven wins
     assert found.choose(job(), NOW, proven_only=True).peer_id == PEERS[1]
     assert PEERS[1] in found.adverts.protected
+
+
+def test_a_provider_with_max_in_flight_of_our_jobs_is_no_candidate() -> None:
+    found = directory(advert(0), advert(1, speed=0.1))
+    for _ in range(MAX_IN_FLIGHT):
+        found.started(PEERS[0])
+    assert chosen(found, job()) == [PEERS[1]]
+    found.finished(PEERS[0])
+    assert PEERS[0] in chosen(found, job())
+
+
+def test_one_of_our_jobs_ending_lifts_a_busy_hold() -> None:
+    found = directory(advert(0))
+    found.started(PEERS[0])
+    found.hold_busy(PEERS[0], NOW, seq=1)
+    assert found.choose(job(), NOW) is None
+    found.finished(PEERS[0])
+    assert found.choose(job(), NOW).peer_id == PEERS[0]

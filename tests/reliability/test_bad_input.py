@@ -12,6 +12,7 @@ import io
 import random
 import struct
 import zlib
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -31,10 +32,16 @@ from schemathesis.specs.openapi.checks import (
 
 from gateway.api import create_app
 from gateway.node import Gateway
-from sdcn_p2p.errors import JobError, ProtocolError
-from sdcn_p2p.jobs import JobRequest, check_result_images, decode_reply
+from sdcn_p2p.errors import HandshakeError, JobError, ProtocolError
+from sdcn_p2p.jobs import JobRequest, check_result_images, decode_reply, parse_job_message
 from sdcn_p2p.multiaddr import Multiaddr
-from sdcn_p2p.testing import open_memory_peers
+from sdcn_p2p.protocols.identify import parse_info
+from sdcn_p2p.records import PeerRecord
+from sdcn_p2p.testing import open_memory_peers, test_identity
+from sdcn_p2p.wire.noise import NoiseHandshake
+from sdcn_p2p.wire.varint import decode_varint, encode_varint
+
+ALICE, BOB = test_identity(1), test_identity(2)
 
 # --- the HTTP API from its OpenAPI spec --------------------------------------------------------
 
@@ -238,3 +245,74 @@ def test_any_multiaddr_text_parses_or_is_a_value_error(text: str) -> None:
         except ValueError:
             continue
         assert Multiaddr.parse(str(addr)) == addr
+
+
+# --- decoders not covered elsewhere ------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=12), st.integers(min_value=0, max_value=3))
+def test_varint_decoding_returns_a_value_none_or_protocol_error(data: bytes, offset: int) -> None:
+    try:
+        decoded = decode_varint(data, offset)
+    except ProtocolError:
+        return
+    if decoded is not None:
+        value, end = decoded
+        assert encode_varint(value) == data[offset:end]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=400), st.sampled_from(["ops", "third"]))
+def test_responder_only_raises_handshake_error_at_any_step(message: bytes, step: str) -> None:
+    """A responder given garbage as the initiator's last message, or driven out of turn."""
+    initiator = NoiseHandshake(ALICE, initiator=True)
+    responder = NoiseHandshake(BOB, initiator=False)
+    responder.read_message(initiator.write_message())
+    initiator.read_message(responder.write_message())
+    with pytest.raises(HandshakeError):
+        if step == "third":
+            responder.read_message(message)
+        else:
+            responder.write_message()  # the initiator's turn
+    with pytest.raises(HandshakeError):
+        responder.to_transport()  # dead after any error
+
+
+def test_a_replayed_handshake_message_from_another_session_fails() -> None:
+    first = NoiseHandshake(ALICE, initiator=True)
+    other = NoiseHandshake(BOB, initiator=False)
+    other.read_message(first.write_message())
+    answer = other.write_message()
+    again = NoiseHandshake(ALICE, initiator=True)
+    again.write_message()  # a new ephemeral key: the old answer does not decrypt
+    with pytest.raises(HandshakeError):
+        again.read_message(answer)
+
+
+@settings(max_examples=200, deadline=None)
+@given(json_values)
+def test_any_identify_message_parses_or_is_a_protocol_error(value: Any) -> None:
+    conn = SimpleNamespace(peer_id=ALICE.peer_id)
+    record = PeerRecord(ALICE.peer_id, 1, ()).seal(ALICE).to_bytes()
+    candidates = [value, {"record": value}, {"record": record, "listen_addrs": value}]
+    candidates.append({"record": record, "agent_version": "x", "ext": value})
+    for message in candidates:
+        with contextlib.suppress(ProtocolError):
+            parse_info(message, conn)  # type: ignore[arg-type]
+
+
+@settings(max_examples=200, deadline=None)
+@given(json_values, st.sampled_from(["txt2img", "img2img", None]))
+def test_any_job_request_message_is_a_job_or_bad_request(value: Any, kind: Any) -> None:
+    base = {"kind": kind, "model": "card", "prompt": "x"}
+    for message in (
+        value,
+        {"type": "job", "job": value, "deadline": 10},
+        {"type": "job", "job": {**base, "steps": value}, "deadline": value},
+        {"type": "job", "job": {**base, "init_image": value}, "deadline": 10},
+    ):
+        try:
+            parse_job_message(message)
+        except JobError as exc:
+            assert exc.code == "bad_request"

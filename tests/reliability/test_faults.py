@@ -12,10 +12,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import httpx
 import pytest
 import trio
 
 from bootstrap.node import open_bootstrap
+from gateway.api import create_app
 from gateway.dispatch import Dispatcher, DispatchError
 from gateway.node import Gateway
 from sdcn_p2p.backends import Backend, JobOutput
@@ -89,6 +91,7 @@ class Net:
         handler: Callable[[Stream], Awaitable[None]] | None = None,
         host: str | None = None,
         seeds: tuple[Multiaddr, ...] | None = None,
+        streams: int = 128,
     ) -> Node:
         """Start peer `index`: a provider of `backend`, or a hostile one serving the job
         protocol with `handler` and advertising model "card" at 50 it/s.
@@ -101,7 +104,7 @@ class Net:
                     transport = self.network.transport(host)
                     listen = (Multiaddr.parse(f"/ip4/{transport.host}/tcp/{PORT}/ws"),)
                     config_ = PeerConfig(
-                        host=HostConfig(listen=listen),
+                        host=HostConfig(listen=listen, max_inbound_streams=streams),
                         bootstrap=self_seeds,
                     )
                     async with open_peer(
@@ -432,3 +435,82 @@ async def test_killing_a_provider_while_it_joins_leaves_no_task_behind(
         node = await net.start(1, TestcardBackend(CARD))
         await trio.sleep(kill_after)
         await node.kill()
+
+
+# --- back-pressure -----------------------------------------------------------------------------
+
+
+async def test_all_providers_full_is_a_quick_503_with_retry_after_and_no_ban(
+    autojump_clock,
+) -> None:
+    """Two providers with room for two jobs each, twelve requests at once through the HTTP
+    API: four get images, the rest a 503 with Retry-After at once (no DHT lookup, no waiting
+    for a deadline), and nobody is banned for being busy.
+    """
+    slow = TestcardConfig(models=("card",), speed=0.5)
+    full = ProviderConfig(slots=1, max_queue=1)
+    async with open_net() as net:
+        nodes = [await net.start(i, TestcardBackend(slow), config=full) for i in (1, 2)]
+        lookups = 0
+        real_get = net.gateway.dht.get
+
+        async def counted_get(key: bytes):  # type: ignore[no-untyped-def]
+            nonlocal lookups
+            lookups += 1
+            return await real_get(key)
+
+        net.gateway.dht.get = counted_get  # type: ignore[method-assign]
+        gateway = Gateway(net.gateway, rng=random.Random(4))
+        app = create_app(gateway)
+        statuses: list[tuple[int, float, dict, httpx.Headers]] = []
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+
+            async def one(seed: int) -> None:
+                start = trio.current_time()
+                body = {"model": "card", "prompt": "x", "seed": seed, "steps": 40}
+                response = await http.post("/txt2img", json=body | {"width": 64, "height": 64})
+                took = trio.current_time() - start
+                statuses.append((response.status_code, took, response.json(), response.headers))
+
+            async with trio.open_nursery() as nursery:
+                for seed in range(12):
+                    nursery.start_soon(one, seed)
+        codes = sorted(code for code, *_ in statuses)
+        assert codes == [200] * 4 + [503] * 8
+        for code, took, body, headers in statuses:
+            if code == 503:
+                assert took < 1.0 and set(body) == {"msg"} and headers["retry-after"] == "1"
+        assert lookups == 0
+        now = mock_wall_clock()
+        assert not any(gateway.directory.is_banned(n.peer.peer_id, now) for n in nodes)
+
+
+async def test_streams_refused_at_a_providers_stream_limit_are_back_pressure(
+    autojump_clock,
+) -> None:
+    """A provider that resets job streams beyond its stream limit while we keep it full is
+    held back like a busy one, not banned: it runs jobs again as soon as ours end.
+    """
+    async with open_net() as net:
+        config = ProviderConfig(max_queue=20)
+        node = await net.start(1, TestcardBackend(CARD), config=config, streams=4)
+        outcomes: list[object] = []
+
+        async def one(seed: int) -> None:
+            try:
+                outcomes.append(await net.dispatcher.run(job(seed=seed, steps=40), deadline=30))
+            except DispatchError as exc:
+                outcomes.append(exc)
+                banned.append(net.directory.is_banned(node.peer.peer_id, mock_wall_clock()))
+
+        banned: list[bool] = []
+        async with trio.open_nursery() as nursery:
+            for seed in range(10):
+                nursery.start_soon(one, seed)
+        refused = [o for o in outcomes if isinstance(o, DispatchError)]
+        assert refused and all(o.status == 503 for o in refused)
+        assert "closed before the protocol was accepted" in refused[0].message
+        assert not any(banned)
+        result = await net.dispatcher.run(job(seed=99), deadline=30)
+        assert result.info["provider"] == str(node.peer.peer_id)
