@@ -316,3 +316,29 @@ async def test_a_peer_answering_at_another_peers_address_is_not_taken_for_it(
                 await gateway.connect(addr.with_peer_id(real))
             assert not gateway.is_connected(real)
             assert gateway.connected_peers == []
+
+
+async def test_one_machine_cannot_take_every_inbound_connection(autojump_clock) -> None:
+    """40 identities dialling from one IP address get at most `max_inbound_per_ip`
+    connections; a peer on another address still gets in.
+    """
+    network = MemoryNetwork()
+    limits = HostConfig(max_inbound_per_ip=8)
+    async with (
+        open_memory_hosts(1, network=network, config=limits) as (server,),
+        AsyncExitStack() as stack,
+    ):
+        addr = server.listen_addrs[0].with_peer_id(server.peer_id)
+        machine = network.transport()  # one IP address, many identities
+        refused = 0
+        for index in range(40):
+            host = await stack.enter_async_context(
+                open_host(test_identity(index, seed=30), transport=machine)
+            )
+            try:
+                await host.connect(addr)
+            except DialError:
+                refused += 1
+        assert refused == 32 and server.num_connections == 8
+        async with open_memory_hosts(1, network=network, seed=31) as (other,):
+            await other.ping(addr)
