@@ -29,7 +29,13 @@ from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.peer import Peer, PeerConfig, open_peer
 from sdcn_p2p.provider import Provider, ProviderConfig, open_provider
 from sdcn_p2p.records import Advert, ModelInfo
-from sdcn_p2p.testing import all_tasks, mock_wall_clock, test_identity, wait_advert
+from sdcn_p2p.testing import (
+    all_tasks,
+    mock_wall_clock,
+    open_memory_hosts,
+    test_identity,
+    wait_advert,
+)
 from sdcn_p2p.transport.memory import MemoryNetwork
 from sdcn_p2p.wire.messages import encode_message
 
@@ -514,3 +520,33 @@ async def test_streams_refused_at_a_providers_stream_limit_are_back_pressure(
         assert not any(banned)
         result = await net.dispatcher.run(job(seed=99), deadline=30)
         assert result.info["provider"] == str(node.peer.peer_id)
+
+
+async def test_a_stream_cancelled_while_opening_is_reset_not_leaked(autojump_clock) -> None:
+    """A job request cancelled inside `open_stream` (a client that went away at that very
+    moment) leaves no stream behind on either side.
+    """
+    async with open_memory_hosts(2) as (gateway, provider):
+        handled = trio.Event()
+
+        async def handler(stream: Stream) -> None:
+            try:
+                await stream.receive_message()
+            finally:
+                handled.set()
+
+        provider.set_handler("/test/job/1.0.0", handler)
+        addr = provider.listen_addrs[0].with_peer_id(provider.peer_id)
+        conn = await gateway.connect(addr)
+        await trio.sleep(1)  # identify is over
+        assert conn.num_streams == 0
+        for _ in range(3):
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await conn.open_stream("/test/job/1.0.0")
+        assert conn.num_streams == 0
+        with trio.fail_after(5):
+            await handled.wait()  # the provider's handler saw the reset
+        await trio.sleep(1)
+        remote = provider.connection(gateway.peer_id)
+        assert remote is not None and remote.num_streams == 0
