@@ -6,6 +6,7 @@ records one at a time are in tests/test_gossip.py, tests/dht and tests/test_reco
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -22,7 +23,7 @@ from sdcn_p2p.backends import JobOutput
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.dht.messages import KAD, PutValue, encode_request
 from sdcn_p2p.errors import DialError, JobError
-from sdcn_p2p.gossip import GOSSIP, AdvertBatch
+from sdcn_p2p.gossip import GOSSIP, AdvertBatch, PushBudget
 from sdcn_p2p.host import HostConfig, open_host
 from sdcn_p2p.identity import Identity
 from sdcn_p2p.jobs import JobRequest
@@ -110,11 +111,12 @@ async def gateway_network(
     assert all_tasks() == before
 
 
-async def gossip_flood(attacker, target: Peer, envelopes) -> None:  # type: ignore[no-untyped-def]
-    """Push `envelopes` to `target` in ADVERTS messages of 100, as one hostile peer."""
+async def gossip_flood(attacker, target: Peer, envelopes, per_message: int = 100) -> None:  # type: ignore[no-untyped-def]
+    """Push `envelopes` to `target` in ADVERTS messages of `per_message`, as one peer."""
     addr = target.host.listen_addrs[0].with_peer_id(target.peer_id)
-    for start in range(0, len(envelopes), 100):
-        batch = AdvertBatch(tuple(e.to_bytes() for e in envelopes[start : start + 100]))
+    for start in range(0, len(envelopes), per_message):
+        chunk = envelopes[start : start + per_message]
+        batch = AdvertBatch(tuple(e.to_bytes() for e in chunk))
         stream = await attacker.new_stream(addr, GOSSIP, max_message_size=4 * 1024 * 1024)
         async with stream:
             await stream.send_message(batch.to_wire())
@@ -342,3 +344,37 @@ async def test_one_machine_cannot_take_every_inbound_connection(autojump_clock) 
         assert refused == 32 and server.num_connections == 8
         async with open_memory_hosts(1, network=network, seed=31) as (other,):
             await other.ping(addr)
+
+
+async def test_a_gossip_flood_from_one_peer_is_cut_at_its_push_budget(autojump_clock) -> None:
+    """One peer pushes 3,000 valid adverts of fresh identities at once: the gateway takes
+    its burst (1,000) and drops the rest unread; an honest provider's push still lands.
+    """
+    async with (
+        gateway_network(TestcardBackend(CARD)) as net,
+        open_memory_hosts(2, network=net.network, seed=99) as (attacker, honest),
+    ):
+        stats = net.gateway.gossip.stats
+        before = dataclasses.replace(stats)
+        now = mock_wall_clock()
+        flood = [sybil_advert(i, now).seal(i) for i in sybils(3000, seed=11)]
+        await gossip_flood(attacker, net.gateway, flood, per_message=500)
+        limited = stats.rate_limited - before.rate_limited
+        assert 1980 <= limited <= 2000  # the bucket refills a little while the flood arrives
+        assert 0 < len(net.gateway.adverts) - 2 <= 3000 - limited
+        identity = test_identity(0, seed=99 + 1)
+        await gossip_flood(honest, net.gateway, [sybil_advert(identity, now).seal(identity)])
+        assert identity.peer_id in net.gateway.adverts
+        # The budget refills: ten seconds later the flooder may push again.
+        await trio.sleep(10)
+        await gossip_flood(attacker, net.gateway, flood[:100], per_message=100)
+        assert stats.rate_limited - before.rate_limited == limited
+
+
+def test_push_budget_refills_at_its_rate_up_to_its_burst() -> None:
+    budget = PushBudget(rate=10.0, burst=50)
+    peer = test_identity(1).peer_id
+    assert budget.take(peer, 80, now=0.0) == 50
+    assert budget.take(peer, 80, now=1.0) == 10
+    assert budget.take(peer, 80, now=100.0) == 50  # never more than the burst
+    assert budget.take(test_identity(2).peer_id, 5, now=100.0) == 5
