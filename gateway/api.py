@@ -9,8 +9,8 @@ network catalog and a health check.
 Every error, on every route, is ``{"msg": "..."}`` and nothing else: 400 bad input (the
 message names the field), 404 no provider offers the model, LoRA, sampler or size (or no such
 route), 405 wrong method, 413 a body over MAX_BODY bytes, 502 the provider failed, 503 every
-capable provider is busy or unreachable, 504 the deadline passed. A client that disconnects
-while its job runs cancels the job (the provider's stream is reset).
+capable provider is busy or unreachable (with Retry-After), 504 the deadline passed. A client
+that disconnects while its job runs cancels the job (the provider's stream is reset).
 """
 
 from __future__ import annotations
@@ -45,10 +45,12 @@ from sdcn_p2p.records import Advert, ModelInfo, normalize_model_name
 if TYPE_CHECKING:
     from gateway.node import Gateway
 
-__all__ = ["MAX_BODY", "create_app"]
+__all__ = ["MAX_BODY", "RETRY_AFTER", "create_app"]
 
 log = logging.getLogger(__name__)
 
+#: Seconds a 503 (every capable provider busy) asks the client to wait, in Retry-After.
+RETRY_AFTER = 1
 #: Largest request body, in bytes; a larger one gets 413 and is not read.
 MAX_BODY = 50 * 2**20
 # JSON bodies and responses above this many bytes are encoded or decoded in a worker thread,
@@ -654,7 +656,9 @@ async def _job_error(request: Request, exc: JobError) -> Response:
 
 
 async def _dispatch_error(request: Request, exc: DispatchError) -> Response:
-    return _error(exc.status, exc.message)
+    # 503 is back-pressure: tell clients when trying again is worth it (RFC 9110 10.2.3).
+    headers = {"Retry-After": str(RETRY_AFTER)} if exc.status == 503 else None
+    return _error(exc.status, exc.message, headers)
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:

@@ -10,8 +10,18 @@ completion time (ARCHITECTURE.md, "Choosing a provider")::
     eta   = rtt + queue * run + run
 
 `choose` picks at random among the candidates within 10 % of the best, so that gateways
-reading the same adverts do not all herd onto one provider. A provider that fails is banned
+reading the same adverts do not all herd onto one provider. A provider with MAX_IN_FLIGHT of
+this gateway's jobs, or held back after answering busy, is no candidate. A provider that fails
+is banned
 for 5 s, doubling with each consecutive failure up to 5 min; a success forgets its failures.
+
+Adverts are claims anyone can make, so the gateway trusts what it has seen: a provider that
+completed a job for it is *proven* (the last MAX_PROVEN are remembered, and their adverts
+protected from eviction in the AdvertCache). An unproven provider is credited with no more
+speed than the fastest proven candidate, and within the 10 % band proven providers win, so a
+burst of fresh identities claiming to be fast cannot take work from providers that deliver:
+they get a job only when they would finish it sooner than every proven one (see the
+dispatcher for the rest of the guard).
 """
 
 from __future__ import annotations
@@ -29,9 +39,12 @@ from sdcn_p2p.records import Advert, normalize_model_name
 __all__ = [
     "BAN_BASE",
     "BAN_MAX",
+    "BUSY_HOLD",
     "CHOICE_BAND",
     "DEFAULT_RTT",
     "DEFAULT_SPEED",
+    "MAX_IN_FLIGHT",
+    "MAX_PROVEN",
     "Candidate",
     "ProviderDirectory",
 ]
@@ -45,6 +58,13 @@ CHOICE_BAND = 0.10
 #: First ban, in seconds; each consecutive failure doubles it, up to BAN_MAX.
 BAN_BASE = 5.0
 BAN_MAX = 300.0
+#: Longest a provider that answered busy is left out, unless its next advert comes sooner.
+BUSY_HOLD = 5.0
+#: Jobs this gateway keeps in flight at one provider at most: more can only queue or bounce
+#: off it as busy, and would run into its stream limit (128 by default).
+MAX_IN_FLIGHT = 64
+#: Proven providers remembered (the most recent successes).
+MAX_PROVEN = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +75,7 @@ class Candidate:
     eta: float  # estimated seconds until the result arrives
     rtt: float  # seconds: the measured EWMA, or DEFAULT_RTT
     in_flight: int  # this gateway's jobs running there now
+    proven: bool = False  # it completed a job for this gateway
 
     @property
     def peer_id(self) -> PeerId:
@@ -86,6 +107,8 @@ class ProviderDirectory:
         self._rng = rng or random.Random()
         self._in_flight: dict[PeerId, int] = {}
         self._bans: dict[PeerId, _Ban] = {}
+        self._proven: dict[PeerId, None] = {}  # in order of the latest success
+        self._busy: dict[PeerId, tuple[int, float]] = {}  # peer -> (advert seq, hold end)
 
     # --- choosing --------------------------------------------------------------------------------
 
@@ -93,43 +116,63 @@ class ProviderDirectory:
         self, job: JobRequest, now: float, *, exclude: Collection[PeerId] = ()
     ) -> list[Candidate]:
         """The providers that can run `job` now, soonest first."""
-        found = [
-            self._candidate(advert, job)
+        adverts = [
+            advert
             for advert in self._offering(job.model, [name for name, _ in job.loras])
             if advert.state == "online"
             and PROVIDER_ROLE in advert.roles
             and _fits(advert, job)
             and advert.peer_id not in exclude
             and not self.is_banned(advert.peer_id, now)
+            and not self._held(advert, now)
+            and self._in_flight.get(advert.peer_id, 0) < MAX_IN_FLIGHT
         ]
+        proven_speeds = [_speed(a) for a in adverts if a.peer_id in self._proven]
+        cap = max(proven_speeds, default=None)
+        found = [self._candidate(advert, job, cap) for advert in adverts]
         found.sort(key=lambda c: c.eta)
         return found
 
     def choose(
-        self, job: JobRequest, now: float, *, exclude: Collection[PeerId] = ()
+        self,
+        job: JobRequest,
+        now: float,
+        *,
+        exclude: Collection[PeerId] = (),
+        proven_only: bool = False,
     ) -> Candidate | None:
-        """The candidate with the lowest ETA, or one at random within CHOICE_BAND of it."""
+        """The candidate with the lowest ETA, or one at random within CHOICE_BAND of it,
+        a proven one if the band holds any.
+
+        With `proven_only`, unproven providers are left out while any proven one can run
+        the job.
+        """
         found = self.candidates(job, now, exclude=exclude)
+        if proven_only and any(c.proven for c in found):
+            found = [c for c in found if c.proven]
         if not found:
             return None
         limit = found[0].eta * (1 + CHOICE_BAND)
-        return self._rng.choice([c for c in found if c.eta <= limit])
+        band = [c for c in found if c.eta <= limit]
+        return self._rng.choice([c for c in band if c.proven] or band)
 
     def eta(self, advert: Advert, job: JobRequest) -> float:
         """Estimated seconds until `advert`'s provider returns `job`'s result."""
-        return self._candidate(advert, job).eta
+        return self._candidate(advert, job, None).eta
 
-    def _candidate(self, advert: Advert, job: JobRequest) -> Candidate:
+    def _candidate(self, advert: Advert, job: JobRequest, cap: float | None) -> Candidate:
+        """`cap`: the most speed (it/s) an unproven provider is credited with, if any."""
         peer = advert.peer_id
         measured = self._rtt(peer)
         rtt = DEFAULT_RTT if measured is None else measured
         in_flight = self._in_flight.get(peer, 0)
-        speed = advert.speed if advert.speed > 0 else DEFAULT_SPEED
+        proven = peer in self._proven
+        speed = _speed(advert) if proven or cap is None else min(_speed(advert), cap)
         run = job.cost / speed
         # The advertised queue counts our jobs too once the provider has republished; the max
         # avoids counting them twice while reacting to them before the advert does.
         queue = max(advert.queue, in_flight) / advert.slots
-        return Candidate(advert, rtt + queue * run + run, rtt, in_flight)
+        return Candidate(advert, rtt + queue * run + run, rtt, in_flight, proven)
 
     def has_model(self, model: str, loras: Iterable[str] = ()) -> bool:
         """Whether any provider, in any state, banned or not, offers `model` with every LoRA.
@@ -165,6 +208,7 @@ class ProviderDirectory:
 
     def finished(self, peer: PeerId) -> None:
         """A job counted by `started` ended, whichever way."""
+        self._busy.pop(peer, None)  # it has room again, as far as we can tell
         count = self._in_flight.get(peer, 0) - 1
         if count > 0:
             self._in_flight[peer] = count
@@ -174,6 +218,26 @@ class ProviderDirectory:
     def in_flight(self, peer: PeerId) -> int:
         """This gateway's jobs running on `peer` now."""
         return self._in_flight.get(peer, 0)
+
+    # --- busy providers ----------------------------------------------------------------------
+
+    def hold_busy(self, peer: PeerId, now: float, seq: int) -> None:
+        """`peer` answered busy to its advert `seq`: leave it out until one of our jobs there
+        ends, it publishes another advert, or BUSY_HOLD seconds pass. Not a failure: no ban,
+        nothing doubles.
+        """
+        for other in [p for p, (_, until) in self._busy.items() if until <= now]:
+            del self._busy[other]
+        self._busy[peer] = (seq, now + BUSY_HOLD)
+
+    def is_busy(self, peer: PeerId, now: float) -> bool:
+        """Whether `peer` is held back after answering busy (see `hold_busy`)."""
+        advert = self.adverts.get(peer)
+        return advert is not None and self._held(advert, now)
+
+    def _held(self, advert: Advert, now: float) -> bool:
+        held = self._busy.get(advert.peer_id)
+        return held is not None and held[0] == advert.seq and now < held[1]
 
     # --- bans --------------------------------------------------------------------------------
 
@@ -194,8 +258,19 @@ class ProviderDirectory:
         return now + length
 
     def succeeded(self, peer: PeerId) -> None:
-        """`peer` ran a job: forget its failures."""
+        """`peer` ran a job: forget its failures, and count it proven."""
         self._bans.pop(peer, None)
+        self._proven.pop(peer, None)
+        self._proven[peer] = None
+        self.adverts.protected.add(peer)
+        if len(self._proven) > MAX_PROVEN:
+            oldest = next(iter(self._proven))
+            del self._proven[oldest]
+            self.adverts.protected.discard(oldest)
+
+    def is_proven(self, peer: PeerId) -> bool:
+        """Whether `peer` completed a job for this gateway (among the last MAX_PROVEN)."""
+        return peer in self._proven
 
     def banned_until(self, peer: PeerId) -> float | None:
         """When `peer`'s latest ban ends (possibly past), or None after a success or none."""
@@ -211,6 +286,10 @@ class ProviderDirectory:
         # A provider quiet for BAN_MAX past its ban starts afresh; this also bounds the table.
         for peer in [p for p, b in self._bans.items() if b.until + BAN_MAX <= now]:
             del self._bans[peer]
+
+
+def _speed(advert: Advert) -> float:
+    return advert.speed if advert.speed > 0 else DEFAULT_SPEED
 
 
 def _fits(advert: Advert, job: JobRequest) -> bool:

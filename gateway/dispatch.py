@@ -1,11 +1,21 @@
 """Dispatch and failover: run a job on the best provider, and on the next when one fails.
 
 A job gets a concrete seed first (so that a retry draws the same picture), then goes to the
-provider `ProviderDirectory.choose` picks. When one is busy, refuses what it advertised, fails
-in its backend or drops the connection, it is banned and the next best is tried, up to
+provider `ProviderDirectory.choose` picks. When one refuses what it advertised, fails in its
+backend or drops the connection, it is banned and the next best is tried, up to
 `GatewayConfig.max_attempts` providers within the job's deadline. When the AdvertCache knows
-no provider for the model (a gateway that just joined), one DHT lookup of the model's key fills
-it in.
+no provider for the model (a gateway that just joined), one DHT lookup of the model's key
+fills it in (only then: not when every known provider is busy, or every 503 would wait on it).
+
+Busy is back-pressure, not a failure: a provider that answers busy, or resets a new stream
+while we keep it full, is held back (see `ProviderDirectory.hold_busy`) rather than banned.
+A ban would leave it idle once its queue drains, and under overload that cut what the
+network served by half or more (benchmarks/load.py).
+
+Against providers that advertise what they cannot deliver (or never answer), a request
+makes at most one attempt on an unproven provider (one that has completed no job here) while
+a proven one could take the job, and that attempt gets half the time left, so the proven
+provider still has time to finish when the unproven one fails or hangs.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ from typing import Any, Protocol
 import trio
 
 from gateway.directory import Candidate, ProviderDirectory
-from sdcn_p2p.errors import NETWORK_ERRORS, JobError, RecordError, SdcnError
+from sdcn_p2p.errors import NETWORK_ERRORS, JobError, RecordError, SdcnError, StreamReset
 from sdcn_p2p.identity import PeerId
 from sdcn_p2p.jobs import JobRequest, JobResult, request_job
 from sdcn_p2p.peer import Peer
@@ -173,7 +183,9 @@ class Dispatcher:
         looked_up = False
         while len(request.tried) < self.config.max_attempts:
             candidate = self._choose(request)
-            if candidate is None and not looked_up:
+            # Only when nobody is known to offer the model: providers that are all busy or
+            # banned are no reason for a lookup, which would hold up every 503 under load.
+            if candidate is None and not looked_up and not self._known(job):
                 looked_up = True
                 await self._look_up(job.model, request.end)
                 candidate = self._choose(request)
@@ -187,11 +199,30 @@ class Dispatcher:
                 return result
         raise self._no_result(request)
 
+    def _known(self, job: JobRequest) -> bool:
+        """Whether any provider we know of offers `job`'s model with its LoRAs."""
+        return self.directory.has_model(job.model, [name for name, _ in job.loras])
+
     def _choose(self, request: _Request) -> Candidate | None:
+        return self.directory.choose(
+            request.job,
+            self.peer.wall_clock(),
+            exclude=self._exclude(request),
+            proven_only=request.tried_unproven,
+        )
+
+    def _exclude(self, request: _Request) -> set[PeerId]:
         exclude = set(request.tried)
         if self.local is None:
             exclude.add(self.peer.peer_id)
-        return self.directory.choose(request.job, self.peer.wall_clock(), exclude=exclude)
+        return exclude
+
+    def _has_proven_fallback(self, request: _Request) -> bool:
+        """Whether a proven provider not yet tried could take the job."""
+        found = self.directory.candidates(
+            request.job, self.peer.wall_clock(), exclude=self._exclude(request)
+        )
+        return any(candidate.proven for candidate in found)
 
     async def _attempt(
         self,
@@ -204,10 +235,16 @@ class Dispatcher:
         peer = candidate.peer_id
         host = self.peer.host
         request.tried.append(peer)
+        shortened = False
+        if not candidate.proven:
+            request.tried_unproven = True
+            if self._has_proven_fallback(request):
+                left, shortened = left / 2, True
         if candidate.advert.addrs and not host.is_connected(peer):
             host.peerstore.add_addrs(peer, candidate.advert.addrs)
         log.debug("attempt %d on %s, eta %.1f s", len(request.tried), peer.short(), candidate.eta)
         self.directory.started(peer)
+        busy = False
         try:
             if peer == self.peer.peer_id and self.local is not None:
                 result = await self.local(request.job, deadline=left, on_progress=on_progress)
@@ -222,17 +259,41 @@ class Dispatcher:
             if exc.code == "timeout":
                 if left >= _TIMEOUT_BAN_FACTOR * candidate.eta:
                     self.directory.ban(peer, self.peer.wall_clock())
+                if shortened:  # a proven provider has the other half
+                    request.last_error = exc
+                    return None
                 raise DispatchError(504, f"no result within the deadline: {exc.message}") from None
+            if exc.code == "busy":  # back-pressure, not a failure: no ban
+                busy = True
+                request.last_error = exc
+                return None
             self._failed(request, peer, exc)
             return None
         except NETWORK_ERRORS as exc:
             log.debug("job on %s broke: %r", peer.short(), exc)
+            if self._refused_stream(peer, candidate, exc):
+                busy = True
+                request.last_error = exc
+                return None
             self._failed(request, peer, exc)
             return None
         finally:
             self.directory.finished(peer)
+            if busy:  # after `finished`, which lifts holds
+                self.directory.hold_busy(peer, self.peer.wall_clock(), candidate.advert.seq)
         self.directory.succeeded(peer)
         return result
+
+    def _refused_stream(self, peer: PeerId, candidate: Candidate, exc: BaseException) -> bool:
+        """Whether `exc` is a provider refusing one more stream while we keep it full (its
+        stream limit): back-pressure like busy, not a failure, as long as the connection
+        lives and we have more jobs in flight there than it has slots.
+        """
+        return (
+            isinstance(exc, StreamReset)
+            and self.peer.host.is_connected(peer)
+            and self.directory.in_flight(peer) > candidate.advert.slots
+        )
 
     def _failed(self, request: _Request, peer: PeerId, exc: BaseException) -> None:
         self.directory.ban(peer, self.peer.wall_clock())
@@ -301,4 +362,5 @@ class _Request:
     job: JobRequest
     end: float  # trio time when the deadline passes
     tried: list[PeerId] = field(default_factory=list)
+    tried_unproven: bool = False  # an attempt went to a provider not proven yet
     last_error: BaseException | None = None

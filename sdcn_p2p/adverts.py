@@ -3,8 +3,9 @@
 The cache is pure bookkeeping (no I/O, no tasks); wall time comes from the injected
 `wall_clock`. Gossip, the DHT and the local provider feed it envelopes with `add`; the gateway
 asks it `find(model, loras)` and `models()`. It never holds more than `max_adverts` adverts: when
-full, the advert that expires soonest makes room. Expired adverts are dropped lazily by every
-query and by `expire()`.
+full, the advert that expires soonest makes room, unless its peer is in `protected` (a gateway
+protects the providers that completed its jobs, so a flood of fresh identities cannot push
+them out). Expired adverts are dropped lazily by every query and by `expire()`.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class AdvertCache:
         self._expiry: list[tuple[float, int, PeerId]] = []
         self._listeners: list[Callable[[Advert], None]] = []
         self._digest_xor = 0  # XOR of _entry_hash over the entries: an order-free summary
+        #: Peers whose adverts are never evicted to make room (they still expire).
+        self.protected: set[PeerId] = set()
 
     # --- adding and removing ---------------------------------------------------------------------
 
@@ -59,8 +62,9 @@ class AdvertCache:
         """Verify a sealed advert and keep it if its seq is above the one held for its peer.
 
         Returns the Advert when it was new and kept; None for a duplicate, a stale seq, or an
-        advert that expires before all those of a full cache. Raises RecordError when the
-        envelope is forged, malformed, over MAX_ENVELOPE_SIZE, expired or issued in the future.
+        advert that expires before all the unprotected ones of a full cache. Raises
+        RecordError when the envelope is forged, malformed, over MAX_ENVELOPE_SIZE, expired or
+        issued in the future.
         Listeners run before this returns.
         """
         size = len(envelope.to_bytes())
@@ -80,8 +84,11 @@ class AdvertCache:
                 return None
             self._unlink(held)
         elif len(self._entries) >= self.max_adverts:
-            soonest = self._soonest()
-            if advert.expires_at <= soonest.advert.expires_at:
+            soonest = self._soonest_unprotected()
+            if soonest is None or (
+                advert.expires_at <= soonest.advert.expires_at
+                and advert.peer_id not in self.protected
+            ):
                 return None
             self._unlink(soonest)
         self._link(_Entry(advert, envelope, _model_names(advert)))
@@ -210,10 +217,22 @@ class AdvertCache:
         entry = self._entries.get(peer)
         return entry if entry is not None and entry.advert.seq == seq else None
 
-    def _soonest(self) -> _Entry:
-        while (entry := self._current(self._expiry[0])) is None:
-            heapq.heappop(self._expiry)
-        return entry
+    def _soonest_unprotected(self) -> _Entry | None:
+        """The entry that expires first among unprotected peers, or None if all are protected."""
+        skipped = []
+        found = None
+        while self._expiry:
+            entry = self._current(self._expiry[0])
+            if entry is None:
+                heapq.heappop(self._expiry)
+            elif entry.advert.peer_id in self.protected:
+                skipped.append(heapq.heappop(self._expiry))
+            else:
+                found = entry
+                break
+        for item in skipped:
+            heapq.heappush(self._expiry, item)
+        return found
 
     def _expire(self, now: float) -> int:
         dropped = 0

@@ -476,7 +476,13 @@ class Connection:
         stream = Stream(self, stream_id, protocol, outbound=True, max_message_size=max_message_size)
         self._streams[stream_id] = stream
         self._touch()
-        await stream.send_all(encode_varint(len(encoded)) + encoded)
+        try:
+            await stream.send_all(encode_varint(len(encoded)) + encoded)
+        except BaseException:
+            # Cancelled (or failed) before the caller got the stream: nobody else can close
+            # it, and a stream left open here would stay in `_streams` for good.
+            stream.reset()
+            raise
         return stream
 
     # --- the reader ------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 Each peer keeps a mesh of about `GossipConfig.degree` connected peers that speak the protocol,
 made symmetric with GRAFT and PRUNE, and pushes every advert that is new to its AdvertCache to
 each mesh peer but the one it came from, at once and only once (a seen cache of (peer, seq)).
-Forged, expired, stale or oversized adverts are dropped, never forwarded. When a connection to
+Forged, expired, stale or oversized adverts are dropped, never forwarded. A peer may push
+`push_rate` adverts a second (bursts of `push_burst`); the rest of a push beyond that is
+dropped unread, so a flood costs no signature checks and reaches no one. When a connection to
 a gossip peer opens, its dialler sends a digest ({peer: seq}) and both sides pull what they
 lack; every `anti_entropy_interval` a peer does the same with one random mesh peer.
 
@@ -17,7 +19,8 @@ Wire messages are msgpack maps on short-lived streams, capped at `max_message_si
     {"type": "PRUNE"}   one way: the sender dropped us from its mesh
 
 The module has three parts: the messages (`parse_message`), pure state (`SeenCache`,
-`MeshState`; time passed in), and the `Gossip` service, the only part that awaits.
+`MeshState`, `PushBudget`; time passed in), and the `Gossip` service, the only part that
+awaits.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ __all__ = [
     "Graft",
     "MeshState",
     "Prune",
+    "PushBudget",
     "SeenCache",
     "max_entries",
     "parse_message",
@@ -286,6 +290,34 @@ class MeshState:
 # --- the service ---------------------------------------------------------------------------------
 
 
+class PushBudget:
+    """How many adverts each peer may still push: a token bucket per peer (time passed in).
+
+    Holds a bucket only for peers that pushed lately: a full bucket is forgotten.
+    """
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._buckets: dict[PeerId, tuple[float, float]] = {}  # peer -> (tokens, at)
+
+    def take(self, peer: PeerId, count: int, now: float) -> int:
+        """Take up to `count` tokens of `peer`'s at time `now`; returns how many it got."""
+        tokens, at = self._buckets.get(peer, (float(self.burst), now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        granted = min(count, int(tokens))
+        self._buckets[peer] = (tokens - granted, now)
+        if len(self._buckets) > 1024:
+            self._forget_full(now)
+        return granted
+
+    def _forget_full(self, now: float) -> None:
+        for peer in [
+            p for p, (t, at) in self._buckets.items() if t + (now - at) * self.rate >= self.burst
+        ]:
+            del self._buckets[peer]
+
+
 @dataclass(frozen=True, slots=True)
 class GossipConfig:
     """Mesh degree, timers (seconds) and limits of advert gossip."""
@@ -304,6 +336,10 @@ class GossipConfig:
     #: How long a peer that pruned us, refused us, or failed a push stays out of the mesh.
     prune_backoff: float = 60.0
     max_concurrent_syncs: int = 8
+    #: Adverts one peer may push to us per second, and at once; digest exchanges we ask for
+    #: are not counted. 100/s is a network of 6,000 providers each republishing every minute.
+    push_rate: float = 100.0
+    push_burst: int = 1000
 
     def __post_init__(self) -> None:
         if not 1 <= self.degree_low <= self.degree <= self.degree_high:
@@ -318,6 +354,8 @@ class GossipConfig:
             raise ConfigError("gossip sizes must be at least 1")
         if self.max_message_size < 128 * 1024:
             raise ConfigError("gossip max_message_size must hold a 64 KiB advert")
+        if self.push_rate <= 0 or self.push_burst < 1:
+            raise ConfigError("gossip push_rate must be positive and push_burst at least 1")
 
 
 @dataclass(slots=True)
@@ -335,6 +373,7 @@ class GossipStats:
     dropped: int = 0  # adverts not pushed to a mesh peer: its queue was full or a push failed
     syncs: int = 0  # digest exchanges completed, either side
     syncs_skipped: int = 0  # exchanges a dialler skipped: identify said the caches match
+    rate_limited: int = 0  # pushed adverts dropped unread: the sender was over its budget
 
 
 @dataclass(eq=False, slots=True)
@@ -374,6 +413,7 @@ class Gossip:
         self._syncing: set[PeerId] = set()  # digest exchanges we started, queued or running
         self._answering: set[PeerId] = set()  # digest exchanges peers started with us
         self._sync_limiter = trio.CapacityLimiter(config.max_concurrent_syncs)
+        self._push_budget = PushBudget(config.push_rate, config.push_burst)
         self._nursery: trio.Nursery | None = None
         self._listening = False
 
@@ -541,7 +581,14 @@ class Gossip:
         if isinstance(message, AdvertBatch):
             if message.want is not None:
                 raise ProtocolError("'want' outside a digest exchange")
-            self._receive(peer, message.adverts)
+            adverts = message.adverts
+            allowed = self._push_budget.take(peer, len(adverts), trio.current_time())
+            if allowed < len(adverts):
+                self.stats.rate_limited += len(adverts) - allowed
+                log.debug(
+                    "%s pushes too fast: %d advert(s) dropped", peer.short(), len(adverts) - allowed
+                )
+            self._receive(peer, adverts[:allowed])
         elif isinstance(message, Digest):
             await self._answer_digest(stream, message)
         elif isinstance(message, Graft):

@@ -63,6 +63,12 @@ class HostConfig:
     #: Addresses to advertise instead of the bound ones (e.g. a public DNS name).
     announce: tuple[Multiaddr, ...] = ()
     max_connections: int = 512
+    #: Inbound connections stop here, so that peers dialling us (or a flood of fresh
+    #: identities) can never take the connections we need to dial providers ourselves.
+    max_inbound_connections: int = 384
+    #: Inbound connections from one IP address (loopback exempt), so that one machine
+    #: cannot take them all with fresh identities (go-libp2p allows 8 per IPv4 address).
+    max_inbound_per_ip: int = 16
     max_pending_inbound: int = 64
     max_inbound_streams: int = 128
     dial_timeout: float = 10.0
@@ -119,6 +125,8 @@ class Host:
         self._pending_dials: dict[PeerId, _PendingDial] = {}
         self._pending_inbound = 0
         self._pending_outbound = 0
+        self._inbound = 0  # inbound connections registered
+        self._inbound_by_ip: dict[str, int] = {}  # pending and registered, loopback not counted
         self._keep_alive: dict[PeerId, int] = {}  # peer -> how many asked to keep it
         self._on_connected: list[Callable[[Connection], None]] = []
         self._on_disconnected: list[Callable[[PeerId], None]] = []
@@ -346,19 +354,39 @@ class Host:
         if (
             self._pending_inbound >= self.config.max_pending_inbound
             or self.num_connections >= self.config.max_connections
+            or self._inbound + self._pending_inbound >= self.config.max_inbound_connections
         ):
             log.debug("refusing inbound connection from %s: limit reached", raw.remote_addr)
             return
-        self._pending_inbound += 1
-        try:
-            with trio.fail_after(self.config.handshake_timeout):
-                channel, remote = await secure_inbound(raw, self._noise)
-        except (HandshakeError, ProtocolError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-            log.debug("inbound handshake from %s failed: %r", raw.remote_addr, exc)
+        ip = _counted_ip(raw.remote_addr)
+        if ip is not None and self._inbound_by_ip.get(ip, 0) >= self.config.max_inbound_per_ip:
+            log.debug("refusing inbound connection from %s: per-IP limit reached", ip)
             return
+        if ip is not None:
+            self._inbound_by_ip[ip] = self._inbound_by_ip.get(ip, 0) + 1
+        try:
+            self._pending_inbound += 1
+            try:
+                with trio.fail_after(self.config.handshake_timeout):
+                    channel, remote = await secure_inbound(raw, self._noise)
+            except (
+                HandshakeError,
+                ProtocolError,
+                trio.TooSlowError,
+                trio.BrokenResourceError,
+            ) as exc:
+                log.debug("inbound handshake from %s failed: %r", raw.remote_addr, exc)
+                return
+            finally:
+                self._pending_inbound -= 1
+            await self._serve_connection(self._new_connection(channel, remote, outbound=False))
         finally:
-            self._pending_inbound -= 1
-        await self._serve_connection(self._new_connection(channel, remote, outbound=False))
+            if ip is not None:
+                left = self._inbound_by_ip[ip] - 1
+                if left:
+                    self._inbound_by_ip[ip] = left
+                else:
+                    del self._inbound_by_ip[ip]
 
     async def _serve_connection(
         self, conn: Connection, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -397,6 +425,7 @@ class Host:
             self.peerstore.add_addrs(peer, [conn.remote_addr])
         current = self.connection(peer)
         conns.append(conn)
+        self._inbound += not conn.outbound
         if current is None:
             return
         # Two connections to one peer: both sides keep the one dialled by the smaller id.
@@ -413,6 +442,7 @@ class Host:
         conns = self._conns.get(conn.peer_id, [])
         if conn in conns:
             conns.remove(conn)
+            self._inbound -= not conn.outbound
         if not conns:
             self._conns.pop(conn.peer_id, None)
             self.peerstore.pinned.discard(conn.peer_id)
@@ -539,6 +569,13 @@ class Host:
 
     def __repr__(self) -> str:
         return f"<Host {self.peer_id} connections={self.num_connections}>"
+
+
+def _counted_ip(addr: Multiaddr | None) -> str | None:
+    """The IP address an inbound connection counts against, or None (loopback, unknown)."""
+    if addr is None or addr.family not in ("ip4", "ip6") or addr.is_loopback:
+        return None
+    return addr.host
 
 
 def local_ips(family: str) -> list[str]:

@@ -10,9 +10,13 @@ from hypercorn.trio import serve
 
 from sdcn_p2p.errors import ConfigError
 
-__all__ = ["parse_bind", "serve_http"]
+__all__ = ["BACKLOG", "parse_bind", "serve_http"]
 
 log = logging.getLogger(__name__)
+
+#: Connections the kernel queues before we accept them (hypercorn's default is 100): when a
+#: burst of clients overflows the queue, the kernel resets their connections.
+BACKLOG = 1024
 
 
 def parse_bind(text: str) -> str:
@@ -33,6 +37,7 @@ async def serve_http(
     """
     config = Config()
     config.bind = [parse_bind(bind)]
+    config.backlog = BACKLOG
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 1.0

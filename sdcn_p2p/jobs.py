@@ -54,6 +54,7 @@ __all__ = [
     "JobResult",
     "Progress",
     "Queued",
+    "check_result_images",
     "decode_reply",
     "error_message",
     "job_message",
@@ -605,7 +606,35 @@ async def request_job(
         raise JobError("timeout", f"no result within {deadline:g} s") from None
     if len(result.images) != job.batch_size:
         raise ProtocolError(f"asked for {job.batch_size} images, got {len(result.images)}")
+    if sum(map(len, result.images)) > _THREAD_IMAGE_BYTES:
+        await trio.to_thread.run_sync(check_result_images, result.images)
+    else:
+        check_result_images(result.images)
     return result
+
+
+# Result images above this many bytes (all together) are checked in a worker thread.
+_THREAD_IMAGE_BYTES = 1024 * 1024
+
+
+def check_result_images(images: list[bytes]) -> None:
+    """Check that each of a provider's result `images` is a whole PNG of at most 4096².
+
+    Reads the header and every chunk's CRC without decoding pixels (a few ms per MB: run
+    it in a thread for large results). Raises ProtocolError naming the first bad image, so a
+    provider that sends garbage behind a PNG signature is caught before a client sees it.
+    """
+    for index, image in enumerate(images):
+        if not image.startswith(_PNG_SIGNATURE):
+            raise ProtocolError(f"result image {index} is not a PNG")
+        try:
+            with PngImagePlugin.PngImageFile(io.BytesIO(image)) as png:
+                width, height = png.size
+                if not (1 <= width <= MAX_IMAGE_SIDE and 1 <= height <= MAX_IMAGE_SIDE):
+                    raise ProtocolError(f"result image {index} is {width}x{height} pixels")
+                png.verify()
+        except _DECODE_ERRORS as exc:
+            raise ProtocolError(f"result image {index} is not a valid PNG: {exc}") from None
 
 
 async def _exchange(

@@ -2,10 +2,17 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
-from gateway.directory import BAN_MAX, DEFAULT_RTT, ProviderDirectory
+from gateway.directory import (
+    BAN_MAX,
+    BUSY_HOLD,
+    DEFAULT_RTT,
+    MAX_IN_FLIGHT,
+    ProviderDirectory,
+)
 from sdcn_p2p.adverts import AdvertCache
 from sdcn_p2p.identity import PeerId
 from sdcn_p2p.jobs import JobRequest
@@ -239,3 +246,48 @@ def test_a_ban_long_past_is_forgotten() -> None:
     found.ban(PEERS[1], later)  # any ban prunes the table
     assert found.banned_until(PEERS[0]) is None
     assert found.ban(PEERS[0], later) == later + 5
+
+
+# --- busy and proven providers -----------------------------------------------------------------
+
+
+def test_busy_holds_a_provider_back_until_its_next_advert_or_the_hold_ends() -> None:
+    found = directory(advert(0), advert(1, speed=1.0))
+    found.hold_busy(PEERS[0], NOW, seq=1)
+    assert found.choose(job(), NOW).peer_id == PEERS[1]
+    assert found.is_busy(PEERS[0], NOW) and not found.is_banned(PEERS[0], NOW)
+    assert found.choose(job(), NOW + BUSY_HOLD).peer_id == PEERS[0]  # the hold is over
+    # A new advert (its queue drained) lifts the hold at once.
+    found.hold_busy(PEERS[0], NOW, seq=1)
+    found.adverts.add(replace(advert(0), seq=2).seal(IDS[0]))
+    assert found.choose(job(), NOW).peer_id == PEERS[0]
+
+
+def test_unproven_providers_are_credited_no_more_speed_than_the_fastest_proven() -> None:
+    claims = advert(0, speed=100.0)
+    found = directory(claims, advert(1, speed=2.0))
+    assert found.choose(job(), NOW).peer_id == PEERS[0]  # nobody proven: claims are taken
+    found.succeeded(PEERS[1])
+    [first, second] = found.candidates(job(), NOW)
+    assert first.eta == second.eta  # 100 it/s claimed, 2 credited
+    assert all(found.choose(job(), NOW).peer_id == PEERS[1] for _ in range(20))  # proven wins
+    assert found.choose(job(), NOW, proven_only=True).peer_id == PEERS[1]
+    assert PEERS[1] in found.adverts.protected
+
+
+def test_a_provider_with_max_in_flight_of_our_jobs_is_no_candidate() -> None:
+    found = directory(advert(0), advert(1, speed=0.1))
+    for _ in range(MAX_IN_FLIGHT):
+        found.started(PEERS[0])
+    assert chosen(found, job()) == [PEERS[1]]
+    found.finished(PEERS[0])
+    assert PEERS[0] in chosen(found, job())
+
+
+def test_one_of_our_jobs_ending_lifts_a_busy_hold() -> None:
+    found = directory(advert(0))
+    found.started(PEERS[0])
+    found.hold_busy(PEERS[0], NOW, seq=1)
+    assert found.choose(job(), NOW) is None
+    found.finished(PEERS[0])
+    assert found.choose(job(), NOW).peer_id == PEERS[0]
