@@ -12,8 +12,9 @@ Basic auth (``--api-auth``). Like the real one it runs one job at a time, answer
 
 A job's steps take `step_time` seconds each (trio time), or wait for `advance()` when it is
 None; ``/interrupt`` ends the running job early. With `png` set, every image is those bytes
-(`noise_png` makes a realistic one) instead of a drawn card: an instant backend for benchmarks. Tests arrange failures with `inject()` and
-stop the server to make the webui disappear.
+(`noise_png` makes a realistic one) instead of a drawn card: an instant backend for
+benchmarks. Tests arrange failures with `inject()` and stop the server to make the webui
+disappear.
 """
 
 from __future__ import annotations
