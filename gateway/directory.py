@@ -9,6 +9,10 @@ completion time (ARCHITECTURE.md, "Choosing a provider")::
     queue = max(advertised queue, this gateway's jobs in flight there) / slots
     eta   = rtt + queue * run + run
 
+`speed` is the advertised one, or the speed this gateway observed (an EWMA over the jobs the
+provider ran for it) when that is slower: a provider that claims more than it delivers is
+believed only until its first jobs come back.
+
 `choose` picks at random among the candidates within 10 % of the best, so that gateways
 reading the same adverts do not all herd onto one provider. A provider that fails is banned
 for 5 s, doubling with each consecutive failure up to 5 min; a success forgets its failures.
@@ -32,6 +36,7 @@ __all__ = [
     "CHOICE_BAND",
     "DEFAULT_RTT",
     "DEFAULT_SPEED",
+    "OBSERVED_ALPHA",
     "Candidate",
     "ProviderDirectory",
 ]
@@ -45,6 +50,10 @@ CHOICE_BAND = 0.10
 #: First ban, in seconds; each consecutive failure doubles it, up to BAN_MAX.
 BAN_BASE = 5.0
 BAN_MAX = 300.0
+#: Weight of the newest job in a provider's observed speed.
+OBSERVED_ALPHA = 0.3
+# Observed speeds kept before those of providers without an advert are forgotten.
+_MAX_OBSERVED = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +95,7 @@ class ProviderDirectory:
         self._rng = rng or random.Random()
         self._in_flight: dict[PeerId, int] = {}
         self._bans: dict[PeerId, _Ban] = {}
+        self._observed: dict[PeerId, float] = {}  # it/s at 512x512, EWMA
 
     # --- choosing --------------------------------------------------------------------------------
 
@@ -125,6 +135,7 @@ class ProviderDirectory:
         rtt = DEFAULT_RTT if measured is None else measured
         in_flight = self._in_flight.get(peer, 0)
         speed = advert.speed if advert.speed > 0 else DEFAULT_SPEED
+        speed = min(speed, self._observed.get(peer, speed))
         run = job.cost / speed
         # The advertised queue counts our jobs too once the provider has republished; the max
         # avoids counting them twice while reacting to them before the advert does.
@@ -174,6 +185,26 @@ class ProviderDirectory:
     def in_flight(self, peer: PeerId) -> int:
         """This gateway's jobs running on `peer` now."""
         return self._in_flight.get(peer, 0)
+
+    def observe(self, peer: PeerId, cost: float, seconds: float, queued: float = 0.0) -> None:
+        """Fold a job `peer` ran for us into its observed speed: `cost` units of work (see
+        JobRequest.cost) answered `seconds` after we sent it, `queued` of them (as the provider
+        reports) waiting for a slot.
+        """
+        rtt = self._rtt(peer) or 0.0
+        run = max(seconds - rtt - min(max(queued, 0.0), seconds), 1e-3)
+        sample = cost / run
+        held = self._observed.get(peer)
+        if held is None and len(self._observed) >= _MAX_OBSERVED:
+            for gone in [p for p in self._observed if self.adverts.get(p) is None]:
+                del self._observed[gone]
+        self._observed[peer] = (
+            sample if held is None else (1 - OBSERVED_ALPHA) * held + OBSERVED_ALPHA * sample
+        )
+
+    def observed_speed(self, peer: PeerId) -> float | None:
+        """`peer`'s speed (it/s at 512x512) as this gateway saw it, or None before any job."""
+        return self._observed.get(peer)
 
     # --- bans --------------------------------------------------------------------------------
 

@@ -208,6 +208,7 @@ class Dispatcher:
             host.peerstore.add_addrs(peer, candidate.advert.addrs)
         log.debug("attempt %d on %s, eta %.1f s", len(request.tried), peer.short(), candidate.eta)
         self.directory.started(peer)
+        sent = trio.current_time()
         try:
             if peer == self.peer.peer_id and self.local is not None:
                 result = await self.local(request.job, deadline=left, on_progress=on_progress)
@@ -232,6 +233,8 @@ class Dispatcher:
         finally:
             self.directory.finished(peer)
         self.directory.succeeded(peer)
+        queued = result.info.get("queue_ms", 0) / 1000
+        self.directory.observe(peer, request.job.cost, trio.current_time() - sent, queued)
         return result
 
     def _failed(self, request: _Request, peer: PeerId, exc: BaseException) -> None:
