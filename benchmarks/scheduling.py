@@ -42,7 +42,7 @@ import trio
 import trio.testing
 
 from gateway.directory import Candidate, ProviderDirectory
-from gateway.dispatch import DispatchError, Dispatcher, GatewayConfig
+from gateway.dispatch import Dispatcher, DispatchError, GatewayConfig
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.identity import PeerId
 from sdcn_p2p.jobs import JobRequest
