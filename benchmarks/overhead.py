@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from pathlib import Path
 
 import httpx
 import trio
+from _processes import cpu_seconds, free_port, keygen, percentile, sdcn, spawn, wait_http
 
 MODEL = "sd-v1-5"
 BODY = {
@@ -53,28 +53,6 @@ BODY = {
     "height": 512,
     "override_settings": {"sd_model_checkpoint": MODEL},
 }
-ROOT = Path(__file__).resolve().parents[1]
-READY_TIMEOUT = 60.0
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process `pid` so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-# --- the processes --------------------------------------------------------------------------
 
 
 @dataclass
@@ -86,45 +64,23 @@ class Network:
     providers: list[subprocess.Popen[bytes]]
 
 
-def _spawn(stack: ExitStack, args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    out = stack.enter_context(log.open("wb"))
-    process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-
-    def stop() -> None:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-    stack.callback(stop)
-    return process
-
-
-def _sdcn(*args: str) -> list[str]:
-    return [sys.executable, "-m", "sdcn_p2p", "--log-level", "warning", *args]
-
-
 @contextmanager
 def start_network(providers: int, max_queue: int, workdir: Path) -> Iterator[Network]:
     """Start the fake webui, a gateway and `providers` webui providers; stop them on exit."""
     with ExitStack() as stack:
-        webui_port, ws_port, http_port = _free_port(), _free_port(), _free_port()
+        webui_port, ws_port, http_port = free_port(), free_port(), free_port()
         webui_url = f"http://127.0.0.1:{webui_port}"
-        fake = _spawn(
+        fake = spawn(
             stack,
             [sys.executable, __file__, "--serve-fake", f"127.0.0.1:{webui_port}"],
             workdir / "fake.log",
         )
         key = workdir / "gateway.key"
-        gateway_id = subprocess.run(
-            _sdcn("keygen", "--key", str(key)), capture_output=True, check=True, text=True
-        ).stdout.strip()
+        gateway_id = keygen(key)
         seed = f"/ip4/127.0.0.1/tcp/{ws_port}/ws/p2p/{gateway_id}"
-        gateway = _spawn(
+        gateway = spawn(
             stack,
-            _sdcn(
+            sdcn(
                 "gateway",
                 "--key",
                 str(key),
@@ -138,11 +94,11 @@ def start_network(providers: int, max_queue: int, workdir: Path) -> Iterator[Net
             workdir / "gateway.log",
         )
         gateway_url = f"http://127.0.0.1:{http_port}"
-        _wait_http(f"{webui_url}/sdapi/v1/sd-models", fake)
+        wait_http(f"{webui_url}/sdapi/v1/sd-models", fake)
         nodes = [
-            _spawn(
+            spawn(
                 stack,
-                _sdcn(
+                sdcn(
                     "node",
                     "--key",
                     str(workdir / f"provider{i}.key"),
@@ -159,27 +115,12 @@ def start_network(providers: int, max_queue: int, workdir: Path) -> Iterator[Net
             )
             for i in range(providers)
         ]
-        _wait_http(
+        wait_http(
             f"{gateway_url}/healthz",
             gateway,
             check=lambda body: body.get("providers") == providers,
         )
         yield Network(webui_url, gateway_url, fake, gateway, nodes)
-
-
-def _wait_http(url: str, process: subprocess.Popen[bytes], check=lambda body: True) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
-        try:
-            response = httpx.get(url, timeout=2)
-            if response.status_code == 200 and check(response.json()):
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)  # polling another process's readiness: nothing to wait on instead
-    raise RuntimeError(f"{url} not ready within {READY_TIMEOUT:.0f} s")
 
 
 def serve_fake(bind: str) -> None:
@@ -292,8 +233,9 @@ async def measure(net: Network, args: argparse.Namespace) -> dict[str, object]:
         "gateway_ms_p50": round(percentile(b, 0.5) * 1000, 2),
         "gateway_ms_p99": round(percentile(b, 0.99) * 1000, 2),
     }
-    result["added_ms_p50"] = round(result["gateway_ms_p50"] - result["direct_ms_p50"], 2)  # type: ignore[operator]
-    result["added_ms_p99"] = round(result["gateway_ms_p99"] - result["direct_ms_p99"], 2)  # type: ignore[operator]
+    for q in ("p50", "p99"):
+        added = result[f"gateway_ms_{q}"] - result[f"direct_ms_{q}"]  # type: ignore[operator]
+        result[f"added_ms_{q}"] = round(added, 2)
     result["cpu_ms_per_request_c1"] = seq_cpu
     for concurrency in args.concurrency:
         direct_rps, gateway_rps, cpu = await rates(net, concurrency, args.duration)
