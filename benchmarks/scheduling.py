@@ -21,7 +21,7 @@ jobs at once, and the 80 % load again with one provider that advertises 8x but r
 count as not completed). The gateway pings each provider once before the first job, so it
 knows their round-trip times as a running gateway would from its keep-alive pings.
 
-Usage: python benchmarks/scheduling.py [--jobs 400] [--providers 8] [--burst 60] [--seed 1]
+Usage: python benchmarks/scheduling.py [--jobs 300] [--providers 8] [--burst 60] [--seed 1]
        [--json]
 """
 
@@ -280,7 +280,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=400, help="arrivals per load case")
+    parser.add_argument("--jobs", type=int, default=300, help="arrivals per load case")
     parser.add_argument("--providers", type=int, default=8)
     parser.add_argument("--burst", type=int, default=60, help="jobs arriving at once")
     parser.add_argument("--seed", type=int, default=1)
