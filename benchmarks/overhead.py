@@ -12,15 +12,18 @@ PROVIDERS provider nodes (`sdcn node --backend webui`), plus this client (httpx)
 would put every part on one core and make the requests-per-second figure meaningless.
 
 A webui runs one job at a time, so each provider has one slot (as `sdcn node` insists) and a
-queue of --max-queue; PROVIDERS providers share the one fake, standing for that many GPUs.
-The fake serialises its jobs too, so both paths have the same single backend behind them.
+queue of --max-queue (default 64: room for every request at once, so this measures the
+network's cost and not admission; the gateway does not know a provider's queue limit, so with
+short queues a busy provider is refused, banned for 5 s and the request may fail with 503).
+PROVIDERS providers share the one fake, standing for that many GPUs. The fake serialises its
+jobs too, so both paths have the same single backend behind them.
 
 Sequential latency (concurrency 1) alternates a and b request by request, so background load
 hits both alike; added_ms_* are the percentiles of b minus those of a. Requests per second at
 concurrency 8 and 64 run a, b, b, a for --duration seconds each and add up.
 
 Usage: python benchmarks/overhead.py [--requests 300] [--duration 5] [--providers 4]
-       [--max-queue 16] [--json]
+       [--max-queue 64] [--json]
 """
 
 from __future__ import annotations
@@ -265,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         "--concurrency", type=int, nargs="+", default=[8, 64], help="levels for rps"
     )
     parser.add_argument("--providers", type=int, default=4)
-    parser.add_argument("--max-queue", type=int, default=16, help="each provider's queue")
+    parser.add_argument("--max-queue", type=int, default=64, help="each provider's queue")
     parser.add_argument("--logs", metavar="DIR", help="keep the processes' logs and keys here")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--serve-fake", metavar="HOST:PORT", help=argparse.SUPPRESS)
