@@ -9,6 +9,10 @@ completion time (ARCHITECTURE.md, "Choosing a provider")::
     queue = max(advertised queue, this gateway's jobs in flight there) / slots
     eta   = rtt + queue * run + run
 
+`speed` is the advertised one, or the speed this gateway observed (an EWMA over the jobs the
+provider ran for it) when that is slower: a provider that claims more than it delivers is
+believed only until its first jobs come back.
+
 `choose` picks at random among the candidates within 10 % of the best, so that gateways
 reading the same adverts do not all herd onto one provider. A provider with MAX_IN_FLIGHT of
 this gateway's jobs, or held back after answering busy, is no candidate. A provider that fails
@@ -45,6 +49,7 @@ __all__ = [
     "DEFAULT_SPEED",
     "MAX_IN_FLIGHT",
     "MAX_PROVEN",
+    "OBSERVED_ALPHA",
     "Candidate",
     "ProviderDirectory",
 ]
@@ -65,6 +70,10 @@ BUSY_HOLD = 5.0
 MAX_IN_FLIGHT = 64
 #: Proven providers remembered (the most recent successes).
 MAX_PROVEN = 1024
+#: Weight of the newest job in a provider's observed speed.
+OBSERVED_ALPHA = 0.3
+# Observed speeds kept before those of providers without an advert are forgotten.
+_MAX_OBSERVED = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +118,7 @@ class ProviderDirectory:
         self._bans: dict[PeerId, _Ban] = {}
         self._proven: dict[PeerId, None] = {}  # in order of the latest success
         self._busy: dict[PeerId, tuple[int, float]] = {}  # peer -> (advert seq, hold end)
+        self._observed: dict[PeerId, float] = {}  # it/s at 512x512, EWMA
 
     # --- choosing --------------------------------------------------------------------------------
 
@@ -127,7 +137,7 @@ class ProviderDirectory:
             and not self._held(advert, now)
             and self._in_flight.get(advert.peer_id, 0) < MAX_IN_FLIGHT
         ]
-        proven_speeds = [_speed(a) for a in adverts if a.peer_id in self._proven]
+        proven_speeds = [self._speed(a) for a in adverts if a.peer_id in self._proven]
         cap = max(proven_speeds, default=None)
         found = [self._candidate(advert, job, cap) for advert in adverts]
         found.sort(key=lambda c: c.eta)
@@ -167,7 +177,9 @@ class ProviderDirectory:
         rtt = DEFAULT_RTT if measured is None else measured
         in_flight = self._in_flight.get(peer, 0)
         proven = peer in self._proven
-        speed = _speed(advert) if proven or cap is None else min(_speed(advert), cap)
+        speed = self._speed(advert)
+        if not proven and cap is not None:
+            speed = min(speed, cap)
         run = job.cost / speed
         # The advertised queue counts our jobs too once the provider has republished; the max
         # avoids counting them twice while reacting to them before the advert does.
@@ -218,6 +230,32 @@ class ProviderDirectory:
     def in_flight(self, peer: PeerId) -> int:
         """This gateway's jobs running on `peer` now."""
         return self._in_flight.get(peer, 0)
+
+    def observe(self, peer: PeerId, cost: float, seconds: float, queued: float = 0.0) -> None:
+        """Fold a job `peer` ran for us into its observed speed: `cost` units of work (see
+        JobRequest.cost) answered `seconds` after we sent it, `queued` of them (as the provider
+        reports) waiting for a slot.
+        """
+        rtt = self._rtt(peer) or 0.0
+        run = max(seconds - rtt - min(max(queued, 0.0), seconds), 1e-3)
+        sample = cost / run
+        held = self._observed.get(peer)
+        if held is None and len(self._observed) >= _MAX_OBSERVED:
+            for gone in [p for p in self._observed if self.adverts.get(p) is None]:
+                del self._observed[gone]
+        self._observed[peer] = (
+            sample if held is None else (1 - OBSERVED_ALPHA) * held + OBSERVED_ALPHA * sample
+        )
+
+    def observed_speed(self, peer: PeerId) -> float | None:
+        """`peer`'s speed (it/s at 512x512) as this gateway saw it, or None before any job."""
+        return self._observed.get(peer)
+
+    def _speed(self, advert: Advert) -> float:
+        """The speed (it/s at 512x512) an ETA uses: the advertised one, or the observed one
+        when that is slower."""
+        claimed = advert.speed if advert.speed > 0 else DEFAULT_SPEED
+        return min(claimed, self._observed.get(advert.peer_id, claimed))
 
     # --- busy providers ----------------------------------------------------------------------
 
@@ -286,10 +324,6 @@ class ProviderDirectory:
         # A provider quiet for BAN_MAX past its ban starts afresh; this also bounds the table.
         for peer in [p for p, b in self._bans.items() if b.until + BAN_MAX <= now]:
             del self._bans[peer]
-
-
-def _speed(advert: Advert) -> float:
-    return advert.speed if advert.speed > 0 else DEFAULT_SPEED
 
 
 def _fits(advert: Advert, job: JobRequest) -> bool:

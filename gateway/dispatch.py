@@ -245,6 +245,7 @@ class Dispatcher:
         log.debug("attempt %d on %s, eta %.1f s", len(request.tried), peer.short(), candidate.eta)
         self.directory.started(peer)
         busy = False
+        sent = trio.current_time()
         try:
             if peer == self.peer.peer_id and self.local is not None:
                 result = await self.local(request.job, deadline=left, on_progress=on_progress)
@@ -282,6 +283,8 @@ class Dispatcher:
             if busy:  # after `finished`, which lifts holds
                 self.directory.hold_busy(peer, self.peer.wall_clock(), candidate.advert.seq)
         self.directory.succeeded(peer)
+        queued = result.info.get("queue_ms", 0) / 1000
+        self.directory.observe(peer, request.job.cost, trio.current_time() - sent, queued)
         return result
 
     def _refused_stream(self, peer: PeerId, candidate: Candidate, exc: BaseException) -> bool:

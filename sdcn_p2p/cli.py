@@ -25,7 +25,6 @@ from sdcn_p2p.backends.diffusers import (
     require_diffusers,
 )
 from sdcn_p2p.backends.testcard import TestcardConfig, open_testcard_backend
-from sdcn_p2p.backends.webui import open_webui_backend
 from sdcn_p2p.errors import ConfigError, MultiaddrError, SdcnError
 from sdcn_p2p.host import HostConfig, open_host
 from sdcn_p2p.httpserver import parse_bind
@@ -299,6 +298,9 @@ def node_config_from_args(args: argparse.Namespace) -> tuple[PeerConfig, Provide
 def open_backend_from_args(args: argparse.Namespace) -> AbstractAsyncContextManager[Backend]:
     """The backend `sdcn node --backend ...` asks for."""
     if args.backend == "webui":
+        # Imported here: a test-card provider has no use for httpx.
+        from sdcn_p2p.backends.webui import open_webui_backend
+
         return open_webui_backend(args.webui_url, auth=args.webui_auth)
     if args.backend == "diffusers":
         if args.models_dir is None:
@@ -337,8 +339,6 @@ async def run_node(
     """Run a provider node until signalled (what ``sdcn node`` does); with `http`, it is a
     gateway too.
     """
-    from gateway.node import open_gateway
-
     async with (
         open_peer(identity, peer_config) as peer,
         backend as opened,
@@ -346,6 +346,9 @@ async def run_node(
         AsyncExitStack() as stack,
     ):
         if http is not None:
+            # Imported only here: FastAPI and pydantic cost a provider ~15 MB it does not need.
+            from gateway.node import open_gateway
+
             # Jobs may run on our own provider; its advert carries the gateway role.
             await stack.enter_async_context(open_gateway(peer, http=http, provider=provider))
         mode = "reachable" if peer.reachable else "outbound-only"

@@ -11,8 +11,10 @@ Basic auth (``--api-auth``). Like the real one it runs one job at a time, answer
 - ignores a ``<lora:name:weight>`` tag for a LoRA it does not have.
 
 A job's steps take `step_time` seconds each (trio time), or wait for `advance()` when it is
-None; ``/interrupt`` ends the running job early. Tests arrange failures with `inject()` and
-stop the server to make the webui disappear.
+None; ``/interrupt`` ends the running job early. With `png` set, every image is those bytes
+(`noise_png` makes a realistic one) instead of a drawn card: an instant backend for
+benchmarks. Tests arrange failures with `inject()` and stop the server to make the webui
+disappear.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import base64
 import binascii
 import collections
 import hashlib
+import io
 import json
+import random
 import re
 import secrets
 from collections.abc import AsyncIterator, Sequence
@@ -32,12 +36,13 @@ import trio
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from PIL import Image
 
 from sdcn_p2p._util import open_service_nursery
 from sdcn_p2p.backends.testcard import SAMPLERS, render_card
 from sdcn_p2p.httpserver import serve_http
 
-__all__ = ["SCHEDULERS", "FakeWebui", "create_app", "open_fake_webui"]
+__all__ = ["SCHEDULERS", "FakeWebui", "create_app", "noise_png", "open_fake_webui"]
 
 #: AUTOMATIC1111's schedulers (1.10): (name, label).
 SCHEDULERS = (
@@ -79,6 +84,7 @@ class FakeWebui:
         auth: tuple[str, str] | None = None,
         step_time: float | None = 0.0,
         interrupt_no_content: bool = False,
+        png: bytes | None = None,
     ) -> None:
         self.models = list(models)
         self.loras = list(loras)
@@ -89,6 +95,8 @@ class FakeWebui:
         self.step_time = step_time
         #: Answer /interrupt with 204 and no body, as SD.Next does.
         self.interrupt_no_content = interrupt_no_content
+        #: PNG bytes every image of every job is, instead of a drawn card (None: draw).
+        self.png = png
         self.requests: collections.deque[tuple[str, Any]] = collections.deque(maxlen=64)
         self.interrupts = 0
         self.jobs_done = 0
@@ -228,9 +236,12 @@ class FakeWebui:
                 "negative": negative,
             }
             try:
-                pngs = await trio.to_thread.run_sync(
-                    _render, params, seeds, width, height, init, denoising
-                )
+                if self.png is not None:
+                    pngs = [self.png] * len(seeds)
+                else:
+                    pngs = await trio.to_thread.run_sync(
+                        _render, params, seeds, width, height, init, denoising
+                    )
             except (OSError, SyntaxError, ValueError) as exc:
                 return _error(500, type(exc).__name__, f"cannot open the init image: {exc}")
             self.jobs_done += 1
@@ -298,6 +309,20 @@ class FakeWebui:
         total, free = (mb * 2**20 for mb in self.vram_mb)
         system = {"free": free, "used": total - free, "total": total}
         return {"ram": ram, "cuda": {"system": system, "events": {"retries": 0, "oom": 0}}}
+
+
+def noise_png(width: int = 512, height: int = 512, *, levels: int = 16, seed: int = 0) -> bytes:
+    """An RGB PNG of random noise with `levels` values per channel: it compresses about as
+    well as a generated picture (512x512 with 16 levels: ~400 KB). Same arguments, same bytes.
+    """
+    if not 2 <= levels <= 256:
+        raise ValueError(f"levels must be from 2 to 256, not {levels}")
+    step = 256 // levels
+    quantize = bytes((value * levels >> 8) * step for value in range(256))
+    data = random.Random(seed).randbytes(width * height * 3).translate(quantize)
+    out = io.BytesIO()
+    Image.frombytes("RGB", (width, height), data).save(out, "PNG")
+    return out.getvalue()
 
 
 def _get(payload: dict[str, Any], name: str, kind: Any, default: Any) -> Any:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
 
 from sdcn_p2p.errors import ConfigError
 
@@ -35,6 +33,10 @@ async def serve_http(
     Reports the bound URLs (``http://127.0.0.1:43210``) through `task_status`. Raises
     ConfigError if the address cannot be bound.
     """
+    # Imported here, not at the top: `parse_bind` is all a provider needs of this module.
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
     config = Config()
     config.bind = [parse_bind(bind)]
     config.backlog = BACKLOG

@@ -9,7 +9,7 @@ import pytest
 import trio
 from PIL import Image
 
-from sdcn_p2p.fakewebui import FakeWebui, open_fake_webui
+from sdcn_p2p.fakewebui import FakeWebui, noise_png, open_fake_webui
 
 API = "/sdapi/v1"
 
@@ -122,3 +122,19 @@ async def test_an_injected_answer_is_served_once(body: object) -> None:
     assert first.status_code == 503
     assert (first.content if isinstance(body, bytes) else first.json()) == body
     assert second.status_code == 200
+
+
+async def test_with_a_fixed_png_every_image_is_that_png() -> None:
+    png = noise_png(64, 48, seed=3)
+    assert noise_png(64, 48, seed=3) == png != noise_png(64, 48, seed=4)
+    with Image.open(io.BytesIO(png)) as image:
+        assert (image.format, image.size, image.mode) == ("PNG", (64, 48), "RGB")
+    fake = fake_webui(png=png)
+    async with open_fake_webui(fake) as url, httpx.AsyncClient(base_url=url) as client:
+        images, info = await txt2img(client, prompt="a cat", batch_size=2)
+    assert images == [png, png]
+    assert info["all_seeds"] == [7, 8] and fake.jobs_done == 1
+
+
+def test_a_noise_png_of_512x512_is_about_as_large_as_a_generated_one() -> None:
+    assert 350_000 < len(noise_png()) < 450_000

@@ -291,3 +291,33 @@ def test_one_of_our_jobs_ending_lifts_a_busy_hold() -> None:
     assert found.choose(job(), NOW) is None
     found.finished(PEERS[0])
     assert found.choose(job(), NOW).peer_id == PEERS[0]
+
+
+# --- observed speed ----------------------------------------------------------------------------
+
+
+def test_a_provider_slower_than_it_advertises_is_ranked_by_what_it_delivered() -> None:
+    """Both advertise 2 it/s; provider 0 took 40 s (10 of them queued) for a 20-unit job,
+    so it ran at 20 / 30 s, and its ETA follows that until it does better.
+    """
+    found = directory(advert(0), advert(1))
+    assert chosen(found, job()) in ([PEERS[0], PEERS[1]], [PEERS[1], PEERS[0]])
+    found.observe(PEERS[0], 20.0, 40.0, queued=10.0)
+    assert found.observed_speed(PEERS[0]) == pytest.approx(20 / 30)
+    assert chosen(found, job()) == [PEERS[1], PEERS[0]]
+    assert found.eta(found.adverts.get(PEERS[0]), job()) == pytest.approx(30.0)
+    found.observe(PEERS[0], 20.0, 5.0)  # 4 it/s now: the EWMA moves a third of the way
+    assert found.observed_speed(PEERS[0]) == pytest.approx(0.7 * 20 / 30 + 0.3 * 4)
+    for _ in range(10):
+        found.observe(PEERS[0], 20.0, 5.0)
+    # Faster than it advertises: the advert caps the speed the ETA uses.
+    assert found.eta(found.adverts.get(PEERS[0]), job()) == pytest.approx(10.0)
+
+
+def test_observed_speed_ignores_a_queue_longer_than_the_whole_job() -> None:
+    found = directory(advert(0), rtts={PEERS[0]: 1.0})
+    found.observe(PEERS[0], 20.0, 11.0, queued=50.0)  # nonsense: no time left to run in
+    assert found.observed_speed(PEERS[0]) == pytest.approx(20 / 1e-3)
+    found = directory(advert(0), rtts={PEERS[0]: 1.0})
+    found.observe(PEERS[0], 20.0, 11.0)
+    assert found.observed_speed(PEERS[0]) == pytest.approx(2.0)

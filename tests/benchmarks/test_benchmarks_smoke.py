@@ -1,0 +1,61 @@
+"""The benchmark scripts run end to end in a tiny configuration and print their JSON keys.
+
+They measure nothing here (a few requests, a few simulated jobs); the figures come from full
+runs (README, "Performance").
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture
+def load(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+
+    def load(name: str) -> ModuleType:
+        sys.modules.pop(name, None)
+        return importlib.import_module(name)
+
+    return load
+
+
+def run_json(module: ModuleType, argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
+    assert module.main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_overhead(load, capsys) -> None:  # type: ignore[no-untyped-def]
+    argv = ["--requests", "3", "--duration", "0.2", "--concurrency", "4", "--providers", "1"]
+    result = run_json(load("overhead"), argv, capsys)
+    assert result["gateway_ms_p50"] > 0 and result["direct_ms_p50"] > 0
+    assert {"added_ms_p50", "added_ms_p99"} <= result.keys()
+    assert result["gateway_rps_c4"] > 0 and result["direct_rps_c4"] > 0
+
+
+def test_scheduling(load, capsys) -> None:  # type: ignore[no-untyped-def]
+    argv = ["--jobs", "6", "--providers", "2", "--burst", "3"]
+    result = run_json(load("scheduling"), argv, capsys)
+    assert result["p95_ratio_vs_round_robin"] > 0
+    assert result["p95_ratio_vs_best_other"] > 0
+    assert 0 < result["throughput_at_95"] <= 1
+    policies = {"ours", "round-robin", "random", "least-queue"}
+    assert all(row.keys() == policies for row in result["cases"].values())
+    assert len(result["cases"]) == 5
+
+
+def test_footprint(load, capsys) -> None:  # type: ignore[no-untyped-def]
+    argv = ["--concurrent", "6", "--providers", "1", "--max-queue", "8", "--idle", "0"]
+    result = run_json(load("footprint"), [*argv, "--sim-sizes", "3", "6"], capsys)
+    assert 10 < result["provider_idle_rss_mb"] < 1000
+    assert result["in_flight"] == 6 and result["answered_early"] == 0
+    assert "gateway_rss_growth_mb_1000_concurrent" in result
+    assert result["sim_peers_max"] > 6
