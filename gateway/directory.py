@@ -31,7 +31,7 @@ dispatcher for the rest of the guard).
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 
 from sdcn_p2p.adverts import AdvertCache
@@ -126,22 +126,34 @@ class ProviderDirectory:
         self, job: JobRequest, now: float, *, exclude: Collection[PeerId] = ()
     ) -> list[Candidate]:
         """The providers that can run `job` now, soonest first."""
-        adverts = [
-            advert
-            for advert in self._offering(job.model, [name for name, _ in job.loras])
-            if advert.state == "online"
-            and PROVIDER_ROLE in advert.roles
-            and _fits(advert, job)
-            and advert.peer_id not in exclude
-            and not self.is_banned(advert.peer_id, now)
-            and not self._held(advert, now)
-            and self._in_flight.get(advert.peer_id, 0) < MAX_IN_FLIGHT
-        ]
+        adverts = [a for a in self._capable(job, now, exclude) if not self._full(a, now)]
         proven_speeds = [self._speed(a) for a in adverts if a.peer_id in self._proven]
         cap = max(proven_speeds, default=None)
         found = [self._candidate(advert, job, cap) for advert in adverts]
         found.sort(key=lambda c: c.eta)
         return found
+
+    def only_full(self, job: JobRequest, now: float, *, exclude: Collection[PeerId] = ()) -> bool:
+        """Whether providers could run `job` but every one is full for now (held back after
+        answering busy, or running MAX_IN_FLIGHT of our jobs): a job worth queueing for."""
+        capable = list(self._capable(job, now, exclude))
+        return bool(capable) and all(self._full(advert, now) for advert in capable)
+
+    def _capable(
+        self, job: JobRequest, now: float, exclude: Collection[PeerId]
+    ) -> Iterator[Advert]:
+        for advert in self._offering(job.model, [name for name, _ in job.loras]):
+            if (
+                advert.state == "online"
+                and PROVIDER_ROLE in advert.roles
+                and _fits(advert, job)
+                and advert.peer_id not in exclude
+                and not self.is_banned(advert.peer_id, now)
+            ):
+                yield advert
+
+    def _full(self, advert: Advert, now: float) -> bool:
+        return self._held(advert, now) or self._in_flight.get(advert.peer_id, 0) >= MAX_IN_FLIGHT
 
     def choose(
         self,

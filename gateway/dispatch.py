@@ -12,6 +12,17 @@ while we keep it full, is held back (see `ProviderDirectory.hold_busy`) rather t
 A ban would leave it idle once its queue drains, and under overload that cut what the
 network served by half or more (benchmarks/load.py).
 
+When every provider that could run a job is full (held back after busy, or running as many
+of our jobs as we send one), the job waits, first come first served, for one to have room:
+up to `GatewayConfig.queue_wait` seconds (at most half its deadline), with at most
+`GatewayConfig.max_waiting` jobs waiting; then, or beyond that, it is a 503. A job ending
+wakes the first in line; an advert of a provider with room wakes as many as it has free
+slots; the first in line also looks again every second, since a busy hold can lapse unseen,
+and one that finds room wakes the next. (A job woken into a provider that turns out busy
+goes back to its place in line, but a job behind it may have taken the room meanwhile.)
+Waiting on the gateway spares an overloaded network the storm of clients retrying after
+503s, which otherwise took most of the gateway's time (benchmarks/load.py).
+
 Against providers that advertise what they cannot deliver (or never answer), a request
 makes at most one attempt on an unproven provider (one that has completed no job here) while
 a proven one could take the job, and that attempt gets half the time left, so the proven
@@ -20,6 +31,8 @@ provider still has time to finish when the unproven one fails or hangs.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import random
 from collections.abc import Callable
@@ -33,7 +46,8 @@ from sdcn_p2p.errors import NETWORK_ERRORS, JobError, RecordError, SdcnError, St
 from sdcn_p2p.identity import PeerId
 from sdcn_p2p.jobs import JobRequest, JobResult, request_job
 from sdcn_p2p.peer import Peer
-from sdcn_p2p.records import Envelope, model_key
+from sdcn_p2p.provider import PROVIDER_ROLE
+from sdcn_p2p.records import Advert, Envelope, model_key
 
 __all__ = [
     "MAX_ATTEMPTS",
@@ -50,6 +64,10 @@ _SEEDS = 2**32
 #: A provider that times out having had this many times its estimated run is banned; a
 #: shorter deadline is the client's doing, and must not let one client ban every provider.
 _TIMEOUT_BAN_FACTOR = 2.0
+#: A waiting job looks for a provider with room this often (s) even when nothing woke it.
+_RECHECK = 1.0
+#: Busy answers one request takes before it gives up with a 503.
+_MAX_BUSY = 16
 
 
 class DispatchError(SdcnError):
@@ -84,14 +102,19 @@ class GatewayConfig:
     deadline_per_unit: float = 2.0
     deadline_cap: float = 600.0
     dht_lookup_timeout: float = 5.0
+    #: Longest a job waits for a full provider to have room (at most half its deadline);
+    #: 0: a 503 at once.
+    queue_wait: float = 30.0
+    #: Jobs waiting at once; more get a 503 at once.
+    max_waiting: int = 1024
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, not {self.max_attempts}")
         if min(self.deadline_base, self.deadline_cap, self.dht_lookup_timeout) <= 0:
             raise ValueError("deadline_base, deadline_cap and dht_lookup_timeout must be > 0")
-        if self.deadline_per_unit < 0:
-            raise ValueError("deadline_per_unit must be ≥ 0")
+        if min(self.deadline_per_unit, self.queue_wait, self.max_waiting) < 0:
+            raise ValueError("deadline_per_unit, queue_wait and max_waiting must be ≥ 0")
 
 
 class LocalRunner(Protocol):
@@ -126,6 +149,14 @@ class Dispatcher:
         self.config = config
         self.local = local
         self._rng = rng or random.Random()
+        self._queue = _WaitQueue()
+        self._waiting = 0
+        peer.adverts.add_listener(self._on_advert)
+
+    @property
+    def waiting(self) -> int:
+        """Jobs waiting now for a provider to have room."""
+        return self._waiting
 
     def default_deadline(self, job: JobRequest) -> float:
         """Seconds a job may take when the client sets no deadline, scaled by its cost."""
@@ -159,19 +190,19 @@ class Dispatcher:
                 "%s %s failed after %d attempt(s), %.0f ms: %d %s",
                 job.kind,
                 job.model,
-                len(request.tried),
+                request.attempts,
                 (trio.current_time() - started) * 1000,
                 exc.status,
                 exc.message,
             )
             raise
-        info = {**result.info, "attempts": len(request.tried)}
+        info = {**result.info, "attempts": request.attempts}
         log.info(
             "%s %s on %s: %d attempt(s), %.0f ms",
             job.kind,
             job.model,
             request.tried[-1].short(),
-            len(request.tried),
+            request.attempts,
             (trio.current_time() - started) * 1000,
         )
         return DispatchResult(result.images, info)
@@ -190,6 +221,8 @@ class Dispatcher:
                 await self._look_up(job.model, request.end)
                 candidate = self._choose(request)
             if candidate is None:
+                candidate = await self._wait_for_room(request)
+            if candidate is None:
                 break
             left = request.end - trio.current_time()
             if left <= 0:
@@ -198,6 +231,47 @@ class Dispatcher:
             if result is not None:
                 return result
         raise self._no_result(request)
+
+    async def _wait_for_room(self, request: _Request) -> Candidate | None:
+        """Queue until a provider has room for `request`'s job and return it; None when the
+        wait ends without one, or when the job is not one to wait for (nobody could run it,
+        the queue is full, or it had its wait).
+        """
+        config = self.config
+        now = trio.current_time()
+        if request.busy >= _MAX_BUSY or config.queue_wait <= 0:
+            return None
+        if request.wait_until == 0.0:  # its first wait
+            if self._waiting >= config.max_waiting:
+                return None
+            request.wait_until = now + min(config.queue_wait, (request.end - now) / 2)
+            request.ticket = self._queue.ticket()
+        queue = self._queue
+        event = queue.join(request.ticket)
+        self._waiting += 1
+        try:
+            while trio.current_time() < request.wait_until and self.directory.only_full(
+                request.job, self.peer.wall_clock(), exclude=self._exclude(request)
+            ):
+                with trio.move_on_at(min(request.wait_until, trio.current_time() + _RECHECK)):
+                    await event.wait()
+                if event.is_set():  # woken, and so out of line: back to its place
+                    event = queue.join(request.ticket)
+                elif not queue.is_first(request.ticket):
+                    continue  # looking again unwoken is for the first in line
+                candidate = self._choose(request)
+                if candidate is not None:
+                    queue.leave(request.ticket, event)
+                    queue.wake()  # the next in line may find room too
+                    return candidate
+            return None
+        finally:
+            self._waiting -= 1
+            queue.leave(request.ticket, event)
+
+    def _on_advert(self, advert: Advert) -> None:
+        if advert.state == "online" and PROVIDER_ROLE in advert.roles:
+            self._queue.wake(max(1, advert.slots - advert.queue))
 
     def _known(self, job: JobRequest) -> bool:
         """Whether any provider we know of offers `job`'s model with its LoRAs."""
@@ -282,6 +356,11 @@ class Dispatcher:
             self.directory.finished(peer)
             if busy:  # after `finished`, which lifts holds
                 self.directory.hold_busy(peer, self.peer.wall_clock(), candidate.advert.seq)
+                # Not an attempt that failed: the provider may take the job once it has room.
+                request.tried.remove(peer)
+                request.busy += 1
+            else:  # room for the job that waited longest
+                self._queue.wake()
         self.directory.succeeded(peer)
         queued = result.info.get("queue_ms", 0) / 1000
         self.directory.observe(peer, request.job.cost, trio.current_time() - sent, queued)
@@ -364,6 +443,46 @@ class _Request:
 
     job: JobRequest
     end: float  # trio time when the deadline passes
+    #: Providers that ran or failed the job (not those that answered busy).
     tried: list[PeerId] = field(default_factory=list)
     tried_unproven: bool = False  # an attempt went to a provider not proven yet
+    busy: int = 0  # busy answers
+    wait_until: float = 0.0  # trio time the wait for room ends; 0.0 before the first wait
+    ticket: int = 0  # its place in line for room (see _WaitQueue), from its first wait
     last_error: BaseException | None = None
+
+    @property
+    def attempts(self) -> int:
+        return len(self.tried) + self.busy
+
+
+class _WaitQueue:
+    """Jobs waiting for a provider to have room, in line by the order they came."""
+
+    def __init__(self) -> None:
+        self._line: list[tuple[int, trio.Event]] = []  # sorted by ticket
+        self._tickets = itertools.count()
+
+    def ticket(self) -> int:
+        """A place in line, for a job to keep across its waits."""
+        return next(self._tickets)
+
+    def join(self, ticket: int) -> trio.Event:
+        """Take the place `ticket` gives; the event is set when the job is woken."""
+        event = trio.Event()
+        bisect.insort(self._line, (ticket, event))
+        return event
+
+    def leave(self, ticket: int, event: trio.Event) -> None:
+        """Give up a place `join` gave (nothing if it was woken or left already)."""
+        if not event.is_set():
+            self._line.remove((ticket, event))
+            event.set()
+
+    def is_first(self, ticket: int) -> bool:
+        return bool(self._line) and self._line[0][0] == ticket
+
+    def wake(self, count: int = 1) -> None:
+        """Wake the first `count` jobs in line (they leave it)."""
+        for _ in range(min(count, len(self._line))):
+            self._line.pop(0)[1].set()

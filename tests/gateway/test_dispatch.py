@@ -27,6 +27,8 @@ SLOW = TestcardConfig(models=("card-a",), speed=0.5)
 #: Adverts that do not change for a long while after a job starts: the gateway's view of the
 #: providers' load stays stale, so that they answer busy.
 STALE = ProviderConfig(slots=1, max_queue=0, min_advert_gap=100.0)
+#: A gateway that answers 503 at once when every provider is busy.
+NO_QUEUE = GatewayConfig(queue_wait=0)
 
 
 def job(**fields: object) -> JobRequest:
@@ -126,6 +128,12 @@ def speeds(*values: float, base: ProviderConfig = ProviderConfig()) -> list[Prov
     return [replace(base, initial_speed=value) for value in values]
 
 
+async def waiting(net: Net, count: int) -> None:
+    """Return (in simulated time) once `count` jobs wait in the gateway's queue."""
+    while net.dispatcher.waiting < count:  # noqa: ASYNC110 (simulated time: nothing to wait on)
+        await trio.sleep(0.001)
+
+
 async def occupy(net: Net, index: int, nursery: trio.Nursery) -> WatchedBackend:
     """Start a long job on provider `index` behind the dispatcher's back; return once it runs."""
     backend = net.providers[index].backend
@@ -194,10 +202,12 @@ async def test_busy_providers_are_skipped_and_attempts_counted(autojump_clock) -
         assert net.provider_of(result) == 2 and result.info["attempts"] == 1
 
 
-async def test_all_busy_is_503(autojump_clock) -> None:
+async def test_all_busy_is_503_at_once_without_a_queue(autojump_clock) -> None:
     backends = [WatchedBackend() for _ in range(2)]
     async with (
-        gateway_network(*backends, configs=speeds(2.0, 1.0, base=STALE)) as net,
+        gateway_network(
+            *backends, configs=speeds(2.0, 1.0, base=STALE), gateway_config=NO_QUEUE
+        ) as net,
         trio.open_nursery() as nursery,
     ):
         await occupy(net, 0, nursery)
@@ -211,6 +221,62 @@ async def test_all_busy_is_503(autojump_clock) -> None:
             await net.dispatcher.run(job())
         assert info.value.status == 503
         assert [len(b.seeds) for b in backends] == [1, 1]
+
+
+async def test_when_all_are_busy_jobs_wait_for_room(
+    autojump_clock,
+) -> None:
+    backends = [WatchedBackend() for _ in range(2)]
+    async with (
+        gateway_network(*backends, configs=speeds(2.0, 1.0, base=STALE)) as net,
+        trio.open_nursery() as nursery,
+    ):
+        await occupy(net, 0, nursery)
+        await occupy(net, 1, nursery)
+        done: list[int] = []
+
+        async def one(seed: int) -> None:
+            result = await net.dispatcher.run(long_job(seed=seed))
+            assert result.info["seed"] == seed
+            done.append(seed)
+
+        async with trio.open_nursery() as jobs:
+            for seed in (1, 2, 3):
+                jobs.start_soon(one, seed)
+                await waiting(net, seed)  # in this order
+
+        # Two took the providers as they freed up, the third the first of those to finish.
+        # Each ran once.
+        assert sorted(done) == [1, 2, 3]
+        assert sorted(backends[0].seeds[1:] + backends[1].seeds[1:]) == [1, 2, 3]
+        assert net.dispatcher.waiting == 0
+
+
+async def test_a_full_queue_and_a_long_wait_are_503(autojump_clock) -> None:
+    backends = [WatchedBackend()]
+    config = GatewayConfig(queue_wait=2.0, max_waiting=1)
+    async with (
+        gateway_network(*backends, configs=[STALE], gateway_config=config) as net,
+        trio.open_nursery() as nursery,
+    ):
+        await occupy(net, 0, nursery)
+        started = trio.current_time()
+        errors: list[DispatchError] = []
+
+        async def one() -> None:
+            with pytest.raises(DispatchError) as info:
+                await net.dispatcher.run(job())
+            errors.append(info.value)
+
+        async with trio.open_nursery() as jobs:
+            jobs.start_soon(one)
+            await waiting(net, 1)
+            await one()  # the queue is full: turned away at once
+            assert trio.current_time() - started < 0.5 and errors[0].status == 503
+        # The one that waited gave up after queue_wait, well before its deadline.
+        assert errors[1].status == 503
+        assert 2.0 <= trio.current_time() - started < 2.5
+        assert backends[0].seeds == [backends[0].seeds[0]]  # only the job that occupied it
 
 
 async def test_a_provider_killed_mid_job_fails_over_and_each_job_runs_once(

@@ -18,7 +18,7 @@ import trio
 
 from bootstrap.node import open_bootstrap
 from gateway.api import create_app
-from gateway.dispatch import Dispatcher, DispatchError
+from gateway.dispatch import Dispatcher, DispatchError, DispatchResult, GatewayConfig
 from gateway.node import Gateway
 from sdcn_p2p.backends import Backend, JobOutput
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
@@ -446,12 +446,13 @@ async def test_killing_a_provider_while_it_joins_leaves_no_task_behind(
 # --- back-pressure -----------------------------------------------------------------------------
 
 
-async def test_all_providers_full_is_a_quick_503_with_retry_after_and_no_ban(
+async def test_all_providers_full_queues_then_is_a_quick_503_with_retry_after_and_no_ban(
     autojump_clock,
 ) -> None:
-    """Two providers with room for two jobs each, twelve requests at once through the HTTP
-    API: four get images, the rest a 503 with Retry-After at once (no DHT lookup, no waiting
-    for a deadline), and nobody is banned for being busy.
+    """Two providers with room for two jobs each, a gateway queue of two, twelve requests at
+    once through the HTTP API: six get images (four at once, two after waiting for room), the
+    rest a 503 with Retry-After at once (no DHT lookup, no waiting for a deadline), and nobody
+    is banned for being busy.
     """
     slow = TestcardConfig(models=("card",), speed=0.5)
     full = ProviderConfig(slots=1, max_queue=1)
@@ -466,7 +467,7 @@ async def test_all_providers_full_is_a_quick_503_with_retry_after_and_no_ban(
             return await real_get(key)
 
         net.gateway.dht.get = counted_get  # type: ignore[method-assign]
-        gateway = Gateway(net.gateway, rng=random.Random(4))
+        gateway = Gateway(net.gateway, GatewayConfig(max_waiting=2), rng=random.Random(4))
         app = create_app(gateway)
         statuses: list[tuple[int, float, dict, httpx.Headers]] = []
         transport = httpx.ASGITransport(app=app)
@@ -483,7 +484,7 @@ async def test_all_providers_full_is_a_quick_503_with_retry_after_and_no_ban(
                 for seed in range(12):
                     nursery.start_soon(one, seed)
         codes = sorted(code for code, *_ in statuses)
-        assert codes == [200] * 4 + [503] * 8
+        assert codes == [200] * 6 + [503] * 6
         for code, took, body, headers in statuses:
             if code == 503:
                 assert took < 1.0 and set(body) == {"msg"} and headers["retry-after"] == "1"
@@ -496,7 +497,8 @@ async def test_streams_refused_at_a_providers_stream_limit_are_back_pressure(
     autojump_clock,
 ) -> None:
     """A provider that resets job streams beyond its stream limit while we keep it full is
-    held back like a busy one, not banned: it runs jobs again as soon as ours end.
+    held back like a busy one, not banned: the jobs it refused wait for room and run as soon
+    as ours end; with no queue, they are 503s.
     """
     async with open_net() as net:
         config = ProviderConfig(max_queue=20)
@@ -511,6 +513,14 @@ async def test_streams_refused_at_a_providers_stream_limit_are_back_pressure(
                 banned.append(net.directory.is_banned(node.peer.peer_id, mock_wall_clock()))
 
         banned: list[bool] = []
+        async with trio.open_nursery() as nursery:
+            for seed in range(10):
+                nursery.start_soon(one, seed)
+        assert all(isinstance(o, DispatchResult) for o in outcomes)
+        assert node.provider is not None and node.provider.jobs_done == 10
+
+        outcomes.clear()
+        net.dispatcher.config = GatewayConfig(queue_wait=0)
         async with trio.open_nursery() as nursery:
             for seed in range(10):
                 nursery.start_soon(one, seed)
