@@ -239,7 +239,7 @@ class Dispatcher:
         """
         config = self.config
         now = trio.current_time()
-        if request.busy >= _MAX_BUSY or config.queue_wait <= 0:
+        if request.busy >= _MAX_BUSY or config.queue_wait <= 0 or not self._only_full(request):
             return None
         if request.wait_until == 0.0:  # its first wait
             if self._waiting >= config.max_waiting:
@@ -250,9 +250,7 @@ class Dispatcher:
         event = queue.join(request.ticket)
         self._waiting += 1
         try:
-            while trio.current_time() < request.wait_until and self.directory.only_full(
-                request.job, self.peer.wall_clock(), exclude=self._exclude(request)
-            ):
+            while trio.current_time() < request.wait_until:
                 with trio.move_on_at(min(request.wait_until, trio.current_time() + _RECHECK)):
                     await event.wait()
                 if event.is_set():  # woken, and so out of line: back to its place
@@ -264,10 +262,17 @@ class Dispatcher:
                     queue.leave(request.ticket, event)
                     queue.wake()  # the next in line may find room too
                     return candidate
+                if not self._only_full(request):
+                    return None  # no provider left to wait for (banned, or gone)
             return None
         finally:
             self._waiting -= 1
             queue.leave(request.ticket, event)
+
+    def _only_full(self, request: _Request) -> bool:
+        return self.directory.only_full(
+            request.job, self.peer.wall_clock(), exclude=self._exclude(request)
+        )
 
     def _on_advert(self, advert: Advert) -> None:
         if advert.state == "online" and PROVIDER_ROLE in advert.roles:
