@@ -15,6 +15,7 @@ import trio
 
 from sdcn_p2p.host import Host, HostConfig, open_host
 from sdcn_p2p.identity import Identity
+from sdcn_p2p.jobs import JobRequest
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.peer import Peer, PeerConfig, open_peer
 from sdcn_p2p.records import Advert
@@ -29,12 +30,29 @@ __all__ = [
     "mock_wall_clock",
     "open_memory_hosts",
     "open_memory_peers",
+    "small_job",
     "test_identity",
     "wait_advert",
 ]
 
 #: ``tamper(index, message)``: the messages to send instead of the `index`-th one (from 0).
 Tamper = Callable[[int, bytes], Sequence[bytes]]
+
+
+def small_job(**fields: object) -> JobRequest:
+    """A cheap job for tests: txt2img of model "card-a", 10 steps at 64x64, seed 7, `fields`
+    changed."""
+    values: dict[str, object] = {
+        "kind": "txt2img",
+        "model": "card-a",
+        "prompt": "a dog",
+        "seed": 7,
+        "steps": 10,
+        "width": 64,
+        "height": 64,
+    }
+    values.update(fields)
+    return JobRequest(**values)  # type: ignore[arg-type]
 
 
 def test_identity(index: int, *, seed: int = 0) -> Identity:

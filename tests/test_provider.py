@@ -15,7 +15,7 @@ from sdcn_p2p.errors import BackendUnavailable, JobError
 from sdcn_p2p.jobs import JOB, MAX_JOB_MESSAGE, JobRequest, request_job
 from sdcn_p2p.provider import GATEWAY_ROLE, ProviderConfig, open_provider
 from sdcn_p2p.records import Advert
-from sdcn_p2p.testing import open_memory_peers, wait_advert
+from sdcn_p2p.testing import open_memory_peers, small_job, wait_advert
 from sdcn_p2p.transport.memory import MemoryNetwork
 
 CARD = TestcardConfig(models=("card-a", "card-b"), loras=("pixel",), speed=10.0)
@@ -23,18 +23,7 @@ CARD = TestcardConfig(models=("card-a", "card-b"), loras=("pixel",), speed=10.0)
 SLOW = TestcardConfig(models=("card-a",), speed=0.5)
 
 
-def job(**fields: object) -> JobRequest:
-    values: dict[str, object] = {
-        "kind": "txt2img",
-        "model": "card-a",
-        "prompt": "a dog",
-        "seed": 7,
-        "steps": 10,
-        "width": 64,
-        "height": 64,
-    }
-    values.update(fields)
-    return JobRequest(**values)  # type: ignore[arg-type]
+job = small_job
 
 
 def png_bytes(width: int, height: int, *, noise: bool = False) -> bytes:

@@ -26,7 +26,7 @@ from sdcn_p2p.backends.tinysd import write_tiny_models
 from sdcn_p2p.errors import JobError
 from sdcn_p2p.jobs import JobRequest, request_job
 from sdcn_p2p.provider import ProviderConfig, open_provider
-from sdcn_p2p.testing import open_memory_peers, wait_advert
+from sdcn_p2p.testing import open_memory_peers, small_job, wait_advert
 
 torch = pytest.importorskip("torch")
 np = pytest.importorskip("numpy")
@@ -78,18 +78,7 @@ def config(tiny: TinyModels, tmp_path: Path) -> DiffusersConfig:
     )
 
 
-def job(**fields: object) -> JobRequest:
-    values: dict[str, object] = {
-        "kind": "txt2img",
-        "model": "tiny-sd",
-        "prompt": "a lighthouse at dusk",
-        "seed": 7,
-        "steps": 6,
-        "width": 64,
-        "height": 64,
-    }
-    values.update(fields)
-    return JobRequest(**values)  # type: ignore[arg-type]
+job = partial(small_job, model="tiny-sd", prompt="a lighthouse at dusk", steps=6)
 
 
 def pixels(png: bytes) -> Any:

@@ -7,6 +7,7 @@ Skipped without the extra or without a CUDA device (CI has none); run on a GPU p
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from sdcn_p2p.backends.diffusers import DiffusersConfig, open_diffusers_backend
 from sdcn_p2p.backends.tinysd import write_tiny_models
 from sdcn_p2p.errors import JobError
 from sdcn_p2p.jobs import JobRequest
+from sdcn_p2p.testing import small_job
 
 torch = pytest.importorskip("torch")
 for _name in ("diffusers", "transformers", "safetensors", "peft", "torchsde"):
@@ -47,18 +49,7 @@ def memory_cap() -> Iterator[None]:
     torch.cuda.empty_cache()
 
 
-def job(**fields: object) -> JobRequest:
-    values: dict[str, object] = {
-        "kind": "txt2img",
-        "model": "tiny-sd",
-        "prompt": "a lighthouse at dusk",
-        "seed": 7,
-        "steps": 6,
-        "width": 64,
-        "height": 64,
-    }
-    values.update(fields)
-    return JobRequest(**values)  # type: ignore[arg-type]
+job = partial(small_job, model="tiny-sd", prompt="a lighthouse at dusk", steps=6)
 
 
 async def run(backend, request: JobRequest) -> list[bytes]:

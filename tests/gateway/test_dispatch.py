@@ -19,7 +19,7 @@ from sdcn_p2p.jobs import JobRequest, request_job
 from sdcn_p2p.peer import Peer
 from sdcn_p2p.provider import Provider, ProviderConfig, open_provider
 from sdcn_p2p.records import model_key
-from sdcn_p2p.testing import mock_wall_clock, open_memory_peers, wait_advert
+from sdcn_p2p.testing import mock_wall_clock, open_memory_peers, small_job, wait_advert
 from sdcn_p2p.transport.memory import MemoryNetwork
 
 #: 10 steps of 64x64 take 10 * (64 * 64 / 512**2) / 0.5 = 0.31 s on this card.
@@ -31,18 +31,7 @@ STALE = ProviderConfig(slots=1, max_queue=0, min_advert_gap=100.0)
 NO_QUEUE = GatewayConfig(queue_wait=0)
 
 
-def job(**fields: object) -> JobRequest:
-    values: dict[str, object] = {
-        "kind": "txt2img",
-        "model": "card-a",
-        "prompt": "a dog",
-        "seed": 7,
-        "steps": 10,
-        "width": 64,
-        "height": 64,
-    }
-    values.update(fields)
-    return JobRequest(**values)  # type: ignore[arg-type]
+job = small_job
 
 
 def long_job(**fields: object) -> JobRequest:

@@ -11,6 +11,7 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import httpx
 import pytest
@@ -33,6 +34,7 @@ from sdcn_p2p.testing import (
     all_tasks,
     mock_wall_clock,
     open_memory_hosts,
+    small_job,
     test_identity,
     wait_advert,
 )
@@ -44,18 +46,7 @@ CARD = TestcardConfig(models=("card",), speed=2.0)
 PORT = 4001
 
 
-def job(**fields: object) -> JobRequest:
-    values: dict[str, object] = {
-        "kind": "txt2img",
-        "model": "card",
-        "prompt": "a lighthouse",
-        "seed": 7,
-        "steps": 10,
-        "width": 64,
-        "height": 64,
-    }
-    values.update(fields)
-    return JobRequest(**values)  # type: ignore[arg-type]
+job = partial(small_job, model="card", prompt="a lighthouse")
 
 
 @dataclass

@@ -36,6 +36,7 @@ from sdcn_p2p.testing import (
     mock_wall_clock,
     open_memory_hosts,
     open_memory_peers,
+    small_job,
     test_identity,
     wait_advert,
 )
@@ -44,18 +45,7 @@ from sdcn_p2p.transport.memory import MemoryNetwork
 CARD = TestcardConfig(models=("card",), speed=2.0)
 
 
-def job(**fields: object) -> JobRequest:
-    values: dict[str, object] = {
-        "kind": "txt2img",
-        "model": "card",
-        "prompt": "a lighthouse",
-        "seed": 7,
-        "steps": 10,
-        "width": 64,
-        "height": 64,
-    }
-    values.update(fields)
-    return JobRequest(**values)  # type: ignore[arg-type]
+job = partial(small_job, model="card", prompt="a lighthouse")
 
 
 def sybil_advert(identity: Identity, now: float, *, ttl: float = 3600.0) -> Advert:
