@@ -317,6 +317,7 @@ class ProviderDirectory:
             oldest = next(iter(self._proven))
             del self._proven[oldest]
             self.adverts.protected.discard(oldest)
+            self.adverts.protected.discard(oldest)
 
     def is_proven(self, peer: PeerId) -> bool:
         """Whether `peer` completed a job for this gateway (among the last MAX_PROVEN)."""

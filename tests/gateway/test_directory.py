@@ -321,3 +321,12 @@ def test_observed_speed_ignores_a_queue_longer_than_the_whole_job() -> None:
     found = directory(advert(0), rtts={PEERS[0]: 1.0})
     found.observe(PEERS[0], 20.0, 11.0)
     assert found.observed_speed(PEERS[0]) == pytest.approx(2.0)
+
+
+def test_only_the_latest_proven_providers_are_remembered_and_protected(monkeypatch) -> None:
+    monkeypatch.setattr("gateway.directory.MAX_PROVEN", 2)
+    found = directory(advert(0), advert(1), advert(2))
+    for index in (0, 1, 2):
+        found.succeeded(PEERS[index])
+    assert found.adverts.protected == {PEERS[1], PEERS[2]}
+    assert [c.proven for c in found.candidates(job(), NOW)].count(True) == 2
