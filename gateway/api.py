@@ -9,7 +9,8 @@ network catalog and a health check.
 Every error, on every route, is ``{"msg": "..."}`` and nothing else: 400 bad input (the
 message names the field), 404 no provider offers the model, LoRA, sampler or size (or no such
 route), 405 wrong method, 413 a body over MAX_BODY bytes, 502 the provider failed, 503 every
-capable provider is busy or unreachable (with Retry-After), 504 the deadline passed. A client
+capable provider stayed busy while the job waited in the gateway's queue, or is unreachable
+(with Retry-After), 504 the deadline passed. A client
 that disconnects while its job runs cancels the job (the provider's stream is reset).
 """
 
