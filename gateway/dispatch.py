@@ -13,15 +13,16 @@ A ban would leave it idle once its queue drains, and under overload that cut wha
 network served by half or more (benchmarks/load.py).
 
 When every provider that could run a job is full (held back after busy, or running as many
-of our jobs as we send one), the job waits, first come first served, for one to have room:
-up to `GatewayConfig.queue_wait` seconds (at most half its deadline), with at most
-`GatewayConfig.max_waiting` jobs waiting; then, or beyond that, it is a 503. A job ending
-wakes the first in line; an advert of a provider with room wakes as many as it has free
-slots; the first in line also looks again every second, since a busy hold can lapse unseen,
-and one that finds room wakes the next. (A job woken into a provider that turns out busy
-goes back to its place in line, but a job behind it may have taken the room meanwhile.)
-Waiting on the gateway spares an overloaded network the storm of clients retrying after
-503s, which otherwise took most of the gateway's time (benchmarks/load.py).
+of our jobs as we send one), the job waits in its model's line, first come first served, for
+one to have room: up to `GatewayConfig.queue_wait` seconds (at most half its deadline), with
+at most `GatewayConfig.max_waiting` jobs waiting in all; then, or beyond that, it is a 503. A
+job ending wakes the first in its model's line; an advert of a provider with room wakes as
+many as it has free slots in each line of its models; the first in each line also looks again
+every second, since a busy hold can lapse unseen, and one that finds room wakes the next. (A
+job woken into a provider that turns out busy goes back to its place, but a job behind it may
+have taken the room meanwhile.) Waiting on the gateway spares an overloaded network the storm
+of clients retrying after 503s, which otherwise took most of the gateway's time
+(benchmarks/load.py).
 
 Against providers that advertise what they cannot deliver (or never answer), a request
 makes at most one attempt on an unproven provider (one that has completed no job here) while
@@ -47,7 +48,7 @@ from sdcn_p2p.identity import PeerId
 from sdcn_p2p.jobs import JobRequest, JobResult, request_job
 from sdcn_p2p.peer import Peer
 from sdcn_p2p.provider import PROVIDER_ROLE
-from sdcn_p2p.records import Advert, Envelope, model_key
+from sdcn_p2p.records import Advert, Envelope, model_key, normalize_model_name
 
 __all__ = [
     "MAX_ATTEMPTS",
@@ -149,7 +150,8 @@ class Dispatcher:
         self.config = config
         self.local = local
         self._rng = rng or random.Random()
-        self._queue = _WaitQueue()
+        self._lines: dict[str, _WaitQueue] = {}  # normalized model name -> its jobs waiting
+        self._tickets = itertools.count()
         self._waiting = 0
         peer.adverts.add_listener(self._on_advert)
 
@@ -245,8 +247,9 @@ class Dispatcher:
             if self._waiting >= config.max_waiting:
                 return None
             request.wait_until = now + min(config.queue_wait, (request.end - now) / 2)
-            request.ticket = self._queue.ticket()
-        queue = self._queue
+            request.ticket = next(self._tickets)
+        line = normalize_model_name(request.job.model)
+        queue = self._lines.setdefault(line, _WaitQueue())
         event = queue.join(request.ticket)
         self._waiting += 1
         try:
@@ -254,6 +257,7 @@ class Dispatcher:
                 with trio.move_on_at(min(request.wait_until, trio.current_time() + _RECHECK)):
                     await event.wait()
                 if event.is_set():  # woken, and so out of line: back to its place
+                    queue = self._lines.setdefault(line, queue)
                     event = queue.join(request.ticket)
                 elif not queue.is_first(request.ticket):
                     continue  # looking again unwoken is for the first in line
@@ -268,6 +272,8 @@ class Dispatcher:
         finally:
             self._waiting -= 1
             queue.leave(request.ticket, event)
+            if not queue and self._lines.get(line) is queue:
+                del self._lines[line]
 
     def _only_full(self, request: _Request) -> bool:
         return self.directory.only_full(
@@ -275,8 +281,13 @@ class Dispatcher:
         )
 
     def _on_advert(self, advert: Advert) -> None:
-        if advert.state == "online" and PROVIDER_ROLE in advert.roles:
-            self._queue.wake(max(1, advert.slots - advert.queue))
+        if advert.state != "online" or PROVIDER_ROLE not in advert.roles:
+            return
+        names = {normalize_model_name(n) for m in advert.models for n in (m.name, m.title) if n}
+        for name in names:
+            queue = self._lines.get(name)
+            if queue is not None:
+                queue.wake(max(1, advert.slots - advert.queue))
 
     def _known(self, job: JobRequest) -> bool:
         """Whether any provider we know of offers `job`'s model with its LoRAs."""
@@ -364,8 +375,10 @@ class Dispatcher:
                 # Not an attempt that failed: the provider may take the job once it has room.
                 request.tried.remove(peer)
                 request.busy += 1
-            else:  # room for the job that waited longest
-                self._queue.wake()
+            else:  # room for the job of this model that waited longest
+                queue = self._lines.get(normalize_model_name(request.job.model))
+                if queue is not None:
+                    queue.wake()
         self.directory.succeeded(peer)
         queued = result.info.get("queue_ms", 0) / 1000
         self.directory.observe(peer, request.job.cost, trio.current_time() - sent, queued)
@@ -462,15 +475,14 @@ class _Request:
 
 
 class _WaitQueue:
-    """Jobs waiting for a provider to have room, in line by the order they came."""
+    """The jobs of one model waiting for a provider to have room, in line by their tickets
+    (the order they came)."""
 
     def __init__(self) -> None:
         self._line: list[tuple[int, trio.Event]] = []  # sorted by ticket
-        self._tickets = itertools.count()
 
-    def ticket(self) -> int:
-        """A place in line, for a job to keep across its waits."""
-        return next(self._tickets)
+    def __len__(self) -> int:
+        return len(self._line)
 
     def join(self, ticket: int) -> trio.Event:
         """Take the place `ticket` gives; the event is set when the job is woken."""

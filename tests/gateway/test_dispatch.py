@@ -6,6 +6,7 @@ import random
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 
 import pytest
 import trio
@@ -412,3 +413,39 @@ async def test_a_provider_missing_from_the_cache_is_found_in_the_dht(
         # Known now: no more lookups.
         await net.dispatcher.run(job())
         assert len(lookups) == 1
+
+
+async def test_each_model_has_its_own_line(autojump_clock) -> None:
+    """A job for a model whose provider frees up does not wait behind one for another model."""
+    crawl = WatchedBackend(TestcardConfig(models=("card-a",), speed=0.2))  # 150 steps: 12 s
+    other = WatchedBackend(TestcardConfig(models=("card-b",), speed=0.5))  # 150 steps: 4.7 s
+    async with (
+        gateway_network(crawl, other, configs=[STALE, STALE]) as net,
+        trio.open_nursery() as nursery,
+    ):
+        for index, model in enumerate(("card-a", "card-b")):
+            nursery.start_soon(
+                partial(
+                    request_job,
+                    net.gateway.host,
+                    net.nodes[index].peer_id,
+                    long_job(model=model),
+                    deadline=100,
+                )
+            )
+        await crawl.started.wait()
+        await other.started.wait()
+        finished: dict[str, float] = {}
+
+        async def one(model: str) -> None:
+            await net.dispatcher.run(job(model=model), deadline=120)
+            finished[model] = trio.current_time()
+
+        started = trio.current_time()
+        async with trio.open_nursery() as jobs:
+            jobs.start_soon(one, "card-a")
+            await waiting(net, 1)
+            jobs.start_soon(one, "card-b")
+            await waiting(net, 2)
+        # card-b ran once its provider's busy hold lapsed, while card-a still waited.
+        assert finished["card-b"] - started < 8 < finished["card-a"] - started
