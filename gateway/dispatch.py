@@ -184,7 +184,7 @@ class Dispatcher:
         if deadline is None:
             deadline = self.default_deadline(job)
         started = trio.current_time()
-        request = _Request(job, started + deadline)
+        request = _Request(job, started, started + deadline)
         try:
             result = await self._run(request, on_progress)
         except DispatchError as exc:
@@ -419,12 +419,16 @@ class Dispatcher:
         job = request.job
         error = request.last_error
         if error is not None:
-            tried = len(request.tried)
             if isinstance(error, JobError) and error.code == "backend_failed":
                 return DispatchError(502, f"provider failed: {error.message}")
             last = str(error) or type(error).__name__
+            waited = ""
+            if request.wait_until:
+                waited = f" in {trio.current_time() - request.started:.0f} s"
             return DispatchError(
-                503, f"{tried} provider(s) tried, none could run the job; last: {last}"
+                503,
+                f"{request.attempts} attempt(s){waited}, no provider could run the job; "
+                f"last: {last}",
             )
         return self._nobody_can(job)
 
@@ -460,6 +464,7 @@ class _Request:
     """One request's progress through its providers."""
 
     job: JobRequest
+    started: float  # trio time
     end: float  # trio time when the deadline passes
     #: Providers that ran or failed the job (not those that answered busy).
     tried: list[PeerId] = field(default_factory=list)
