@@ -8,14 +8,15 @@
   and answered a few requests, then again once CONCURRENT HTTP requests are in flight: it
   reports the jobs it has running on providers (`in_flight` in /v1/providers), and the client
   counts the answers that came back early (a 503 would make the figure meaningless).
-  A provider accepts 128 streams from one peer, hence several providers.
+  The gateway keeps at most MAX_IN_FLIGHT (64) of its jobs at one provider, and a provider
+  accepts 128 streams from one peer: hence ceil(CONCURRENT / 64) providers by default.
 - sim_peers_max: how many in-memory peers (Host, Noise, yamux, DHT, gossip, as in
   dht_sim.py) fit in 8 GiB. Each size in --sim-sizes runs in a fresh process that starts that
   many peers under MockClock, lets them run 60 simulated seconds, and reports its RSS; the
   line through the two largest sizes is extrapolated to 8 GiB. That is an estimate: memory
   per peer grows a little with the network (routing tables, connections).
 
-Usage: python benchmarks/footprint.py [--concurrent 1000] [--providers 10] [--max-queue 110]
+Usage: python benchmarks/footprint.py [--concurrent 1000] [--providers 16] [--max-queue 63]
        [--sim-sizes 100 200 400] [--idle 5] [--json]
 """
 
@@ -35,6 +36,8 @@ from pathlib import Path
 import httpx
 import trio
 from _processes import free_port, keygen, rss_mb, sdcn, spawn, wait_http
+
+from gateway.directory import MAX_IN_FLIGHT
 
 GIB8_MB = 8 * 2**30 / 1e6
 SLOW_MODEL = "slow-card"
@@ -249,8 +252,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrent", type=int, default=1000, help="requests held at once")
-    parser.add_argument("--providers", type=int, default=10, help="slow providers")
-    parser.add_argument("--max-queue", type=int, default=110, help="each slow provider's queue")
+    parser.add_argument("--providers", type=int, help="slow providers (default: enough)")
+    parser.add_argument(
+        "--max-queue", type=int, default=MAX_IN_FLIGHT - 1, help="each slow provider's queue"
+    )
     parser.add_argument("--sim-sizes", type=int, nargs="+", default=[100, 200, 400])
     parser.add_argument("--idle", type=float, default=5.0, help="seconds the provider idles")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -259,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.sim_child:
         sim_child(args.sim_child)
         return 0
+    if args.providers is None:
+        args.providers = -(-args.concurrent // MAX_IN_FLIGHT)
     result = run(args)
     if args.json:
         print(json.dumps(result))
