@@ -70,6 +70,21 @@ def keygen(path: Path) -> str:
     return done.stdout.decode().strip()
 
 
+def start_gateway(
+    stack: ExitStack, workdir: Path, *extra: str
+) -> tuple[subprocess.Popen[bytes], str, str]:
+    """An ``sdcn gateway`` process on loopback (with `extra` arguments): (process, its HTTP URL,
+    its multiaddr to bootstrap from)."""
+    ws_port, http_port = free_port(), free_port()
+    key = workdir / "gateway.key"
+    gateway_id = keygen(key)
+    listen = f"/ip4/127.0.0.1/tcp/{ws_port}/ws"
+    http = f"127.0.0.1:{http_port}"
+    args = sdcn("gateway", "--key", str(key), "--listen", listen, "--http", http, *extra)
+    process = spawn(stack, args, workdir / "gateway.log")
+    return process, f"http://127.0.0.1:{http_port}", f"{listen}/p2p/{gateway_id}"
+
+
 def wait_http(
     url: str,
     process: subprocess.Popen[bytes],

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import httpx
 import trio
-from _processes import free_port, keygen, rss_mb, sdcn, spawn, wait_http
+from _processes import rss_mb, sdcn, spawn, start_gateway, wait_http
 
 from gateway.directory import MAX_IN_FLIGHT
 
@@ -56,31 +56,6 @@ def _raise_fd_limit(wanted: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < wanted:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
-
-
-def _start_gateway(stack: ExitStack, workdir: Path) -> tuple[subprocess.Popen[bytes], str, str]:
-    """A gateway process: (process, its HTTP URL, its multiaddr to bootstrap from)."""
-    ws_port, http_port = free_port(), free_port()
-    key = workdir / "gateway.key"
-    gateway_id = keygen(key)
-    process = spawn(
-        stack,
-        sdcn(
-            "gateway",
-            "--key",
-            str(key),
-            "--listen",
-            f"/ip4/127.0.0.1/tcp/{ws_port}/ws",
-            "--http",
-            f"127.0.0.1:{http_port}",
-        ),
-        workdir / "gateway.log",
-    )
-    return (
-        process,
-        f"http://127.0.0.1:{http_port}",
-        f"/ip4/127.0.0.1/tcp/{ws_port}/ws/p2p/{gateway_id}",
-    )
 
 
 def _provider_args(workdir: Path, index: int, seed: str, *extra: str) -> list[str]:
@@ -145,7 +120,7 @@ def processes(workdir: Path, args: argparse.Namespace) -> dict[str, float]:
     """
     _raise_fd_limit(4 * args.concurrent + 256)
     with ExitStack() as stack:
-        gateway, url, seed = _start_gateway(stack, workdir)
+        gateway, url, seed = start_gateway(stack, workdir)
         idle = spawn(stack, _provider_args(workdir, 0, seed), workdir / "idle-provider.log")
         for index in range(args.providers):
             slow = ("--testcard-models", SLOW_MODEL, "--testcard-speed", "0.01")

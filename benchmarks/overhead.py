@@ -42,7 +42,15 @@ from pathlib import Path
 
 import httpx
 import trio
-from _processes import cpu_seconds, free_port, keygen, percentile, sdcn, spawn, wait_http
+from _processes import (
+    cpu_seconds,
+    free_port,
+    percentile,
+    sdcn,
+    spawn,
+    start_gateway,
+    wait_http,
+)
 
 MODEL = "sd-v1-5"
 BODY = {
@@ -71,32 +79,14 @@ class Network:
 def start_network(providers: int, max_queue: int, workdir: Path) -> Iterator[Network]:
     """Start the fake webui, a gateway and `providers` webui providers; stop them on exit."""
     with ExitStack() as stack:
-        webui_port, ws_port, http_port = free_port(), free_port(), free_port()
+        webui_port = free_port()
         webui_url = f"http://127.0.0.1:{webui_port}"
         fake = spawn(
             stack,
             [sys.executable, __file__, "--serve-fake", f"127.0.0.1:{webui_port}"],
             workdir / "fake.log",
         )
-        key = workdir / "gateway.key"
-        gateway_id = keygen(key)
-        seed = f"/ip4/127.0.0.1/tcp/{ws_port}/ws/p2p/{gateway_id}"
-        gateway = spawn(
-            stack,
-            sdcn(
-                "gateway",
-                "--key",
-                str(key),
-                "--listen",
-                f"/ip4/127.0.0.1/tcp/{ws_port}/ws",
-                "--http",
-                f"127.0.0.1:{http_port}",
-                "--default-model",
-                MODEL,
-            ),
-            workdir / "gateway.log",
-        )
-        gateway_url = f"http://127.0.0.1:{http_port}"
+        gateway, gateway_url, seed = start_gateway(stack, workdir, "--default-model", MODEL)
         wait_http(f"{webui_url}/sdapi/v1/sd-models", fake)
         nodes = [
             spawn(
