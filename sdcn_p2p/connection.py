@@ -24,6 +24,7 @@ import trio
 from sdcn_p2p.errors import (
     HandshakeError,
     ProtocolError,
+    RemoteProtocolError,
     ResourceLimitExceeded,
     StreamReset,
     UnsupportedProtocol,
@@ -307,7 +308,7 @@ class Stream(trio.abc.HalfCloseableStream):
             raise UnsupportedProtocol(f"{self.peer_id} does not support {self.protocol}")
         if status != _STATUS_OK[0]:
             self._abort()
-            raise ProtocolError(f"bad protocol status byte {status}")
+            raise RemoteProtocolError(f"bad protocol status byte {status}")
 
     def _abort(self) -> None:
         if not self._reset:
@@ -361,7 +362,7 @@ class Stream(trio.abc.HalfCloseableStream):
             data = await self.receive_some(256 * 1024)
             if not data:
                 if decoder.buffered:
-                    raise ProtocolError("stream ended in the middle of a message")
+                    raise RemoteProtocolError("stream ended in the middle of a message")
                 raise trio.EndOfChannel
             decoder.feed(data)
 
@@ -374,7 +375,7 @@ class Stream(trio.abc.HalfCloseableStream):
             if decoded is not None:
                 length, offset = decoded
                 if length > MAX_PROTOCOL_ID:
-                    raise ProtocolError(f"protocol id longer than {MAX_PROTOCOL_ID} bytes")
+                    raise RemoteProtocolError(f"protocol id longer than {MAX_PROTOCOL_ID} bytes")
                 if len(self._buf) >= offset + length:
                     raw = bytes(self._buf[offset : offset + length])
                     del self._buf[: offset + length]
@@ -382,11 +383,11 @@ class Stream(trio.abc.HalfCloseableStream):
                     try:
                         return raw.decode("utf-8")
                     except UnicodeDecodeError:
-                        raise ProtocolError("protocol id is not UTF-8") from None
+                        raise RemoteProtocolError("protocol id is not UTF-8") from None
             elif len(self._buf) > 9:
-                raise ProtocolError("bad protocol header")
+                raise RemoteProtocolError("bad protocol header")
             if self._remote_eof or self._reset:
-                raise ProtocolError("stream ended before naming its protocol")
+                raise RemoteProtocolError("stream ended before naming its protocol")
             self.connection._check_alive()
             await self._lot.park()
 
@@ -516,7 +517,7 @@ class Connection:
                 self._dispatch(event)
             self._pump()
             if len(self._outbuf) > _CONTROL_LIMIT + _HIGH_WATER:
-                raise ProtocolError("remote peer does not read what it asks for")
+                raise RemoteProtocolError("remote peer does not read what it asks for")
 
     def _dispatch(self, event: yamux.Event) -> None:
         if isinstance(event, yamux.DataReceived):

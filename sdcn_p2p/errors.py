@@ -3,9 +3,11 @@
 ::
 
     SdcnError
-    ├── ProtocolError          a peer's bytes broke the spec (codecs raise this)
-    │   ├── HandshakeError     Noise failed, or the peer id is not the one dialled
-    │   └── MessageTooLarge    a frame or message over its cap
+    ├── ProtocolError              a protocol was broken (catch it for either side)
+    │   ├── LocalProtocolError     we were about to break it; nothing was sent
+    │   └── RemoteProtocolError    the peer's bytes broke it (codecs raise this)
+    │       ├── HandshakeError     Noise failed, or the peer id is not the one dialled
+    │       └── MessageTooLarge    a frame or message over its cap
     ├── RecordError            a signed record failed verification or is stale
     ├── MultiaddrError         a multiaddr we cannot parse or do not support
     ├── DialError              no address of the peer answered
@@ -16,8 +18,10 @@
     ├── BackendUnavailable     a provider's backend (a webui) cannot be reached or answers nonsense
     └── ConfigError            bad local configuration (key file, flags)
 
-Errors raised because of what a remote peer sent carry ``remote=True``; errors we caused
-ourselves carry ``remote=False``.
+As in h11 and httpx, whose fault a protocol error was is its type: a `RemoteProtocolError`
+means the other side sent bytes that break the spec (that stream or connection is over); a
+`LocalProtocolError` means we were about to (our caller's bug, or a message over the cap we
+send), and nothing went out.
 """
 
 from __future__ import annotations
@@ -31,10 +35,12 @@ __all__ = [
     "DialError",
     "HandshakeError",
     "JobError",
+    "LocalProtocolError",
     "MessageTooLarge",
     "MultiaddrError",
     "ProtocolError",
     "RecordError",
+    "RemoteProtocolError",
     "ResourceLimitExceeded",
     "SdcnError",
     "StreamReset",
@@ -47,22 +53,26 @@ class SdcnError(Exception):
 
 
 class ProtocolError(SdcnError):
-    """The bytes we received (or were about to send) break the protocol.
+    """A protocol was broken; the subclass says by whom."""
 
-    `remote` is True when the other side sent them.
+
+class LocalProtocolError(ProtocolError):
+    """We were about to break the protocol (a message over its cap, a call out of turn).
+
+    Nothing was sent; the connection is as it was.
     """
 
-    def __init__(self, message: str, *, remote: bool = True) -> None:
-        super().__init__(message)
-        self.remote = remote
+
+class RemoteProtocolError(ProtocolError):
+    """The bytes the other side sent break the protocol."""
 
 
-class HandshakeError(ProtocolError):
+class HandshakeError(RemoteProtocolError):
     """The secure-channel handshake failed, or authenticated an unexpected peer."""
 
 
-class MessageTooLarge(ProtocolError):
-    """A frame or message is larger than the cap for its protocol."""
+class MessageTooLarge(RemoteProtocolError):
+    """A frame or message the other side sent is larger than the cap for its protocol."""
 
 
 class RecordError(SdcnError):

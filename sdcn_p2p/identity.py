@@ -18,7 +18,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from sdcn_p2p.errors import ConfigError, ProtocolError
+from sdcn_p2p.errors import ConfigError, ProtocolError, RemoteProtocolError
 from sdcn_p2p.wire.varint import decode_varint, encode_varint
 
 __all__ = [
@@ -75,14 +75,14 @@ def _protobuf_key(key_type: int, data: bytes) -> bytes:
 def _parse_protobuf_key(blob: bytes) -> tuple[int, bytes]:
     """Parse a libp2p PublicKey/PrivateKey protobuf (canonical encoding only)."""
     if len(blob) < 4 or blob[0] != 0x08 or blob[2] != 0x12:
-        raise ProtocolError("malformed libp2p key protobuf")
+        raise RemoteProtocolError("malformed libp2p key protobuf")
     key_type = blob[1]
     decoded = decode_varint(blob, 3)
     if decoded is None:
-        raise ProtocolError("truncated libp2p key protobuf")
+        raise RemoteProtocolError("truncated libp2p key protobuf")
     length, offset = decoded
     if offset + length != len(blob):
-        raise ProtocolError("libp2p key protobuf has the wrong length")
+        raise RemoteProtocolError("libp2p key protobuf has the wrong length")
     return key_type, blob[offset:]
 
 
@@ -99,7 +99,7 @@ def decode_public_key(blob: bytes) -> Ed25519PublicKey:
     """
     key_type, data = _parse_protobuf_key(blob)
     if key_type != _KEY_TYPE_ED25519 or len(data) != 32:
-        raise ProtocolError(f"unsupported public key type {key_type} ({len(data)} bytes)")
+        raise RemoteProtocolError(f"unsupported public key type {key_type} ({len(data)} bytes)")
     return Ed25519PublicKey.from_public_bytes(data)
 
 
@@ -237,10 +237,10 @@ class Identity:
         """Import a libp2p protobuf PrivateKey (Ed25519: 64 bytes of seed + public key)."""
         key_type, data = _parse_protobuf_key(blob)
         if key_type != _KEY_TYPE_ED25519 or len(data) not in (32, 64):
-            raise ProtocolError(f"unsupported private key type {key_type}")
+            raise RemoteProtocolError(f"unsupported private key type {key_type}")
         identity = cls.from_seed(data[:32])
         if len(data) == 64 and data[32:] != identity.public_key_bytes[4:]:
-            raise ProtocolError("libp2p private key holds a mismatched public key")
+            raise RemoteProtocolError("libp2p private key holds a mismatched public key")
         return identity
 
     def sign(self, data: bytes) -> bytes:

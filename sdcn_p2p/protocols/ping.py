@@ -7,7 +7,7 @@ import os
 import trio
 
 from sdcn_p2p.connection import Stream
-from sdcn_p2p.errors import ProtocolError
+from sdcn_p2p.errors import ProtocolError, RemoteProtocolError
 
 __all__ = [
     "MAX_MESSAGE",
@@ -29,7 +29,7 @@ async def _receive_exactly(stream: Stream, n: int) -> bytes:
     while len(data) < n:
         chunk = await stream.receive_some(n - len(data))
         if not chunk:
-            raise ProtocolError(f"ping stream ended after {len(data)} of {n} bytes")
+            raise RemoteProtocolError(f"ping stream ended after {len(data)} of {n} bytes")
         data += chunk
     return bytes(data)
 
@@ -50,5 +50,5 @@ async def ping_once(stream: Stream) -> float:
     start = trio.current_time()
     await stream.send_all(payload)
     if await _receive_exactly(stream, PAYLOAD_SIZE) != payload:
-        raise ProtocolError("ping answered with the wrong bytes")
+        raise RemoteProtocolError("ping answered with the wrong bytes")
     return trio.current_time() - start

@@ -26,7 +26,7 @@ from sdcn_p2p.multiaddr import Multiaddr
 __all__ = ["MAX_TRANSPORT_MESSAGE", "ConnectionHandler", "RawConnection", "Transport"]
 
 #: Largest message a transport carries, in bytes: the Noise protocol's maximum message length.
-#: Sending more raises MessageTooLarge (remote=False); receiving more breaks the connection.
+#: Sending more raises LocalProtocolError; receiving more breaks the connection.
 MAX_TRANSPORT_MESSAGE = 65535
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class RawConnection(Protocol):
     async def send_message(self, data: bytes | bytearray | memoryview) -> None:
         """Send `data` as one message.
 
-        Raises MessageTooLarge (remote=False) past `MAX_TRANSPORT_MESSAGE`,
+        Raises LocalProtocolError past `MAX_TRANSPORT_MESSAGE`,
         trio.BrokenResourceError if the connection broke or the peer closed it, and
         trio.ClosedResourceError if we closed it. Cancelling a send may leave the connection
         unusable; close it then.

@@ -30,7 +30,7 @@ from trio_websocket import (
 )
 
 from sdcn_p2p._util import open_service_nursery
-from sdcn_p2p.errors import ConfigError, DialError, MessageTooLarge
+from sdcn_p2p.errors import ConfigError, DialError, LocalProtocolError
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.transport import (
     MAX_TRANSPORT_MESSAGE,
@@ -258,9 +258,7 @@ class _WebSocketConnection:
 
     async def send_message(self, data: bytes | bytearray | memoryview) -> None:
         if len(data) > self._max_message:
-            raise MessageTooLarge(
-                f"message of {len(data)} bytes exceeds {self._max_message}", remote=False
-            )
+            raise LocalProtocolError(f"message of {len(data)} bytes exceeds {self._max_message}")
         if self._closed:
             raise trio.ClosedResourceError("connection was closed")
         if self._violation is not None:

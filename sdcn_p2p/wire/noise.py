@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from sdcn_p2p.errors import HandshakeError, ProtocolError
+from sdcn_p2p.errors import HandshakeError, LocalProtocolError, ProtocolError, RemoteProtocolError
 from sdcn_p2p.identity import (
     Identity,
     PeerId,
@@ -109,7 +109,7 @@ class _CipherState:
         if self._aead is None:
             return bytes(plaintext)
         if self.nonce == _MAX_NONCE:
-            raise ProtocolError("Noise nonce exhausted: open a new connection", remote=False)
+            raise LocalProtocolError("Noise nonce exhausted: open a new connection")
         ciphertext = self._aead.encrypt(_NONCE.pack(self.nonce), plaintext, ad)
         self.nonce += 1
         return ciphertext
@@ -119,7 +119,7 @@ class _CipherState:
         if self._aead is None:
             return bytes(ciphertext)
         if self.nonce == _MAX_NONCE:
-            raise ProtocolError("Noise nonce exhausted")
+            raise RemoteProtocolError("Noise nonce exhausted")
         plaintext = self._aead.decrypt(_NONCE.pack(self.nonce), ciphertext, ad)
         self.nonce += 1
         return plaintext
@@ -199,7 +199,7 @@ class _HandshakeState:
 
     def write_message(self, payload: bytes) -> bytes:
         if not self._our_turn():
-            raise HandshakeError("not our turn to write a handshake message", remote=False)
+            raise LocalProtocolError("not our turn to write a handshake message")
         sym = self._symmetric
         out = bytearray()
         for token in _XX[self.message_index]:
@@ -220,7 +220,7 @@ class _HandshakeState:
     def read_message(self, message: bytes) -> bytes:
         """Process the peer's next message and return its payload."""
         if self._our_turn() or self.finished:
-            raise HandshakeError("not our turn to read a handshake message", remote=False)
+            raise LocalProtocolError("not our turn to read a handshake message")
         if len(message) > MAX_MESSAGE:
             raise HandshakeError(f"handshake message of {len(message)} bytes exceeds {MAX_MESSAGE}")
         sym = self._symmetric
@@ -330,7 +330,7 @@ class NoiseCredentials:
 class NoiseHandshake:
     """One side of a Noise XX handshake that authenticates the peers' libp2p identities.
 
-    Any error leaves the handshake dead: every later call raises HandshakeError.
+    Any error leaves the handshake dead: every later call raises LocalProtocolError.
     """
 
     def __init__(
@@ -355,7 +355,7 @@ class NoiseHandshake:
         self._state: _HandshakeState | None = _HandshakeState(
             initiator=initiator, static_key=credentials.static_key
         )
-        self._failure: HandshakeError | None = None
+        self._failure: ProtocolError | None = None
         self._remote_peer_id: PeerId | None = None
 
     @property
@@ -371,14 +371,14 @@ class NoiseHandshake:
     def write_message(self) -> bytes:
         """The next handshake message to send.
 
-        Raises HandshakeError (remote=False) when it is the peer's turn.
+        Raises LocalProtocolError when it is the peer's turn.
         """
         state = self._live_state()
         # The first message travels in clear before any key exists: it carries no identity.
         payload = self._payload if state.message_index > 0 else b""
         try:
             return state.write_message(payload)
-        except HandshakeError as exc:
+        except ProtocolError as exc:
             self._failure = exc
             raise
 
@@ -393,7 +393,7 @@ class NoiseHandshake:
             payload = state.read_message(bytes(message))
             if state.message_index > 1:  # the peer's identity rides in messages 2 and 3
                 self._remote_peer_id = self._verify(payload, state.remote_static)
-        except HandshakeError as exc:
+        except ProtocolError as exc:
             self._failure = exc
             raise
 
@@ -401,15 +401,15 @@ class NoiseHandshake:
         """The encrypted channel; once the handshake is complete, and only once."""
         state = self._live_state()
         if not state.finished:
-            raise HandshakeError("the handshake is not complete", remote=False)
+            raise LocalProtocolError("the handshake is not complete")
         self._state = None  # the cipher states must never be shared by two transports
         return NoiseTransport(*state.split())
 
     def _live_state(self) -> _HandshakeState:
         if self._failure is not None:
-            raise HandshakeError(f"the handshake already failed: {self._failure}", remote=False)
+            raise LocalProtocolError(f"the handshake already failed: {self._failure}")
         if self._state is None:
-            raise HandshakeError("the handshake was already turned into a transport", remote=False)
+            raise LocalProtocolError("the handshake was already turned into a transport")
         return self._state
 
     def _verify(self, payload: bytes, remote_static: bytes | None) -> PeerId:
@@ -456,10 +456,10 @@ class NoiseTransport:
         """
         size = memoryview(ciphertext).nbytes
         if not _TAG_LEN <= size <= MAX_MESSAGE:
-            raise ProtocolError(
+            raise RemoteProtocolError(
                 f"Noise message of {size} bytes (must be {_TAG_LEN} to {MAX_MESSAGE})"
             )
         try:
             return self._receive.decrypt(None, ciphertext)
         except InvalidTag:
-            raise ProtocolError("decryption failed") from None
+            raise RemoteProtocolError("decryption failed") from None

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdcn_p2p.errors import HandshakeError, ProtocolError
+from sdcn_p2p.errors import HandshakeError, LocalProtocolError, ProtocolError, RemoteProtocolError
 from sdcn_p2p.identity import Identity, PeerId
 from sdcn_p2p.wire.noise import (
     MAX_MESSAGE,
@@ -244,7 +244,7 @@ def test_nonce_two_to_the_64_minus_one_is_never_used() -> None:
     assert server.decrypt(client.encrypt(b"last")) == b"last"
     with pytest.raises(ProtocolError) as info:
         client.encrypt(b"one too many")
-    assert info.value.remote is False
+    assert isinstance(info.value, LocalProtocolError)
     with pytest.raises(ProtocolError):
         server.decrypt(bytes(32))
 
@@ -258,9 +258,9 @@ def test_reaching_another_peer_than_the_one_dialled_fails() -> None:
     with pytest.raises(HandshakeError) as info:
         initiator.read_message(responder.write_message())
     assert str(info.value) == f"dialled {MALLORY.peer_id} but reached {BOB.peer_id}"
-    assert info.value.remote is True
+    assert isinstance(info.value, RemoteProtocolError)
     assert not initiator.complete and initiator.remote_peer_id is None
-    with pytest.raises(HandshakeError):
+    with pytest.raises(LocalProtocolError, match="already failed"):
         initiator.write_message()
 
 
@@ -349,7 +349,7 @@ def test_flipped_byte_in_any_handshake_message_fails(index: int, where: str) -> 
 
     with pytest.raises(HandshakeError) as info:
         run_handshake(*pair(), tamper=tamper)
-    assert info.value.remote is True
+    assert isinstance(info.value, RemoteProtocolError)
 
 
 @pytest.mark.parametrize("size", [0, 31, 95])
@@ -381,7 +381,7 @@ def test_flipped_byte_in_transport_message_fails() -> None:
     for position in (0, 3, -1):
         with pytest.raises(ProtocolError, match="decryption failed") as info:
             server.decrypt(flip(ciphertext, position))
-        assert info.value.remote is True
+        assert isinstance(info.value, RemoteProtocolError)
     assert server.decrypt(ciphertext) == b"payload"  # a rejected forgery does not desync
 
 
@@ -411,7 +411,7 @@ def test_transport_message_of_impossible_size_fails(size: int) -> None:
     _client, server = run_handshake(*pair())
     with pytest.raises(ProtocolError) as info:
         server.decrypt(bytes(size))
-    assert info.value.remote is True
+    assert isinstance(info.value, RemoteProtocolError)
 
 
 # --- misuse ---------------------------------------------------------------------------------
@@ -419,24 +419,24 @@ def test_transport_message_of_impossible_size_fails(size: int) -> None:
 
 def test_reading_out_of_turn_fails_locally() -> None:
     initiator = NoiseHandshake(ALICE, initiator=True)
-    with pytest.raises(HandshakeError) as info:
+    with pytest.raises(LocalProtocolError) as info:
         initiator.read_message(bytes(32))
-    assert info.value.remote is False
+    assert isinstance(info.value, LocalProtocolError)
 
 
 def test_writing_out_of_turn_fails_locally() -> None:
     responder = NoiseHandshake(BOB, initiator=False)
-    with pytest.raises(HandshakeError) as info:
+    with pytest.raises(LocalProtocolError) as info:
         responder.write_message()
-    assert info.value.remote is False
+    assert isinstance(info.value, LocalProtocolError)
 
 
 def test_writing_twice_in_a_row_fails_locally() -> None:
     initiator = NoiseHandshake(ALICE, initiator=True)
     initiator.write_message()
-    with pytest.raises(HandshakeError) as info:
+    with pytest.raises(LocalProtocolError) as info:
         initiator.write_message()
-    assert info.value.remote is False
+    assert isinstance(info.value, LocalProtocolError)
 
 
 def test_failed_handshake_stays_dead() -> None:
@@ -449,21 +449,21 @@ def test_failed_handshake_stays_dead() -> None:
         initiator.to_transport,
         lambda: initiator.read_message(b""),
     ):
-        with pytest.raises(HandshakeError, match="already failed") as info:
+        with pytest.raises(LocalProtocolError, match="already failed") as info:
             call()
-        assert info.value.remote is False
+        assert isinstance(info.value, LocalProtocolError)
     assert not initiator.complete
 
 
 def test_transport_only_when_complete_and_only_once() -> None:
     initiator, responder = pair()
-    with pytest.raises(HandshakeError, match="not complete"):
+    with pytest.raises(LocalProtocolError, match="not complete"):
         initiator.to_transport()
     run_handshake(initiator, responder)
     assert initiator.complete
-    with pytest.raises(HandshakeError, match="already"):
+    with pytest.raises(LocalProtocolError, match="already"):
         initiator.to_transport()  # a second transport would reuse nonces
-    with pytest.raises(HandshakeError):
+    with pytest.raises(LocalProtocolError):
         initiator.write_message()
 
 
