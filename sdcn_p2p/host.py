@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 import trio
 
+from sdcn_p2p._config import require, require_at_least, require_positive
 from sdcn_p2p._util import open_service_nursery
 from sdcn_p2p._version import __version__
 from sdcn_p2p.connection import (
@@ -53,6 +54,8 @@ PROTOCOL_HEADER_TIMEOUT = 10.0
 CLOSE_GRACE = 1.0
 
 Handler = Callable[[Stream], Awaitable[None]]
+#: Roles and the agent version travel in identify, as texts of at most this many characters.
+_MAX_NAME = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +79,28 @@ class HostConfig:
     idle_timeout: float = 120.0
     roles: tuple[str, ...] = ()
     agent_version: str = AGENT_VERSION
+
+    def __post_init__(self) -> None:
+        for name in ("listen", "announce"):
+            addrs = getattr(self, name)
+            ok = isinstance(addrs, tuple) and all(isinstance(a, Multiaddr) for a in addrs)
+            require(self, name, ok, "must be a tuple of Multiaddr")
+        require_at_least(
+            self,
+            1,
+            "max_connections",
+            "max_inbound_connections",
+            "max_inbound_per_ip",
+            "max_pending_inbound",
+            "max_inbound_streams",
+        )
+        require_positive(self, "dial_timeout", "handshake_timeout", "idle_timeout")
+        ok = isinstance(self.roles, tuple) and all(
+            isinstance(r, str) and 0 < len(r) <= _MAX_NAME for r in self.roles
+        )
+        require(self, "roles", ok, f"must be a tuple of names of 1 to {_MAX_NAME} characters")
+        ok = isinstance(self.agent_version, str) and 0 < len(self.agent_version) <= _MAX_NAME
+        require(self, "agent_version", ok, f"must be 1 to {_MAX_NAME} characters")
 
 
 @dataclass(slots=True)

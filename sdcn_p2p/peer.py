@@ -10,6 +10,7 @@ connections to the bootstrap peers alive, since nobody can dial it back.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from sdcn_p2p._config import require
 from sdcn_p2p._util import open_service_nursery
 from sdcn_p2p.adverts import AdvertCache
 from sdcn_p2p.dht.service import Dht, DhtConfig
@@ -45,6 +47,20 @@ class PeerConfig:
     bootstrap: tuple[Multiaddr, ...] = ()
     #: First and longest wait between bootstrap attempts while none answers (seconds).
     bootstrap_backoff: tuple[float, float] = (1.0, 300.0)
+
+    def __post_init__(self) -> None:
+        ok = isinstance(self.bootstrap, tuple) and all(
+            isinstance(a, Multiaddr) for a in self.bootstrap
+        )
+        require(self, "bootstrap", ok, "must be a tuple of Multiaddr")
+        backoff = self.bootstrap_backoff
+        ok = (
+            isinstance(backoff, tuple)
+            and len(backoff) == 2
+            and all(isinstance(b, int | float) and math.isfinite(b) for b in backoff)
+            and 0 < backoff[0] <= backoff[1]
+        )
+        require(self, "bootstrap_backoff", ok, "must be (first, longest) with 0 < first ≤ longest")
 
 
 class Peer:

@@ -28,6 +28,7 @@ from typing import Any
 
 import trio
 
+from sdcn_p2p._config import require, require_at_least, require_positive
 from sdcn_p2p._util import open_service_nursery
 from sdcn_p2p.backends import Backend, Capabilities
 from sdcn_p2p.connection import Stream
@@ -87,8 +88,26 @@ class ProviderConfig:
     roles: tuple[str, ...] = field(default=(PROVIDER_ROLE,))
 
     def __post_init__(self) -> None:
-        if self.slots < 1 or self.max_queue < 0:
-            raise ValueError("slots must be ≥ 1 and max_queue ≥ 0")
+        require_at_least(self, 1, "slots")
+        require_at_least(self, 0, "max_queue")
+        require_positive(
+            self,
+            "advert_interval",
+            "advert_ttl",
+            "min_advert_gap",
+            "capability_interval",
+            "max_job_seconds",
+        )
+        require(
+            self,
+            "advert_ttl",
+            self.advert_ttl > self.advert_interval,
+            "must exceed advert_interval, or adverts expire before they are renewed",
+        )
+        if self.initial_speed is not None:
+            require_positive(self, "initial_speed")
+        ok = isinstance(self.roles, tuple) and all(isinstance(r, str) and r for r in self.roles)
+        require(self, "roles", ok, "must be a tuple of role names")
 
 
 class Provider:

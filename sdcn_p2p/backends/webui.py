@@ -29,6 +29,7 @@ import httpx
 import trio
 from PIL import Image
 
+from sdcn_p2p._config import require_at_least, require_positive
 from sdcn_p2p._util import open_service_nursery
 from sdcn_p2p.backends import Capabilities, JobOutput, ResolvedJob
 from sdcn_p2p.errors import BackendUnavailable, ConfigError, JobError
@@ -61,6 +62,10 @@ class WebuiConfig:
     progress_interval: float = 0.5
     #: Cap on one answer's size, in bytes (four 2048x2048 PNGs in base64 fit well within).
     max_response_bytes: int = 256 * _MIB
+
+    def __post_init__(self) -> None:
+        require_positive(self, "timeout", "job_timeout", "interrupt_timeout", "progress_interval")
+        require_at_least(self, 1, "max_response_bytes")
 
 
 class _WebuiError(Exception):

@@ -17,6 +17,7 @@ from typing import Any
 
 import trio
 
+from sdcn_p2p._config import require, require_at_least, require_positive
 from sdcn_p2p.connection import Stream
 from sdcn_p2p.dht.keys import KEY_BITS, key_int, node_key, node_key_int
 from sdcn_p2p.dht.lookup import Lookup
@@ -79,6 +80,21 @@ class DhtConfig:
     max_records: int = 20_000
     max_values_per_key: int = 256
     max_message_size: int = MAX_MESSAGE_SIZE
+
+    def __post_init__(self) -> None:
+        require_at_least(
+            self,
+            1,
+            "k",
+            "alpha",
+            "max_record_size",
+            "max_per_publisher",
+            "max_records",
+            "max_values_per_key",
+            "max_message_size",
+        )
+        require_positive(self, "rpc_timeout", "slow_after", "refresh_interval")
+        require(self, "server", self.server in (None, True, False), "must be None, True or False")
 
 
 @dataclass(frozen=True, slots=True)
