@@ -220,8 +220,7 @@ async def wait_advert(
     Raises trio.TooSlowError after WAIT_TIMEOUT seconds.
     """
     arrived = trio.lowlevel.ParkingLot()
-    peer.adverts.add_listener(lambda advert: arrived.unpark_all())
-    with trio.fail_after(WAIT_TIMEOUT):
+    with peer.adverts.subscribe(lambda advert: arrived.unpark_all()), trio.fail_after(WAIT_TIMEOUT):
         while (held := peer.adverts.get(of.peer_id)) is None or not check(held):
             await arrived.park()
     return held

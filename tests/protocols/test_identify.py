@@ -7,7 +7,7 @@ from sdcn_p2p.testing import open_memory_hosts
 
 async def info_from(a, b) -> dict:
     conn = await a.connect(b.listen_addrs[0].with_peer_id(b.peer_id))
-    return identify.build_info(b, conn), conn
+    return identify.build_info(b.identify_snapshot(), conn), conn
 
 
 async def test_build_and_parse_round_trip(autojump_clock) -> None:

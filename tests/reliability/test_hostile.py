@@ -23,7 +23,7 @@ from sdcn_p2p.backends import JobOutput
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.dht.messages import KAD, PutValue, encode_request
 from sdcn_p2p.errors import DialError, JobError
-from sdcn_p2p.gossip import GOSSIP, AdvertBatch, PushBudget
+from sdcn_p2p.gossip import GOSSIP, AdvertBatch
 from sdcn_p2p.host import HostConfig, open_host
 from sdcn_p2p.identity import Identity
 from sdcn_p2p.jobs import JobRequest
@@ -361,10 +361,3 @@ async def test_a_gossip_flood_from_one_peer_is_cut_at_its_push_budget(autojump_c
         assert stats.rate_limited - before.rate_limited == limited
 
 
-def test_push_budget_refills_at_its_rate_up_to_its_burst() -> None:
-    budget = PushBudget(rate=10.0, burst=50)
-    peer = test_identity(1).peer_id
-    assert budget.take(peer, 80, now=0.0) == 50
-    assert budget.take(peer, 80, now=1.0) == 10
-    assert budget.take(peer, 80, now=100.0) == 50  # never more than the burst
-    assert budget.take(test_identity(2).peer_id, 5, now=100.0) == 5
