@@ -359,5 +359,3 @@ async def test_a_gossip_flood_from_one_peer_is_cut_at_its_push_budget(autojump_c
         await trio.sleep(10)
         await gossip_flood(attacker, net.gateway, flood[:100], per_message=100)
         assert stats.rate_limited - before.rate_limited == limited
-
-

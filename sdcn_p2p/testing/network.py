@@ -1,4 +1,4 @@
-"""In-memory networks of Hosts for tests and simulations (use under MockClock).
+"""In-memory networks of Hosts and Peers for tests and simulations (use under MockClock).
 
 `TamperingTransport` corrupts, drops or replays what a transport's connections send, to test
 how a Host copes with a hostile or broken peer.
