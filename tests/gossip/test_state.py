@@ -5,8 +5,13 @@ Time is passed in, as a discrete-event simulation passes it; no trio here.
 
 from __future__ import annotations
 
+import ast
 import random
+from pathlib import Path
 
+import pytest
+
+import sdcn_p2p.gossip
 from sdcn_p2p.gossip.config import GossipConfig
 from sdcn_p2p.gossip.state import MeshState, PushBudget, SeenCache
 from sdcn_p2p.testing import test_identity
@@ -99,3 +104,12 @@ def test_push_budget_forgets_the_buckets_of_peers_that_stopped_pushing() -> None
     assert len(budget._buckets) <= 1025  # refilled buckets are dropped, not kept for ever
     latest = test_identity(1999, seed=4).peer_id
     assert budget.take(latest, 10, now=1999.0) == 9  # the one that pushed last is still held
+
+
+@pytest.mark.parametrize("module", ["messages.py", "state.py", "config.py"])
+def test_the_pure_parts_import_no_io_and_await_nothing(module: str) -> None:
+    nodes = list(ast.walk(ast.parse((Path(sdcn_p2p.gossip.__file__).parent / module).read_text())))
+    imported = {n.module for n in nodes if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in nodes if isinstance(n, ast.Import) for a in n.names}
+    assert not imported & {"trio", "time", "sdcn_p2p.host", "sdcn_p2p.connection"}
+    assert not any(isinstance(n, ast.Await | ast.AsyncFunctionDef) for n in nodes)

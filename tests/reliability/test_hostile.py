@@ -1,7 +1,7 @@
 """Hostile peers: a Sybil burst of fresh identities, a provider whose adverts lie, floods of
 connections, streams and DHT stores from one peer, and a peer answering for another's id.
 In-memory network under MockClock. (Forged, replayed, expired and oversized adverts and
-records one at a time are in tests/test_gossip.py, tests/dht and tests/test_records.py.)
+records one at a time are in tests/gossip, tests/dht and tests/test_records.py.)
 """
 
 from __future__ import annotations
