@@ -22,7 +22,13 @@ class Subscription:
     """Callbacks registered until `close()` or the end of the ``with`` block they open."""
 
     def __init__(self, unsubscribe: Iterable[Callable[[], None]]) -> None:
+        """`unsubscribe`: what `close()` calls, once each."""
         self._unsubscribe = list(unsubscribe)
+
+    @classmethod
+    def joined(cls, subscriptions: Iterable[Subscription]) -> Subscription:
+        """One subscription that closes all of `subscriptions`."""
+        return cls([subscription.close for subscription in subscriptions])
 
     @property
     def closed(self) -> bool:
@@ -56,17 +62,13 @@ class Callbacks(Generic[_T]):
 
     def subscribe(self, callback: Callable[[_T], None]) -> Subscription:
         """Call `callback(event)` for every event emitted until the subscription closes."""
-        return Subscription([self._add(callback)])
-
-    def _add(self, callback: Callable[[_T], None]) -> Callable[[], None]:
-        """Register `callback`; returns the function that unregisters it."""
         key = next(self._keys)
         self._callbacks[key] = callback
 
         def remove() -> None:
             self._callbacks.pop(key, None)
 
-        return remove
+        return Subscription([remove])
 
     def emit(self, event: _T) -> None:
         """Call every subscribed callback with `event`; one unsubscribed meanwhile is skipped."""

@@ -245,14 +245,14 @@ class Host:
         to `peer` closed. They must not raise; one that needs to await starts a task in a
         nursery of its own.
         """
-        unsubscribe = []
+        subscriptions = []
         if on_connected:
-            unsubscribe.append(self._on_connected._add(on_connected))
+            subscriptions.append(self._on_connected.subscribe(on_connected))
         if on_disconnected:
-            unsubscribe.append(self._on_disconnected._add(on_disconnected))
+            subscriptions.append(self._on_disconnected.subscribe(on_disconnected))
         if on_identified:
-            unsubscribe.append(self._on_identified._add(on_identified))
-        return Subscription(unsubscribe)
+            subscriptions.append(self._on_identified.subscribe(on_identified))
+        return Subscription.joined(subscriptions)
 
     # --- connections -----------------------------------------------------------------------------
 
