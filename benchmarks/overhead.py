@@ -118,7 +118,7 @@ def start_network(providers: int, max_queue: int, workdir: Path) -> Iterator[Net
 
 def serve_fake(bind: str) -> None:
     """The fake webui process: one model, a fixed ~400 KB noise PNG per image, no delay."""
-    from sdcn_p2p.fakewebui import FakeWebui, noise_png, open_fake_webui
+    from sdcn_p2p.testing.fakewebui import FakeWebui, noise_png, open_fake_webui
 
     async def run() -> None:
         fake = FakeWebui(models=(MODEL,), png=noise_png())

@@ -153,7 +153,8 @@ class Dispatcher:
         self._lines: dict[str, _WaitQueue] = {}  # normalized model name -> its jobs waiting
         self._tickets = itertools.count()
         self._waiting = 0
-        peer.adverts.add_listener(self._on_advert)
+        # Never closed: a Dispatcher lives as long as its peer's cache.
+        self._advert_subscription = peer.adverts.subscribe(self._on_advert)
 
     @property
     def waiting(self) -> int:

@@ -9,12 +9,19 @@ Layers, bottom up (each module imports only those above it in this list):
 - `transport`: WebSocket (trio-websocket) and an in-memory network for tests and simulations.
 - `connection`: a Noise-secured yamux session over a transport connection, and its streams.
 - `peerstore`: addresses, signed records, identify info and RTT of known peers.
-- `host`: listen, dial, one connection per peer, limits, handlers; `protocols`: ping, identify.
+- `host`: listen, dial, one connection per peer, limits, handlers, subscriptions to connection
+  events; `protocols`: ping, identify (which sends what the Host snapshots and returns what it
+  learned; the Host stores it).
 - `dht`: Kademlia over ``/sdcn/kad/1.0.0``: routing table, lookups, signed record store.
-- `adverts`, `gossip`: the cache of providers' signed adverts and their GossipSub-style spread.
+- `adverts`: the cache of providers' signed adverts, queried by model.
+- `gossip`: their GossipSub-style spread: `messages`, pure `state` (seen cache, mesh, push
+  budget), `config`, and `service`, the only part that awaits.
 - `peer`: Peer = Host + DHT + gossip + adverts; the roles plug into it.
 - `httpserver`: FastAPI apps on hypercorn's trio worker, in the peer's trio run.
-- `testing`: in-memory networks of hosts.
+- `backends`: what runs a provider's jobs: `testcard`, `webui`, and `diffusers` (`samplers`,
+  `scan`, `backend`).
+- `testing`: test support for anyone: in-memory networks of hosts and peers (`network`), a fake
+  AUTOMATIC1111 webui (`fakewebui`), a tiny random Stable Diffusion (`tinysd`).
 - `cli`: the ``sdcn`` command.
 """
 

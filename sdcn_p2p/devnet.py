@@ -100,8 +100,7 @@ async def open_devnet(*, providers: int = 3, http: str = "127.0.0.1:8080") -> As
 
 async def _wait_for_providers(peer: Peer, providers: list) -> None:  # type: ignore[type-arg]
     arrived = trio.lowlevel.ParkingLot()
-    peer.adverts.add_listener(lambda advert: arrived.unpark_all())
-    with trio.fail_after(30):
+    with peer.adverts.subscribe(lambda advert: arrived.unpark_all()), trio.fail_after(30):
         while any(
             (advert := peer.adverts.get(p)) is None or advert.state != "online" for p in providers
         ):

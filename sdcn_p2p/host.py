@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import trio
 
 from sdcn_p2p._config import require, require_at_least, require_positive
+from sdcn_p2p._subscriptions import Callbacks, Subscription
 from sdcn_p2p._util import open_service_nursery
 from sdcn_p2p._version import __version__
 from sdcn_p2p.connection import (
@@ -34,6 +35,7 @@ from sdcn_p2p.errors import (
     DialError,
     HandshakeError,
     ProtocolError,
+    RecordError,
     ResourceLimitExceeded,
 )
 from sdcn_p2p.identity import Identity, PeerId
@@ -52,10 +54,10 @@ AGENT_VERSION = f"sdcn-p2p/{__version__}"
 PROTOCOL_HEADER_TIMEOUT = 10.0
 #: Seconds a closing Host gives its connections to close cleanly before cutting them.
 CLOSE_GRACE = 1.0
+# The addresses peers saw us at, newest first.
+_MAX_OBSERVED_ADDRS = 8
 
 Handler = Callable[[Stream], Awaitable[None]]
-#: Roles and the agent version travel in identify, as texts of at most this many characters.
-_MAX_NAME = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,11 +98,15 @@ class HostConfig:
         )
         require_positive(self, "dial_timeout", "handshake_timeout", "idle_timeout")
         ok = isinstance(self.roles, tuple) and all(
-            isinstance(r, str) and 0 < len(r) <= _MAX_NAME for r in self.roles
+            isinstance(r, str) and 0 < len(r) <= identify.MAX_TEXT for r in self.roles
         )
-        require(self, "roles", ok, f"must be a tuple of names of 1 to {_MAX_NAME} characters")
-        ok = isinstance(self.agent_version, str) and 0 < len(self.agent_version) <= _MAX_NAME
-        require(self, "agent_version", ok, f"must be 1 to {_MAX_NAME} characters")
+        require(
+            self, "roles", ok, f"must be a tuple of names of 1 to {identify.MAX_TEXT} characters"
+        )
+        ok = (
+            isinstance(self.agent_version, str) and 0 < len(self.agent_version) <= identify.MAX_TEXT
+        )
+        require(self, "agent_version", ok, f"must be 1 to {identify.MAX_TEXT} characters")
 
 
 @dataclass(slots=True)
@@ -153,9 +159,9 @@ class Host:
         self._inbound = 0  # inbound connections registered
         self._inbound_by_ip: dict[str, int] = {}  # pending and registered, loopback not counted
         self._keep_alive: dict[PeerId, int] = {}  # peer -> how many asked to keep it
-        self._on_connected: list[Callable[[Connection], None]] = []
-        self._on_disconnected: list[Callable[[PeerId], None]] = []
-        self._on_identified: list[Callable[[PeerId], None]] = []
+        self._on_connected: Callbacks[Connection] = Callbacks()
+        self._on_disconnected: Callbacks[PeerId] = Callbacks()
+        self._on_identified: Callbacks[PeerId] = Callbacks()
         self._identify_ext: dict[str, Callable[[], bytes]] = {}
         self._record: PeerRecord | None = None
         self._record_envelope: Envelope | None = None
@@ -240,25 +246,40 @@ class Host:
             raise ValueError(f"at most {identify.MAX_EXTENSIONS} identify extensions")
         self._identify_ext[name] = value
 
-    def identify_extensions(self) -> dict[str, bytes]:
-        return {name: value() for name, value in self._identify_ext.items()}
+    def identify_snapshot(self) -> identify.IdentifySnapshot:
+        """What identify announces about us right now (called as each message goes out)."""
+        return identify.IdentifySnapshot(
+            envelope=self.signed_record,
+            listen_addrs=tuple(self.advertised_addrs),
+            protocols=tuple(self.protocols),
+            roles=self.config.roles,
+            agent_version=self.config.agent_version,
+            extensions={name: value() for name, value in self._identify_ext.items()},
+        )
 
-    def add_listener(
+    def subscribe(
         self,
         *,
         on_connected: Callable[[Connection], None] | None = None,
         on_disconnected: Callable[[PeerId], None] | None = None,
         on_identified: Callable[[PeerId], None] | None = None,
-    ) -> None:
-        """Register synchronous callbacks; a listener that needs to await starts a task in a
+    ) -> Subscription:
+        """Call these synchronous callbacks on connection events until the subscription
+        closes: use it as ``with host.subscribe(...):``, or call its `close()`.
+
+        `on_connected(conn)` runs once a connection is registered, `on_identified(peer)` once
+        identify has filled the peerstore, `on_disconnected(peer)` once the last connection
+        to `peer` closed. They must not raise; one that needs to await starts a task in a
         nursery of its own.
         """
+        subscriptions = []
         if on_connected:
-            self._on_connected.append(on_connected)
+            subscriptions.append(self._on_connected.subscribe(on_connected))
         if on_disconnected:
-            self._on_disconnected.append(on_disconnected)
+            subscriptions.append(self._on_disconnected.subscribe(on_disconnected))
         if on_identified:
-            self._on_identified.append(on_identified)
+            subscriptions.append(self._on_identified.subscribe(on_identified))
+        return Subscription.joined(subscriptions)
 
     # --- connections -----------------------------------------------------------------------------
 
@@ -432,15 +453,13 @@ class Host:
                 nursery.start_soon(self._close_when_idle, conn)
                 if conn.outbound:  # the dialler starts the identify exchange
                     nursery.start_soon(self._identify, conn)
-                for callback in self._on_connected:
-                    callback(conn)
+                self._on_connected.emit(conn)
         finally:
             with trio.CancelScope(shield=True):
                 await conn.aclose()
             self._unregister(conn)
             if self.connection(peer) is None and not self._conns.get(peer):
-                for on_disconnected in self._on_disconnected:
-                    on_disconnected(peer)
+                self._on_disconnected.emit(peer)
 
     def _register(self, conn: Connection) -> None:
         peer = conn.peer_id
@@ -548,22 +567,34 @@ class Host:
 
     async def _handle_identify(self, stream: Stream) -> None:
         with trio.fail_after(self.config.handshake_timeout):
-            info = await identify.answer(self, stream)
+            info = await identify.answer(stream, self.identify_snapshot)
         self._identified(stream.connection, info)
 
     async def _identify(self, conn: Connection) -> None:
         try:
             with trio.fail_after(self.config.handshake_timeout):
-                info = await identify.exchange(self, conn)
+                info = await identify.exchange(conn, self.identify_snapshot)
         except NETWORK_ERRORS as exc:
             log.debug("identify with %s failed: %r", conn.peer_id.short(), exc)
             return
         self._identified(conn, info)
 
     def _identified(self, conn: Connection, info: identify.IdentifyInfo) -> None:
-        identify.apply(self, conn, info)
-        for callback in self._on_identified:
-            callback(conn.peer_id)
+        """Store what identify told us in the peerstore, then tell the subscribers."""
+        store = self.peerstore
+        with contextlib.suppress(RecordError):  # we already hold this record or a newer one
+            store.add_record(info.record, info.envelope)
+        store.set_identify(
+            conn.peer_id,
+            protocols=info.protocols,
+            roles=info.roles,
+            agent_version=info.agent_version,
+            extensions=info.extensions,
+        )
+        observed = info.observed_addr
+        if observed is not None and observed not in self.observed_addrs:
+            self.observed_addrs = [observed, *self.observed_addrs][:_MAX_OBSERVED_ADDRS]
+        self._on_identified.emit(conn.peer_id)
 
     async def ping(self, peer: PeerId | Multiaddr) -> float:
         """Round-trip time to `peer` in seconds, folded into the peerstore's RTT EWMA."""

@@ -146,19 +146,23 @@ class Provider:
             self._nursery = nursery
             await self._refresh_capabilities()
             self.peer.host.set_handler(JOB, self._handle_job, max_message_size=MAX_JOB_MESSAGE)
-            if not self.peer.reachable:
-                self.peer.adverts.add_listener(self._on_advert)
-                self.peer.host.add_listener(on_disconnected=self._on_disconnected)
-                for advert in self.peer.adverts:
-                    self._on_advert(advert)
-            nursery.start_soon(self._capabilities_loop)
-            nursery.start_soon(self._advert_loop)
-            task_status.started()
-            try:
-                await trio.sleep_forever()
-            finally:
-                self.peer.host.remove_handler(JOB)
-                self._nursery = None
+            with contextlib.ExitStack() as subscriptions:
+                if not self.peer.reachable:
+                    # Dial every gateway we learn of, and again when its connection drops.
+                    subscriptions.enter_context(self.peer.adverts.subscribe(self._on_advert))
+                    subscriptions.enter_context(
+                        self.peer.host.subscribe(on_disconnected=self._on_disconnected)
+                    )
+                    for advert in self.peer.adverts:
+                        self._on_advert(advert)
+                nursery.start_soon(self._capabilities_loop)
+                nursery.start_soon(self._advert_loop)
+                task_status.started()
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    self.peer.host.remove_handler(JOB)
+                    self._nursery = None
 
     async def wait_idle(self) -> None:
         """Return once no job is running or waiting here."""

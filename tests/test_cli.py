@@ -161,38 +161,38 @@ async def test_node_subprocess_joins_serves_a_job_and_drains_on_sigterm(tmp_path
     async with open_bootstrap(test_identity(0), config) as boot:
         seed = boot.peer.host.listen_addrs[0].with_peer_id(boot.peer.peer_id)
         arrived = trio.lowlevel.ParkingLot()
-        boot.peer.adverts.add_listener(lambda advert: arrived.unpark_all())
-        process = await trio.lowlevel.open_process(
-            [
-                sys.executable,
-                "-m",
-                "sdcn_p2p.cli",
-                "node",
-                "--key",
-                str(tmp_path / "k"),
-                "--backend",
-                "testcard",
-                "--testcard-models",
-                "card-x",
-                "--bootstrap",
-                str(seed),
-            ],
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            with trio.fail_after(60):
-                while not (adverts := boot.peer.adverts.find("card-x")):
-                    await arrived.park()
-            node = adverts[0].peer_id
-            assert adverts[0].reachability == "outbound-only"
-            job = JobRequest("txt2img", "card-x", "a cat", seed=1, width=64, height=64)
-            result = await request_job(boot.peer.host, node, job, deadline=30)
-            assert result.info["provider"] == str(node) and result.images
-            process.send_signal(signal.SIGTERM)
-            with trio.fail_after(30):
-                while boot.peer.adverts.get(node).state != "draining":
-                    await arrived.park()
-                assert await process.wait() == 0
-        finally:
-            process.kill()
-            await process.wait()
+        with boot.peer.adverts.subscribe(lambda advert: arrived.unpark_all()):
+            process = await trio.lowlevel.open_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "sdcn_p2p.cli",
+                    "node",
+                    "--key",
+                    str(tmp_path / "k"),
+                    "--backend",
+                    "testcard",
+                    "--testcard-models",
+                    "card-x",
+                    "--bootstrap",
+                    str(seed),
+                ],
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                with trio.fail_after(60):
+                    while not (adverts := boot.peer.adverts.find("card-x")):
+                        await arrived.park()
+                node = adverts[0].peer_id
+                assert adverts[0].reachability == "outbound-only"
+                job = JobRequest("txt2img", "card-x", "a cat", seed=1, width=64, height=64)
+                result = await request_job(boot.peer.host, node, job, deadline=30)
+                assert result.info["provider"] == str(node) and result.images
+                process.send_signal(signal.SIGTERM)
+                with trio.fail_after(30):
+                    while boot.peer.adverts.get(node).state != "draining":
+                        await arrived.park()
+                    assert await process.wait() == 0
+            finally:
+                process.kill()
+                await process.wait()

@@ -245,26 +245,26 @@ async def test_outbound_only_provider_dials_the_gateways_it_learns_of(autojump_c
         open_provider(node, TestcardBackend(CARD)) as provider,
     ):
         connected = trio.Event()
-        node.host.add_listener(
+        with node.host.subscribe(
             on_connected=lambda conn: conn.peer_id == gateway.peer_id and connected.set()
-        )
-        await gateway.publish_advert(
-            Advert(
-                gateway.peer_id,
-                seq=1,
-                issued_at=gateway.wall_clock(),
-                ttl=180,
-                addrs=tuple(gateway.host.advertised_addrs),
-                roles=(GATEWAY_ROLE,),
+        ):
+            await gateway.publish_advert(
+                Advert(
+                    gateway.peer_id,
+                    seq=1,
+                    issued_at=gateway.wall_clock(),
+                    ttl=180,
+                    addrs=tuple(gateway.host.advertised_addrs),
+                    roles=(GATEWAY_ROLE,),
+                )
             )
-        )
-        await wait_advert(node, gateway, lambda a: GATEWAY_ROLE in a.roles)
-        assert gateway.peer_id in provider._gateways
-        if not node.host.is_connected(gateway.peer_id):
-            await connected.wait()
-        await trio.sleep(900)  # idle: the connection to a gateway is kept alive
-        assert node.host.is_connected(gateway.peer_id)
-        await request_job(gateway.host, node.peer_id, job(), deadline=60)
+            await wait_advert(node, gateway, lambda a: GATEWAY_ROLE in a.roles)
+            assert gateway.peer_id in provider._gateways
+            if not node.host.is_connected(gateway.peer_id):
+                await connected.wait()
+            await trio.sleep(900)  # idle: the connection to a gateway is kept alive
+            assert node.host.is_connected(gateway.peer_id)
+            await request_job(gateway.host, node.peer_id, job(), deadline=60)
 
 
 async def test_ten_megabyte_init_image_accepted_and_sixty_refused() -> None:

@@ -5,7 +5,8 @@
 - `testcard`: no GPU; a deterministic picture of the job's parameters, for demos and tests.
 - `webui`: an AUTOMATIC1111 / Forge / SD.Next server driven over its HTTP API.
 - `diffusers`: Stable Diffusion run in this process by Hugging Face diffusers (the optional
-  ``diffusers`` extra); `tinysd` builds a tiny random pipeline for its tests and benchmarks.
+  ``diffusers`` extra); `sdcn_p2p.testing.tinysd` builds a tiny random pipeline for its tests
+  and benchmarks.
 """
 
 from __future__ import annotations

@@ -159,7 +159,6 @@ class Dht:
         self._nursery: trio.Nursery | None = None
         self._pinging: set[int] = set()  # buckets with an eviction ping in flight
         self._correction_batches = 0
-        host.add_listener(on_identified=self._on_identified)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -170,16 +169,17 @@ class Dht:
         if self._nursery is not None:
             raise RuntimeError("this Dht is already running")
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                if self.server:
-                    self.host.set_handler(
-                        KAD, self._handle, max_message_size=self.config.max_message_size
-                    )
-                for peer in self.host.connected_peers:
-                    self._on_identified(peer)
-                task_status.started()
-                await self._maintain()
+            with self.host.subscribe(on_identified=self._on_identified):
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    if self.server:
+                        self.host.set_handler(
+                            KAD, self._handle, max_message_size=self.config.max_message_size
+                        )
+                    for peer in self.host.connected_peers:
+                        self._on_identified(peer)
+                    task_status.started()
+                    await self._maintain()
         finally:
             self._nursery = None
             if self.server:
@@ -251,7 +251,7 @@ class Dht:
     # --- routing table ---------------------------------------------------------------------------
 
     def _on_identified(self, peer: PeerId) -> None:
-        """Host listener: add an identified server peer; ping the oldest of a full bucket."""
+        """Host subscriber: add an identified server peer; ping the oldest of a full bucket."""
         if self._nursery is None:
             return
         info = self.host.peerstore.get(peer)

@@ -1,6 +1,6 @@
 """Bad input at the edges: the HTTP API checked from its own OpenAPI spec (schemathesis),
 img2img init images that are truncated, decompression bombs or not images, and garbage
-through wire decoders not covered elsewhere (tests/wire, tests/dht, tests/test_gossip.py and
+through wire decoders not covered elsewhere (tests/wire, tests/dht, tests/gossip and
 tests/test_jobs.py cover the rest).
 """
 

@@ -1,7 +1,7 @@
 """Hostile peers: a Sybil burst of fresh identities, a provider whose adverts lie, floods of
 connections, streams and DHT stores from one peer, and a peer answering for another's id.
 In-memory network under MockClock. (Forged, replayed, expired and oversized adverts and
-records one at a time are in tests/test_gossip.py, tests/dht and tests/test_records.py.)
+records one at a time are in tests/gossip, tests/dht and tests/test_records.py.)
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from sdcn_p2p.backends import JobOutput
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.dht.messages import KAD, PutValue, encode_request
 from sdcn_p2p.errors import DialError, JobError
-from sdcn_p2p.gossip import GOSSIP, AdvertBatch, PushBudget
+from sdcn_p2p.gossip import GOSSIP, AdvertBatch
 from sdcn_p2p.host import HostConfig, open_host
 from sdcn_p2p.identity import Identity
 from sdcn_p2p.jobs import JobRequest
@@ -359,12 +359,3 @@ async def test_a_gossip_flood_from_one_peer_is_cut_at_its_push_budget(autojump_c
         await trio.sleep(10)
         await gossip_flood(attacker, net.gateway, flood[:100], per_message=100)
         assert stats.rate_limited - before.rate_limited == limited
-
-
-def test_push_budget_refills_at_its_rate_up_to_its_burst() -> None:
-    budget = PushBudget(rate=10.0, burst=50)
-    peer = test_identity(1).peer_id
-    assert budget.take(peer, 80, now=0.0) == 50
-    assert budget.take(peer, 80, now=1.0) == 10
-    assert budget.take(peer, 80, now=100.0) == 50  # never more than the burst
-    assert budget.take(test_identity(2).peer_id, 5, now=100.0) == 5

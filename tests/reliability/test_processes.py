@@ -61,8 +61,7 @@ async def node_process(
 async def wait_provider(peer: Peer, known: set[PeerId]) -> PeerId:
     """Wait for an online advert of "card-x" from a peer not in `known`."""
     arrived = trio.lowlevel.ParkingLot()
-    peer.adverts.add_listener(lambda advert: arrived.unpark_all())
-    with trio.fail_after(60):
+    with peer.adverts.subscribe(lambda advert: arrived.unpark_all()), trio.fail_after(60):
         while True:
             for advert in peer.adverts.find("card-x"):
                 if advert.peer_id not in known:

@@ -1,4 +1,4 @@
-"""In-memory networks of Hosts for tests and simulations (use under MockClock).
+"""In-memory networks of Hosts and Peers for tests and simulations (use under MockClock).
 
 `TamperingTransport` corrupts, drops or replays what a transport's connections send, to test
 how a Host copes with a hostile or broken peer.
@@ -220,8 +220,7 @@ async def wait_advert(
     Raises trio.TooSlowError after WAIT_TIMEOUT seconds.
     """
     arrived = trio.lowlevel.ParkingLot()
-    peer.adverts.add_listener(lambda advert: arrived.unpark_all())
-    with trio.fail_after(WAIT_TIMEOUT):
+    with peer.adverts.subscribe(lambda advert: arrived.unpark_all()), trio.fail_after(WAIT_TIMEOUT):
         while (held := peer.adverts.get(of.peer_id)) is None or not check(held):
             await arrived.park()
     return held
