@@ -317,6 +317,8 @@ class FakeComfyui:
         self.step_time = step_time
         #: PNG bytes every image is, instead of a drawn card (None: draw).
         self.png = png
+        #: False: refuse websockets, as a proxy that does not pass them on.
+        self.accept_websockets = True
         self.requests: collections.deque[tuple[str, Any]] = collections.deque(maxlen=256)
         #: Prompts that ended, and interrupts that stopped a running prompt.
         self.prompts_done = 0
@@ -345,8 +347,8 @@ class FakeComfyui:
     # --- for tests ---------------------------------------------------------------------------
 
     def inject(self, path: str, status: int, body: Any) -> None:
-        """Answer the next request to `path` with `status` and `body` instead (bytes are sent
-        as they are, anything else as JSON)."""
+        """Answer the next request to `path` (``/history/*``: any path under /history/) with
+        `status` and `body` instead (bytes are sent as they are, anything else as JSON)."""
         self._injected.setdefault(path, collections.deque()).append((status, body))
 
     def fail_next(self, node_type: str, exception_type: str, message: str) -> None:
@@ -378,6 +380,11 @@ class FakeComfyui:
         while (running := self.running) is None or (predicate and not predicate(*running)):
             await self._changed.wait()
         return running
+
+    async def wait_pending(self, count: int) -> None:
+        """Return once `count` prompts (or more) are queued behind the running one."""
+        while len(self._queue) < count:
+            await self._changed.wait()
 
     async def wait_idle(self) -> None:
         """Return once no prompt is running or queued."""
@@ -583,6 +590,8 @@ class FakeComfyui:
             except trio.WouldBlock:  # a client that does not read: drop it
                 channel.close()
                 self._sockets.pop(key, None)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._sockets.pop(key, None)  # its websocket is closing
 
     def _queue_updated(self) -> None:
         self._send("status", {"status": self.queue_info()}, None)
@@ -1179,7 +1188,9 @@ def create_app(fake: FakeComfyui) -> FastAPI:
         except ValueError:
             payload = None
         fake.requests.append((f"{request.method} {request.url.path}", payload))
-        if queue := fake._injected.get(request.url.path):
+        path = request.url.path
+        queue = fake._injected.get(path) or fake._injected.get(path.rpartition("/")[0] + "/*")
+        if queue:
             status, answer = queue.popleft()
             if isinstance(answer, bytes):
                 return Response(answer, status_code=status, media_type="text/html")
@@ -1243,7 +1254,7 @@ def create_app(fake: FakeComfyui) -> FastAPI:
 
     @app.websocket("/ws")
     async def websocket(ws: WebSocket) -> None:
-        if not _authorized(fake, ws.headers.get("authorization")):
+        if not fake.accept_websockets or not _authorized(fake, ws.headers.get("authorization")):
             await ws.close(code=1008)
             return
         await ws.accept()

@@ -128,6 +128,8 @@ AUTOMATIC_SCHEDULERS: dict[str, str] = {
     "DDIM": "ddim_uniform",
 }
 _DEFAULT_SCHEDULER = "normal"
+# Seconds to wait for ComfyUI's answer to our websocket close.
+_WS_CLOSE_TIMEOUT = 1.0
 
 _MIB = 2**20
 _HASH_CHARS = 10
@@ -445,37 +447,69 @@ class ComfyuiBackend:
         Without a websocket (a proxy that refuses it) the job goes on, following /history.
         """
         events = _Events(uuid.uuid4().hex, _Tracker(job.steps, job.batch_size, progress))
+        stream = await self._connect()
+        try:
+            async with open_service_nursery() as nursery:
+                try:
+                    with trio.fail_after(self.config.timeout):
+                        ws = await nursery.start(self._follow, stream, events)
+                except (trio_websocket.HandshakeError, trio.TooSlowError) as exc:
+                    log.warning(
+                        "no websocket from ComfyUI at %s (%s): following /history",
+                        self.url,
+                        _handshake_error(exc),
+                    )
+                    events.closed = True
+                    yield events
+                    return
+                with trio.move_on_after(self.config.timeout):
+                    await events.wait_ready()
+                if not events.ready:
+                    raise _ComfyError("its websocket sent no status")
+                yield events
+                with trio.move_on_after(_WS_CLOSE_TIMEOUT):
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+        finally:
+            # Ours to close: trio-websocket leaves the stream open when the peer went away.
+            await stream.aclose()
+
+    async def _connect(self) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
+        """A TCP (or TLS) connection to ComfyUI, for its websocket."""
+        base = self._client.base_url
+        host, port = base.host, base.port or (443 if base.scheme == "https" else 80)
+        try:
+            with trio.fail_after(self.config.timeout):
+                if base.scheme == "https":
+                    return await trio.open_ssl_over_tcp_stream(host, port, https_compatible=True)
+                return await trio.open_tcp_stream(host, port)
+        except (OSError, trio.TooSlowError) as exc:
+            raise _ComfyError(f"cannot reach it: {exc or type(exc).__name__}") from exc
+
+    async def _follow(
+        self,
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
+        events: _Events,
+        *,
+        task_status: trio.TaskStatus[trio_websocket.WebSocketConnection],
+    ) -> None:
+        """Open ``/ws?clientId=`` over `stream` and feed `events` until it closes.
+
+        Raises HandshakeError (through `task_status`) if ComfyUI or a proxy refuses it.
+        """
         base = self._client.base_url
         prefix = base.raw_path.decode().split("?")[0].rstrip("/")
-        secure = base.scheme == "https"
-        try:
-            async with trio_websocket.open_websocket(
+        async with open_service_nursery() as nursery:
+            ws = await trio_websocket.wrap_client_stream(
+                nursery,
+                stream,
                 base.host,
-                base.port or (443 if secure else 80),
                 f"{prefix}/ws?clientId={events.client_id}",
-                use_ssl=secure,
                 extra_headers=self._ws_headers,
                 max_message_size=self.config.max_response_bytes,
-                connect_timeout=self.config.timeout,
-                disconnect_timeout=min(self.config.timeout, 2.0),
-            ) as ws:
-                async with open_service_nursery() as nursery:
-                    nursery.start_soon(events.read, ws)
-                    with trio.move_on_after(self.config.timeout):
-                        await events.wait_ready()
-                    if not events.ready:
-                        raise _ComfyError("its websocket sent no status")
-                    yield events
-                    nursery.cancel_scope.cancel()
-                return
-        except trio_websocket.HandshakeError as exc:
-            log.warning(
-                "no websocket from ComfyUI at %s (%s): following /history",
-                self.url,
-                _handshake_error(exc),
             )
-        events.closed = True
-        yield events
+            task_status.started(ws)
+            await events.read(ws)
 
     async def _upload(self, image: bytes) -> str:
         """Put the init image in ComfyUI's temp folder; return its LoadImage name."""
@@ -1033,7 +1067,7 @@ def _describe_error(status: int, body: bytes) -> str:
     return f"HTTP {status}{': ' + text if text else ''}{hint}"
 
 
-def _handshake_error(exc: trio_websocket.HandshakeError) -> str:
+def _handshake_error(exc: Exception) -> str:
     if isinstance(exc, trio_websocket.ConnectionRejected):
         hint = " (check --comfyui-auth)" if exc.status_code in (401, 403) else ""
         return f"HTTP {exc.status_code}{hint}"
