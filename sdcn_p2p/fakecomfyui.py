@@ -507,7 +507,8 @@ class FakeComfyui:
         self._queue.append(_Item(number, prompt_id, prompt, extra, outputs))
         self._queued.set()
         self._queue_updated()
-        return 200, {"prompt_id": prompt_id, "number": number, "node_errors": {}}
+        # Outputs that failed validation are dropped, and named in node_errors.
+        return 200, {"prompt_id": prompt_id, "number": number, "node_errors": node_errors}
 
     def post_queue(self, body: Any) -> None:
         if not isinstance(body, dict):
@@ -783,19 +784,22 @@ class _Run:
             for name, value in self.prompt[node]["inputs"].items()
         }
         ui = None
-        if class_type == "KSampler":
-            result: tuple[Any, ...] = await self._sample(node, inputs, sid)
-        elif class_type in ("PreviewImage", "SaveImage"):
-            ui = {"images": self._save(inputs["images"], class_type)}
-            result = ()
-            if sid is not None:
-                fake._send(
-                    "executed",
-                    {"node": node, "display_node": node, "output": ui, "prompt_id": self.prompt_id},
-                    sid,
-                )
-        else:
-            result = _evaluate(fake, class_type, inputs)
+        try:
+            if class_type == "KSampler":
+                result: tuple[Any, ...] = await self._sample(node, inputs, sid)
+            elif class_type in ("PreviewImage", "SaveImage"):
+                ui = {"images": self._save(inputs["images"], class_type)}
+                result = ()
+            else:
+                result = _evaluate(fake, class_type, inputs)
+        except (KeyError, TypeError, ValueError, OSError) as exc:  # as ComfyUI reports any
+            raise _NodeFailure(type(exc).__name__, str(exc)) from exc
+        if ui is not None and sid is not None:
+            fake._send(
+                "executed",
+                {"node": node, "display_node": node, "output": ui, "prompt_id": self.prompt_id},
+                sid,
+            )
         self.values[node] = self.cache[key] = result
         if ui is not None:
             fake._ui_cache[key] = ui
@@ -840,6 +844,10 @@ class _Run:
         kind = "temp" if class_type == "PreviewImage" else "output"
         prefix = "ComfyUI_temp_" + "".join(random.choices("abcdefghijklmnopqrstupvxyz", k=5))
         files = []
+        if "params" not in image:  # a loaded image, not a generated one: saved as it is
+            name = f"{prefix}_{len(fake._files):05}_.png"
+            fake._store(kind, "", name, image.get("init") or b"")
+            return [{"filename": name, "subfolder": "", "type": kind}]
         for index in range(image["batch"]):
             params = dict(image["params"])
             if index:  # the batch's noise: the index-th draw of the one seed
