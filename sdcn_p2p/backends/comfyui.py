@@ -359,7 +359,12 @@ class ComfyuiBackend:
         except _ComfyError as exc:
             raise JobError("backend_failed", f"ComfyUI at {self.url}: {exc}") from exc
         seeds = [job.seed + i for i in range(job.batch_size)]
-        return JobOutput(images, {"seeds": seeds, "comfyui_sampler": plan.sampler})
+        info = {
+            "seeds": seeds,
+            "comfyui_sampler": plan.sampler,
+            "comfyui_scheduler": plan.scheduler,
+        }
+        return JobOutput(images, info)
 
     # --- capabilities ----------------------------------------------------------------------------
 
@@ -570,14 +575,23 @@ class ComfyuiBackend:
         return prompt_id
 
     async def _wait_history(self, prompt_id: str, events: _Events) -> dict[str, Any]:
-        """The history entry of `prompt_id` once it has ended."""
+        """The history entry of `prompt_id` once it has ended.
+
+        Raises _ComfyError if the prompt leaves ComfyUI's queue without one (someone deleted
+        it, or ComfyUI restarted).
+        """
         checked_end = False
         next_poll = trio.current_time() + self.config.quiet_poll_interval
         while True:
             ended = events.tracker.has_ended(prompt_id)
-            if (ended and not checked_end) or trio.current_time() >= next_poll:
+            polling = trio.current_time() >= next_poll
+            if (ended and not checked_end) or polling:
                 checked_end = ended
                 entry = await self._history(prompt_id)
+                if entry is None and polling and prompt_id not in _queued(await self._queue()):
+                    entry = await self._history(prompt_id)  # unless it ended just now
+                    if entry is None:
+                        raise _ComfyError(f"prompt {prompt_id} left its queue without a result")
                 if entry is not None:
                     return entry
                 quick = ended or events.closed
@@ -587,6 +601,16 @@ class ComfyuiBackend:
                 next_poll = min(next_poll, trio.current_time() + self.config.poll_interval)
             with trio.move_on_at(next_poll):
                 await events.wait_changed()
+
+    async def _queue(self) -> dict[str, list[Any]]:
+        """``GET /queue``: {"queue_running": [...], "queue_pending": [...]}, items
+        ``[number, prompt_id, prompt, extra_data, outputs]``."""
+        queue = await self._get_json("/queue")
+        if not isinstance(queue, dict) or not all(
+            isinstance(queue.get(key), list) for key in ("queue_running", "queue_pending")
+        ):
+            raise _ComfyError("/queue is not the queue")
+        return queue
 
     async def _history(self, prompt_id: str) -> dict[str, Any] | None:
         data = await self._get_json(f"/history/{prompt_id}")
@@ -631,7 +655,7 @@ class ComfyuiBackend:
                 status, body = await self._call("POST", "/queue", content=content)
                 if status >= 400:
                     log.warning("ComfyUI queue delete failed: %s", _describe_error(status, body))
-                running = _running_prompts(await self._get_json("/queue"))
+                running = _queued(await self._queue(), ("running",))
                 for prompt_id in prompt_ids:
                     if prompt_id in running:
                         content = json.dumps({"prompt_id": prompt_id}).encode()
@@ -907,14 +931,14 @@ def _execution_failure(messages: Any, seen: dict[str, Any] | None) -> str:
     return f"{node_type} failed: {kind.rsplit('.', 1)[-1]}: {text}".rstrip(": ")
 
 
-def _running_prompts(queue: Any) -> set[str]:
-    """The prompt ids ``GET /queue`` shows running: items are [number, prompt_id, ...]."""
-    running = queue.get("queue_running") if isinstance(queue, dict) else None
-    if not isinstance(running, list):
-        raise _ComfyError("/queue has no queue_running list")
+def _queued(
+    queue: dict[str, list[Any]], which: tuple[str, ...] = ("running", "pending")
+) -> set[str]:
+    """The prompt ids in the `which` parts of a ``GET /queue`` answer."""
     return {
         item[1]
-        for item in running
+        for part in which
+        for item in queue[f"queue_{part}"]
         if isinstance(item, list) and len(item) > 1 and isinstance(item[1], str)
     }
 

@@ -309,7 +309,11 @@ async def test_txt2img_is_one_workflow_through_comfyuis_api() -> None:
     [post] = [body for path, body in fake.requests if path == "POST /prompt"]
     assert len(post["client_id"]) == 32  # the job's own, so events come to its websocket only
     assert Image.open(io.BytesIO(output.images[0])).size == (128, 96)
-    assert output.info == {"seeds": [1234], "comfyui_sampler": "dpmpp_2m"}
+    assert output.info == {
+        "seeds": [1234],
+        "comfyui_sampler": "dpmpp_2m",
+        "comfyui_scheduler": "karras",
+    }
     assert not [key for key in fake._files if key[0] == "output"]  # nothing left in output/
 
 
@@ -508,6 +512,27 @@ async def test_a_job_past_its_timeout_fails_and_leaves_nothing_running() -> None
         assert "did not finish within 0.3 s" in error.message
         assert fake.interrupts == 1
         await nothing_left(fake)
+
+
+async def test_a_prompt_deleted_in_comfyui_fails_the_job() -> None:
+    config = ComfyuiConfig(timeout=5.0, poll_interval=0.05, quiet_poll_interval=0.05)
+    fake = make_fake(step_time=None)
+
+    async def delete_ours() -> None:
+        await fake.wait_pending(1)
+        fake.post_queue({"delete": [fake.pending[0][0]]})  # the queue's delete button
+
+    async with (
+        serving(fake, config=config) as (fake, backend),
+        httpx.AsyncClient(base_url=backend.url) as other,
+        trio.open_nursery() as nursery,
+    ):
+        await other.post("/prompt", json={"prompt": prompts_of(job()), "client_id": "x"})
+        await fake.wait_running()
+        nursery.start_soon(delete_ours)
+        error = await expect_failure(backend, job(seed=7), "backend_failed")
+        fake.advance(4)
+    assert "left its queue without a result" in error.message
 
 
 async def test_an_interrupt_from_someone_else_fails_the_job() -> None:
