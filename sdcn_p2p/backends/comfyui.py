@@ -65,6 +65,7 @@ from PIL import Image
 
 from sdcn_p2p._util import open_service_nursery
 from sdcn_p2p.backends import Capabilities, JobOutput
+from sdcn_p2p.backends._http import HttpFailure, request_capped
 from sdcn_p2p.errors import BackendUnavailable, ConfigError, JobError
 from sdcn_p2p.jobs import JobRequest
 from sdcn_p2p.records import Advert, LoraInfo, ModelInfo
@@ -690,28 +691,21 @@ class ComfyuiBackend:
     ) -> tuple[int, bytes]:
         """Send one request; return the status and the body, read up to the size cap."""
         headers = {"Content-Type": "application/json"} if content is not None else None
-        limit = self.config.max_response_bytes
         try:
-            async with self._client.stream(
+            return await request_capped(
+                self._client,
                 method,
                 path,
+                limit=self.config.max_response_bytes,
+                timeouts=self._timeouts,
                 content=content,
                 params=params,
                 files=files,
                 data=data,
                 headers=headers,
-                timeout=self._timeouts,
-            ) as response:
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > limit:
-                        raise _ComfyError(f"{path} answered more than {limit} bytes")
-                return response.status_code, bytes(body)
-        except httpx.TimeoutException as exc:
-            raise _ComfyError(f"{path} did not answer in time ({type(exc).__name__})") from exc
-        except httpx.HTTPError as exc:
-            raise _ComfyError(f"cannot reach it: {exc or type(exc).__name__}") from exc
+            )
+        except HttpFailure as exc:
+            raise _ComfyError(str(exc)) from exc.__cause__
 
 
 @asynccontextmanager
