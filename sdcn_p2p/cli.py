@@ -226,7 +226,12 @@ def _add_node(commands: argparse._SubParsersAction) -> None:
         "--webui-auth", metavar="USER:PASS", type=_user_pass, help="the webui's --api-auth"
     )
     comfy = parser.add_argument_group("comfyui backend (ComfyUI's own HTTP and WebSocket API)")
-    comfy.add_argument("--comfyui-url", metavar="URL", default="http://127.0.0.1:8188")
+    comfy.add_argument(
+        "--comfyui-url",
+        metavar="URL",
+        default="http://127.0.0.1:8188",
+        help="ComfyUI's address, with a path behind a proxy (default: %(default)s)",
+    )
     comfy.add_argument(
         "--comfyui-auth",
         metavar="USER:PASS|TOKEN",

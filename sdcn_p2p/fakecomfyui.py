@@ -373,6 +373,7 @@ class FakeComfyui:
         return [(i.prompt_id, i.extra_data.get("client_id")) for i in sorted(self._queue, key=_key)]
 
     def history(self, prompt_id: str) -> dict[str, Any] | None:
+        """The history entry of `prompt_id` (None until it has ended)."""
         return self._history.get(prompt_id)
 
     async def wait_running(self, predicate: Any = None) -> tuple[str, str | None]:
