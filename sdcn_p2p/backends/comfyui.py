@@ -22,10 +22,10 @@ CLIPTextEncode twice, EmptyLatentImage (batch 1) or, for img2img, LoadImage of t
 the job's size and VAEEncoded, then KSampler, VAEDecode and PreviewImage (a temp file: nothing
 is left in ComfyUI's output folder). One prompt per image, because a ComfyUI batch draws the
 noise of all its images from the one seed (``comfy.sample.prepare_noise``: image *i* gets the
-*i*-th draw of the seed's generator, and ancestral samplers share one noise generator across
-the batch), so no batch gives A1111's image *i* = seed + *i*, and its first image would depend
-on the batch size. One prompt per image gives image *i* exactly the picture a one-image job
-with seed + *i* gives; ComfyUI's cache runs the loaders and text encoders once for them all.
+*i*-th draw of the seed's generator, not seed + *i*'s; ancestral and SDE samplers draw each
+step's noise for the whole batch from one generator too), so no batch gives A1111's image *i*
+= seed + *i*. One prompt per image gives image *i* exactly the picture a one-image job with
+seed + *i* gives; ComfyUI's cache runs the loaders and text encoders once for them all.
 
 Progress comes from the ``progress`` messages of ``/ws?clientId=`` (ComfyUI sends execution
 events only to the websocket of the prompt's client id); a prompt has ended when ComfyUI says
