@@ -376,6 +376,17 @@ class FakeComfyui:
         """The history entry of `prompt_id` (None until it has ended)."""
         return self._history.get(prompt_id)
 
+    @property
+    def statuses(self) -> list[str]:
+        """The ``status_str`` of every prompt in the history, oldest first."""
+        return [entry["status"]["status_str"] for entry in self._history.values()]
+
+    @property
+    def files(self) -> dict[tuple[str, str, str], bytes]:
+        """The files ComfyUI holds: {(folder type, subfolder, name): bytes}, type ``input``,
+        ``temp`` or ``output``."""
+        return dict(self._files)
+
     async def wait_running(self, predicate: Any = None) -> tuple[str, str | None]:
         """Return (prompt id, client id) once a prompt (one `predicate` accepts) is running."""
         while (running := self.running) is None or (predicate and not predicate(*running)):

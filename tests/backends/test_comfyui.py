@@ -14,7 +14,13 @@ import trio
 from PIL import Image
 
 from sdcn_p2p.backends import Capabilities
-from sdcn_p2p.backends.comfyui import ComfyuiBackend, ComfyuiConfig, open_comfyui_backend
+from sdcn_p2p.backends.comfyui import (
+    ComfyuiBackend,
+    ComfyuiConfig,
+    Plan,
+    build_workflow,
+    open_comfyui_backend,
+)
 from sdcn_p2p.errors import BackendUnavailable, ConfigError, JobError
 from sdcn_p2p.fakecomfyui import OUT_OF_MEMORY, FakeComfyui, open_fake_comfyui
 from sdcn_p2p.identity import Identity
@@ -314,7 +320,7 @@ async def test_txt2img_is_one_workflow_through_comfyuis_api() -> None:
         "comfyui_sampler": "dpmpp_2m",
         "comfyui_scheduler": "karras",
     }
-    assert not [key for key in fake._files if key[0] == "output"]  # nothing left in output/
+    assert not [key for key in fake.files if key[0] == "output"]  # nothing left in output/
 
 
 async def test_same_seed_same_picture_and_what_changes_it() -> None:
@@ -376,8 +382,8 @@ async def test_img2img_uploads_the_init_image_to_the_temp_folder() -> None:
             job(kind="img2img", init_image=png(colour=(200, 0, 0)), denoising_strength=0.35),
             ignore,
         )
-    [upload, _] = [key for key in fake._files if key[2].startswith("sdcn-")]
-    assert upload[0] == "temp" and fake._files[upload] == init  # not left in input/
+    [upload, _] = [key for key in fake.files if key[2].startswith("sdcn-")]
+    assert upload[0] == "temp" and fake.files[upload] == init  # not left in input/
     workflow = prompts(fake)[0]
     assert workflow["5"] == {"class_type": "LoadImage", "inputs": {"image": f"{upload[2]} [temp]"}}
     assert workflow["6"]["inputs"] == {
@@ -483,7 +489,7 @@ async def test_cancelling_a_queued_job_never_interrupts_someone_elses_prompt() -
         serving(make_fake(step_time=None)) as (fake, backend),
         httpx.AsyncClient(base_url=backend.url) as other,
     ):
-        posted = await other.post("/prompt", json={"prompt": prompts_of(job()), "client_id": "x"})
+        posted = await other.post("/prompt", json={"prompt": workflow_of(job()), "client_id": "x"})
         theirs = posted.json()["prompt_id"]
         await fake.wait_running()
         async with trio.open_nursery() as nursery:
@@ -498,9 +504,8 @@ async def test_cancelling_a_queued_job_never_interrupts_someone_elses_prompt() -
         assert fake.history(theirs)["status"]["status_str"] == "success"
 
 
-def prompts_of(request: JobRequest) -> dict:
-    from sdcn_p2p.backends.comfyui import Plan, build_workflow
-
+def workflow_of(request: JobRequest) -> dict:
+    """Another client's workflow for `request`."""
     plan = Plan("sd-v1-5.safetensors", (), "euler", "normal")
     return build_workflow(request, plan, request.seed, None)
 
@@ -527,7 +532,7 @@ async def test_a_prompt_deleted_in_comfyui_fails_the_job() -> None:
         httpx.AsyncClient(base_url=backend.url) as other,
         trio.open_nursery() as nursery,
     ):
-        await other.post("/prompt", json={"prompt": prompts_of(job()), "client_id": "x"})
+        await other.post("/prompt", json={"prompt": workflow_of(job()), "client_id": "x"})
         await fake.wait_running()
         nursery.start_soon(delete_ours)
         error = await expect_failure(backend, job(seed=7), "backend_failed")
@@ -560,8 +565,7 @@ async def test_an_execution_error_is_a_backend_failure_with_comfyuis_message() -
             "mat1 and mat2 shapes cannot be multiplied"
         )
         await nothing_left(fake)  # the second image was taken back, queued or running
-        statuses = [entry["status"]["status_str"] for entry in fake._history.values()]
-        assert "success" not in statuses
+        assert "success" not in fake.statuses
         fake.step_time = 0.0
         assert len((await backend.generate(job(), ignore)).images) == 1  # and it works again
 
