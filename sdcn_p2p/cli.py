@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from functools import partial
@@ -216,11 +217,35 @@ def _add_node(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="accept no connections even if --listen is given (behind NAT)",
     )
-    parser.add_argument("--backend", choices=("webui", "diffusers", "testcard"), required=True)
+    parser.add_argument(
+        "--backend", choices=("webui", "comfyui", "diffusers", "testcard"), required=True
+    )
     webui = parser.add_argument_group("webui backend (AUTOMATIC1111, Forge, SD.Next)")
     webui.add_argument("--webui-url", metavar="URL", default="http://127.0.0.1:7860")
     webui.add_argument(
         "--webui-auth", metavar="USER:PASS", type=_user_pass, help="the webui's --api-auth"
+    )
+    comfy = parser.add_argument_group("comfyui backend (ComfyUI's own HTTP and WebSocket API)")
+    comfy.add_argument(
+        "--comfyui-url",
+        metavar="URL",
+        default="http://127.0.0.1:8188",
+        help="ComfyUI's address, with a path behind a proxy (default: %(default)s)",
+    )
+    comfy.add_argument(
+        "--comfyui-auth",
+        metavar="USER:PASS|TOKEN",
+        type=_comfyui_auth,
+        default=os.environ.get("SDCN_COMFYUI_AUTH"),
+        help="credentials of a proxy in front of ComfyUI: USER:PASS for HTTP Basic, else a "
+        "bearer token (default: $SDCN_COMFYUI_AUTH)",
+    )
+    comfy.add_argument(
+        "--comfyui-models-dir",
+        metavar="DIR",
+        type=Path,
+        help="ComfyUI's models folder, if this node can read it: checkpoints and LoRAs are "
+        "then advertised with their hashes",
     )
     local = parser.add_argument_group(
         "diffusers backend (runs the models itself; pip install 'sdcn-p2p[diffusers]')"
@@ -277,6 +302,13 @@ def _user_pass(text: str) -> tuple[str, str]:
     return user, password
 
 
+def _comfyui_auth(text: str) -> tuple[str, str] | str:
+    user, sep, password = text.partition(":")
+    if not text or (sep and not user):
+        raise argparse.ArgumentTypeError("expected USER:PASS or a bearer token")
+    return (user, password) if sep else text
+
+
 def node_config_from_args(args: argparse.Namespace) -> tuple[PeerConfig, ProviderConfig]:
     """The peer and provider configuration `sdcn node` runs with."""
     if args.outbound_only and args.listen:
@@ -286,6 +318,8 @@ def node_config_from_args(args: argparse.Namespace) -> tuple[PeerConfig, Provide
     if args.backend == "webui" and args.slots != 1:
         # Its progress and interrupt calls are global: two jobs at once would mix them up.
         raise ConfigError("a webui runs one job at a time: use --slots 1")
+    if args.backend == "comfyui" and args.slots != 1:
+        raise ConfigError("ComfyUI runs one prompt at a time: use --slots 1")
     if args.backend == "diffusers" and args.slots != 1:
         raise ConfigError("the diffusers backend runs one job at a time: use --slots 1")
     roles = (PROVIDER_ROLE, GATEWAY_ROLE) if args.http else (PROVIDER_ROLE,)
@@ -302,6 +336,11 @@ def open_backend_from_args(args: argparse.Namespace) -> AbstractAsyncContextMana
         from sdcn_p2p.backends.webui import open_webui_backend
 
         return open_webui_backend(args.webui_url, auth=args.webui_auth)
+    if args.backend == "comfyui":
+        from sdcn_p2p.backends.comfyui import ComfyuiConfig, open_comfyui_backend
+
+        comfyui_config = ComfyuiConfig(models_dir=args.comfyui_models_dir)
+        return open_comfyui_backend(args.comfyui_url, args.comfyui_auth, config=comfyui_config)
     if args.backend == "diffusers":
         if args.models_dir is None:
             raise ConfigError("--backend diffusers needs --models-dir DIR")

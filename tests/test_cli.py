@@ -12,6 +12,7 @@ import trio
 
 from bootstrap.node import open_bootstrap
 from sdcn_p2p.cli import build_parser, main, peer_config_from_args, ping_peer
+from sdcn_p2p.errors import ConfigError
 from sdcn_p2p.host import HostConfig, open_host
 from sdcn_p2p.identity import PeerId, default_key_path, load_or_create_identity
 from sdcn_p2p.jobs import JobRequest, request_job
@@ -196,3 +197,40 @@ async def test_node_subprocess_joins_serves_a_job_and_drains_on_sigterm(tmp_path
             finally:
                 process.kill()
                 await process.wait()
+
+
+@pytest.mark.parametrize(
+    ("auth", "expected"),
+    [
+        (None, None),
+        ("alice:s3:cret", ("alice", "s3:cret")),
+        ("token-123", "token-123"),
+    ],
+)
+async def test_node_with_comfyui_takes_its_url_and_credentials(
+    auth: str | None, expected: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sdcn_p2p.backends.comfyui import ComfyuiBackend
+    from sdcn_p2p.cli import node_config_from_args, open_backend_from_args
+
+    monkeypatch.delenv("SDCN_COMFYUI_AUTH", raising=False)
+    argv = ["node", "--backend", "comfyui", "--comfyui-url", "http://10.0.0.2:8188"]
+    args = build_parser().parse_args(argv + (["--comfyui-auth", auth] if auth else []))
+    assert args.comfyui_auth == expected
+    assert node_config_from_args(args)[1].slots == 1
+    async with open_backend_from_args(args) as backend:
+        assert isinstance(backend, ComfyuiBackend)
+        assert backend.url == "http://10.0.0.2:8188"
+    with pytest.raises(ConfigError, match="one prompt at a time"):
+        node_config_from_args(build_parser().parse_args([*argv, "--slots", "2"]))
+
+
+def test_comfyui_credentials_may_come_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setenv("SDCN_COMFYUI_AUTH", "bob:pw")
+    args = build_parser().parse_args(["node", "--backend", "comfyui"])
+    assert args.comfyui_auth == ("bob", "pw")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["node", "--backend", "comfyui", "--comfyui-auth", ":pw"])
+    assert "expected USER:PASS or a bearer token" in capsys.readouterr().err

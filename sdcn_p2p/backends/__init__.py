@@ -4,6 +4,7 @@
   the provider) and `JobOutput` (what a job returns).
 - `testcard`: no GPU; a deterministic picture of the job's parameters, for demos and tests.
 - `webui`: an AUTOMATIC1111 / Forge / SD.Next server driven over its HTTP API.
+- `comfyui`: a ComfyUI server driven over its HTTP and WebSocket API, a workflow per image.
 - `diffusers`: Stable Diffusion run in this process by Hugging Face diffusers (the optional
   ``diffusers`` extra); `sdcn_p2p.testing.tinysd` builds a tiny random pipeline for its tests
   and benchmarks.

@@ -32,6 +32,7 @@ from PIL import Image
 from sdcn_p2p._config import require_at_least, require_positive
 from sdcn_p2p._util import open_service_nursery
 from sdcn_p2p.backends import Capabilities, JobOutput, ResolvedJob
+from sdcn_p2p.backends._http import HttpFailure, request_capped
 from sdcn_p2p.errors import BackendUnavailable, ConfigError, JobError
 from sdcn_p2p.jobs import JobRequest
 from sdcn_p2p.records import Advert, LoraInfo, ModelInfo
@@ -229,19 +230,17 @@ class WebuiBackend:
         headers = {"Content-Type": "application/json"} if content is not None else None
         limit = self.config.max_response_bytes
         try:
-            async with self._client.stream(
-                method, path, content=content, headers=headers, timeout=timeouts
-            ) as response:
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > limit:
-                        raise _WebuiError(f"{path} answered more than {limit} bytes")
-                return response.status_code, bytes(body)
-        except httpx.TimeoutException as exc:
-            raise _WebuiError(f"{path} did not answer in time ({type(exc).__name__})") from exc
-        except httpx.HTTPError as exc:
-            raise _WebuiError(f"cannot reach it: {exc or type(exc).__name__}") from exc
+            return await request_capped(
+                self._client,
+                method,
+                path,
+                limit=limit,
+                timeouts=timeouts,
+                content=content,
+                headers=headers,
+            )
+        except HttpFailure as exc:
+            raise _WebuiError(str(exc)) from exc.__cause__
 
 
 @asynccontextmanager

@@ -4,6 +4,9 @@
   deterministic identities, a transport that tampers with what it sends, and waiting helpers.
 - `fakewebui`: a fake AUTOMATIC1111 webui speaking its HTTP API with its quirks (needs FastAPI,
   a core dependency); import it as ``sdcn_p2p.testing.fakewebui``.
+- `fakecomfyui`: a fake ComfyUI speaking its HTTP and WebSocket API with its quirks (its
+  cache, per-client events, history that stays ``{}`` until a prompt ends);
+  ``sdcn_p2p.testing.fakecomfyui``.
 - `tinysd`: a tiny, randomly initialised Stable Diffusion built offline, for the diffusers
   backend (needs the ``diffusers`` extra, imported when called); ``sdcn_p2p.testing.tinysd``.
 """

@@ -59,3 +59,9 @@ def test_footprint(load, capsys) -> None:  # type: ignore[no-untyped-def]
     assert result["in_flight"] == 6 and result["answered_early"] == 0
     assert "gateway_rss_growth_mb_1000_concurrent" in result
     assert result["sim_peers_max"] > 6
+
+
+def test_comfyui_overhead(load, capsys) -> None:  # type: ignore[no-untyped-def]
+    result = run_json(load("comfyui_overhead"), ["--jobs", "2", "--batch", "2"], capsys)
+    assert result["raw_cpu_ms"] > 0 and result["backend_cpu_ms"] > 0
+    assert {"added_cpu_ms", "batch2_cpu_ms_per_image", "capabilities_cpu_ms"} <= result.keys()
