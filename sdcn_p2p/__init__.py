@@ -18,79 +18,65 @@ Layers, bottom up (each module imports only those above it in this list):
 - `cli`: the ``sdcn`` command.
 """
 
-from sdcn_p2p._version import __version__
-from sdcn_p2p.adverts import AdvertCache
-from sdcn_p2p.connection import Connection, Stream
-from sdcn_p2p.dht import Dht, DhtConfig, LookupResult
-from sdcn_p2p.errors import (
-    ConfigError,
-    DialError,
-    HandshakeError,
-    JobError,
-    MessageTooLarge,
-    MultiaddrError,
-    ProtocolError,
-    RecordError,
-    ResourceLimitExceeded,
-    SdcnError,
-    StreamReset,
-    UnsupportedProtocol,
-)
-from sdcn_p2p.gossip import Gossip, GossipConfig
-from sdcn_p2p.host import Host, HostConfig, open_host
-from sdcn_p2p.identity import Identity, PeerId, load_or_create_identity
-from sdcn_p2p.multiaddr import Multiaddr
-from sdcn_p2p.peer import Peer, PeerConfig, open_peer
-from sdcn_p2p.peerstore import PeerInfo, PeerStore
-from sdcn_p2p.protocols.identify import IDENTIFY
-from sdcn_p2p.protocols.ping import PING
-from sdcn_p2p.records import Advert, Envelope, LoraInfo, ModelInfo, PeerRecord
-from sdcn_p2p.transport.memory import MemoryNetwork, MemoryTransport
-from sdcn_p2p.transport.websocket import WebSocketTransport, open_websocket_transport
+import importlib as _importlib
 
-__all__ = [
-    "IDENTIFY",
-    "PING",
-    "Advert",
-    "AdvertCache",
-    "ConfigError",
-    "Connection",
-    "Dht",
-    "DhtConfig",
-    "DialError",
-    "Envelope",
-    "Gossip",
-    "GossipConfig",
-    "HandshakeError",
-    "Host",
-    "HostConfig",
-    "Identity",
-    "JobError",
-    "LookupResult",
-    "LoraInfo",
-    "MemoryNetwork",
-    "MemoryTransport",
-    "MessageTooLarge",
-    "ModelInfo",
-    "Multiaddr",
-    "MultiaddrError",
-    "Peer",
-    "PeerConfig",
-    "PeerId",
-    "PeerInfo",
-    "PeerRecord",
-    "PeerStore",
-    "ProtocolError",
-    "RecordError",
-    "ResourceLimitExceeded",
-    "SdcnError",
-    "Stream",
-    "StreamReset",
-    "UnsupportedProtocol",
-    "WebSocketTransport",
-    "__version__",
-    "load_or_create_identity",
-    "open_host",
-    "open_peer",
-    "open_websocket_transport",
-]
+from sdcn_p2p._version import __version__ as __version__
+
+# Public name -> the module defining it. Loaded on first use (PEP 562), so that importing one
+# module (the job schema, say) does not import the whole network stack.
+_EXPORTS = {
+    "sdcn_p2p.adverts": ("AdvertCache",),
+    "sdcn_p2p.connection": ("Connection", "Stream"),
+    "sdcn_p2p.dht": ("Dht", "DhtConfig", "LookupResult"),
+    "sdcn_p2p.errors": (
+        "ConfigError",
+        "DialError",
+        "HandshakeError",
+        "JobError",
+        "JobErrorCode",
+        "MessageTooLarge",
+        "MultiaddrError",
+        "ProtocolError",
+        "RecordError",
+        "ResourceLimitExceeded",
+        "SdcnError",
+        "StreamReset",
+        "UnsupportedProtocol",
+    ),
+    "sdcn_p2p.gossip": ("Gossip", "GossipConfig"),
+    "sdcn_p2p.host": ("Host", "HostConfig", "open_host"),
+    "sdcn_p2p.identity": ("Identity", "PeerId", "load_or_create_identity"),
+    "sdcn_p2p.multiaddr": ("Multiaddr",),
+    "sdcn_p2p.peer": ("Peer", "PeerConfig", "open_peer"),
+    "sdcn_p2p.peerstore": ("PeerInfo", "PeerStore"),
+    "sdcn_p2p.protocols.identify": ("IDENTIFY",),
+    "sdcn_p2p.protocols.ping": ("PING",),
+    "sdcn_p2p.records": (
+        "Advert",
+        "AdvertState",
+        "Envelope",
+        "LoraInfo",
+        "ModelInfo",
+        "PeerRecord",
+        "Reachability",
+        "Role",
+    ),
+    "sdcn_p2p.transport.memory": ("MemoryNetwork", "MemoryTransport"),
+    "sdcn_p2p.transport.websocket": ("WebSocketTransport", "open_websocket_transport"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted([*_MODULE_OF, "__version__"])
+
+
+def __getattr__(name: str) -> object:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module), name)
+    globals()[name] = value  # once loaded, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
