@@ -16,8 +16,7 @@ from fastapi.responses import Response
 
 from gateway import a1111
 from gateway.catalog import scheduler_list
-from gateway.http import gone, json_response, read_json, services, until_disconnect
-from gateway.sdcn_api import ERRORS
+from gateway.http import ERRORS, gone, json_response, read_json, services, until_disconnect
 
 __all__ = ["router"]
 
@@ -40,13 +39,13 @@ _BODY = {
 
 
 @router.post("/txt2img", openapi_extra=_BODY, responses=ERRORS)
-async def txt2img(request: Request) -> Response:
+async def a1111_txt2img(request: Request) -> Response:
     """The webui's txt2img: ``{"images", "parameters", "info"}``, with info a JSON string."""
     return await _job(request, "txt2img")
 
 
 @router.post("/img2img", openapi_extra=_BODY, responses=ERRORS)
-async def img2img(request: Request) -> Response:
+async def a1111_img2img(request: Request) -> Response:
     """The webui's img2img: ``{"images", "parameters", "info"}``, with info a JSON string."""
     return await _job(request, "img2img")
 

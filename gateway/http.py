@@ -23,6 +23,7 @@ import trio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -42,6 +43,7 @@ from sdcn_p2p.errors import JobError, JobErrorCode
 from sdcn_p2p.identity import PeerId
 
 __all__ = [
+    "ERRORS",
     "MAX_BODY",
     "RETRY_AFTER",
     "BodyLimit",
@@ -102,6 +104,24 @@ _STATUS: dict[type[DispatchError], int] = {
     ProviderFailed: 502,
     AllBusy: 503,
     DeadlinePassed: 504,
+}
+
+
+class ErrorMessage(BaseModel):
+    msg: str
+
+
+#: The error responses of a job route, for /docs.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorMessage, "description": what}
+    for status, what in (
+        (400, "Bad input; the message names the field"),
+        (404, "No provider offers the model, a LoRA, the sampler or the size"),
+        (413, "Body over 50 MiB"),
+        (502, "The provider failed"),
+        (503, "Every capable provider is busy or unreachable"),
+        (504, "The deadline passed"),
+    )
 }
 
 

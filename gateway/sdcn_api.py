@@ -18,6 +18,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.http import (
+    ERRORS,
     base64_text,
     gone,
     json_response,
@@ -29,7 +30,7 @@ from gateway.http import (
 from gateway.sdcn import parse_request
 from sdcn_p2p.jobs import MAX_BATCH_SIZE, MAX_LORAS, MAX_PROMPT_CHARS, MAX_SEED
 
-__all__ = ["ERRORS", "router"]
+__all__ = ["router"]
 
 router = APIRouter()
 
@@ -70,10 +71,6 @@ class ImagesResponse(BaseModel):
     info: dict[str, Any] = Field(
         description="seed, model, provider, queue_ms, run_ms, attempts, backend, ..."
     )
-
-
-class ErrorMessage(BaseModel):
-    msg: str
 
 
 class ModelEntry(BaseModel):
@@ -118,20 +115,6 @@ class Health(BaseModel):
 def _json_body(model: type[BaseModel]) -> dict[str, Any]:
     schema = model.model_json_schema()
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
-
-
-#: The error responses of a job route, for /docs.
-ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorMessage, "description": what}
-    for status, what in (
-        (400, "Bad input; the message names the field"),
-        (404, "No provider offers the model, a LoRA, the sampler or the size"),
-        (413, "Body over 50 MiB"),
-        (502, "The provider failed"),
-        (503, "Every capable provider is busy or unreachable"),
-        (504, "The deadline passed"),
-    )
-}
 
 
 # --- jobs --------------------------------------------------------------------------------------

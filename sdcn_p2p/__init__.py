@@ -2,18 +2,25 @@
 
 Layers, bottom up (each module imports only those above it in this list):
 
+- `errors`: the one exception tree, rooted at SdcnError; `JobErrorCode`.
 - `identity`: Ed25519 keys and libp2p-compatible PeerIds; key files.
-- `records`: signed envelopes (libp2p RFC 0002) and PeerRecords.
+- `records`: signed envelopes (libp2p RFC 0002), PeerRecords and Adverts (with their
+  `AdvertState`, `Role` and `Reachability`).
 - `multiaddr`: ``/ip4|ip6|dns4|dns6/<host>/tcp/<port>/ws|wss[/p2p/<id>]``.
 - `wire`: pure codecs and state machines: varints, strict msgpack, Noise XX, yamux.
 - `transport`: WebSocket (trio-websocket) and an in-memory network for tests and simulations.
 - `connection`: a Noise-secured yamux session over a transport connection, and its streams.
 - `peerstore`: addresses, signed records, identify info and RTT of known peers.
 - `host`: listen, dial, one connection per peer, limits, handlers; `protocols`: ping, identify.
+- `jobs`: the job schema (`jobs.schema`, `jobs.images`: no I/O, what a backend imports) and
+  ``/sdcn/job/1.0.0`` with its client (`jobs.protocol`).
 - `dht`: Kademlia over ``/sdcn/kad/1.0.0``: routing table, lookups, signed record store.
 - `adverts`, `gossip`: the cache of providers' signed adverts and their GossipSub-style spread.
 - `peer`: Peer = Host + DHT + gossip + adverts; the roles plug into it.
+- `backends`: what runs a job (a webui, diffusers, a test card); `provider`: the provider role,
+  running jobs on a backend for the network.
 - `httpserver`: FastAPI apps on hypercorn's trio worker, in the peer's trio run.
+- `devnet`: a whole network on loopback (``sdcn devnet``).
 - `testing`: in-memory networks of hosts.
 - `cli`: the ``sdcn`` command.
 """
