@@ -38,11 +38,11 @@ def decode_base64_image(value: object) -> bytes:
     "init_image: ...") if it is not base64 or is over MAX_INIT_IMAGE_BYTES.
     """
     if not isinstance(value, str):
-        raise _bad(f"must be a base64 string, got {type_name(value)}")
+        raise JobError.bad_request("init_image", f"must be a base64 string, got {type_name(value)}")
     if prefix := _DATA_URL.match(value):
         value = value[prefix.end() :]
     if len(value) > _MAX_BASE64_CHARS:
-        raise _bad(f"is over {MAX_INIT_IMAGE_BYTES // 2**20} MiB")
+        raise JobError.bad_request("init_image", f"is over {MAX_INIT_IMAGE_BYTES // 2**20} MiB")
     try:
         try:
             return base64.b64decode(value, validate=True)
@@ -50,8 +50,4 @@ def decode_base64_image(value: object) -> bytes:
             # Some encoders wrap lines: whitespace is tolerated, nothing else.
             return base64.b64decode("".join(value.split()), validate=True)
     except ValueError:  # binascii.Error, or non-ASCII text
-        raise _bad("is not valid base64") from None
-
-
-def _bad(problem: str) -> JobError:
-    return JobError.bad_request("init_image", problem)
+        raise JobError.bad_request("init_image", "is not valid base64") from None

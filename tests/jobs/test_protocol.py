@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import functools
 import io
 import random
@@ -14,7 +13,6 @@ import pytest
 import trio
 from PIL import Image
 
-from gateway.sdcn import parse_request
 from sdcn_p2p.connection import Stream
 from sdcn_p2p.errors import JobError, ProtocolError, StreamReset, UnsupportedProtocol
 from sdcn_p2p.host import Host
@@ -35,24 +33,6 @@ from sdcn_p2p.jobs.protocol import (
 from sdcn_p2p.testing import open_memory_hosts
 from sdcn_p2p.wire.messages import pack, unpack
 
-MISSING = object()
-
-# The examples of the SDCN seed document, verbatim.
-TXT2IMG_EXAMPLE = {
-    "prompt": "A dog",
-    "loras": [["XXXXXXXX", 0.5], ["XXXXXXXX", 0.6]],
-    "seed": -1,
-    "sampler_name": "DDIM",
-    "steps": 20,
-    "cfg_scale": 7,
-    "width": 512,
-    "height": 512,
-    "negative_prompt": "",
-    "model": "XXXXXXXX",
-}
-# The seed lists one LoRA twice, which we refuse; the valid bodies below use two names.
-TXT2IMG = TXT2IMG_EXAMPLE | {"loras": [["XXXXXXXX", 0.5], ["YYYYYYYY", 0.6]]}
-
 
 @functools.cache
 def image(fmt: str = "PNG", size: tuple[int, int] = (64, 48)) -> bytes:
@@ -63,21 +43,14 @@ def image(fmt: str = "PNG", size: tuple[int, int] = (64, 48)) -> bytes:
     return buffer.getvalue()
 
 
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def img2img(**changes: Any) -> dict[str, Any]:
-    return with_changes(TXT2IMG | {"init_image": b64(image()), "denoising_strength": 0.55}, changes)
-
-
-def txt2img(**changes: Any) -> dict[str, Any]:
-    return with_changes(TXT2IMG, changes)
-
-
-def with_changes(body: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    body = body | changes
-    return {key: value for key, value in body.items() if value is not MISSING}
+#: A valid txt2img job in its wire form (the SDCN seed document's example).
+WIRE_TXT2IMG = JobRequest(
+    kind="txt2img",
+    model="XXXXXXXX",
+    prompt="A dog",
+    loras=(("XXXXXXXX", 0.5), ("YYYYYYYY", 0.6)),
+    sampler_name="DDIM",
+).to_wire()
 
 
 def refused(field: str, call: Callable[[], object]) -> JobError:
@@ -105,7 +78,7 @@ def over_the_wire(message: dict[str, Any]) -> Any:
 
 
 def test_parse_job_message_returns_the_job_and_its_deadline() -> None:
-    job = parse_request("img2img", img2img())
+    job = JobRequest.from_wire(WIRE_TXT2IMG | {"kind": "img2img", "init_image": image()})
     assert parse_job_message(over_the_wire(job_message(job, 12.5))) == (job, 12.5)
     assert job_message(job, 10**9)["deadline"] == 86_400
 
@@ -115,12 +88,12 @@ def test_parse_job_message_returns_the_job_and_its_deadline() -> None:
     [
         ("type", ["job"]),
         ("type", {"type": "jobs", "job": {}, "deadline": 1.0}),
-        ("deadline", {"type": "job", "job": TXT2IMG | {"kind": "txt2img"}}),
-        ("deadline", {"type": "job", "job": TXT2IMG | {"kind": "txt2img"}, "deadline": -1}),
-        ("deadline", {"type": "job", "job": TXT2IMG | {"kind": "txt2img"}, "deadline": True}),
-        ("deadline", {"type": "job", "job": TXT2IMG | {"kind": "txt2img"}, "deadline": 1e9}),
+        ("deadline", {"type": "job", "job": WIRE_TXT2IMG}),
+        ("deadline", {"type": "job", "job": WIRE_TXT2IMG, "deadline": -1}),
+        ("deadline", {"type": "job", "job": WIRE_TXT2IMG, "deadline": True}),
+        ("deadline", {"type": "job", "job": WIRE_TXT2IMG, "deadline": 1e9}),
         ("job", {"type": "job", "deadline": 1.0}),
-        ("width", {"type": "job", "job": txt2img(kind="txt2img", width=7), "deadline": 1.0}),
+        ("width", {"type": "job", "job": WIRE_TXT2IMG | {"width": 7}, "deadline": 1.0}),
     ],
 )
 def test_parse_job_message_refuses_bad_requests(field: str, message: Any) -> None:
