@@ -32,7 +32,8 @@ provider still has time to finish when the unproven one fails or hangs.
 A job that does not run raises one of the `gateway.errors` types (NoProvider, AllBusy, ...);
 what a caller answers with is its business (the HTTP layer picks statuses). A caller that
 follows a job (a job service) passes `on_event`: it hears `JobWaiting` when the job joins the
-line, `JobAssigned` for each attempt, and `JobProgress` for each step the provider reports.
+line (and when it goes back to another place in it), `JobAssigned` for each attempt, and
+`JobProgress` for each step the provider reports.
 """
 
 from __future__ import annotations
@@ -336,7 +337,7 @@ class Dispatcher:
         line = normalize_model_name(request.job.model)
         queue = self._lines.setdefault(line, WaitQueue())
         event = queue.join(request.ticket)
-        request.emit(JobWaiting(queue.position(request.ticket)))
+        request.waiting_at(queue.position(request.ticket))
         self._waiting += 1
         try:
             while trio.current_time() < request.wait_until:
@@ -345,7 +346,7 @@ class Dispatcher:
                 if event.is_set():  # woken, and so out of line: back to its place
                     queue = self._lines.setdefault(line, queue)
                     event = queue.join(request.ticket)
-                    request.emit(JobWaiting(queue.position(request.ticket)))
+                    request.waiting_at(queue.position(request.ticket))
                 elif not queue.is_first(request.ticket):
                     continue  # looking again unwoken is for the first in line
                 candidate = self._choose(request)
@@ -554,6 +555,7 @@ class _Request:
     last_error: BaseException | None = None
     on_event: EventCallback | None = None
     part: int = 0  # which job of a batch
+    position: int | None = None  # in line for room, as last reported
 
     @property
     def attempts(self) -> int:
@@ -562,6 +564,12 @@ class _Request:
     def emit(self, event: JobWaiting | JobAssigned) -> None:
         if self.on_event is not None:
             self.on_event(replace(event, part=self.part))
+
+    def waiting_at(self, position: int) -> None:
+        """Report the job's place in line, if it is not the one reported last."""
+        if position != self.position:
+            self.position = position
+            self.emit(JobWaiting(position))
 
     def progress_callback(self) -> Callable[[int, int], None] | None:
         """What reports the provider's progress as JobProgress events, if anyone listens."""
