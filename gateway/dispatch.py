@@ -58,10 +58,10 @@ from gateway.errors import (
     Rejected,
 )
 from gateway.waitqueue import WaitQueue
+from sdcn_p2p._config import require, require_at_least, require_positive
 from sdcn_p2p._util import open_service_nursery
 from sdcn_p2p.errors import (
     NETWORK_ERRORS,
-    ConfigError,
     JobError,
     JobErrorCode,
     RecordError,
@@ -154,26 +154,18 @@ class GatewayConfig:
 
     def __post_init__(self) -> None:
         """Raise ConfigError naming the first field out of range."""
-        _check_int("max_attempts", self.max_attempts, 1)
-        _check_int("max_waiting", self.max_waiting, 0)
-        for name in ("deadline_base", "deadline_cap", "dht_lookup_timeout"):
-            _check_seconds(name, getattr(self, name), positive=True)
-        for name in ("deadline_per_unit", "queue_wait"):
-            _check_seconds(name, getattr(self, name), positive=False)
-
-
-def _check_int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name}: must be an integer, not {value!r}")
-    if value < low:
-        raise ConfigError(f"{name}: must be at least {low}, not {value}")
-
-
-def _check_seconds(name: str, value: object, *, positive: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(f"{name}: must be a finite number of seconds, not {value!r}")
-    if value < 0 or (positive and value == 0):
-        raise ConfigError(f"{name}: must be {'> 0' if positive else '≥ 0'}, not {value}")
+        require_at_least(self, 1, "max_attempts")
+        require_at_least(self, 0, "max_waiting")
+        require_positive(self, "deadline_base", "deadline_cap", "dht_lookup_timeout")
+        for name in ("deadline_per_unit", "queue_wait"):  # 0 is allowed: no wait, no scaling
+            value = getattr(self, name)
+            ok = (
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+                and value >= 0
+            )
+            require(self, name, ok, "must be a finite number ≥ 0")
 
 
 class LocalRunner(Protocol):

@@ -526,5 +526,5 @@ async def test_run_batch_stops_the_others_when_one_fails(autojump_clock) -> None
 def test_a_gateway_config_out_of_range_is_refused_naming_the_field(
     field: str, value: object
 ) -> None:
-    with pytest.raises(ConfigError, match=f"^{field}: "):
+    with pytest.raises(ConfigError, match=rf"^GatewayConfig\.{field} "):
         GatewayConfig(**{field: value})  # type: ignore[arg-type]
