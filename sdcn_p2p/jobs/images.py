@@ -47,7 +47,7 @@ _DECODE_ERRORS = (
 )
 
 
-def _bad(problem: str) -> JobError:
+def _bad_image(problem: str) -> JobError:
     return JobError.bad_request("init_image", problem)
 
 
@@ -58,7 +58,7 @@ def check_init_image(data: bytes) -> None:
     Raises JobError("bad_request", "init_image: ...").
     """
     if len(data) > MAX_INIT_IMAGE_BYTES:
-        raise _bad(f"is over {MAX_INIT_IMAGE_BYTES // 2**20} MiB")
+        raise _bad_image(f"is over {MAX_INIT_IMAGE_BYTES // 2**20} MiB")
     opener: Callable[[io.BytesIO], Image.Image]
     if data.startswith(PNG_SIGNATURE):
         opener = PngImagePlugin.PngImageFile
@@ -69,22 +69,22 @@ def check_init_image(data: bytes) -> None:
         _check_size(_webp_size(data))
         opener = WebPImagePlugin.WebPImageFile
     else:
-        raise _bad("must be a PNG, JPEG or WebP image")
+        raise _bad_image("must be a PNG, JPEG or WebP image")
     try:
         with opener(io.BytesIO(data)) as image:
             _check_size(image.size)
             image.load()
     except _DECODE_ERRORS as exc:
-        raise _bad(f"cannot be decoded: {exc}") from None
+        raise _bad_image(f"cannot be decoded: {exc}") from None
 
 
 def _check_size(size: tuple[int, int]) -> None:
     width, height = size
     if width < 1 or height < 1:
-        raise _bad("declares no size")
+        raise _bad_image("declares no size")
     if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE:
         limit = f"{MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}"
-        raise _bad(f"must be at most {limit} pixels, got {width}x{height}")
+        raise _bad_image(f"must be at most {limit} pixels, got {width}x{height}")
 
 
 def _webp_size(data: bytes) -> tuple[int, int]:
