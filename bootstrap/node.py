@@ -15,13 +15,12 @@ from sdcn_p2p._util import open_service_nursery
 from sdcn_p2p.httpserver import serve_http
 from sdcn_p2p.identity import Identity
 from sdcn_p2p.peer import Peer, PeerConfig, open_peer
+from sdcn_p2p.records import Role
 from sdcn_p2p.transport import Transport
 
 __all__ = ["Bootstrap", "open_bootstrap", "run_bootstrap"]
 
 log = logging.getLogger(__name__)
-
-ROLE = "bootstrap"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +42,7 @@ async def open_bootstrap(
     """Start a bootstrap peer (always a DHT server) and, with `http` (``HOST:PORT``), its API."""
     config = replace(
         config,
-        host=replace(config.host, roles=tuple(dict.fromkeys((*config.host.roles, ROLE)))),
+        host=replace(config.host, roles=tuple(dict.fromkeys((*config.host.roles, Role.BOOTSTRAP)))),
         dht=replace(config.dht, server=True),
     )
     async with (

@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from sdcn_p2p.adverts import AdvertCache
 from sdcn_p2p.identity import PeerId
 from sdcn_p2p.jobs import JobRequest, split_sampler
-from sdcn_p2p.provider import PROVIDER_ROLE
 from sdcn_p2p.records import Advert, normalize_model_name
 
 __all__ = [
@@ -144,8 +143,7 @@ class ProviderDirectory:
     ) -> Iterator[Advert]:
         for advert in self._offering(job.model, [name for name, _ in job.loras]):
             if (
-                advert.state == "online"
-                and PROVIDER_ROLE in advert.roles
+                advert.is_online_provider
                 and _fits(advert, job)
                 and advert.peer_id not in exclude
                 and not self.is_banned(advert.peer_id, now)

@@ -28,40 +28,66 @@ Against providers that advertise what they cannot deliver (or never answer), a r
 makes at most one attempt on an unproven provider (one that has completed no job here) while
 a proven one could take the job, and that attempt gets half the time left, so the proven
 provider still has time to finish when the unproven one fails or hangs.
+
+A job that does not run raises one of the `gateway.errors` types (NoProvider, AllBusy, ...);
+what a caller answers with is its business (the HTTP layer picks statuses). A caller that
+follows a job (a job service) passes `on_event`: it hears `JobWaiting` when the job joins the
+line (and when it goes back to another place in it), `JobAssigned` for each attempt, and
+`JobProgress` for each step the provider reports.
 """
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import logging
+import math
 import random
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import trio
 
 from gateway.directory import Candidate, ProviderDirectory
-from sdcn_p2p.errors import NETWORK_ERRORS, JobError, RecordError, SdcnError, StreamReset
+from gateway.errors import (
+    AllBusy,
+    DeadlinePassed,
+    DispatchError,
+    NoProvider,
+    ProviderFailed,
+    Rejected,
+)
+from gateway.waitqueue import WaitQueue
+from sdcn_p2p._config import require, require_at_least, require_positive
+from sdcn_p2p._util import open_service_nursery
+from sdcn_p2p.errors import (
+    NETWORK_ERRORS,
+    JobError,
+    JobErrorCode,
+    RecordError,
+    SdcnError,
+    StreamReset,
+)
 from sdcn_p2p.identity import PeerId
-from sdcn_p2p.jobs import JobRequest, JobResult, request_job
+from sdcn_p2p.jobs import MAX_SEED, JobRequest, JobResult
+from sdcn_p2p.jobs.protocol import request_job
 from sdcn_p2p.peer import Peer
-from sdcn_p2p.provider import PROVIDER_ROLE
 from sdcn_p2p.records import Advert, Envelope, model_key, normalize_model_name
 
 __all__ = [
     "MAX_ATTEMPTS",
-    "DispatchError",
+    "DispatchEvent",
     "DispatchResult",
     "Dispatcher",
     "GatewayConfig",
+    "JobAssigned",
+    "JobProgress",
+    "JobWaiting",
 ]
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
-_SEEDS = 2**32
 #: A provider that times out having had this many times its estimated run is banned; a
 #: shorter deadline is the client's doing, and must not let one client ban every provider.
 _TIMEOUT_BAN_FACTOR = 2.0
@@ -71,26 +97,43 @@ _RECHECK = 1.0
 _MAX_BUSY = 16
 
 
-class DispatchError(SdcnError):
-    """A job that did not run; `status` is the HTTP status to answer with, `message` why.
-
-    400: a provider found the request invalid. 404: no provider offers the model, a LoRA, or
-    the sampler, size or steps asked for. 502: the last provider tried failed in its backend.
-    503: every capable provider is busy, banned or unreachable. 504: the deadline passed.
-    """
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
 @dataclass(frozen=True, slots=True)
 class DispatchResult:
     """A finished job: PNG images and the provider's info, plus ``attempts``."""
 
     images: list[bytes] = field(repr=False)
     info: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class JobWaiting:
+    """The job waits in the gateway's line for a provider with room, `position` jobs ahead."""
+
+    position: int
+    part: int = 0  # which job of a batch (`Dispatcher.run_batch`)
+
+
+@dataclass(frozen=True, slots=True)
+class JobAssigned:
+    """Attempt `attempt` (counting busy answers) sends the job to `provider`."""
+
+    provider: PeerId
+    attempt: int
+    part: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class JobProgress:
+    """The provider running the job finished `step` of `total` sampling steps."""
+
+    step: int
+    total: int
+    part: int = 0
+
+
+DispatchEvent = JobWaiting | JobAssigned | JobProgress
+#: Called with each event of a job, in the dispatcher's task: it must not block or raise.
+EventCallback = Callable[[DispatchEvent], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,12 +153,19 @@ class GatewayConfig:
     max_waiting: int = 1024
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be at least 1, not {self.max_attempts}")
-        if min(self.deadline_base, self.deadline_cap, self.dht_lookup_timeout) <= 0:
-            raise ValueError("deadline_base, deadline_cap and dht_lookup_timeout must be > 0")
-        if min(self.deadline_per_unit, self.queue_wait, self.max_waiting) < 0:
-            raise ValueError("deadline_per_unit, queue_wait and max_waiting must be ≥ 0")
+        """Raise ConfigError naming the first field out of range."""
+        require_at_least(self, 1, "max_attempts")
+        require_at_least(self, 0, "max_waiting")
+        require_positive(self, "deadline_base", "deadline_cap", "dht_lookup_timeout")
+        for name in ("deadline_per_unit", "queue_wait"):  # 0 is allowed: no wait, no scaling
+            value = getattr(self, name)
+            ok = (
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+                and value >= 0
+            )
+            require(self, name, ok, "must be a finite number ≥ 0")
 
 
 class LocalRunner(Protocol):
@@ -150,7 +200,7 @@ class Dispatcher:
         self.config = config
         self.local = local
         self._rng = rng or random.Random()
-        self._lines: dict[str, _WaitQueue] = {}  # normalized model name -> its jobs waiting
+        self._lines: dict[str, WaitQueue] = {}  # normalized model name -> its jobs waiting
         self._tickets = itertools.count()
         self._waiting = 0
         # Never closed: a Dispatcher lives as long as its peer's cache.
@@ -171,31 +221,33 @@ class Dispatcher:
         job: JobRequest,
         *,
         deadline: float | None = None,
-        on_progress: Callable[[int, int], None] | None = None,
+        on_event: EventCallback | None = None,
+        part: int = 0,
     ) -> DispatchResult:
         """Run `job` within `deadline` seconds (default: `default_deadline`) and return its
         images, trying up to `config.max_attempts` providers.
 
-        A seed of -1 is replaced by a random one (``info["seed"]`` says which).
-        `on_progress(step, total)` follows the current attempt. Raises DispatchError.
-        Cancelling is safe: the job's stream is reset, which cancels it on the provider.
+        A seed of -1 is replaced by a random one (``info["seed"]`` says which). `on_event`
+        hears the job's events (see `DispatchEvent`), each with `part`. Raises a
+        DispatchError subclass (`gateway.errors`). Cancelling is safe: the job's stream is
+        reset, which cancels it on the provider.
         """
         if job.seed == -1:
-            job = job.with_seed(self._rng.randrange(_SEEDS))
+            job = job.with_seed(self._rng.randrange(MAX_SEED + 1))
         if deadline is None:
             deadline = self.default_deadline(job)
         started = trio.current_time()
-        request = _Request(job, started, started + deadline)
+        request = _Request(job, started, started + deadline, on_event=on_event, part=part)
         try:
-            result = await self._run(request, on_progress)
+            result = await self._run(request)
         except DispatchError as exc:
             log.info(
-                "%s %s failed after %d attempt(s), %.0f ms: %d %s",
+                "%s %s failed after %d attempt(s), %.0f ms: %s: %s",
                 job.kind,
                 job.model,
                 request.attempts,
                 (trio.current_time() - started) * 1000,
-                exc.status,
+                type(exc).__name__,
                 exc.message,
             )
             raise
@@ -210,9 +262,35 @@ class Dispatcher:
         )
         return DispatchResult(result.images, info)
 
-    async def _run(
-        self, request: _Request, on_progress: Callable[[int, int], None] | None
-    ) -> JobResult:
+    async def run_batch(
+        self,
+        jobs: Sequence[JobRequest],
+        *,
+        deadline: float | None = None,
+        on_event: EventCallback | None = None,
+    ) -> list[DispatchResult]:
+        """Run `jobs` in parallel, as `run` runs each (job i's events have ``part=i``), and
+        return their results in order.
+
+        The first to fail cancels the others, and its error is raised.
+        """
+        results: list[DispatchResult | None] = [None] * len(jobs)
+
+        async def run(index: int, job: JobRequest) -> None:
+            results[index] = await self.run(job, deadline=deadline, on_event=on_event, part=index)
+
+        try:
+            async with open_service_nursery() as nursery:
+                for index, job in enumerate(jobs):
+                    nursery.start_soon(run, index, job)
+        except BaseExceptionGroup as group:  # several failed at once: report one
+            failures = [exc for exc in group.exceptions if isinstance(exc, SdcnError)]
+            if len(failures) < len(group.exceptions):
+                raise
+            raise failures[0] from None
+        return [result for result in results if result is not None]
+
+    async def _run(self, request: _Request) -> JobResult:
         job = request.job
         looked_up = False
         while len(request.tried) < self.config.max_attempts:
@@ -229,8 +307,8 @@ class Dispatcher:
                 break
             left = request.end - trio.current_time()
             if left <= 0:
-                raise DispatchError(504, "the deadline passed before a provider was found")
-            result = await self._attempt(request, candidate, left, on_progress)
+                raise DeadlinePassed("the deadline passed before a provider was found")
+            result = await self._attempt(request, candidate, left)
             if result is not None:
                 return result
         raise self._no_result(request)
@@ -250,8 +328,9 @@ class Dispatcher:
             request.wait_until = now + min(config.queue_wait, (request.end - now) / 2)
             request.ticket = next(self._tickets)
         line = normalize_model_name(request.job.model)
-        queue = self._lines.setdefault(line, _WaitQueue())
+        queue = self._lines.setdefault(line, WaitQueue())
         event = queue.join(request.ticket)
+        request.waiting_at(queue.position(request.ticket))
         self._waiting += 1
         try:
             while trio.current_time() < request.wait_until:
@@ -260,6 +339,7 @@ class Dispatcher:
                 if event.is_set():  # woken, and so out of line: back to its place
                     queue = self._lines.setdefault(line, queue)
                     event = queue.join(request.ticket)
+                    request.waiting_at(queue.position(request.ticket))
                 elif not queue.is_first(request.ticket):
                     continue  # looking again unwoken is for the first in line
                 candidate = self._choose(request)
@@ -282,7 +362,7 @@ class Dispatcher:
         )
 
     def _on_advert(self, advert: Advert) -> None:
-        if advert.state != "online" or PROVIDER_ROLE not in advert.roles:
+        if not advert.is_online_provider:
             return
         names = {normalize_model_name(n) for m in advert.models for n in (m.name, m.title) if n}
         for name in names:
@@ -316,16 +396,14 @@ class Dispatcher:
         return any(candidate.proven for candidate in found)
 
     async def _attempt(
-        self,
-        request: _Request,
-        candidate: Candidate,
-        left: float,
-        on_progress: Callable[[int, int], None] | None,
+        self, request: _Request, candidate: Candidate, left: float
     ) -> JobResult | None:
         """Run the job on `candidate`; None when it failed in a way worth another provider."""
         peer = candidate.peer_id
         host = self.peer.host
         request.tried.append(peer)
+        request.emit(JobAssigned(peer, request.attempts))
+        on_progress = request.progress_callback()
         shortened = False
         if not candidate.proven:
             request.tried_unproven = True
@@ -346,16 +424,16 @@ class Dispatcher:
                 )
         except JobError as exc:
             log.debug("%s failed the job: %s", peer.short(), exc)
-            if exc.code == "bad_request":
-                raise DispatchError(400, exc.message) from None
-            if exc.code == "timeout":
+            if exc.code is JobErrorCode.BAD_REQUEST:
+                raise Rejected(exc.message) from None
+            if exc.code is JobErrorCode.TIMEOUT:
                 if left >= _TIMEOUT_BAN_FACTOR * candidate.eta:
                     self.directory.ban(peer, self.peer.wall_clock())
                 if shortened:  # a proven provider has the other half
                     request.last_error = exc
                     return None
-                raise DispatchError(504, f"no result within the deadline: {exc.message}") from None
-            if exc.code == "busy":  # back-pressure, not a failure: no ban
+                raise DeadlinePassed(f"no result within the deadline: {exc.message}") from None
+            if exc.code is JobErrorCode.BUSY:  # back-pressure, not a failure: no ban
                 busy = True
                 request.last_error = exc
                 return None
@@ -420,44 +498,38 @@ class Dispatcher:
         job = request.job
         error = request.last_error
         if error is not None:
-            if isinstance(error, JobError) and error.code == "backend_failed":
-                return DispatchError(502, f"provider failed: {error.message}")
+            if isinstance(error, JobError) and error.code is JobErrorCode.BACKEND_FAILED:
+                return ProviderFailed(f"provider failed: {error.message}")
             last = str(error) or type(error).__name__
             waited = ""
             if request.wait_until:
                 waited = f" in {trio.current_time() - request.started:.0f} s"
-            return DispatchError(
-                503,
+            return AllBusy(
                 f"{request.attempts} attempt(s){waited}, no provider could run the job; "
-                f"last: {last}",
+                f"last: {last}"
             )
         return self._nobody_can(job)
 
     def _nobody_can(self, job: JobRequest) -> DispatchError:
-        """Why no provider took `job` at all: 404 if none offers it, else 503."""
+        """Why no provider took `job` at all: NoProvider if none offers it, else AllBusy."""
         directory = self.directory
         model = job.model
         loras = [name for name, _ in job.loras]
         if not directory.has_model(model):
-            return DispatchError(404, f"no provider offers model {model!r}")
+            return NoProvider(f"no provider offers model {model!r}")
         if not directory.has_model(model, loras):
             missing = [name for name in loras if not directory.has_model(model, [name])]
             if missing:
                 names = ", ".join(repr(name) for name in missing)
-                return DispatchError(404, f"no provider of model {model!r} offers LoRA {names}")
+                return NoProvider(f"no provider of model {model!r} offers LoRA {names}")
             names = ", ".join(repr(name) for name in loras)
-            return DispatchError(
-                404, f"no provider of model {model!r} offers LoRAs {names} together"
-            )
+            return NoProvider(f"no provider of model {model!r} offers LoRAs {names} together")
         if not directory.can_run(job):
-            return DispatchError(
-                404,
+            return NoProvider(
                 f"no provider of model {model!r} offers sampler {job.sampler_name!r} "
-                f"at {job.width}x{job.height} with {job.steps} steps",
+                f"at {job.width}x{job.height} with {job.steps} steps"
             )
-        return DispatchError(
-            503, f"every provider of model {model!r} is busy, failing or unavailable"
-        )
+        return AllBusy(f"every provider of model {model!r} is busy, failing or unavailable")
 
 
 @dataclass(slots=True)
@@ -472,40 +544,29 @@ class _Request:
     tried_unproven: bool = False  # an attempt went to a provider not proven yet
     busy: int = 0  # busy answers
     wait_until: float = 0.0  # trio time the wait for room ends; 0.0 before the first wait
-    ticket: int = 0  # its place in line for room (see _WaitQueue), from its first wait
+    ticket: int = 0  # its place in line for room (see WaitQueue), from its first wait
     last_error: BaseException | None = None
+    on_event: EventCallback | None = None
+    part: int = 0  # which job of a batch
+    position: int | None = None  # in line for room, as last reported
 
     @property
     def attempts(self) -> int:
         return len(self.tried) + self.busy
 
+    def emit(self, event: JobWaiting | JobAssigned) -> None:
+        if self.on_event is not None:
+            self.on_event(replace(event, part=self.part))
 
-class _WaitQueue:
-    """The jobs of one model waiting for a provider to have room, in line by their tickets
-    (the order they came)."""
+    def waiting_at(self, position: int) -> None:
+        """Report the job's place in line, if it is not the one reported last."""
+        if position != self.position:
+            self.position = position
+            self.emit(JobWaiting(position))
 
-    def __init__(self) -> None:
-        self._line: list[tuple[int, trio.Event]] = []  # sorted by ticket
-
-    def __len__(self) -> int:
-        return len(self._line)
-
-    def join(self, ticket: int) -> trio.Event:
-        """Take the place `ticket` gives; the event is set when the job is woken."""
-        event = trio.Event()
-        bisect.insort(self._line, (ticket, event))
-        return event
-
-    def leave(self, ticket: int, event: trio.Event) -> None:
-        """Give up a place `join` gave (nothing if it was woken or left already)."""
-        if not event.is_set():
-            self._line.remove((ticket, event))
-            event.set()
-
-    def is_first(self, ticket: int) -> bool:
-        return bool(self._line) and self._line[0][0] == ticket
-
-    def wake(self, count: int = 1) -> None:
-        """Wake the first `count` jobs in line (they leave it)."""
-        for _ in range(min(count, len(self._line))):
-            self._line.pop(0)[1].set()
+    def progress_callback(self) -> Callable[[int, int], None] | None:
+        """What reports the provider's progress as JobProgress events, if anyone listens."""
+        on_event, part = self.on_event, self.part
+        if on_event is None:
+            return None
+        return lambda step, total: on_event(JobProgress(step, total, part))

@@ -16,14 +16,16 @@ from contextlib import asynccontextmanager
 import trio
 
 from gateway.api import create_app
+from gateway.catalog import Catalog
 from gateway.directory import ProviderDirectory
 from gateway.dispatch import Dispatcher, GatewayConfig, LocalRunner
 from sdcn_p2p._util import open_service_nursery
 from sdcn_p2p.errors import SdcnError
 from sdcn_p2p.httpserver import serve_http
+from sdcn_p2p.identity import PeerId
 from sdcn_p2p.peer import Peer
-from sdcn_p2p.provider import GATEWAY_ROLE, Provider
-from sdcn_p2p.records import Advert
+from sdcn_p2p.provider import Provider
+from sdcn_p2p.records import Advert, Reachability, Role
 
 __all__ = ["ADVERT_INTERVAL", "Gateway", "open_gateway"]
 
@@ -34,7 +36,9 @@ ADVERT_INTERVAL = 60.0
 
 
 class Gateway:
-    """What the HTTP API needs: the peer, the provider directory and the dispatcher."""
+    """The gateway role on `peer`: its provider directory, dispatcher and catalog, and the
+    default model; what the HTTP API serves (`gateway.http.GatewayServices`).
+    """
 
     def __init__(
         self,
@@ -49,10 +53,21 @@ class Gateway:
         self.config = config
         self.directory = ProviderDirectory(peer.adverts, peer.host.peerstore.rtt, rng=rng)
         self.dispatcher = Dispatcher(peer, self.directory, config, rng=rng, local=local)
+        self.catalog = Catalog(
+            peer.adverts, self.directory, rtt=peer.host.peerstore.rtt, wall_clock=peer.wall_clock
+        )
         #: The model a request that names none runs on (A1111's sd_model_checkpoint option).
         self.default_model = default_model
         #: The HTTP API's base URLs once served (``http://127.0.0.1:8080``).
         self.urls: list[str] = []
+
+    @property
+    def peer_id(self) -> PeerId:
+        return self.peer.peer_id
+
+    def wall_clock(self) -> float:
+        """Unix seconds, from the peer's clock."""
+        return self.peer.wall_clock()
 
     async def advertise(self) -> None:
         """Publish our gateway advert now and every ADVERT_INTERVAL seconds."""
@@ -66,8 +81,10 @@ class Gateway:
                 issued_at=now,
                 ttl=3 * ADVERT_INTERVAL,
                 addrs=tuple(self.peer.host.advertised_addrs),
-                reachability="public" if self.peer.reachable else "outbound-only",
-                roles=(GATEWAY_ROLE,),
+                reachability=(
+                    Reachability.PUBLIC if self.peer.reachable else Reachability.OUTBOUND_ONLY
+                ),
+                roles=(Role.GATEWAY,),
             )
             try:
                 await self.peer.publish_advert(advert)

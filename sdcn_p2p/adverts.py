@@ -147,15 +147,15 @@ class AdvertCache:
     ) -> list[Advert]:
         """Unexpired adverts offering `model` and every LoRA in `loras`, in arrival order.
 
-        Names match after `normalize_model_name`. Only state ``online`` unless
-        `include_draining`.
+        Names match after `normalize_model_name`. Only online providers
+        (`Advert.is_online_provider`) unless `include_draining`, which takes any state.
         """
         self.expire()
         wanted = list(loras)
         found = []
         for peer in self._by_model.get(normalize_model_name(model), ()):
             advert = self._entries[peer].advert
-            if (include_draining or advert.state == "online") and advert.has_loras(wanted):
+            if (include_draining or advert.is_online_provider) and advert.has_loras(wanted):
                 found.append(advert)
         return found
 
@@ -165,7 +165,7 @@ class AdvertCache:
         catalog: dict[str, ModelSummary] = {}
         for key, peers in self._by_model.items():
             adverts = [self._entries[p].advert for p in peers]
-            online = [a for a in adverts if a.state == "online"]
+            online = [a for a in adverts if a.is_online_provider]
             if not online:
                 continue
             name = next(m.name for m in online[0].models if normalize_model_name(m.name) == key)

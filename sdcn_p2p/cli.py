@@ -32,13 +32,8 @@ from sdcn_p2p.httpserver import parse_bind
 from sdcn_p2p.identity import Identity, default_key_path, load_or_create_identity
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.peer import PeerConfig, open_peer
-from sdcn_p2p.provider import (
-    GATEWAY_ROLE,
-    PROVIDER_ROLE,
-    ProviderConfig,
-    open_provider,
-    run_until_signalled,
-)
+from sdcn_p2p.provider import ProviderConfig, open_provider, run_until_signalled
+from sdcn_p2p.records import Role
 
 __all__ = [
     "build_parser",
@@ -322,7 +317,7 @@ def node_config_from_args(args: argparse.Namespace) -> tuple[PeerConfig, Provide
         raise ConfigError("ComfyUI runs one prompt at a time: use --slots 1")
     if args.backend == "diffusers" and args.slots != 1:
         raise ConfigError("the diffusers backend runs one job at a time: use --slots 1")
-    roles = (PROVIDER_ROLE, GATEWAY_ROLE) if args.http else (PROVIDER_ROLE,)
+    roles = (Role.PROVIDER, Role.GATEWAY) if args.http else (Role.PROVIDER,)
     return (
         peer_config_from_args(args, roles=roles),
         ProviderConfig(slots=args.slots, max_queue=args.max_queue, roles=roles),
@@ -421,7 +416,7 @@ def _add_gateway(commands: argparse._SubParsersAction) -> None:
 
 def _gateway(args: argparse.Namespace) -> int:
     identity = load_or_create_identity(args.key)
-    config = peer_config_from_args(args, roles=(GATEWAY_ROLE,))
+    config = peer_config_from_args(args, roles=(Role.GATEWAY,))
     trio.run(partial(run_gateway, identity, config, http=args.http, model=args.default_model))
     return 0
 

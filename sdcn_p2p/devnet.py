@@ -29,7 +29,7 @@ from sdcn_p2p.identity import Identity
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.peer import Peer, PeerConfig, open_peer
 from sdcn_p2p.provider import Provider, ProviderConfig, open_provider
-from sdcn_p2p.records import normalize_model_name
+from sdcn_p2p.records import AdvertState, normalize_model_name
 
 __all__ = ["DEMO_PARAMS", "Devnet", "demo_params", "open_devnet", "provider_cards", "run_demo"]
 
@@ -102,7 +102,8 @@ async def _wait_for_providers(peer: Peer, providers: list) -> None:  # type: ign
     arrived = trio.lowlevel.ParkingLot()
     with peer.adverts.subscribe(lambda advert: arrived.unpark_all()), trio.fail_after(30):
         while any(
-            (advert := peer.adverts.get(p)) is None or advert.state != "online" for p in providers
+            (advert := peer.adverts.get(p)) is None or advert.state is not AdvertState.ONLINE
+            for p in providers
         ):
             await arrived.park()
 

@@ -26,6 +26,8 @@ send), and nothing went out.
 
 from __future__ import annotations
 
+import enum
+
 import trio
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "DialError",
     "HandshakeError",
     "JobError",
+    "JobErrorCode",
     "LocalProtocolError",
     "MessageTooLarge",
     "MultiaddrError",
@@ -102,19 +105,37 @@ class ResourceLimitExceeded(SdcnError):
     """A connection or stream limit refused the operation."""
 
 
+class JobErrorCode(enum.StrEnum):
+    """How a job failed, as the job protocol sends it (the values are the wire strings)."""
+
+    BAD_REQUEST = "bad_request"  # the request is invalid: no provider will run it
+    BUSY = "busy"  # no room now (or draining): try another provider, or later
+    UNSUPPORTED = "unsupported"  # the model, a LoRA, the sampler or the size is not offered
+    BACKEND_FAILED = "backend_failed"  # the backend broke running it
+    TIMEOUT = "timeout"  # the deadline passed
+    CANCELLED = "cancelled"
+
+
 class JobError(SdcnError):
-    """A job failed; `code` says how, for the gateway to decide whether to retry."""
+    """A job failed; `code` says how, for the gateway to decide whether to retry.
 
-    CODES = frozenset(
-        {"bad_request", "busy", "unsupported", "backend_failed", "timeout", "cancelled"}
-    )
+    Raises ValueError for a code that is not a JobErrorCode.
+    """
 
-    def __init__(self, code: str, message: str) -> None:
+    CODES = frozenset(JobErrorCode)
+
+    def __init__(self, code: JobErrorCode | str, message: str) -> None:
         if code not in self.CODES:
             raise ValueError(f"unknown job error code {code!r}")
+        code = JobErrorCode(code)
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+    @classmethod
+    def bad_request(cls, field: str, problem: str) -> JobError:
+        """A ``bad_request`` error naming the field at fault: ``"<field>: <problem>"``."""
+        return cls(JobErrorCode.BAD_REQUEST, f"{field}: {problem}")
 
 
 class BackendUnavailable(SdcnError):

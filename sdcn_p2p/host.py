@@ -22,7 +22,7 @@ import trio
 from sdcn_p2p._config import require, require_at_least, require_positive
 from sdcn_p2p._subscriptions import Callbacks, Subscription
 from sdcn_p2p._util import open_service_nursery
-from sdcn_p2p._version import __version__
+from sdcn_p2p._version import AGENT_VERSION
 from sdcn_p2p.connection import (
     DEFAULT_MAX_MESSAGE,
     Connection,
@@ -50,7 +50,6 @@ __all__ = ["AGENT_VERSION", "Handler", "Host", "HostConfig", "local_ips", "open_
 
 log = logging.getLogger(__name__)
 
-AGENT_VERSION = f"sdcn-p2p/{__version__}"
 PROTOCOL_HEADER_TIMEOUT = 10.0
 #: Seconds a closing Host gives its connections to close cleanly before cutting them.
 CLOSE_GRACE = 1.0

@@ -32,13 +32,12 @@ from sdcn_p2p._config import require, require_at_least, require_positive
 from sdcn_p2p._util import open_service_nursery
 from sdcn_p2p.backends import Backend, Capabilities
 from sdcn_p2p.connection import Stream
-from sdcn_p2p.errors import NETWORK_ERRORS, BackendUnavailable, JobError, SdcnError
+from sdcn_p2p.errors import NETWORK_ERRORS, BackendUnavailable, JobError, JobErrorCode, SdcnError
 from sdcn_p2p.identity import PeerId
-from sdcn_p2p.jobs import (
+from sdcn_p2p.jobs import JobRequest, JobResult
+from sdcn_p2p.jobs.protocol import (
     JOB,
     MAX_JOB_MESSAGE,
-    JobRequest,
-    JobResult,
     error_message,
     parse_job_message,
     progress_message,
@@ -46,11 +45,9 @@ from sdcn_p2p.jobs import (
     result_message,
 )
 from sdcn_p2p.peer import Peer
-from sdcn_p2p.records import Advert
+from sdcn_p2p.records import Advert, AdvertState, Reachability, Role
 
 __all__ = [
-    "GATEWAY_ROLE",
-    "PROVIDER_ROLE",
     "Provider",
     "ProviderConfig",
     "open_provider",
@@ -59,8 +56,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PROVIDER_ROLE = "provider"
-GATEWAY_ROLE = "gateway"
 #: Seconds a job stream has to deliver its request.
 REQUEST_TIMEOUT = 30.0
 #: it/s at 512x512 advertised before any job is measured, when the backend has no estimate.
@@ -85,7 +80,7 @@ class ProviderConfig:
     #: it/s at 512x512 advertised until a job has been measured (None: the backend's own guess).
     initial_speed: float | None = None
     #: Extra roles to advertise (a provider that is also a gateway).
-    roles: tuple[str, ...] = field(default=(PROVIDER_ROLE,))
+    roles: tuple[str, ...] = field(default=(Role.PROVIDER,))
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "slots")
@@ -118,7 +113,7 @@ class Provider:
         self.backend = backend
         self.config = config
         self.capabilities: Capabilities | None = None
-        self.state = "unavailable"  # until the backend has answered once
+        self.state: AdvertState = AdvertState.UNAVAILABLE  # until the backend has answered once
         self.running = 0
         self.waiting = 0
         self.jobs_done = 0
@@ -171,9 +166,9 @@ class Provider:
 
     async def drain(self) -> None:
         """Advertise ``draining``, refuse new jobs and wait for the running ones to finish."""
-        if self.state != "draining":
+        if self.state is not AdvertState.DRAINING:
             log.info("draining: %d job(s) to finish", self.load)
-            self.state = "draining"
+            self.state = AdvertState.DRAINING
             await self._publish()
         await self.wait_idle()
 
@@ -188,9 +183,9 @@ class Provider:
         try:
             capabilities = await self.backend.capabilities()
         except BackendUnavailable as exc:
-            if self.state == "online":
+            if self.state is AdvertState.ONLINE:
                 log.warning("backend unavailable: %s", exc)
-                self.state = "unavailable"
+                self.state = AdvertState.UNAVAILABLE
                 self._mark_changed()
             return
         # Free VRAM moves all the time: it goes out with the next periodic advert, but alone it
@@ -199,15 +194,15 @@ class Provider:
         held = self.capabilities
         changed = held is None or steady != dataclasses.replace(held, vram_free_mb=0)
         self.capabilities = capabilities
-        if changed or self.state == "unavailable":
-            if self.state == "unavailable":
+        if changed or self.state is AdvertState.UNAVAILABLE:
+            if self.state is AdvertState.UNAVAILABLE:
                 log.info(
                     "backend %s ready: %d model(s), %d LoRA(s)",
                     capabilities.backend,
                     len(capabilities.models),
                     len(capabilities.loras),
                 )
-                self.state = "online"
+                self.state = AdvertState.ONLINE
             self._mark_changed()
 
     def _mark_changed(self) -> None:
@@ -243,7 +238,9 @@ class Provider:
             issued_at=now,
             ttl=self.config.advert_ttl,
             addrs=tuple(host.advertised_addrs),
-            reachability="public" if self.peer.reachable else "outbound-only",
+            reachability=(
+                Reachability.PUBLIC if self.peer.reachable else Reachability.OUTBOUND_ONLY
+            ),
             backend=caps.backend if caps else getattr(self.backend, "name", ""),
             models=caps.models if caps else (),
             loras=caps.loras if caps else (),
@@ -263,7 +260,7 @@ class Provider:
 
     def _on_advert(self, advert: Advert) -> None:
         if (
-            GATEWAY_ROLE in advert.roles
+            Role.GATEWAY in advert.roles
             and advert.peer_id != self.peer.peer_id
             and advert.addrs
             and advert.peer_id not in self._gateways
@@ -317,17 +314,17 @@ class Provider:
         deadline = min(deadline, self.config.max_job_seconds)
         with trio.move_on_at(received + deadline):
             return await self._queue_and_run(job, received, on_progress, on_queued)
-        raise JobError("timeout", f"job did not finish within {deadline:.0f} s")
+        raise JobError(JobErrorCode.TIMEOUT, f"job did not finish within {deadline:.0f} s")
 
     def _check_supported(self, job: JobRequest) -> None:
         """Refuse what this provider cannot run right now (busy) or at all (unsupported)."""
-        if self.state == "draining":
-            raise JobError("busy", "provider is draining")
-        if self.state == "unavailable" or self.capabilities is None:
-            raise JobError("busy", "provider's backend is unavailable")
-        self.capabilities.resolve(job)  # JobError("unsupported") naming what is missing
+        if self.state is AdvertState.DRAINING:
+            raise JobError(JobErrorCode.BUSY, "provider is draining")
+        if self.state is AdvertState.UNAVAILABLE or self.capabilities is None:
+            raise JobError(JobErrorCode.BUSY, "provider's backend is unavailable")
+        self.capabilities.resolve(job)  # JobError(JobErrorCode.UNSUPPORTED) naming what is missing
         if self.load >= self.config.slots + self.config.max_queue:
-            raise JobError("busy", f"{self.load} job(s) running or queued")
+            raise JobError(JobErrorCode.BUSY, f"{self.load} job(s) running or queued")
 
     async def _queue_and_run(
         self,
@@ -365,7 +362,7 @@ class Provider:
         try:
             output = await self.backend.generate(job, on_progress)
         except JobError as exc:
-            if exc.code == "backend_failed" and self._nursery is not None:
+            if exc.code is JobErrorCode.BACKEND_FAILED and self._nursery is not None:
                 # Is the backend gone? Find out now rather than at the next refresh.
                 self._nursery.start_soon(self._refresh_capabilities)
             raise
@@ -409,7 +406,9 @@ class Provider:
         except JobError as exc:
             await _send_quietly(stream, error_message(exc.code, exc.message))
         except trio.TooSlowError:
-            await _send_quietly(stream, error_message("timeout", "no job request arrived"))
+            await _send_quietly(
+                stream, error_message(JobErrorCode.TIMEOUT, "no job request arrived")
+            )
 
     def _measure(self, job: JobRequest, run_s: float) -> None:
         """Fold the job's speed (it/s at 512x512) into the advertised EWMA."""

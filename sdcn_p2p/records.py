@@ -13,6 +13,7 @@ they hold (`check_newer`).
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import reprlib
 from collections.abc import Iterable, Mapping
@@ -27,13 +28,14 @@ from sdcn_p2p.wire.varint import encode_varint
 
 __all__ = [
     "MAX_ENVELOPE_SIZE",
-    "REACHABILITY",
-    "STATES",
     "Advert",
+    "AdvertState",
     "Envelope",
     "LoraInfo",
     "ModelInfo",
     "PeerRecord",
+    "Reachability",
+    "Role",
     "check_newer",
     "model_key",
     "normalize_model_name",
@@ -282,10 +284,38 @@ class LoraInfo:
     hash: str = ""
 
 
-REACHABILITY = ("public", "outbound-only")
-#: online: taking jobs; draining: finishing its jobs before leaving; unavailable: its backend
-#: cannot run jobs now (a webui that went away).
-STATES = ("online", "draining", "unavailable")
+class Reachability(enum.StrEnum):
+    """Whether others can dial a peer (the values are the advert's wire strings)."""
+
+    PUBLIC = "public"
+    OUTBOUND_ONLY = "outbound-only"  # behind NAT: it dials out, and takes jobs over those
+
+
+class AdvertState(enum.StrEnum):
+    """What a provider does with new jobs (the values are the advert's wire strings)."""
+
+    ONLINE = "online"  # taking jobs
+    DRAINING = "draining"  # finishing its jobs before leaving
+    UNAVAILABLE = "unavailable"  # its backend cannot run jobs now (a webui that went away)
+
+
+class Role(enum.StrEnum):
+    """What a peer does, in its advert and its identify info (the values are the wire strings).
+
+    Peers may announce roles this version does not know; they are kept as plain strings.
+    """
+
+    PROVIDER = "provider"  # runs jobs
+    GATEWAY = "gateway"  # takes HTTP requests (providers behind NAT dial the ones they learn of)
+    BOOTSTRAP = "bootstrap"  # a well-known DHT server, the door into the network
+
+
+def _member(enum_type: type[enum.StrEnum], name: str, value: object) -> Any:
+    """`value` as a member of `enum_type`; ValueError naming the field if it is none."""
+    try:
+        return enum_type(value)
+    except ValueError:
+        raise ValueError(f"{name} must be one of {tuple(map(str, enum_type))}") from None
 
 
 def _check_text(name: str, value: object, limit: int, *, empty: bool = True) -> str:
@@ -321,7 +351,7 @@ class Advert:
     issued_at: float
     ttl: float
     addrs: tuple[Multiaddr, ...] = ()
-    reachability: str = "public"
+    reachability: Reachability = Reachability.PUBLIC
     backend: str = ""
     models: tuple[ModelInfo, ...] = ()
     loras: tuple[LoraInfo, ...] = ()
@@ -333,10 +363,9 @@ class Advert:
     slots: int = 1
     queue: int = 0
     speed: float = 0.0  # iterations per second at 512x512
-    state: str = "online"
-    #: What the peer does: "provider" runs jobs, "gateway" takes HTTP requests (providers
-    #: behind NAT dial the gateways they learn of this way).
-    roles: tuple[str, ...] = ("provider",)
+    state: AdvertState = AdvertState.ONLINE
+    #: What the peer does (`Role`; unknown roles are kept as strings).
+    roles: tuple[str, ...] = (Role.PROVIDER,)
 
     DOMAIN: ClassVar[str] = "sdcn-advert"
     PAYLOAD_TYPE: ClassVar[bytes] = b"/sdcn/advert/1"
@@ -362,10 +391,9 @@ class Advert:
             if addr.peer_id not in (None, self.peer_id):
                 raise ValueError(f"address {addr} names another peer than {self.peer_id}")
         object.__setattr__(self, "addrs", tuple(a.without_peer_id() for a in addrs))
-        if self.reachability not in REACHABILITY:
-            raise ValueError(f"reachability must be one of {REACHABILITY}")
-        if self.state not in STATES:
-            raise ValueError(f"state must be one of {STATES}")
+        reachability = _member(Reachability, "reachability", self.reachability)
+        object.__setattr__(self, "reachability", reachability)
+        object.__setattr__(self, "state", _member(AdvertState, "state", self.state))
         roles = tuple(self.roles)
         if len(roles) > self.MAX_ROLES:
             raise ValueError(f"at most {self.MAX_ROLES} roles")
@@ -404,6 +432,11 @@ class Advert:
     @property
     def expires_at(self) -> float:
         return self.issued_at + self.ttl
+
+    @property
+    def is_online_provider(self) -> bool:
+        """Whether the peer runs jobs and takes new ones now (role provider, state online)."""
+        return self.state is AdvertState.ONLINE and Role.PROVIDER in self.roles
 
     def check_fresh(self, now: float) -> None:
         """Raise RecordError if the advert has expired at wall time `now` or is from the future."""

@@ -15,7 +15,8 @@ from sdcn_p2p.cli import build_parser, main, peer_config_from_args, ping_peer
 from sdcn_p2p.errors import ConfigError
 from sdcn_p2p.host import HostConfig, open_host
 from sdcn_p2p.identity import PeerId, default_key_path, load_or_create_identity
-from sdcn_p2p.jobs import JobRequest, request_job
+from sdcn_p2p.jobs import JobRequest
+from sdcn_p2p.jobs.protocol import request_job
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.testing import test_identity
 

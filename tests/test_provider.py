@@ -12,9 +12,10 @@ from PIL import Image
 from sdcn_p2p.backends import Capabilities, JobOutput
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.errors import BackendUnavailable, JobError
-from sdcn_p2p.jobs import JOB, MAX_JOB_MESSAGE, JobRequest, request_job
-from sdcn_p2p.provider import GATEWAY_ROLE, ProviderConfig, open_provider
-from sdcn_p2p.records import Advert
+from sdcn_p2p.jobs import JobRequest
+from sdcn_p2p.jobs.protocol import JOB, MAX_JOB_MESSAGE, request_job
+from sdcn_p2p.provider import ProviderConfig, open_provider
+from sdcn_p2p.records import Advert, Role
 from sdcn_p2p.testing import open_memory_peers, small_job, wait_advert
 from sdcn_p2p.transport.memory import MemoryNetwork
 
@@ -255,10 +256,10 @@ async def test_outbound_only_provider_dials_the_gateways_it_learns_of(autojump_c
                     issued_at=gateway.wall_clock(),
                     ttl=180,
                     addrs=tuple(gateway.host.advertised_addrs),
-                    roles=(GATEWAY_ROLE,),
+                    roles=(Role.GATEWAY,),
                 )
             )
-            await wait_advert(node, gateway, lambda a: GATEWAY_ROLE in a.roles)
+            await wait_advert(node, gateway, lambda a: Role.GATEWAY in a.roles)
             assert gateway.peer_id in provider._gateways
             if not node.host.is_connected(gateway.peer_id):
                 await connected.wait()

@@ -10,8 +10,10 @@ import trio
 
 from sdcn_p2p.backends.comfyui import ComfyuiConfig, open_comfyui_backend
 from sdcn_p2p.errors import JobError
-from sdcn_p2p.jobs import JobRequest, request_job
+from sdcn_p2p.jobs import JobRequest
+from sdcn_p2p.jobs.protocol import request_job
 from sdcn_p2p.provider import ProviderConfig, open_provider
+from sdcn_p2p.records import AdvertState
 from sdcn_p2p.testing import open_memory_peers, wait_advert
 from sdcn_p2p.testing.fakecomfyui import OUT_OF_MEMORY, FakeComfyui, open_fake_comfyui
 
@@ -33,7 +35,7 @@ async def comfyui_network(fake: FakeComfyui):
         open_comfyui_backend(url, config=FAST) as backend,
         open_provider(node, backend, PROVIDER) as provider,
     ):
-        await wait_advert(client, node, lambda a: a.state == "online")
+        await wait_advert(client, node, lambda a: a.state is AdvertState.ONLINE)
         yield client, node, provider
 
 
@@ -105,7 +107,7 @@ async def test_an_out_of_memory_fails_the_job_and_the_provider_stays_up() -> Non
         assert info.value.code == "backend_failed"
         assert "out of GPU memory in KSampler" in info.value.message
         result = await request_job(client.host, node.peer_id, job(), deadline=30)
-        assert result.images and provider.state == "online"
+        assert result.images and provider.state is AdvertState.ONLINE
 
 
 async def test_a_comfyui_that_disappears_and_returns() -> None:
@@ -129,7 +131,7 @@ async def test_a_comfyui_that_disappears_and_returns() -> None:
             open_comfyui_backend(urls[0], config=FAST) as backend,
             open_provider(node, backend, PROVIDER),
         ):
-            await wait_advert(client, node, lambda a: a.state == "online")
+            await wait_advert(client, node, lambda a: a.state is AdvertState.ONLINE)
             stop.set()  # ComfyUI goes away
             await wait_advert(client, node, lambda a: a.state == "unavailable")
             with pytest.raises(JobError) as info:
@@ -138,7 +140,7 @@ async def test_a_comfyui_that_disappears_and_returns() -> None:
             stop = trio.Event()
             fake.forget()  # restarted
             await nursery.start(serve, bind)  # back on the same port
-            await wait_advert(client, node, lambda a: a.state == "online")
+            await wait_advert(client, node, lambda a: a.state is AdvertState.ONLINE)
             result = await request_job(client.host, node.peer_id, job(), deadline=30)
             assert result.images
             stop.set()

@@ -13,8 +13,8 @@ from sdcn_p2p.identity import Identity, verify_signature
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.records import (
     MAX_ENVELOPE_SIZE,
-    STATES,
     Advert,
+    AdvertState,
     Envelope,
     LoraInfo,
     ModelInfo,
@@ -727,7 +727,7 @@ def test_signed_garbage_advert_payloads_only_raise_record_error(payload: bytes) 
     st.lists(st.text(min_size=1, max_size=20).filter(str.strip), max_size=5),
     st.lists(st.text(min_size=1, max_size=20).filter(str.strip), max_size=5),
     st.floats(0, 1e4),
-    st.sampled_from(STATES),
+    st.sampled_from(AdvertState),
 )
 def test_any_valid_advert_round_trips(seq, issued_at, ttl, models, loras, speed, state) -> None:
     advert = Advert(

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from sdcn_p2p.errors import JobError
+from sdcn_p2p.errors import JobError, JobErrorCode
 from sdcn_p2p.jobs import JobRequest, split_sampler
 from sdcn_p2p.records import LoraInfo, ModelInfo, normalize_model_name
 
@@ -64,20 +64,21 @@ class Capabilities:
         """
         model = _find(self.models, job.model, lambda m: (m.name, m.title))
         if model is None:
-            raise JobError("unsupported", f"model {job.model!r} is not offered here")
+            raise JobError(JobErrorCode.UNSUPPORTED, f"model {job.model!r} is not offered here")
         loras = []
         for name, weight in job.loras:
             lora = _find(self.loras, name, lambda lo: (lo.name,))
             if lora is None:
-                raise JobError("unsupported", f"LoRA {name!r} is not offered here")
+                raise JobError(JobErrorCode.UNSUPPORTED, f"LoRA {name!r} is not offered here")
             loras.append((lora, weight))
         sampler, scheduler = self._resolve_sampler(job.sampler_name)
         if job.width * job.height > self.max_pixels:
             raise JobError(
-                "unsupported", f"{job.width}x{job.height} is over {self.max_pixels} pixels"
+                JobErrorCode.UNSUPPORTED,
+                f"{job.width}x{job.height} is over {self.max_pixels} pixels",
             )
         if job.steps > self.max_steps:
-            raise JobError("unsupported", f"{job.steps} steps is over {self.max_steps}")
+            raise JobError(JobErrorCode.UNSUPPORTED, f"{job.steps} steps is over {self.max_steps}")
         return ResolvedJob(model, tuple(loras), sampler, scheduler)
 
     def _resolve_sampler(self, name: str) -> tuple[str, str | None]:
@@ -90,7 +91,7 @@ class Capabilities:
             known = _find(self.schedulers, scheduler, lambda s: (s,))
             if known is not None:
                 return sampler, known
-        raise JobError("unsupported", f"sampler {name!r} is not offered here")
+        raise JobError(JobErrorCode.UNSUPPORTED, f"sampler {name!r} is not offered here")
 
 
 def _find(items: tuple[_T, ...], wanted: str, names: Callable[[_T], tuple[str, ...]]) -> _T | None:

@@ -66,7 +66,7 @@ from PIL import Image
 from sdcn_p2p._util import open_service_nursery
 from sdcn_p2p.backends import Capabilities, JobOutput
 from sdcn_p2p.backends._http import HttpFailure, request_capped
-from sdcn_p2p.errors import BackendUnavailable, ConfigError, JobError
+from sdcn_p2p.errors import BackendUnavailable, ConfigError, JobError, JobErrorCode
 from sdcn_p2p.jobs import JobRequest
 from sdcn_p2p.records import Advert, LoraInfo, ModelInfo
 
@@ -354,11 +354,11 @@ class ComfyuiBackend:
             if scope.cancelled_caught:
                 raise _ComfyError(f"the job did not finish within {self.config.job_timeout:g} s")
         except _Refused as exc:
-            if exc.code == "unsupported":
+            if exc.code == JobErrorCode.UNSUPPORTED:
                 self._offer = None  # stale: read them again next time
             raise JobError(exc.code, f"ComfyUI at {self.url}: {exc}") from exc
         except _ComfyError as exc:
-            raise JobError("backend_failed", f"ComfyUI at {self.url}: {exc}") from exc
+            raise JobError(JobErrorCode.BACKEND_FAILED, f"ComfyUI at {self.url}: {exc}") from exc
         seeds = [job.seed + i for i in range(job.batch_size)]
         info = {
             "seeds": seeds,
@@ -414,7 +414,7 @@ class ComfyuiBackend:
         try:
             offer = await self._fetch_offer()
         except _ComfyError as exc:
-            raise JobError("backend_failed", f"ComfyUI at {self.url}: {exc}") from exc
+            raise JobError(JobErrorCode.BACKEND_FAILED, f"ComfyUI at {self.url}: {exc}") from exc
         return offer.plan(job)
 
     async def _object_info(self, node: str) -> dict[str, Any]:
@@ -871,7 +871,7 @@ def _validation_error(body: bytes) -> _Refused:
     except ValueError:
         data = None
     if not isinstance(data, dict):
-        return _Refused("backend_failed", f"it refused the workflow: {_text(body)}")
+        return _Refused(JobErrorCode.BACKEND_FAILED, f"it refused the workflow: {_text(body)}")
     node_errors = data.get("node_errors")
     problems: list[str] = []
     code = "backend_failed"

@@ -33,7 +33,7 @@ from sdcn_p2p._config import require_at_least, require_positive
 from sdcn_p2p._util import open_service_nursery
 from sdcn_p2p.backends import Capabilities, JobOutput, ResolvedJob
 from sdcn_p2p.backends._http import HttpFailure, request_capped
-from sdcn_p2p.errors import BackendUnavailable, ConfigError, JobError
+from sdcn_p2p.errors import BackendUnavailable, ConfigError, JobError, JobErrorCode
 from sdcn_p2p.jobs import JobRequest
 from sdcn_p2p.records import Advert, LoraInfo, ModelInfo
 
@@ -129,7 +129,7 @@ class WebuiBackend:
                 images, info = _decode_result(body, job.batch_size)
             _check_checkpoint(resolved.model, info)
         except _WebuiError as exc:
-            raise JobError("backend_failed", f"webui at {self.url}: {exc}") from exc
+            raise JobError(JobErrorCode.BACKEND_FAILED, f"webui at {self.url}: {exc}") from exc
         reporter.finish()
         return JobOutput(images, _result_info(info, job))
 

@@ -18,7 +18,7 @@ from sdcn_p2p.identity import Identity
 from sdcn_p2p.jobs import JobRequest
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.peer import Peer, PeerConfig, open_peer
-from sdcn_p2p.records import Advert
+from sdcn_p2p.records import Advert, AdvertState
 from sdcn_p2p.transport import ConnectionHandler, RawConnection, Transport
 from sdcn_p2p.transport.memory import MemoryNetwork
 
@@ -213,7 +213,7 @@ def all_tasks() -> set[trio.lowlevel.Task]:
 async def wait_advert(
     peer: Peer,
     of: Peer,
-    check: Callable[[Advert], bool] = lambda advert: advert.state == "online",
+    check: Callable[[Advert], bool] = lambda advert: advert.state is AdvertState.ONLINE,
 ) -> Advert:
     """Wait until `peer`'s cache holds an advert of `of` that passes `check` (default: online).
 

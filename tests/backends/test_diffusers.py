@@ -23,7 +23,8 @@ from sdcn_p2p.backends.diffusers import (
 )
 from sdcn_p2p.backends.diffusers import scan as scan_module
 from sdcn_p2p.errors import JobError
-from sdcn_p2p.jobs import JobRequest, request_job
+from sdcn_p2p.jobs import JobRequest
+from sdcn_p2p.jobs.protocol import request_job
 from sdcn_p2p.provider import ProviderConfig, open_provider
 from sdcn_p2p.testing import open_memory_peers, small_job, wait_advert
 from sdcn_p2p.testing.tinysd import write_tiny_models

@@ -21,7 +21,8 @@ from fastapi import FastAPI
 from PIL import Image
 
 from gateway.api import MAX_BODY, create_app
-from gateway.dispatch import DispatchError, DispatchResult
+from gateway.dispatch import DispatchResult
+from gateway.errors import AllBusy, DeadlinePassed, DispatchError, ProviderFailed, Rejected
 from gateway.node import Gateway
 from sdcn_p2p.backends import JobOutput
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
@@ -281,20 +282,32 @@ async def test_a_model_or_lora_nobody_has_is_404(net: Net) -> None:
     assert_error(response, 404, "pixel", "ink")
 
 
+class FakeDispatcher:
+    """Stands in for the Dispatcher: `run_batch` runs the jobs through `run` one by one."""
+
+    async def run(self, job: JobRequest, **kwargs: Any) -> DispatchResult:
+        raise NotImplementedError
+
+    async def run_batch(self, jobs: list[JobRequest], **kwargs: Any) -> list[DispatchResult]:
+        return [await self.run(job) for job in jobs]
+
+
 @pytest.mark.parametrize(
-    ("status", "message"),
+    ("error", "status", "message"),
     [
-        (400, "steps: the provider says no"),
-        (502, "provider failed: out of VRAM"),
-        (503, "every provider of model 'card-a' is busy"),
-        (504, "no result within the deadline"),
+        (Rejected, 400, "steps: the provider says no"),
+        (ProviderFailed, 502, "provider failed: out of VRAM"),
+        (AllBusy, 503, "every provider of model 'card-a' is busy"),
+        (DeadlinePassed, 504, "no result within the deadline"),
     ],
 )
-async def test_dispatch_errors_become_their_status(net: Net, status: int, message: str) -> None:
-    class Failing:
+async def test_dispatch_errors_become_their_status(
+    net: Net, error: type[DispatchError], status: int, message: str
+) -> None:
+    class Failing(FakeDispatcher):
         async def run(self, job: JobRequest, **kwargs: Any) -> DispatchResult:
             await trio.lowlevel.checkpoint()
-            raise DispatchError(status, message)
+            raise error(message)
 
     net.gateway.dispatcher = Failing()  # type: ignore[assignment]
     assert assert_error(await net.http.post("/txt2img", json=sdcn()), status) == message
@@ -303,7 +316,7 @@ async def test_dispatch_errors_become_their_status(net: Net, status: int, messag
 
 
 async def test_info_a_provider_sends_is_made_json_safe(net: Net) -> None:
-    class Odd:
+    class Odd(FakeDispatcher):
         async def run(self, job: JobRequest, **kwargs: Any) -> DispatchResult:
             await trio.lowlevel.checkpoint()
             info = {"seed": 1, "blob": b"\x00", "nan": float("nan"), "list": [1.5, b"x"]}

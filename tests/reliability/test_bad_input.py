@@ -32,8 +32,10 @@ from schemathesis.specs.openapi.checks import (
 
 from gateway.api import create_app
 from gateway.node import Gateway
+from gateway.sdcn import parse_request as parse_sdcn_request
 from sdcn_p2p.errors import HandshakeError, JobError, LocalProtocolError, ProtocolError
-from sdcn_p2p.jobs import JobRequest, check_result_images, decode_reply, parse_job_message
+from sdcn_p2p.jobs.images import check_result_images
+from sdcn_p2p.jobs.protocol import decode_reply, parse_job_message
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.protocols.identify import parse_info
 from sdcn_p2p.records import PeerRecord
@@ -151,7 +153,7 @@ def img2img(image: bytes) -> dict[str, Any]:
 )
 def test_bad_init_images_are_refused_before_decoding_pixels(image: bytes, says: str) -> None:
     with pytest.raises(JobError) as info:
-        JobRequest.from_api("img2img", img2img(image))
+        parse_sdcn_request("img2img", img2img(image))
     assert info.value.code == "bad_request" and says in info.value.message
     assert info.value.message.startswith("init_image:")
 
@@ -161,7 +163,7 @@ def test_a_bomb_is_refused_by_its_header_without_allocating_the_canvas() -> None
     bomb = png_claiming(60_000, 60_000)
     assert len(bomb) < 100_000
     with pytest.raises(JobError, match="at most 4096x4096"):
-        JobRequest.from_api("img2img", img2img(bomb))
+        parse_sdcn_request("img2img", img2img(bomb))
 
 
 async def test_bad_init_images_through_the_api_are_400_with_msg() -> None:
@@ -183,7 +185,7 @@ async def test_bad_init_images_through_the_api_are_400_with_msg() -> None:
 def test_garbage_init_images_only_raise_bad_request(data: bytes) -> None:
     for image in (data, b"\x89PNG\r\n\x1a\n" + data, b"\xff\xd8\xff" + data):
         try:
-            JobRequest.from_api("img2img", img2img(image))
+            parse_sdcn_request("img2img", img2img(image))
         except JobError as exc:
             assert exc.code == "bad_request"
 

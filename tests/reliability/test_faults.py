@@ -19,13 +19,15 @@ import trio
 
 from bootstrap.node import open_bootstrap
 from gateway.api import create_app
-from gateway.dispatch import Dispatcher, DispatchError, DispatchResult, GatewayConfig
+from gateway.dispatch import Dispatcher, DispatchResult, GatewayConfig
+from gateway.errors import AllBusy, DeadlinePassed, DispatchError
 from gateway.node import Gateway
 from sdcn_p2p.backends import Backend, JobOutput
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.connection import Stream
 from sdcn_p2p.host import HostConfig
-from sdcn_p2p.jobs import JOB, MAX_JOB_MESSAGE, JobRequest, result_message
+from sdcn_p2p.jobs import JobRequest
+from sdcn_p2p.jobs.protocol import JOB, MAX_JOB_MESSAGE, result_message
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.peer import Peer, PeerConfig, open_peer
 from sdcn_p2p.provider import Provider, ProviderConfig, open_provider
@@ -247,7 +249,7 @@ async def test_a_provider_that_hangs_ends_in_504_at_the_deadline(autojump_clock)
         backend = Hanging()
         await net.start(1, backend)
         outcome, took = await run_timed(net.dispatcher, job(), deadline=20)
-        assert isinstance(outcome, DispatchError) and outcome.status == 504, outcome
+        assert isinstance(outcome, DeadlinePassed), outcome
         assert "deadline" in outcome.message
         assert 20 <= took <= 20.5
         with trio.fail_after(1):
@@ -313,7 +315,7 @@ async def test_only_a_garbage_provider_is_a_clear_503(autojump_clock) -> None:
     async with open_net() as net:
         await net.start(1, handler=send_garbage_png)
         outcome, _ = await run_timed(net.dispatcher, job(), deadline=30)
-        assert isinstance(outcome, DispatchError) and outcome.status == 503
+        assert isinstance(outcome, AllBusy)
         assert "not a valid PNG" in outcome.message
 
 
@@ -332,7 +334,7 @@ async def test_a_provider_answering_a_byte_a_second_is_cut_at_the_deadline(autoj
     async with open_net() as net:
         await net.start(1, handler=trickle)
         outcome, took = await run_timed(net.dispatcher, job(), deadline=25)
-        assert isinstance(outcome, DispatchError) and outcome.status == 504
+        assert isinstance(outcome, DeadlinePassed)
         assert 25 <= took <= 25.5
 
 
@@ -516,7 +518,7 @@ async def test_streams_refused_at_a_providers_stream_limit_are_back_pressure(
             for seed in range(10):
                 nursery.start_soon(one, seed)
         refused = [o for o in outcomes if isinstance(o, DispatchError)]
-        assert refused and all(o.status == 503 for o in refused)
+        assert refused and all(isinstance(o, AllBusy) for o in refused)
         assert "closed before the protocol was accepted" in refused[0].message
         assert not any(banned)
         result = await net.dispatcher.run(job(seed=99), deadline=30)

@@ -16,7 +16,8 @@ from functools import partial
 import pytest
 import trio
 
-from gateway.dispatch import Dispatcher, DispatchError
+from gateway.dispatch import Dispatcher
+from gateway.errors import DispatchError
 from gateway.node import Gateway
 from sdcn_p2p.adverts import AdvertCache
 from sdcn_p2p.backends import JobOutput

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import trio
 
+from gateway.dispatch import JobProgress
 from gateway.node import Gateway
 from sdcn_p2p.host import HostConfig
 from sdcn_p2p.identity import PeerId
@@ -85,7 +86,9 @@ async def test_a_provider_process_killed_mid_job_fails_over_to_another(tmp_path:
             async def run() -> None:
                 outcome.append(
                     await gateway.dispatcher.run(
-                        job, deadline=60, on_progress=lambda step, total: progressed.set()
+                        job,
+                        deadline=60,
+                        on_event=lambda event: isinstance(event, JobProgress) and progressed.set(),
                     )
                 )
 

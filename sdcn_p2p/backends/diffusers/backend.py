@@ -49,7 +49,7 @@ from sdcn_p2p.backends.diffusers.scan import (
     scan_loras,
     scan_models,
 )
-from sdcn_p2p.errors import BackendUnavailable, ConfigError, JobError
+from sdcn_p2p.errors import BackendUnavailable, ConfigError, JobError, JobErrorCode
 from sdcn_p2p.jobs import JobRequest
 from sdcn_p2p.records import LoraInfo
 
@@ -283,7 +283,7 @@ class DiffusersBackend:
             self._drop_pipelines()
             first_line = str(exc).splitlines()[0] if str(exc) else "out of memory"
             raise JobError(
-                "backend_failed",
+                JobErrorCode.BACKEND_FAILED,
                 f"out of GPU memory for {job.batch_size} x {job.width}x{job.height} on "
                 f"{entry.info.name} ({first_line}); a smaller size or batch may fit",
             ) from None
@@ -291,7 +291,7 @@ class DiffusersBackend:
             # torch, diffusers and the model files can fail in too many ways to list; the job
             # fails, the node goes on.
             log.exception("job on %s failed", entry.info.name)
-            raise JobError("backend_failed", f"{type(exc).__name__}: {exc}") from exc
+            raise JobError(JobErrorCode.BACKEND_FAILED, f"{type(exc).__name__}: {exc}") from exc
 
     def _run_on_device(self, work: _Work, stop: threading.Event) -> list[bytes]:
         runtime = self._runtime
@@ -438,7 +438,7 @@ def _loras_applied(pipe: Any, loras: list[tuple[Path, float]]) -> Iterator[None]
                 pipe.load_lora_weights(str(path), adapter_name=name)
             except (ValueError, KeyError, RuntimeError) as exc:
                 raise JobError(
-                    "unsupported", f"LoRA {path.stem!r} does not fit this model: {exc}"
+                    JobErrorCode.UNSUPPORTED, f"LoRA {path.stem!r} does not fit this model: {exc}"
                 ) from exc
         pipe.set_adapters(names, adapter_weights=[weight for _, weight in loras])
         yield
@@ -452,7 +452,7 @@ def _decode_init_image(job: JobRequest) -> Image.Image:
         with Image.open(io.BytesIO(job.init_image or b"")) as source:
             image = source.convert("RGB")
     except _IMAGE_ERRORS as exc:
-        raise JobError("bad_request", f"cannot decode the init image: {exc}") from exc
+        raise JobError(JobErrorCode.BAD_REQUEST, f"cannot decode the init image: {exc}") from exc
     if image.size != (job.width, job.height):
         image = image.resize((job.width, job.height), Image.Resampling.LANCZOS)
     return image

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sdcn_p2p.errors import JobError
+from sdcn_p2p.errors import JobError, JobErrorCode
 
 __all__ = ["SAMPLERS", "SCHEDULER_TYPES", "SEEDED_SCHEDULERS", "scheduler_for"]
 
@@ -50,7 +50,9 @@ def scheduler_for(sampler: str, scheduler: str | None) -> tuple[str, dict[str, A
     try:
         class_name, settings = SAMPLERS[sampler]
     except KeyError:
-        raise JobError("unsupported", f"sampler {sampler!r} is not offered here") from None
+        raise JobError(
+            JobErrorCode.UNSUPPORTED, f"sampler {sampler!r} is not offered here"
+        ) from None
     settings = dict(settings)
     if scheduler is not None:
         extra = SCHEDULER_TYPES.get(scheduler)
