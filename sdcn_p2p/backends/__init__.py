@@ -4,7 +4,8 @@
   the provider) and `JobOutput` (what a job returns).
 - `testcard`: no GPU; a deterministic picture of the job's parameters, for demos and tests.
 - `webui`: an AUTOMATIC1111 / Forge / SD.Next server driven over its HTTP API.
-- `comfyui`: a ComfyUI server driven over its HTTP and WebSocket API, a workflow per image.
+- `comfyui`: a ComfyUI server driven over its HTTP and WebSocket API, a workflow per image
+  (`samplers`, `workflow`, `parse`, `offer`, `scan`, `events`, `backend`).
 - `diffusers`: Stable Diffusion run in this process by Hugging Face diffusers (the optional
   ``diffusers`` extra); `sdcn_p2p.testing.tinysd` builds a tiny random pipeline for its tests
   and benchmarks.
@@ -12,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -20,9 +21,10 @@ from sdcn_p2p.errors import JobError, JobErrorCode
 from sdcn_p2p.jobs import JobRequest, split_sampler
 from sdcn_p2p.records import LoraInfo, ModelInfo, normalize_model_name
 
-__all__ = ["Backend", "Capabilities", "JobOutput", "ResolvedJob"]
+__all__ = ["Backend", "Capabilities", "JobOutput", "ResolvedJob", "resolve_or_rescan"]
 
 _T = TypeVar("_T")
+_Offer = TypeVar("_Offer")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +102,23 @@ def _find(items: tuple[_T, ...], wanted: str, names: Callable[[_T], tuple[str, .
         if any(n and normalize_model_name(n) == key for n in names(item)):
             return item
     return None
+
+
+async def resolve_or_rescan(
+    known: _Offer | None, resolve: Callable[[_Offer], _T], rescan: Callable[[], Awaitable[_Offer]]
+) -> _T:
+    """`resolve` a job against what a backend is `known` to offer, or, when nothing is known
+    yet or `resolve` refuses the job (JobError), against what `rescan` reads now: a model,
+    LoRA or sampler may have been added to the backend since it was last read.
+
+    Raises what `resolve` or `rescan` raise.
+    """
+    if known is not None:
+        try:
+            return resolve(known)
+        except JobError:
+            pass  # it may have been added since: look again
+    return resolve(await rescan())
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,9 @@ from typing import Any
 
 import httpx
 
-__all__ = ["HttpFailure", "request_capped"]
+from sdcn_p2p.errors import ConfigError
+
+__all__ = ["HttpFailure", "check_url", "request_capped"]
 
 
 class HttpFailure(Exception):
@@ -14,6 +16,17 @@ class HttpFailure(Exception):
 
     ``__cause__`` is httpx's exception, if any (a ConnectError: the request never left).
     """
+
+
+def check_url(url: str, server: str) -> None:
+    """Raise ConfigError unless `url` is http(s)://HOST[:PORT][/PATH]; `server` names what it
+    is the URL of ("webui")."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ConfigError(f"bad {server} URL {url!r}: {exc}") from exc
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ConfigError(f"the {server} URL must be http(s)://HOST[:PORT], got {url!r}")
 
 
 async def request_capped(

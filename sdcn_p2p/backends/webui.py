@@ -31,9 +31,9 @@ from PIL import Image
 
 from sdcn_p2p._config import require_at_least, require_positive
 from sdcn_p2p._util import open_service_nursery
-from sdcn_p2p.backends import Capabilities, JobOutput, ResolvedJob
-from sdcn_p2p.backends._http import HttpFailure, request_capped
-from sdcn_p2p.errors import BackendUnavailable, ConfigError, JobError, JobErrorCode
+from sdcn_p2p.backends import Capabilities, JobOutput, ResolvedJob, resolve_or_rescan
+from sdcn_p2p.backends._http import HttpFailure, check_url, request_capped
+from sdcn_p2p.errors import BackendUnavailable, JobError, JobErrorCode
 from sdcn_p2p.jobs import JobRequest
 from sdcn_p2p.records import Advert, LoraInfo, ModelInfo
 
@@ -155,12 +155,9 @@ class WebuiBackend:
         return self._capabilities
 
     async def _resolve(self, job: JobRequest) -> ResolvedJob:
-        if self._capabilities is not None:
-            try:
-                return self._capabilities.resolve(job)
-            except JobError:
-                pass  # it may have been added to the webui since: look again
-        return (await self._fetch_capabilities()).resolve(job)
+        return await resolve_or_rescan(
+            self._capabilities, lambda offer: offer.resolve(job), self._fetch_capabilities
+        )
 
     async def _get_json(self, name: str, *, missing_ok: bool = False) -> Any:
         path = f"{_API}/{name}"
@@ -257,12 +254,7 @@ async def open_webui_backend(
     Does not contact the webui: call `capabilities()` for that. Raises ConfigError for a URL
     that is not http(s).
     """
-    try:
-        parsed = httpx.URL(url)
-    except httpx.InvalidURL as exc:
-        raise ConfigError(f"bad webui URL {url!r}: {exc}") from exc
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ConfigError(f"the webui URL must be http(s)://HOST[:PORT], got {url!r}")
+    check_url(url, "webui")
     async with httpx.AsyncClient(
         base_url=url,
         auth=httpx.BasicAuth(*auth) if auth else None,

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import trio
 from PIL import Image
 
-from sdcn_p2p.backends import Capabilities, JobOutput, ResolvedJob
+from sdcn_p2p.backends import Capabilities, JobOutput, ResolvedJob, resolve_or_rescan
 from sdcn_p2p.backends.diffusers.samplers import (
     SAMPLERS,
     SCHEDULER_TYPES,
@@ -262,12 +262,9 @@ class DiffusersBackend:
         return JobOutput(images, info)
 
     async def _resolve(self, job: JobRequest) -> ResolvedJob:
-        if self._capabilities is not None:
-            try:
-                return self._capabilities.resolve(job)
-            except JobError:
-                pass  # it may have been added since the last scan: look again
-        return (await self.capabilities()).resolve(job)
+        return await resolve_or_rescan(
+            self._capabilities, lambda offer: offer.resolve(job), self.capabilities
+        )
 
     # --- the worker thread ---------------------------------------------------------------------
 
