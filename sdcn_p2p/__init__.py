@@ -21,13 +21,14 @@ Layers, bottom up (each module imports only those above it in this list):
 - `gossip`: their GossipSub-style spread: `messages`, pure `state` (seen cache, mesh, push
   budget), `config`, and `service`, the only part that awaits.
 - `peer`: Peer = Host + DHT + gossip + adverts; the roles plug into it.
-- `backends`: what runs a provider's jobs: `testcard`, `webui`, `comfyui`, and `diffusers`
-  (`samplers`, `scan`, `backend`); `provider`: the provider role, running jobs on a backend.
+- `backends`: what runs a provider's jobs: `testcard`, `webui`, `comfyui` (`samplers`,
+  `workflow`, `parse`, `offer`: pure; `scan`, `events`, `backend`) and `diffusers` (`samplers`,
+  `scan`, `backend`); `provider`: the provider role, running jobs on a backend.
 - `httpserver`: FastAPI apps on hypercorn's trio worker, in the peer's trio run.
 - `devnet`: a whole network on loopback (``sdcn devnet``).
 - `testing`: test support for anyone: in-memory networks of hosts and peers (`network`), a fake
-  AUTOMATIC1111 webui (`fakewebui`), a fake ComfyUI (`fakecomfyui`), a tiny random Stable
-  Diffusion (`tinysd`).
+  AUTOMATIC1111 webui (`fakewebui`), a fake ComfyUI (`fakecomfyui`: `nodes`, `validator`,
+  `execution`, `fake`, `server`), a tiny random Stable Diffusion (`tinysd`).
 - `cli`: the ``sdcn`` command.
 """
 

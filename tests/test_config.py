@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from sdcn_p2p.backends.comfyui import ComfyuiConfig
 from sdcn_p2p.backends.webui import WebuiConfig
 from sdcn_p2p.dht.service import DhtConfig
 from sdcn_p2p.errors import ConfigError
@@ -41,6 +42,10 @@ BAD = [
     (ProviderConfig, {"roles": ["provider"]}, "roles"),
     (WebuiConfig, {"progress_interval": 0}, "progress_interval"),
     (WebuiConfig, {"max_response_bytes": 0}, "max_response_bytes"),
+    (ComfyuiConfig, {"timeout": 0}, "timeout"),
+    (ComfyuiConfig, {"poll_interval": -1.0}, "poll_interval"),
+    (ComfyuiConfig, {"quiet_poll_interval": float("nan")}, "quiet_poll_interval"),
+    (ComfyuiConfig, {"max_response_bytes": 0}, "max_response_bytes"),
 ]
 
 
@@ -52,6 +57,8 @@ def test_a_bad_value_is_a_config_error_naming_the_field(
         config(**kwargs)
 
 
-@pytest.mark.parametrize("config", [HostConfig, PeerConfig, DhtConfig, ProviderConfig, WebuiConfig])
+@pytest.mark.parametrize(
+    "config", [HostConfig, PeerConfig, DhtConfig, ProviderConfig, WebuiConfig, ComfyuiConfig]
+)
 def test_the_defaults_are_valid(config: type) -> None:
     config()

@@ -6,7 +6,8 @@
   a core dependency); import it as ``sdcn_p2p.testing.fakewebui``.
 - `fakecomfyui`: a fake ComfyUI speaking its HTTP and WebSocket API with its quirks (its
   cache, per-client events, history that stays ``{}`` until a prompt ends);
-  ``sdcn_p2p.testing.fakecomfyui``.
+  ``sdcn_p2p.testing.fakecomfyui``, a package: its node specs, validator, execution, state and
+  server.
 - `tinysd`: a tiny, randomly initialised Stable Diffusion built offline, for the diffusers
   backend (needs the ``diffusers`` extra, imported when called); ``sdcn_p2p.testing.tinysd``.
 """

@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import trio
@@ -52,11 +52,13 @@ from sdcn_p2p.backends.comfyui.parse import (
     queued_ids,
     validation_error,
 )
-from sdcn_p2p.backends.comfyui.scan import default_hash_cache, read_files
+from sdcn_p2p.backends.comfyui.scan import open_hash_cache, read_files
 from sdcn_p2p.backends.comfyui.workflow import OUTPUT_NODE, Plan, build_workflow
-from sdcn_p2p.backends.diffusers.scan import HashCache
 from sdcn_p2p.errors import BackendUnavailable, JobError, JobErrorCode
 from sdcn_p2p.jobs import JobRequest
+
+if TYPE_CHECKING:
+    from sdcn_p2p.backends.diffusers.scan import HashCache
 
 __all__ = ["ComfyuiBackend", "ComfyuiConfig", "open_comfyui_backend"]
 
@@ -223,7 +225,7 @@ class ComfyuiBackend:
             return {}
         async with self._hash_lock:  # one scan at a time: the cache is not thread-safe
             if self._hash_cache is None:
-                self._hash_cache = HashCache(self.config.hash_cache or default_hash_cache())
+                self._hash_cache = open_hash_cache(self.config.hash_cache)
             wanted = [("checkpoints", n) for n in checkpoints] + [("loras", n) for n in loras]
             return await trio.to_thread.run_sync(
                 read_files, self.config.models_dir, self._hash_cache, wanted

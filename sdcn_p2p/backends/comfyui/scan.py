@@ -12,20 +12,26 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import platformdirs
 
-from sdcn_p2p.backends.diffusers.scan import HashCache, checkpoint_architecture
+if TYPE_CHECKING:
+    from sdcn_p2p.backends.diffusers.scan import HashCache
 
-__all__ = ["default_hash_cache", "read_files"]
+__all__ = ["open_hash_cache", "read_files"]
 
 _HASH_CHARS = 10
 
 
-def default_hash_cache() -> Path:
-    """Where the hash cache lives unless configured: ``comfyui-hashes.json`` in the user cache."""
-    return Path(platformdirs.user_cache_dir("sdcn")) / "comfyui-hashes.json"
+def open_hash_cache(path: Path | None) -> HashCache:
+    """The hash cache in `path` (None: ``comfyui-hashes.json`` in the user cache dir).
+
+    The diffusers backend's modules are imported then, not with this one.
+    """
+    from sdcn_p2p.backends.diffusers.scan import HashCache
+
+    return HashCache(path or Path(platformdirs.user_cache_dir("sdcn")) / "comfyui-hashes.json")
 
 
 def read_files(
@@ -35,6 +41,8 @@ def read_files(
     `models_dir` (for a checkpoint, its architecture is recognised too); the others are left
     out. Blocking: hashes new or changed files (seconds per GB), then saves `cache`.
     """
+    from sdcn_p2p.backends.diffusers.scan import checkpoint_architecture
+
     found: dict[tuple[str, str], dict[str, str]] = {}
     for folder, name in wanted:
         path = models_dir / folder / PurePosixPath(name.replace("\\", "/"))
