@@ -149,6 +149,7 @@ class ProviderEntry(BaseModel):
     samplers: list[str]
     slots: int
     queue: int
+    max_queue: int | None = Field(description="Jobs that may wait there; null if unsaid")
     speed: float = Field(description="Iterations per second at 512x512")
     max_pixels: int
     max_steps: int
@@ -285,6 +286,7 @@ def _provider_entry(gateway: Gateway, advert: Advert, now: float) -> ProviderEnt
         samplers=list(advert.samplers),
         slots=advert.slots,
         queue=advert.queue,
+        max_queue=advert.max_queue,
         speed=advert.speed,
         max_pixels=advert.max_pixels,
         max_steps=advert.max_steps,

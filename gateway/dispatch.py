@@ -8,7 +8,8 @@ no provider for the model (a gateway that just joined), one DHT lookup of the mo
 fills it in (only then: not when every known provider is busy, or every 503 would wait on it).
 
 Busy is back-pressure, not a failure: a provider that answers busy, or resets a new stream
-while we keep it full, is held back (see `ProviderDirectory.hold_busy`) rather than banned.
+while we keep it full, is held back (see `ProviderDirectory.hold_busy`) rather than banned;
+so is one whose advert says its slots and queue are full, without being asked.
 A ban would leave it idle once its queue drains, and under overload that cut what the
 network served by half or more (benchmarks/load.py).
 
@@ -282,6 +283,9 @@ class Dispatcher:
 
     def _on_advert(self, advert: Advert) -> None:
         if advert.state != "online" or PROVIDER_ROLE not in advert.roles:
+            return
+        if advert.full:  # it would answer busy: hold it back as if it had, without asking
+            self.directory.hold_busy(advert.peer_id, self.peer.wall_clock(), advert.seq)
             return
         names = {normalize_model_name(n) for m in advert.models for n in (m.name, m.title) if n}
         for name in names:

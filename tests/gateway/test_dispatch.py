@@ -242,6 +242,25 @@ async def test_when_all_are_busy_jobs_wait_for_room(
         assert net.dispatcher.waiting == 0
 
 
+async def test_a_provider_advertising_a_full_queue_is_not_asked(autojump_clock) -> None:
+    """Its advert says it would answer busy: the job waits for room without asking it, and
+    runs there once its next advert shows room.
+    """
+    backends = [WatchedBackend()]
+    config = ProviderConfig(slots=1, max_queue=0)
+    async with (
+        gateway_network(*backends, configs=[config]) as net,
+        trio.open_nursery() as nursery,
+    ):
+        await occupy(net, 0, nursery)
+        advert = await wait_advert(net.gateway, net.nodes[0], lambda a: a.queue == 1)
+        assert advert.max_queue == 0 and advert.full
+        assert net.directory.is_busy(net.nodes[0].peer_id, mock_wall_clock())
+        result = await net.dispatcher.run(job(seed=5))
+        assert result.info["attempts"] == 1  # no busy answer on the way
+        assert backends[0].seeds[1:] == [5]
+
+
 async def test_a_full_queue_and_a_long_wait_are_503(autojump_clock) -> None:
     backends = [WatchedBackend()]
     config = GatewayConfig(queue_wait=2.0, max_waiting=1)
