@@ -9,8 +9,9 @@ network catalog and a health check.
 Every error, on every route, is ``{"msg": "..."}`` and nothing else: 400 bad input (the
 message names the field), 404 no provider offers the model, LoRA, sampler or size (or no such
 route), 405 wrong method, 413 a body over MAX_BODY bytes, 502 the provider failed, 503 every
-capable provider stayed busy while the job waited in the gateway's queue, or is unreachable
-(with Retry-After), 504 the deadline passed. A client
+capable provider stayed busy while the job waited in the gateway's queue, or is unreachable,
+or the queue ahead would not let the job start within its wait (with Retry-After: when the
+queue ahead is through, if the gateway can tell, else 1 s), 504 the deadline passed. A client
 that disconnects while its job runs cancels the job (the provider's stream is reset).
 """
 
@@ -674,7 +675,8 @@ async def _job_error(request: Request, exc: JobError) -> Response:
 
 async def _dispatch_error(request: Request, exc: DispatchError) -> Response:
     # 503 is back-pressure: tell clients when trying again is worth it (RFC 9110 10.2.3).
-    headers = {"Retry-After": str(RETRY_AFTER)} if exc.status == 503 else None
+    retry_after = RETRY_AFTER if exc.retry_after is None else math.ceil(exc.retry_after)
+    headers = {"Retry-After": str(retry_after)} if exc.status == 503 else None
     return _error(exc.status, exc.message, headers)
 
 

@@ -198,6 +198,23 @@ class ProviderDirectory:
         queue = max(advert.queue, in_flight) / advert.slots
         return Candidate(advert, rtt + queue * run + run, rtt, in_flight, proven)
 
+    def capacity(
+        self, job: JobRequest, now: float, *, exclude: Collection[PeerId] = ()
+    ) -> tuple[float, int]:
+        """What the providers that could run `job` get through, full or not: jobs like it
+        per second (each provider's slots over its run at the speed this gateway measured
+        there, else the advertised one), and the jobs waiting in their own queues beyond
+        their slots. While any of them is proven, only proven ones count: a claim is no
+        capacity.
+        """
+        capable = list(self._capable(job, now, exclude))
+        per_second, queued = 0.0, 0
+        for advert in [a for a in capable if a.peer_id in self._proven] or capable:
+            per_second += advert.slots * self._speed(advert) / job.cost
+            load = max(advert.queue, self._in_flight.get(advert.peer_id, 0))
+            queued += max(load - advert.slots, 0)
+        return per_second, queued
+
     def has_model(self, model: str, loras: Iterable[str] = ()) -> bool:
         """Whether any provider, in any state, banned or not, offers `model` with every LoRA.
 

@@ -23,7 +23,9 @@ every second, since a busy hold can lapse unseen, and one that finds room wakes 
 job woken into a provider that turns out busy goes back to its place, but a job behind it may
 have taken the room meanwhile.) Waiting on the gateway spares an overloaded network the storm
 of clients retrying after 503s, which otherwise took most of the gateway's time
-(benchmarks/load.py).
+(benchmarks/load.py). But a job that would not start within its wait (the jobs ahead of it
+over the throughput of the capable providers, see gateway.backlog) does not wait in vain: it
+is a 503 at once, with that estimate as `retry_after`.
 
 Against providers that advertise what they cannot deliver (or never answer), a request
 makes at most one attempt on an unproven provider (one that has completed no job here) while
@@ -43,6 +45,7 @@ from typing import Any, Protocol
 
 import trio
 
+from gateway.backlog import Throughput, start_in
 from gateway.directory import Candidate, ProviderDirectory
 from sdcn_p2p.errors import NETWORK_ERRORS, JobError, RecordError, SdcnError, StreamReset
 from sdcn_p2p.identity import PeerId
@@ -70,6 +73,8 @@ _TIMEOUT_BAN_FACTOR = 2.0
 _RECHECK = 1.0
 #: Busy answers one request takes before it gives up with a 503.
 _MAX_BUSY = 16
+#: Longest Retry-After (s) an early 503 gives, however long the line.
+_MAX_RETRY_AFTER = 600.0
 
 
 class DispatchError(SdcnError):
@@ -78,12 +83,14 @@ class DispatchError(SdcnError):
     400: a provider found the request invalid. 404: no provider offers the model, a LoRA, or
     the sampler, size or steps asked for. 502: the last provider tried failed in its backend.
     503: every capable provider is busy, banned or unreachable. 504: the deadline passed.
+    `retry_after`: seconds after which trying again is worth it, when the gateway knows.
     """
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,13 +251,15 @@ class Dispatcher:
         now = trio.current_time()
         if request.busy >= _MAX_BUSY or config.queue_wait <= 0 or not self._only_full(request):
             return None
+        line = normalize_model_name(request.job.model)
         if request.wait_until == 0.0:  # its first wait
             if self._waiting >= config.max_waiting:
                 return None
-            request.wait_until = now + min(config.queue_wait, (request.end - now) / 2)
+            limit = min(config.queue_wait, (request.end - now) / 2)
+            self._refuse_if_late(request, self._lines.get(line), limit)
+            request.wait_until = now + limit
             request.ticket = next(self._tickets)
-        line = normalize_model_name(request.job.model)
-        queue = self._lines.setdefault(line, _WaitQueue())
+        queue = self._lines.setdefault(line, _WaitQueue(now))
         event = queue.join(request.ticket)
         self._waiting += 1
         try:
@@ -275,6 +284,28 @@ class Dispatcher:
             queue.leave(request.ticket, event)
             if not queue and self._lines.get(line) is queue:
                 del self._lines[line]
+
+    def _refuse_if_late(self, request: _Request, queue: _WaitQueue | None, limit: float) -> None:
+        """Raise a 503 now if `request`'s job would not start within `limit` seconds of
+        waiting behind `queue` (see gateway.backlog), with that estimate as Retry-After.
+        """
+        now = trio.current_time()
+        job = request.job
+        speed, queued = self.directory.capacity(
+            job, self.peer.wall_clock(), exclude=self._exclude(request)
+        )
+        measured = queue.throughput.rate(now) if queue is not None else None
+        rate = speed if measured is None else measured
+        ahead = len(queue) if queue is not None else 0
+        wait = start_in(ahead, queued, rate)
+        if wait > limit:
+            raise DispatchError(
+                503,
+                f"every provider of model {job.model!r} is full: {ahead + queued} job(s) ahead "
+                f"at {rate:.1f}/s would start this one in {wait:.0f} s, past its {limit:.0f} s "
+                "wait",
+                retry_after=min(wait, _MAX_RETRY_AFTER),
+            )
 
     def _only_full(self, request: _Request) -> bool:
         return self.directory.only_full(
@@ -382,6 +413,7 @@ class Dispatcher:
             else:  # room for the job of this model that waited longest
                 queue = self._lines.get(normalize_model_name(request.job.model))
                 if queue is not None:
+                    queue.throughput.record(trio.current_time())
                     queue.wake()
         self.directory.succeeded(peer)
         queued = result.info.get("queue_ms", 0) / 1000
@@ -487,8 +519,9 @@ class _WaitQueue:
     """The jobs of one model waiting for a provider to have room, in line by their tickets
     (the order they came)."""
 
-    def __init__(self) -> None:
+    def __init__(self, now: float) -> None:
         self._line: list[tuple[int, trio.Event]] = []  # sorted by ticket
+        self.throughput = Throughput(now)  # of this model's jobs, while the line stands
 
     def __len__(self) -> int:
         return len(self._line)

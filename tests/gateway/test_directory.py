@@ -330,3 +330,23 @@ def test_only_the_latest_proven_providers_are_remembered_and_protected(monkeypat
         found.succeeded(PEERS[index])
     assert found.adverts.protected == {PEERS[1], PEERS[2]}
     assert [c.proven for c in found.candidates(job(), NOW)].count(True) == 2
+
+
+def test_capacity_counts_what_capable_providers_get_through_and_their_queues() -> None:
+    found = directory(
+        advert(0, speed=2.0, slots=2, queue=5),  # 2 slots of 10 s: 0.2 jobs/s, 3 queued
+        advert(1, speed=4.0),  # 0.2 jobs/s, idle
+        advert(2, speed=8.0, models=(ModelInfo("sdxl"),)),  # another model
+        advert(3, speed=8.0, state="draining"),
+    )
+    assert found.capacity(job(), NOW) == (pytest.approx(0.4), 3)
+    for _ in range(4):  # our jobs count where the advert lags behind
+        found.started(PEERS[1])
+    assert found.capacity(job(), NOW) == (pytest.approx(0.4), 6)
+    found.ban(PEERS[0], NOW)
+    assert found.capacity(job(), NOW) == (pytest.approx(0.2), 3)
+    assert found.capacity(job(), NOW, exclude=[PEERS[1]]) == (0.0, 0)
+    # Measured speed replaces a claim; while one is proven, claims are no capacity.
+    found.observe(PEERS[1], 20.0, 20.0)
+    found.succeeded(PEERS[1])
+    assert found.capacity(job(), NOW + BAN_MAX * 2) == (pytest.approx(0.05), 3)
