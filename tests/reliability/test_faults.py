@@ -484,6 +484,38 @@ async def test_all_providers_full_queues_then_is_a_quick_503_with_retry_after_an
         assert not any(gateway.directory.is_banned(n.peer.peer_id, now) for n in nodes)
 
 
+async def test_a_job_that_could_not_start_in_its_wait_is_a_503_at_once_saying_when(
+    autojump_clock,
+) -> None:
+    """One provider, 4.7 s a job, jobs that may wait 17.3 s: of six requests at once through
+    the HTTP API, four get images (one at once, three after waiting) and two a 503 at once
+    whose Retry-After is when the four will be through (18.75 s).
+    """
+    slow = TestcardConfig(models=("card",), speed=0.5)
+    async with open_net() as net:
+        await net.start(1, TestcardBackend(slow), config=ProviderConfig(slots=1, max_queue=0))
+        app = create_app(Gateway(net.gateway, rng=random.Random(4)))
+        answers: list[tuple[int, float, httpx.Headers]] = []
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+
+            async def one(seed: int) -> None:
+                start = trio.current_time()
+                body = {"model": "card", "prompt": "x", "seed": seed, "steps": 150}
+                response = await http.post("/txt2img", json=body | {"width": 64, "height": 64})
+                answers.append(
+                    (response.status_code, trio.current_time() - start, response.headers)
+                )
+
+            async with trio.open_nursery() as nursery:
+                for seed in range(6):
+                    nursery.start_soon(one, seed)
+                    await trio.sleep(0.01)
+        assert sorted(code for code, *_ in answers) == [200] * 4 + [503] * 2
+        refusals = [(took, headers) for code, took, headers in answers if code == 503]
+        assert all(took < 0.1 and headers["retry-after"] == "19" for took, headers in refusals)
+
+
 async def test_streams_refused_at_a_providers_stream_limit_are_back_pressure(
     autojump_clock,
 ) -> None:
