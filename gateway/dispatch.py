@@ -16,12 +16,13 @@ network served by half or more (benchmarks/load.py).
 When every provider that could run a job is full (held back after busy, or running as many
 of our jobs as we send one), the job waits in its model's line, first come first served, for
 one to have room: up to `GatewayConfig.queue_wait` seconds (at most half its deadline), with
-at most `GatewayConfig.max_waiting` jobs waiting in all; then, or beyond that, it is a 503. A
-job ending wakes the first in its model's line; an advert of a provider with room wakes as
-many as it has free slots in each line of its models; the first in each line also looks again
-every second, since a busy hold can lapse unseen, and one that finds room wakes the next. (A
-job woken into a provider that turns out busy goes back to its place, but a job behind it may
-have taken the room meanwhile.) Waiting on the gateway spares an overloaded network the storm
+at most `GatewayConfig.max_waiting` jobs waiting in all; then, or beyond that, it is a 503.
+While jobs of a model wait, a new job of that model joins the line without trying providers
+first: the room a job frees is the line's. A job ending wakes the first in its model's line;
+an advert of a provider with room wakes as many as it has free slots in each line of its
+models; the first in each line also looks again every second, since a busy hold can lapse
+unseen, and one that finds room wakes the next. (A job woken into a provider that turns out
+busy goes back to its place, but a job behind it may have taken the room meanwhile.) Waiting on the gateway spares an overloaded network the storm
 of clients retrying after 503s, which otherwise took most of the gateway's time
 (benchmarks/load.py). But a job that would not start within its wait (the jobs ahead of it
 over the throughput of the capable providers, see gateway.backlog) does not wait in vain: it
@@ -223,7 +224,9 @@ class Dispatcher:
         job = request.job
         looked_up = False
         while len(request.tried) < self.config.max_attempts:
-            candidate = self._choose(request)
+            # A newcomer queues behind the jobs waiting for its model: the room a job frees
+            # is theirs, and racing them for it only meets busy answers.
+            candidate = None if self._behind_line(request) else self._choose(request)
             # Only when nobody is known to offer the model: providers that are all busy or
             # banned are no reason for a lookup, which would hold up every 503 under load.
             if candidate is None and not looked_up and not self._known(job):
@@ -249,7 +252,11 @@ class Dispatcher:
         """
         config = self.config
         now = trio.current_time()
-        if request.busy >= _MAX_BUSY or config.queue_wait <= 0 or not self._only_full(request):
+        if (
+            request.busy >= _MAX_BUSY
+            or config.queue_wait <= 0
+            or not (self._behind_line(request) or self._only_full(request))
+        ):
             return None
         line = normalize_model_name(request.job.model)
         if request.wait_until == 0.0:  # its first wait
@@ -306,6 +313,12 @@ class Dispatcher:
                 "wait",
                 retry_after=min(wait, _MAX_RETRY_AFTER),
             )
+
+    def _behind_line(self, request: _Request) -> bool:
+        """Whether `request` has not waited yet and jobs of its model are waiting."""
+        return request.wait_until == 0.0 and bool(
+            self._lines.get(normalize_model_name(request.job.model))
+        )
 
     def _only_full(self, request: _Request) -> bool:
         return self.directory.only_full(
