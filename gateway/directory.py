@@ -15,7 +15,8 @@ believed only until its first jobs come back.
 
 `choose` picks at random among the candidates within 10 % of the best, so that gateways
 reading the same adverts do not all herd onto one provider. A provider with MAX_IN_FLIGHT of
-this gateway's jobs, or held back after answering busy, is no candidate. A provider that fails
+this gateway's jobs, or as many as its advert says it holds (slots and queue), or held back
+after answering busy, is no candidate. A provider that fails
 is banned
 for 5 s, doubling with each consecutive failure up to 5 min; a success forgets its failures.
 
@@ -135,7 +136,7 @@ class ProviderDirectory:
 
     def only_full(self, job: JobRequest, now: float, *, exclude: Collection[PeerId] = ()) -> bool:
         """Whether providers could run `job` but every one is full for now (held back after
-        answering busy, or running MAX_IN_FLIGHT of our jobs): a job worth queueing for."""
+        answering busy, or running all of our jobs it takes): a job worth queueing for."""
         capable = list(self._capable(job, now, exclude))
         return bool(capable) and all(self._full(advert, now) for advert in capable)
 
@@ -153,7 +154,10 @@ class ProviderDirectory:
                 yield advert
 
     def _full(self, advert: Advert, now: float) -> bool:
-        return self._held(advert, now) or self._in_flight.get(advert.peer_id, 0) >= MAX_IN_FLIGHT
+        room = MAX_IN_FLIGHT
+        if advert.max_queue is not None:  # more of ours than it holds would meet busy
+            room = min(room, advert.slots + advert.max_queue)
+        return self._held(advert, now) or self._in_flight.get(advert.peer_id, 0) >= room
 
     def choose(
         self,

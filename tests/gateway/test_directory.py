@@ -33,6 +33,7 @@ def advert(
     speed: float = 2.0,
     slots: int = 1,
     queue: int = 0,
+    max_queue: int | None = None,
     max_pixels: int = 0,
     max_steps: int = 0,
     state: str = "online",
@@ -49,6 +50,7 @@ def advert(
         speed=speed,
         slots=slots,
         queue=queue,
+        max_queue=max_queue,
         max_pixels=max_pixels,
         max_steps=max_steps,
         state=state,
@@ -280,6 +282,16 @@ def test_a_provider_with_max_in_flight_of_our_jobs_is_no_candidate() -> None:
     for _ in range(MAX_IN_FLIGHT):
         found.started(PEERS[0])
     assert chosen(found, job()) == [PEERS[1]]
+    found.finished(PEERS[0])
+    assert PEERS[0] in chosen(found, job())
+
+
+def test_a_provider_holding_all_it_advertises_of_our_jobs_is_full() -> None:
+    found = directory(advert(0, slots=2, max_queue=1), advert(1, speed=0.1))
+    for _ in range(3):  # its two slots and its queue
+        found.started(PEERS[0])
+    assert chosen(found, job()) == [PEERS[1]]
+    assert found.only_full(job(), NOW, exclude=[PEERS[1]])
     found.finished(PEERS[0])
     assert PEERS[0] in chosen(found, job())
 
