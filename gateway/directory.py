@@ -16,9 +16,8 @@ believed only until its first jobs come back.
 `choose` picks at random among the candidates within 10 % of the best, so that gateways
 reading the same adverts do not all herd onto one provider. A provider with MAX_IN_FLIGHT of
 this gateway's jobs, or as many as its advert says it holds (slots and queue), or held back
-after answering busy, is no candidate. A provider that fails
-is banned
-for 5 s, doubling with each consecutive failure up to 5 min; a success forgets its failures.
+after answering busy, is no candidate. A provider that fails is banned for 5 s, doubling with
+each consecutive failure up to 5 min; a success forgets its failures.
 
 Adverts are claims anyone can make, so the gateway trusts what it has seen: a provider that
 completed a job for it is *proven* (the last MAX_PROVEN are remembered, and their adverts

@@ -22,11 +22,12 @@ first: the room a job frees is the line's. A job ending wakes the first in its m
 an advert of a provider with room wakes as many as it has free slots in each line of its
 models; the first in each line also looks again every second, since a busy hold can lapse
 unseen, and one that finds room wakes the next. (A job woken into a provider that turns out
-busy goes back to its place, but a job behind it may have taken the room meanwhile.) Waiting on the gateway spares an overloaded network the storm
-of clients retrying after 503s, which otherwise took most of the gateway's time
-(benchmarks/load.py). But a job that would not start within its wait (the jobs ahead of it
-over the throughput of the capable providers, see gateway.backlog) does not wait in vain: it
-is a 503 at once, with that estimate as `retry_after`.
+busy goes back to its place, but a job behind it may have taken the room meanwhile.) Waiting
+on the gateway spares an overloaded network the storm of clients retrying after 503s, which
+otherwise took most of the gateway's time (benchmarks/load.py). But a job that would not
+start within its wait (the jobs ahead of it over the throughput of the capable providers, see
+gateway.backlog) does not wait in vain: it is a 503 at once, with that estimate as
+`retry_after`.
 
 Against providers that advertise what they cannot deliver (or never answer), a request
 makes at most one attempt on an unproven provider (one that has completed no job here) while
