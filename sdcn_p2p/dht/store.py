@@ -276,7 +276,8 @@ class RecordStore:
         )
         if value.source in heavy and (victim is None or victim.expires_at >= value.expires_at):
             raise ResourceLimitExceeded(
-                f"the key already holds {self.max_values_per_key} values expiring later"
+                f"the key already holds {self.max_values_per_key} values, and those of the "
+                "senders holding the most are expiring later"
             )
         assert victim is not None
         return victim
@@ -288,7 +289,7 @@ class RecordStore:
         module says. Raises ResourceLimitExceeded, changing nothing, if `value` itself would
         have to go. Expects no expired value in the store.
         """
-        leaving = [value, *freed]  # the newcomer counts +1, the rest -1
+        leaving = list(freed)  # and the victims, as they are chosen
         count = self._count - len(freed) + 1
         size = self._bytes - sum(len(v.data) for v in freed) + len(value.data)
         popped: list[tuple[_Account, _Entry]] = []  # taken off their heaps: back if refused
@@ -296,7 +297,7 @@ class RecordStore:
         try:
             while count > self.max_records or size > self.max_bytes:
                 by_count = count > self.max_records
-                heavy = _heaviest(self._usage_after(leaving, by_count))
+                heavy = _heaviest(self._usage_after(value, leaving, by_count))
                 soonest = [
                     (entry, account)
                     for source in heavy
@@ -305,7 +306,10 @@ class RecordStore:
                 ]
                 entry, account = min(soonest, key=lambda pair: pair[0], default=(None, None))
                 if value.source in heavy and (entry is None or entry[0] >= value.expires_at):
-                    raise ResourceLimitExceeded("the record store is full of values expiring later")
+                    raise ResourceLimitExceeded(
+                        "the record store is full, and the values of the senders holding the "
+                        "most are expiring later"
+                    )
                 assert entry is not None and account is not None
                 popped.append((account, heapq.heappop(account.heap)))
                 victims.append((entry[2], entry[3]))
@@ -318,12 +322,20 @@ class RecordStore:
             raise
         return victims
 
-    def _usage_after(self, leaving: list[StoredValue], by_count: bool) -> dict[Source, int]:
-        """What each source would hold once `leaving[0]` is in and the rest are out."""
+    def _usage_after(
+        self, value: StoredValue, leaving: list[StoredValue], by_count: bool
+    ) -> dict[Source, int]:
+        """What each source would hold (values, or bytes) once `value` is in and `leaving`
+        are out.
+        """
+
+        def size(v: StoredValue) -> int:
+            return 1 if by_count else len(v.data)
+
         usage = {s: a.count if by_count else a.bytes for s, a in self._accounts.items()}
-        for index, v in enumerate(leaving):
-            amount = 1 if by_count else len(v.data)
-            usage[v.source] = usage.get(v.source, 0) + (amount if index == 0 else -amount)
+        usage[value.source] = usage.get(value.source, 0) + size(value)
+        for v in leaving:
+            usage[v.source] -= size(v)
         return usage
 
     def _soonest(
