@@ -111,6 +111,7 @@ class Catalog:
             "samplers": list(advert.samplers),
             "slots": advert.slots,
             "queue": advert.queue,
+            "max_queue": advert.max_queue,
             "speed": advert.speed,
             "max_pixels": advert.max_pixels,
             "max_steps": advert.max_steps,

@@ -8,21 +8,26 @@ no provider for the model (a gateway that just joined), one DHT lookup of the mo
 fills it in (only then: not when every known provider is busy, or every 503 would wait on it).
 
 Busy is back-pressure, not a failure: a provider that answers busy, or resets a new stream
-while we keep it full, is held back (see `ProviderDirectory.hold_busy`) rather than banned.
+while we keep it full, is held back (see `ProviderDirectory.hold_busy`) rather than banned;
+so is one whose advert says its slots and queue are full, without being asked.
 A ban would leave it idle once its queue drains, and under overload that cut what the
 network served by half or more (benchmarks/load.py).
 
 When every provider that could run a job is full (held back after busy, or running as many
 of our jobs as we send one), the job waits in its model's line, first come first served, for
 one to have room: up to `GatewayConfig.queue_wait` seconds (at most half its deadline), with
-at most `GatewayConfig.max_waiting` jobs waiting in all; then, or beyond that, it is a 503. A
-job ending wakes the first in its model's line; an advert of a provider with room wakes as
-many as it has free slots in each line of its models; the first in each line also looks again
-every second, since a busy hold can lapse unseen, and one that finds room wakes the next. (A
-job woken into a provider that turns out busy goes back to its place, but a job behind it may
-have taken the room meanwhile.) Waiting on the gateway spares an overloaded network the storm
-of clients retrying after 503s, which otherwise took most of the gateway's time
-(benchmarks/load.py).
+at most `GatewayConfig.max_waiting` jobs waiting in all; then, or beyond that, it is a 503.
+While jobs of a model wait, a new job of that model joins the line without trying providers
+first: the room a job frees is the line's. A job ending wakes the first in its model's line;
+an advert of a provider with room wakes as many as it has free slots in each line of its
+models; the first in each line also looks again every second, since a busy hold can lapse
+unseen, and one that finds room wakes the next. (A job woken into a provider that turns out
+busy goes back to its place, but a job behind it may have taken the room meanwhile.) Waiting
+on the gateway spares an overloaded network the storm of clients retrying after 503s, which
+otherwise took most of the gateway's time (benchmarks/load.py). But a job that would not
+start within its wait (the jobs ahead of it over the throughput of the capable providers, see
+gateway.backlog) does not wait in vain: it is a 503 at once, with that estimate as
+`retry_after`.
 
 Against providers that advertise what they cannot deliver (or never answer), a request
 makes at most one attempt on an unproven provider (one that has completed no job here) while
@@ -48,6 +53,7 @@ from typing import Any, Protocol
 
 import trio
 
+from gateway.backlog import start_in
 from gateway.directory import Candidate, ProviderDirectory
 from gateway.errors import (
     AllBusy,
@@ -95,6 +101,8 @@ _TIMEOUT_BAN_FACTOR = 2.0
 _RECHECK = 1.0
 #: Busy answers one request takes before it gives up with a 503.
 _MAX_BUSY = 16
+#: Longest Retry-After (s) an early 503 gives, however long the line.
+_MAX_RETRY_AFTER = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,7 +302,9 @@ class Dispatcher:
         job = request.job
         looked_up = False
         while len(request.tried) < self.config.max_attempts:
-            candidate = self._choose(request)
+            # A newcomer queues behind the jobs waiting for its model: the room a job frees
+            # is theirs, and racing them for it only meets busy answers.
+            candidate = None if self._behind_line(request) else self._choose(request)
             # Only when nobody is known to offer the model: providers that are all busy or
             # banned are no reason for a lookup, which would hold up every 503 under load.
             if candidate is None and not looked_up and not self._known(job):
@@ -320,15 +330,22 @@ class Dispatcher:
         """
         config = self.config
         now = trio.current_time()
-        if request.busy >= _MAX_BUSY or config.queue_wait <= 0 or not self._only_full(request):
+        if (
+            request.busy >= _MAX_BUSY
+            or config.queue_wait <= 0
+            or not (self._behind_line(request) or self._only_full(request))
+        ):
             return None
+        line = normalize_model_name(request.job.model)
         if request.wait_until == 0.0:  # its first wait
             if self._waiting >= config.max_waiting:
                 return None
-            request.wait_until = now + min(config.queue_wait, (request.end - now) / 2)
+            limit = min(config.queue_wait, (request.end - now) / 2)
+            self._refuse_if_late(request, self._lines.get(line), limit)
+            request.wait_until = now + limit
             request.ticket = next(self._tickets)
         line = normalize_model_name(request.job.model)
-        queue = self._lines.setdefault(line, WaitQueue())
+        queue = self._lines.setdefault(line, WaitQueue(now))
         event = queue.join(request.ticket)
         request.waiting_at(queue.position(request.ticket))
         self._waiting += 1
@@ -356,6 +373,33 @@ class Dispatcher:
             if not queue and self._lines.get(line) is queue:
                 del self._lines[line]
 
+    def _refuse_if_late(self, request: _Request, queue: WaitQueue | None, limit: float) -> None:
+        """Raise a 503 now if `request`'s job would not start within `limit` seconds of
+        waiting behind `queue` (see gateway.backlog), with that estimate as Retry-After.
+        """
+        now = trio.current_time()
+        job = request.job
+        speed, queued = self.directory.capacity(
+            job, self.peer.wall_clock(), exclude=self._exclude(request)
+        )
+        measured = queue.throughput.rate(now) if queue is not None else None
+        rate = speed if measured is None else measured
+        ahead = len(queue) if queue is not None else 0
+        wait = start_in(ahead, queued, rate)
+        if wait > limit:
+            raise AllBusy(
+                f"every provider of model {job.model!r} is full: {ahead + queued} job(s) ahead "
+                f"at {rate:.1f}/s would start this one in {wait:.0f} s, past its {limit:.0f} s "
+                "wait",
+                retry_after=min(wait, _MAX_RETRY_AFTER),
+            )
+
+    def _behind_line(self, request: _Request) -> bool:
+        """Whether `request` has not waited yet and jobs of its model are waiting."""
+        return request.wait_until == 0.0 and bool(
+            self._lines.get(normalize_model_name(request.job.model))
+        )
+
     def _only_full(self, request: _Request) -> bool:
         return self.directory.only_full(
             request.job, self.peer.wall_clock(), exclude=self._exclude(request)
@@ -363,6 +407,9 @@ class Dispatcher:
 
     def _on_advert(self, advert: Advert) -> None:
         if not advert.is_online_provider:
+            return
+        if advert.full:  # it would answer busy: hold it back as if it had, without asking
+            self.directory.hold_busy(advert.peer_id, self.peer.wall_clock(), advert.seq)
             return
         names = {normalize_model_name(n) for m in advert.models for n in (m.name, m.title) if n}
         for name in names:
@@ -457,6 +504,7 @@ class Dispatcher:
             else:  # room for the job of this model that waited longest
                 queue = self._lines.get(normalize_model_name(request.job.model))
                 if queue is not None:
+                    queue.throughput.record(trio.current_time())
                     queue.wake()
         self.directory.succeeded(peer)
         queued = result.info.get("queue_ms", 0) / 1000

@@ -47,7 +47,15 @@ class ProviderFailed(DispatchError):
 
 
 class AllBusy(DispatchError):
-    """Every capable provider stayed busy while the job waited, or is banned or unreachable."""
+    """Every capable provider stayed busy while the job waited, or is banned or unreachable,
+    or the queue ahead would not let the job start within its wait.
+
+    `retry_after`: seconds after which trying again is worth it, when the gateway can tell.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class DeadlinePassed(DispatchError):

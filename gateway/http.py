@@ -6,7 +6,8 @@ one place a failure becomes an HTTP status: 400 bad input (JobError ``bad_reques
 provider that refused the request), 404 no provider offers the model, LoRA, sampler or size
 (or no such route), 405 wrong method, 413 a body over the limit, 502 the provider failed, 503
 every capable provider stayed busy while the job waited in the gateway's queue, or is
-unreachable (with Retry-After), 504 the deadline passed.
+unreachable, or the queue ahead would not let the job start within its wait (with Retry-After:
+when the queue ahead is through, if the gateway can tell, else 1 s), 504 the deadline passed.
 """
 
 from __future__ import annotations
@@ -151,7 +152,9 @@ def install_error_handlers(app: FastAPI) -> None:
 async def _job_error(request: Request, exc: JobError | DispatchError) -> Response:
     status = error_status(exc)
     # 503 is back-pressure: tell clients when trying again is worth it (RFC 9110 10.2.3).
-    headers = {"Retry-After": str(RETRY_AFTER)} if status == 503 else None
+    retry_after = getattr(exc, "retry_after", None)
+    seconds = RETRY_AFTER if retry_after is None else math.ceil(retry_after)
+    headers = {"Retry-After": str(seconds)} if status == 503 else None
     return error_response(status, exc.message, headers)
 
 

@@ -92,6 +92,7 @@ class ProviderEntry(BaseModel):
     samplers: list[str]
     slots: int
     queue: int
+    max_queue: int | None = Field(description="Jobs that may wait there; null if unsaid")
     speed: float = Field(description="Iterations per second at 512x512")
     max_pixels: int
     max_steps: int

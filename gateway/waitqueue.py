@@ -11,6 +11,8 @@ import bisect
 
 import trio
 
+from gateway.backlog import Throughput
+
 __all__ = ["WaitQueue"]
 
 
@@ -18,8 +20,9 @@ class WaitQueue:
     """The jobs of one model waiting for a provider to have room, in line by their tickets
     (the order they came)."""
 
-    def __init__(self) -> None:
+    def __init__(self, now: float) -> None:
         self._line: list[tuple[int, trio.Event]] = []  # sorted by ticket
+        self.throughput = Throughput(now)  # of this model's jobs, while the line stands
 
     def __len__(self) -> int:
         return len(self._line)

@@ -646,9 +646,12 @@ class Connection:
             self._idle_lot.unpark_all()
 
     async def aclose(self, reason: str = "closed locally") -> None:
-        """Close at once: pending streams see BrokenResourceError. Idempotent."""
+        """Close at once: the connection counts as closed from the first moment (no new
+        stream goes over it), and pending streams see BrokenResourceError. Idempotent.
+        """
         if self.close_reason is None:
             self.close_reason = reason
+        self.closed = True
         try:
             # The reader keeps draining meanwhile, so the transport's closing handshake can
             # complete instead of waiting behind unread messages.

@@ -517,9 +517,12 @@ class Host:
         return False
 
     async def disconnect(self, peer: PeerId) -> None:
-        """Close every connection to `peer` at once."""
-        for conn in list(self._conns.get(peer, ())):
-            await conn.aclose("disconnected locally")
+        """Close every connection to `peer` at once; returns when they are closed, so a
+        `new_stream` to `peer` right after dials afresh.
+        """
+        async with trio.open_nursery() as nursery:
+            for conn in list(self._conns.get(peer, ())):
+                nursery.start_soon(conn.aclose, "disconnected locally")
 
     # --- streams ---------------------------------------------------------------------------------
 

@@ -251,6 +251,7 @@ class Provider:
             max_steps=caps.max_steps if caps else 0,
             slots=self.config.slots,
             queue=min(self.load, 10**6),
+            max_queue=min(self.config.max_queue, 10**6),
             speed=min(speed, 1e4),
             state=self.state,
             roles=self.config.roles,

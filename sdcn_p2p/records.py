@@ -361,7 +361,9 @@ class Advert:
     max_pixels: int = 0
     max_steps: int = 0
     slots: int = 1
-    queue: int = 0
+    queue: int = 0  # jobs running or waiting there
+    #: Jobs that may wait for a slot before the provider answers busy; None: not advertised.
+    max_queue: int | None = None
     speed: float = 0.0  # iterations per second at 512x512
     state: AdvertState = AdvertState.ONLINE
     #: What the peer does (`Role`; unknown roles are kept as strings).
@@ -427,6 +429,8 @@ class Advert:
         _check_int("max_steps", self.max_steps, 0, 10_000)
         _check_int("slots", self.slots, 1, 1024)
         _check_int("queue", self.queue, 0, 10**6)
+        if self.max_queue is not None:
+            _check_int("max_queue", self.max_queue, 0, 10**6)
         object.__setattr__(self, "speed", _check_number("speed", self.speed, 0, 1e4))
 
     @property
@@ -437,6 +441,13 @@ class Advert:
     def is_online_provider(self) -> bool:
         """Whether the peer runs jobs and takes new ones now (role provider, state online)."""
         return self.state is AdvertState.ONLINE and Role.PROVIDER in self.roles
+
+    @property
+    def full(self) -> bool:
+        """Whether the provider was answering busy when it signed this: `slots` running and
+        `max_queue` waiting. (Its busy answer is the authority; this may be a second old.)
+        """
+        return self.max_queue is not None and self.queue >= self.slots + self.max_queue
 
     def check_fresh(self, now: float) -> None:
         """Raise RecordError if the advert has expired at wall time `now` or is from the future."""
@@ -462,6 +473,9 @@ class Advert:
         """Sign the advert; raises ValueError if `identity` is not the advert's peer."""
         if identity.peer_id != self.peer_id:
             raise ValueError(f"cannot seal an advert of {self.peer_id} with the key of {identity}")
+        load = [self.slots, self.queue]
+        if self.max_queue is not None:
+            load.append(self.max_queue)
         payload = {
             "peer_id": self.peer_id.bytes,
             "seq": self.seq,
@@ -475,7 +489,7 @@ class Advert:
             "samplers": list(self.samplers),
             "vram": [self.vram_total_mb, self.vram_free_mb],
             "limits": [self.max_pixels, self.max_steps],
-            "load": [self.slots, self.queue],
+            "load": load,
             "speed": self.speed,
             "state": self.state,
             "roles": list(self.roles),
@@ -518,7 +532,7 @@ class Advert:
             loras = tuple(LoraInfo(*_strings(lo, 2)) for lo in p["loras"])
             vram_total, vram_free = _pair(p["vram"])
             max_pixels, max_steps = _pair(p["limits"])
-            slots, queue = _pair(p["load"])
+            slots, queue, max_queue = _load(p["load"])
             return cls(
                 peer_id=peer_id,
                 seq=p["seq"],
@@ -536,6 +550,7 @@ class Advert:
                 max_steps=max_steps,
                 slots=slots,
                 queue=queue,
+                max_queue=max_queue,
                 speed=p["speed"],
                 state=p["state"],
                 roles=tuple(p["roles"][: cls.MAX_ROLES + 1]),
@@ -548,6 +563,13 @@ def _strings(value: object, count: int) -> list[str]:
     if type(value) is not list or len(value) != count:
         raise ValueError(f"expected a list of {count} strings")
     return value
+
+
+def _load(value: object) -> tuple[int, int, int | None]:
+    """``[slots, queue]``, or ``[slots, queue, max_queue]`` from providers that say it."""
+    if type(value) is list and len(value) == 3:
+        return value[0], value[1], value[2]
+    return (*_pair(value), None)
 
 
 def _pair(value: object) -> tuple[int, int]:

@@ -34,6 +34,7 @@ BAD = [
     (DhtConfig, {"rpc_timeout": 0.0}, "rpc_timeout"),
     (DhtConfig, {"max_records": 0}, "max_records"),
     (DhtConfig, {"server": "yes"}, "server"),
+    (DhtConfig, {"max_per_sender": 0}, "max_per_sender"),
     (ProviderConfig, {"slots": 0}, "slots"),
     (ProviderConfig, {"max_queue": -1}, "max_queue"),
     (ProviderConfig, {"advert_interval": 0}, "advert_interval"),

@@ -3,6 +3,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from contextlib import AsyncExitStack
 from dataclasses import replace
 
 import pytest
@@ -430,3 +431,28 @@ async def test_identify_extensions_reach_the_other_side(autojump_clock) -> None:
             b.set_identify_extension(f"n{name}", lambda: b"")
         with pytest.raises(ValueError, match="at most 8"):
             b.set_identify_extension("one too many", lambda: b"")
+
+
+@pytest.mark.parametrize("transport", ["memory", "websocket"])
+async def test_a_new_stream_right_after_disconnect_dials_afresh(transport: str) -> None:
+    """Once `disconnect` returns the old connection is closed: the next stream to the same
+    peer goes over a new connection instead of failing on the dying one.
+    """
+    async with AsyncExitStack() as stack:
+        if transport == "memory":
+            a, b = await stack.enter_async_context(open_memory_hosts(2))
+        else:
+            a, b = [
+                await stack.enter_async_context(open_host(test_identity(i), HostConfig(LOOPBACK)))
+                for i in range(2)
+            ]
+        add_test_handlers(b)
+        a.peerstore.add_addrs(b.peer_id, b.listen_addrs)
+        old = await a.connect(b.peer_id)
+        await a.disconnect(b.peer_id)
+        assert old.closed and a.connection(b.peer_id) is None
+        stream = await a.new_stream(b.peer_id, SUM)
+        async with stream:
+            await stream.send_message([1, 2, 3])
+            assert await stream.receive_message() == {"sum": 6}
+        assert a.connection(b.peer_id) not in (None, old)

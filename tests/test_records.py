@@ -450,6 +450,22 @@ def test_advert_payload_is_the_documented_map() -> None:
     }
 
 
+def test_an_advert_may_carry_the_queue_limit_and_says_when_it_is_full() -> None:
+    advert = dataclasses.replace(FULL_ADVERT, state="online", max_queue=4)
+    envelope = advert.seal(ALICE)
+    assert msgpack.unpackb(envelope.payload)["load"] == [2, 3, 4]
+    assert Advert.from_envelope(envelope) == advert
+    assert not advert.full
+    assert dataclasses.replace(advert, queue=6).full
+    assert dataclasses.replace(advert, queue=2, max_queue=0).full
+    # Without a limit (an older provider) it never says so: only a busy answer tells.
+    assert FULL_ADVERT.max_queue is None and not dataclasses.replace(FULL_ADVERT, queue=99).full
+    with pytest.raises(ValueError, match="max_queue"):
+        dataclasses.replace(advert, max_queue=-1)
+    with pytest.raises(RecordError, match="max_queue"):
+        Advert.from_envelope(seal_advert_payload(ALICE, advert_payload(load=[1, 0, True])))
+
+
 def test_advert_roles_round_trip_and_are_bounded() -> None:
     gateway = Identity.from_seed(bytes(range(42, 74)))
     advert = Advert(gateway.peer_id, 1, 1000.0, 180, roles=("gateway",), state="unavailable")

@@ -39,7 +39,7 @@ from sdcn_p2p.dht.messages import (
     values_response,
 )
 from sdcn_p2p.dht.routing import AddStatus, RoutingTable
-from sdcn_p2p.dht.store import RecordStore, StoredValue, validate
+from sdcn_p2p.dht.store import RecordStore, Source, StoredValue, validate
 from sdcn_p2p.errors import NETWORK_ERRORS, DialError, RecordError, ResourceLimitExceeded, SdcnError
 from sdcn_p2p.host import Host
 from sdcn_p2p.identity import PeerId
@@ -77,6 +77,10 @@ class DhtConfig:
     server: bool | None = None
     max_record_size: int = MAX_ENVELOPE_SIZE
     max_per_publisher: int = 256
+    #: Values one connected peer, and all the peers on one IP address (IPv6: one /64;
+    #: loopback exempt), may have stored here, whatever identities signed them.
+    max_per_sender: int = 1024
+    max_per_address: int = 4096
     max_records: int = 20_000
     max_values_per_key: int = 256
     max_message_size: int = MAX_MESSAGE_SIZE
@@ -89,6 +93,8 @@ class DhtConfig:
             "alpha",
             "max_record_size",
             "max_per_publisher",
+            "max_per_sender",
+            "max_per_address",
             "max_records",
             "max_values_per_key",
             "max_message_size",
@@ -152,6 +158,8 @@ class Dht:
         self.store = RecordStore(
             max_record_size=config.max_record_size,
             max_per_publisher=config.max_per_publisher,
+            max_per_sender=config.max_per_sender,
+            max_per_address=config.max_per_address,
             max_records=config.max_records,
             max_values_per_key=config.max_values_per_key,
         )
@@ -304,9 +312,10 @@ class Dht:
             message = await stream.receive_message()
             request = decode_request(message, max_value_size=self.config.max_record_size)
             self.routing_table.touch(stream.peer_id, trio.current_time())
-            await stream.send_message(self._answer(request, stream.peer_id))
+            source = Source.of(stream.peer_id, stream.connection.remote_addr)
+            await stream.send_message(self._answer(request, stream.peer_id, source))
 
-    def _answer(self, request: Request, requester: PeerId) -> dict[str, Any]:
+    def _answer(self, request: Request, requester: PeerId, source: Source) -> dict[str, Any]:
         if isinstance(request, FindNode):
             return nodes_response(self._contacts(request.key, requester))
         if isinstance(request, GetValue):
@@ -320,7 +329,7 @@ class Dht:
             return values_response(values, self._contacts(request.key, requester))
         try:
             envelope = Envelope.from_bytes(request.value, max_size=self.config.max_record_size)
-            self.store.put(request.key, envelope, self.wall_clock())
+            self.store.put(request.key, envelope, self.wall_clock(), source)
         except (RecordError, ResourceLimitExceeded) as exc:
             log.debug("refused a record from %s: %s", requester.short(), exc)
             return put_response(False, str(exc))

@@ -579,6 +579,7 @@ async def test_models_providers_and_health(net: Net) -> None:
     assert [m["name"] for m in entry["models"]] == ["card-a", "card-b"]
     assert entry["loras"] == ["pixel"] and "Euler a" in entry["samplers"]
     assert entry["in_flight"] == 0 and entry["banned_until"] > net.gateway.peer.wall_clock()
+    assert (entry["slots"], entry["queue"], entry["max_queue"]) == (1, 0, 8)
     assert entry["rtt_ms"] is None or entry["rtt_ms"] >= 0
     assert providers[str(net.nodes[1].peer_id)]["banned_until"] is None
     assert (await net.http.get("/healthz")).json() == {

@@ -252,6 +252,25 @@ async def test_when_all_are_busy_jobs_wait_for_room(
         assert net.dispatcher.waiting == 0
 
 
+async def test_a_provider_advertising_a_full_queue_is_not_asked(autojump_clock) -> None:
+    """Its advert says it would answer busy: the job waits for room without asking it, and
+    runs there once its next advert shows room.
+    """
+    backends = [WatchedBackend()]
+    config = ProviderConfig(slots=1, max_queue=0)
+    async with (
+        gateway_network(*backends, configs=[config]) as net,
+        trio.open_nursery() as nursery,
+    ):
+        await occupy(net, 0, nursery)
+        advert = await wait_advert(net.gateway, net.nodes[0], lambda a: a.queue == 1)
+        assert advert.max_queue == 0 and advert.full
+        assert net.directory.is_busy(net.nodes[0].peer_id, mock_wall_clock())
+        result = await net.dispatcher.run(job(seed=5))
+        assert result.info["attempts"] == 1  # no busy answer on the way
+        assert backends[0].seeds[1:] == [5]
+
+
 async def test_a_full_queue_and_a_long_wait_are_503(autojump_clock) -> None:
     backends = [WatchedBackend()]
     config = GatewayConfig(queue_wait=2.0, max_waiting=1)
@@ -277,6 +296,40 @@ async def test_a_full_queue_and_a_long_wait_are_503(autojump_clock) -> None:
         assert isinstance(errors[1], AllBusy)
         assert 2.0 <= trio.current_time() - started < 2.5
         assert backends[0].seeds == [backends[0].seeds[0]]  # only the job that occupied it
+
+
+async def test_a_job_that_could_not_start_in_its_wait_is_503_at_once(autojump_clock) -> None:
+    """One provider, 4.7 s a job; a job may wait 17.3 s (half its deadline). Of nine jobs at
+    once, one runs and three can start within their wait (4.7, 9.4 and 14.1 s in): they wait
+    and run. The other five would start 18.8 s in: a 503 at once, saying when.
+    """
+    backends = [WatchedBackend()]
+    config = ProviderConfig(slots=1, max_queue=0)
+    async with gateway_network(*backends, configs=[config]) as net:
+        started = trio.current_time()
+        outcomes: dict[int, tuple[float, DispatchResult | DispatchError]] = {}
+
+        async def one(seed: int) -> None:
+            try:
+                outcome: DispatchResult | DispatchError = await net.dispatcher.run(
+                    long_job(seed=seed)
+                )
+            except DispatchError as exc:
+                outcome = exc
+            outcomes[seed] = (trio.current_time() - started, outcome)
+
+        async with trio.open_nursery() as nursery:
+            for seed in range(9):
+                nursery.start_soon(one, seed)
+                await trio.sleep(0.01)
+        done = {seed for seed, (_, o) in outcomes.items() if isinstance(o, DispatchResult)}
+        assert done == {0, 1, 2, 3}
+        assert backends[0].seeds == [0, 1, 2, 3]
+        for seed in range(4, 9):
+            took, error = outcomes[seed]
+            assert isinstance(error, DispatchError) and error.status == 503
+            assert took < 0.1 and "past its 17 s wait" in error.message
+            assert error.retry_after == pytest.approx(4 * 4.6875)  # when the four are done
 
 
 async def test_a_provider_killed_mid_job_fails_over_and_each_job_runs_once(

@@ -439,6 +439,31 @@ async def test_killing_a_provider_while_it_joins_leaves_no_task_behind(
 # --- back-pressure -----------------------------------------------------------------------------
 
 
+async def post_at_once(
+    app: object, *, count: int, steps: int, stagger: float = 0.0
+) -> list[tuple[int, float, dict, httpx.Headers]]:
+    """POST `count` txt2img jobs of model "card" (seeds 0, 1, ...), `stagger` seconds apart;
+    returns (status, seconds taken, body, headers) of each, in the order they were answered.
+    """
+    answers: list[tuple[int, float, dict, httpx.Headers]] = []
+    transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+
+        async def one(seed: int) -> None:
+            start = trio.current_time()
+            body = {"model": "card", "prompt": "x", "seed": seed, "steps": steps}
+            response = await http.post("/txt2img", json=body | {"width": 64, "height": 64})
+            took = trio.current_time() - start
+            answers.append((response.status_code, took, response.json(), response.headers))
+
+        async with trio.open_nursery() as nursery:
+            for seed in range(count):
+                nursery.start_soon(one, seed)
+                if stagger:
+                    await trio.sleep(stagger)
+    return answers
+
+
 async def test_all_providers_full_queues_then_is_a_quick_503_with_retry_after_and_no_ban(
     autojump_clock,
 ) -> None:
@@ -461,21 +486,7 @@ async def test_all_providers_full_queues_then_is_a_quick_503_with_retry_after_an
 
         net.gateway.dht.get = counted_get  # type: ignore[method-assign]
         gateway = Gateway(net.gateway, GatewayConfig(max_waiting=2), rng=random.Random(4))
-        app = create_app(gateway)
-        statuses: list[tuple[int, float, dict, httpx.Headers]] = []
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
-
-            async def one(seed: int) -> None:
-                start = trio.current_time()
-                body = {"model": "card", "prompt": "x", "seed": seed, "steps": 40}
-                response = await http.post("/txt2img", json=body | {"width": 64, "height": 64})
-                took = trio.current_time() - start
-                statuses.append((response.status_code, took, response.json(), response.headers))
-
-            async with trio.open_nursery() as nursery:
-                for seed in range(12):
-                    nursery.start_soon(one, seed)
+        statuses = await post_at_once(create_app(gateway), count=12, steps=40)
         codes = sorted(code for code, *_ in statuses)
         assert codes == [200] * 6 + [503] * 6
         for code, took, body, headers in statuses:
@@ -484,6 +495,23 @@ async def test_all_providers_full_queues_then_is_a_quick_503_with_retry_after_an
         assert lookups == 0
         now = mock_wall_clock()
         assert not any(gateway.directory.is_banned(n.peer.peer_id, now) for n in nodes)
+
+
+async def test_a_job_that_could_not_start_in_its_wait_is_a_503_at_once_saying_when(
+    autojump_clock,
+) -> None:
+    """One provider, 4.7 s a job, jobs that may wait 17.3 s: of six requests at once through
+    the HTTP API, four get images (one at once, three after waiting) and two a 503 at once
+    whose Retry-After is when the four will be through (18.75 s).
+    """
+    slow = TestcardConfig(models=("card",), speed=0.5)
+    async with open_net() as net:
+        await net.start(1, TestcardBackend(slow), config=ProviderConfig(slots=1, max_queue=0))
+        app = create_app(Gateway(net.gateway, rng=random.Random(4)))
+        answers = await post_at_once(app, count=6, steps=150, stagger=0.01)
+        assert sorted(code for code, *_ in answers) == [200] * 4 + [503] * 2
+        refusals = [(took, headers) for code, took, _, headers in answers if code == 503]
+        assert all(took < 0.1 and headers["retry-after"] == "19" for took, headers in refusals)
 
 
 async def test_streams_refused_at_a_providers_stream_limit_are_back_pressure(
