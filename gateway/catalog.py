@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from gateway.directory import ProviderDirectory
+from gateway.trust import TrustLedger
 from sdcn_p2p.adverts import AdvertCache
 from sdcn_p2p.identity import PeerId
 from sdcn_p2p.jobs import SCHEDULERS
@@ -47,14 +48,17 @@ class Catalog:
         *,
         rtt: Callable[[PeerId], float | None],
         wall_clock: Callable[[], float],
+        trust: TrustLedger | None = None,
     ) -> None:
         """`rtt(peer)`: the measured round trip in seconds, None if unknown;
-        `wall_clock()`: Unix seconds, to tell when adverts and bans end.
+        `wall_clock()`: Unix seconds, to tell when adverts and bans end; `trust`: the
+        providers' records of spot checks, and exclusions.
         """
         self.adverts = adverts
         self._directory = directory
         self._rtt = rtt
         self._wall_clock = wall_clock
+        self._trust = trust
 
     def online_providers(self) -> list[Advert]:
         """The adverts of providers that take jobs now."""
@@ -88,7 +92,9 @@ class Catalog:
 
     def providers(self) -> list[dict[str, Any]]:
         """``GET /v1/providers``: every provider's advert (any state), with the RTT measured
-        to it (ms), this gateway's jobs in flight there, and the end of its ban if banned.
+        to it (ms), this gateway's jobs in flight there, the end of its ban if banned, and its
+        record of spot checks: checked jobs and strikes in its window, and, if it is
+        excluded, until when and why.
         """
         now = self._wall_clock()
         return [self._provider(a, now) for a in self.adverts if Role.PROVIDER in a.roles]
@@ -124,6 +130,19 @@ class Catalog:
             "banned_until": directory.banned_until(peer)
             if directory.is_banned(peer, now)
             else None,
+            **self._standing(peer, now),
+        }
+
+    def _standing(self, peer: PeerId, now: float) -> dict[str, Any]:
+        if self._trust is None:
+            return {"checks": 0, "strikes": 0, "excluded_until": None, "excluded_reason": None}
+        standing = self._trust.standing(peer, now)
+        exclusion = standing.exclusion
+        return {
+            "checks": standing.checks,
+            "strikes": standing.strikes,
+            "excluded_until": None if exclusion is None else exclusion.until,
+            "excluded_reason": None if exclusion is None else exclusion.reason,
         }
 
     def sd_models(self) -> list[dict[str, Any]]:

@@ -2,8 +2,8 @@
 
 A candidate is an unexpired advert in state ``online``, with role ``provider``, offering the
 job's model (by name, or by title when no advert has that name), every LoRA, the sampler, and
-enough pixels and steps, from a provider that is not banned. Each is scored by its estimated
-completion time (ARCHITECTURE.md, "Choosing a provider")::
+enough pixels and steps, from a provider that is neither banned nor excluded (`gateway.trust`).
+Each is scored by its estimated completion time (ARCHITECTURE.md, "Choosing a provider")::
 
     run   = job.cost / speed                       (job.cost: steps at 512x512)
     queue = max(advertised queue, this gateway's jobs in flight there) / slots
@@ -99,8 +99,10 @@ class _Ban:
 class ProviderDirectory:
     """Candidates for a job from an AdvertCache, with this gateway's load and bans on top.
 
-    `rtt(peer)` gives the measured round trip in seconds, or None. Times (`now`, ban ends)
-    are wall-clock seconds, as `Peer.wall_clock` reads them.
+    `rtt(peer)` gives the measured round trip in seconds, or None. `excluded(peer, now)` says
+    whether the gateway excluded a provider (`gateway.trust.TrustLedger.is_excluded`): such a
+    provider is no candidate, like a banned one. Times (`now`, ban ends) are wall-clock
+    seconds, as `Peer.wall_clock` reads them.
     """
 
     def __init__(
@@ -109,10 +111,12 @@ class ProviderDirectory:
         rtt: Callable[[PeerId], float | None],
         *,
         rng: random.Random | None = None,
+        excluded: Callable[[PeerId, float], bool] | None = None,
     ) -> None:
         self.adverts = adverts
         self._rtt = rtt
         self._rng = rng or random.Random()
+        self._excluded = excluded
         self._in_flight: dict[PeerId, int] = {}
         self._bans: dict[PeerId, _Ban] = {}
         self._proven: dict[PeerId, None] = {}  # in order of the latest success
@@ -138,15 +142,23 @@ class ProviderDirectory:
         capable = list(self._capable(job, now, exclude))
         return bool(capable) and all(self._full(advert, now) for advert in capable)
 
+    def capable(
+        self, job: JobRequest, now: float, *, exclude: Collection[PeerId] = ()
+    ) -> list[Advert]:
+        """The adverts of providers that could run `job`, full or not."""
+        return list(self._capable(job, now, exclude))
+
     def _capable(
         self, job: JobRequest, now: float, exclude: Collection[PeerId]
     ) -> Iterator[Advert]:
+        excluded = self._excluded
         for advert in self._offering(job.model, [name for name, _ in job.loras]):
             if (
                 advert.is_online_provider
                 and _fits(advert, job)
                 and advert.peer_id not in exclude
                 and not self.is_banned(advert.peer_id, now)
+                and (excluded is None or not excluded(advert.peer_id, now))
             ):
                 yield advert
 

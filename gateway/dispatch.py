@@ -34,6 +34,12 @@ makes at most one attempt on an unproven provider (one that has completed no job
 a proven one could take the job, and that attempt gets half the time left, so the proven
 provider still has time to finish when the unproven one fails or hangs.
 
+Every result must carry the provider's signed receipt for the job and its images
+(`sdcn_p2p.jobs.receipts`); one without a valid receipt counts as a provider failure. A
+dispatcher given a `checker` (`gateway.spotcheck.SpotChecker`) hands it each job it ran for a
+client, to spot-check in the background or verify before answering (``run(verify=True)``);
+`rerun` is how a checker gets its second and third opinions.
+
 A job that does not run raises one of the `gateway.errors` types (NoProvider, AllBusy, ...);
 what a caller answers with is its business (the HTTP layer picks statuses). A caller that
 follows a job (a job service) passes `on_event`: it hears `JobWaiting` when the job joins the
@@ -47,9 +53,9 @@ import itertools
 import logging
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -77,8 +83,12 @@ from sdcn_p2p.errors import (
 from sdcn_p2p.identity import PeerId
 from sdcn_p2p.jobs import MAX_SEED, JobRequest, JobResult
 from sdcn_p2p.jobs.protocol import request_job
+from sdcn_p2p.jobs.receipts import Receipt, job_digest
 from sdcn_p2p.peer import Peer
 from sdcn_p2p.records import Advert, Envelope, model_key, normalize_model_name
+
+if TYPE_CHECKING:
+    from gateway.spotcheck import SpotCheck
 
 __all__ = [
     "MAX_ATTEMPTS",
@@ -89,6 +99,7 @@ __all__ = [
     "JobAssigned",
     "JobProgress",
     "JobWaiting",
+    "ResultChecker",
 ]
 
 log = logging.getLogger(__name__)
@@ -103,14 +114,22 @@ _RECHECK = 1.0
 _MAX_BUSY = 16
 #: Longest Retry-After (s) an early 503 gives, however long the line.
 _MAX_RETRY_AFTER = 600.0
+# Jobs whose init image and results exceed this many bytes have their receipts checked in a
+# worker thread (hashing).
+_THREAD_HASH_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
 class DispatchResult:
-    """A finished job: PNG images and the provider's info, plus ``attempts``."""
+    """A finished job: PNG images and the provider's info, plus ``attempts``; the provider
+    that ran it and its signed receipt; and the job's spot check, when a checker made one
+    (its status changes later: see `gateway.spotcheck.SpotCheck`)."""
 
     images: list[bytes] = field(repr=False)
     info: dict[str, Any]
+    provider: PeerId | None = None
+    receipt: bytes | None = field(default=None, repr=False)
+    check: SpotCheck | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,8 +207,22 @@ class LocalRunner(Protocol):
     ) -> JobResult: ...
 
 
+class ResultChecker(Protocol):
+    """What checks the results of clients' jobs (`gateway.spotcheck.SpotChecker`)."""
+
+    async def __call__(
+        self, job: JobRequest, result: DispatchResult, *, verify: bool
+    ) -> DispatchResult:
+        """The result to answer with: `result`, with its spot check in ``info``, or, with
+        `verify`, once a second provider agreed (another's images if `result`'s lost)."""
+        ...
+
+
 class Dispatcher:
-    """Runs jobs on providers found through `directory`, talking through `peer`'s host."""
+    """Runs jobs on providers found through `directory`, talking through `peer`'s host.
+
+    `checker`, when set, checks every job `run` runs (see ResultChecker).
+    """
 
     def __init__(
         self,
@@ -211,6 +244,7 @@ class Dispatcher:
         self._lines: dict[str, WaitQueue] = {}  # normalized model name -> its jobs waiting
         self._tickets = itertools.count()
         self._waiting = 0
+        self.checker: ResultChecker | None = None
         # Never closed: a Dispatcher lives as long as its peer's cache.
         self._advert_subscription = peer.adverts.subscribe(self._on_advert)
 
@@ -231,21 +265,62 @@ class Dispatcher:
         deadline: float | None = None,
         on_event: EventCallback | None = None,
         part: int = 0,
+        verify: bool = False,
     ) -> DispatchResult:
         """Run `job` within `deadline` seconds (default: `default_deadline`) and return its
         images, trying up to `config.max_attempts` providers.
 
         A seed of -1 is replaced by a random one (``info["seed"]`` says which). `on_event`
-        hears the job's events (see `DispatchEvent`), each with `part`. Raises a
-        DispatchError subclass (`gateway.errors`). Cancelling is safe: the job's stream is
-        reset, which cancels it on the provider.
+        hears the job's events (see `DispatchEvent`), each with `part`. With `verify`, the
+        answer waits until a second provider agrees (``info["verified"]``, and
+        ``info["verification"]`` says how, or why not). Raises a DispatchError subclass
+        (`gateway.errors`). Cancelling is safe: the job's stream is reset, which cancels it
+        on the provider.
         """
         if job.seed == -1:
             job = job.with_seed(self._rng.randrange(MAX_SEED + 1))
+        result = await self._dispatch(job, deadline, on_event=on_event, part=part)
+        if self.checker is not None:
+            return await self.checker(job, result, verify=verify)
+        if verify:
+            result.info.update(verified=False, verification="this gateway checks no results")
+        return result
+
+    async def rerun(
+        self, job: JobRequest, *, avoid: Collection[PeerId] = (), deadline: float | None = None
+    ) -> DispatchResult:
+        """Run `job` (with a concrete seed) again for a second opinion: only on a provider
+        proven here and not in `avoid`, and without a check of its own.
+
+        Raises a DispatchError subclass as `run` does, NoProvider or AllBusy when no such
+        provider can take it.
+        """
+        if job.seed == -1:
+            raise ValueError("a job run again needs its concrete seed")
+        return await self._dispatch(job, deadline, avoid=frozenset(avoid), proven_only=True)
+
+    async def _dispatch(
+        self,
+        job: JobRequest,
+        deadline: float | None,
+        *,
+        on_event: EventCallback | None = None,
+        part: int = 0,
+        avoid: frozenset[PeerId] = frozenset(),
+        proven_only: bool = False,
+    ) -> DispatchResult:
         if deadline is None:
             deadline = self.default_deadline(job)
         started = trio.current_time()
-        request = _Request(job, started, started + deadline, on_event=on_event, part=part)
+        request = _Request(
+            job,
+            started,
+            started + deadline,
+            on_event=on_event,
+            part=part,
+            avoid=avoid,
+            proven_only=proven_only,
+        )
         try:
             result = await self._run(request)
         except DispatchError as exc:
@@ -268,7 +343,7 @@ class Dispatcher:
             request.attempts,
             (trio.current_time() - started) * 1000,
         )
-        return DispatchResult(result.images, info)
+        return DispatchResult(result.images, info, request.tried[-1], result.receipt)
 
     async def run_batch(
         self,
@@ -276,6 +351,7 @@ class Dispatcher:
         *,
         deadline: float | None = None,
         on_event: EventCallback | None = None,
+        verify: bool = False,
     ) -> list[DispatchResult]:
         """Run `jobs` in parallel, as `run` runs each (job i's events have ``part=i``), and
         return their results in order.
@@ -285,7 +361,9 @@ class Dispatcher:
         results: list[DispatchResult | None] = [None] * len(jobs)
 
         async def run(index: int, job: JobRequest) -> None:
-            results[index] = await self.run(job, deadline=deadline, on_event=on_event, part=index)
+            results[index] = await self.run(
+                job, deadline=deadline, on_event=on_event, part=index, verify=verify
+            )
 
         try:
             async with open_service_nursery() as nursery:
@@ -422,15 +500,18 @@ class Dispatcher:
         return self.directory.has_model(job.model, [name for name, _ in job.loras])
 
     def _choose(self, request: _Request) -> Candidate | None:
-        return self.directory.choose(
+        candidate = self.directory.choose(
             request.job,
             self.peer.wall_clock(),
             exclude=self._exclude(request),
-            proven_only=request.tried_unproven,
+            proven_only=request.tried_unproven or request.proven_only,
         )
+        if request.proven_only and candidate is not None and not candidate.proven:
+            return None
+        return candidate
 
     def _exclude(self, request: _Request) -> set[PeerId]:
-        exclude = set(request.tried)
+        exclude = set(request.tried) | request.avoid
         if self.local is None:
             exclude.add(self.peer.peer_id)
         return exclude
@@ -469,6 +550,7 @@ class Dispatcher:
                 result = await request_job(
                     host, peer, request.job, deadline=left, on_progress=on_progress
                 )
+            await self._check_receipt(request, peer, result)
         except JobError as exc:
             log.debug("%s failed the job: %s", peer.short(), exc)
             if exc.code is JobErrorCode.BAD_REQUEST:
@@ -510,6 +592,19 @@ class Dispatcher:
         queued = result.info.get("queue_ms", 0) / 1000
         self.directory.observe(peer, request.job.cost, trio.current_time() - sent, queued)
         return result
+
+    async def _check_receipt(self, request: _Request, peer: PeerId, result: JobResult) -> None:
+        """Raise RecordError unless `result` carries `peer`'s valid receipt for the job and
+        its images (hashing large ones in a worker thread)."""
+        if result.receipt is None:
+            raise RecordError("the provider did not sign its result")
+        receipt = Receipt.from_bytes(result.receipt)
+        job, images = request.job, result.images
+        size = len(job.init_image or b"") + sum(map(len, images))
+        if size <= _THREAD_HASH_BYTES:
+            receipt.check(peer, job_digest(job), images)
+        else:
+            await trio.to_thread.run_sync(lambda: receipt.check(peer, job_digest(job), images))
 
     def _refused_stream(self, peer: PeerId, candidate: Candidate, exc: BaseException) -> bool:
         """Whether `exc` is a provider refusing one more stream while we keep it full (its
@@ -597,6 +692,8 @@ class _Request:
     on_event: EventCallback | None = None
     part: int = 0  # which job of a batch
     position: int | None = None  # in line for room, as last reported
+    avoid: frozenset[PeerId] = frozenset()  # providers never to try (a second opinion's)
+    proven_only: bool = False  # only providers proven here (a second opinion)
 
     @property
     def attempts(self) -> int:

@@ -4,6 +4,10 @@ A gateway advertises itself (an advert with the role "gateway" and no models) so
 that cannot accept connections learn of it and dial it; it then sends them jobs over the
 connections they opened. A peer that is both a provider and a gateway advertises both roles
 in its provider's advert instead.
+
+`open_gateway` also spot-checks the jobs it runs (`gateway.spotcheck`), keeps each provider's
+record and excludes those caught lying (`gateway.trust`), and exchanges fraud reports with
+other gateways (`gateway.reports`). A `Gateway` made directly runs no checks.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from gateway.api import create_app
 from gateway.catalog import Catalog
 from gateway.directory import ProviderDirectory
 from gateway.dispatch import Dispatcher, GatewayConfig, LocalRunner
+from gateway.reports import FraudReports, ReportConfig, open_fraud_reports
+from gateway.spotcheck import SpotChecker, open_spot_checker
+from gateway.trust import TrustConfig, TrustLedger
 from sdcn_p2p._util import open_service_nursery
 from sdcn_p2p.errors import SdcnError
 from sdcn_p2p.httpserver import serve_http
@@ -48,14 +55,26 @@ class Gateway:
         default_model: str | None = None,
         rng: random.Random | None = None,
         local: LocalRunner | None = None,
+        trust: TrustConfig = TrustConfig(),
     ) -> None:
         self.peer = peer
         self.config = config
-        self.directory = ProviderDirectory(peer.adverts, peer.host.peerstore.rtt, rng=rng)
+        #: Each provider's record of spot checks, and who is excluded.
+        self.trust = TrustLedger(trust)
+        self.directory = ProviderDirectory(
+            peer.adverts, peer.host.peerstore.rtt, rng=rng, excluded=self.trust.is_excluded
+        )
         self.dispatcher = Dispatcher(peer, self.directory, config, rng=rng, local=local)
         self.catalog = Catalog(
-            peer.adverts, self.directory, rtt=peer.host.peerstore.rtt, wall_clock=peer.wall_clock
+            peer.adverts,
+            self.directory,
+            rtt=peer.host.peerstore.rtt,
+            wall_clock=peer.wall_clock,
+            trust=self.trust,
         )
+        #: Set while `open_gateway` runs them.
+        self.checker: SpotChecker | None = None
+        self.reports: FraudReports | None = None
         #: The model a request that names none runs on (A1111's sd_model_checkpoint option).
         self.default_model = default_model
         #: The HTTP API's base URLs once served (``http://127.0.0.1:8080``).
@@ -102,16 +121,24 @@ async def open_gateway(
     default_model: str | None = None,
     provider: Provider | None = None,
     rng: random.Random | None = None,
+    trust: TrustConfig = TrustConfig(),
+    reports: ReportConfig = ReportConfig(),
 ) -> AsyncIterator[Gateway]:
-    """Run the gateway role on `peer`, serving the HTTP API on `http` (``HOST:PORT``) if given.
+    """Run the gateway role on `peer`, serving the HTTP API on `http` (``HOST:PORT``) if given,
+    spot-checking its jobs (`trust`) and exchanging fraud reports (`reports`).
 
     With `provider` (the peer is a provider too) jobs may run on it in-process, and its
     advert carries the gateway role, so the gateway publishes none of its own. Raises
     ConfigError if the HTTP address cannot be bound.
     """
     local = provider.run_job if provider is not None else None
-    gateway = Gateway(peer, config, default_model=default_model, rng=rng, local=local)
-    async with open_service_nursery() as nursery:
+    gateway = Gateway(peer, config, default_model=default_model, rng=rng, local=local, trust=trust)
+    async with (
+        open_spot_checker(gateway.dispatcher, gateway.trust, rng=rng) as checker,
+        open_fraud_reports(peer, checker, reports, rng=rng) as fraud_reports,
+        open_service_nursery() as nursery,
+    ):
+        gateway.checker, gateway.reports = checker, fraud_reports
         if provider is None:
             nursery.start_soon(gateway.advertise)
         if http is not None:

@@ -2,7 +2,8 @@
 
 A body is the job's fields as JSON (``shared/seed/SDCN.md``), validated by the job schema;
 the init image is base64, with or without a ``data:image/...;base64,`` prefix, and may be
-wrapped in lines as some encoders do.
+wrapped in lines as some encoders do. Beside the job's fields a body may ask for
+``"verify": true``: the answer then waits until a second provider agrees (`split_verify`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from sdcn_p2p.errors import JobError
 from sdcn_p2p.jobs import MAX_INIT_IMAGE_BYTES, JobRequest
 from sdcn_p2p.jobs.schema import type_name
 
-__all__ = ["decode_base64_image", "parse_request"]
+__all__ = ["decode_base64_image", "parse_request", "split_verify"]
 
 _DATA_URL = re.compile(r"data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
 # Base64 of the largest init image accepted; longer text is refused before decoding.
@@ -31,6 +32,19 @@ def parse_request(kind: str, body: Mapping[str, Any]) -> JobRequest:
     JobError("bad_request", "<field>: ...").
     """
     return JobRequest.from_fields(kind, body, init_image=decode_base64_image)
+
+
+def split_verify(body: Any) -> tuple[Any, bool]:
+    """The body without its ``verify`` field, and that field (default False).
+
+    Raises JobError("bad_request", "verify: ...") unless it is a boolean.
+    """
+    if not isinstance(body, Mapping) or "verify" not in body:
+        return body, False
+    verify = body["verify"]
+    if type(verify) is not bool:
+        raise JobError.bad_request("verify", f"must be a boolean, got {type_name(verify)}")
+    return {key: value for key, value in body.items() if key != "verify"}, verify
 
 
 def decode_base64_image(value: object) -> bytes:

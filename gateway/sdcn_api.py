@@ -1,7 +1,8 @@
 """The SDCN HTTP API's routes (``shared/seed/SDCN.md``) and the network views.
 
 - ``POST /txt2img``, ``POST /img2img``: success is ``{"images": [base64 PNG, ...],
-  "info": {...}}``; errors are ``{"msg"}`` with the statuses `gateway.http` gives.
+  "info": {...}}``; errors are ``{"msg"}`` with the statuses `gateway.http` gives. With
+  ``"verify": true`` the answer waits until a second provider agrees (`gateway.spotcheck`).
 - ``GET /v1/models``, ``GET /v1/providers``: the catalog (`gateway.catalog`).
 - ``GET /healthz``.
 
@@ -27,7 +28,7 @@ from gateway.http import (
     services,
     until_disconnect,
 )
-from gateway.sdcn import parse_request
+from gateway.sdcn import parse_request, split_verify
 from sdcn_p2p.jobs import MAX_BATCH_SIZE, MAX_LORAS, MAX_PROMPT_CHARS, MAX_SEED
 
 __all__ = ["router"]
@@ -57,6 +58,11 @@ class Txt2ImgBody(BaseModel):
     width: int = Field(512, ge=64, le=2048, multiple_of=8)
     height: int = Field(512, ge=64, le=2048, multiple_of=8)
     batch_size: int = Field(1, ge=1, le=MAX_BATCH_SIZE)
+    verify: bool = Field(
+        False,
+        description="Answer only once a second provider drew the same picture (twice the "
+        "compute); info.verified says whether it did, info.verification how or why not",
+    )
 
 
 class Img2ImgBody(Txt2ImgBody):
@@ -69,7 +75,9 @@ class Img2ImgBody(Txt2ImgBody):
 class ImagesResponse(BaseModel):
     images: list[str] = Field(description="Base64 PNG images, one per batch item")
     info: dict[str, Any] = Field(
-        description="seed, model, provider, queue_ms, run_ms, attempts, backend, ..."
+        description="seed, model, provider, queue_ms, run_ms, attempts, backend, spot_check "
+        "(whether the job is re-run elsewhere to check it), verified and verification (when "
+        "asked to verify), ..."
     )
 
 
@@ -105,6 +113,12 @@ class ProviderEntry(BaseModel):
     banned_until: float | None = Field(
         description="Wall time (Unix seconds) a ban after failures ends, null if not banned"
     )
+    checks: int = Field(description="Its jobs spot-checked here, of its last 50 checked")
+    strikes: int = Field(description="Checks it failed among those (2 exclude it)")
+    excluded_until: float | None = Field(
+        description="Wall time (Unix seconds) its exclusion for wrong pictures ends, or null"
+    )
+    excluded_reason: str | None = Field(description="Why it is excluded, or null")
 
 
 class Health(BaseModel):
@@ -145,12 +159,12 @@ async def img2img(request: Request) -> Response:
 
 async def _job(request: Request, kind: str) -> Response:
     dispatcher = services(request).dispatcher
-    body = await read_json(request)
+    body, verify = split_verify(await read_json(request))
     if kind == "img2img":  # decoding the init image is CPU work
         job = await trio.to_thread.run_sync(parse_request, kind, body)
     else:
         job = parse_request(kind, body)
-    result = await until_disconnect(request, lambda: dispatcher.run(job))
+    result = await until_disconnect(request, lambda: dispatcher.run(job, verify=verify))
     if result is None:
         return gone()
 

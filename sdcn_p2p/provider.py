@@ -44,6 +44,7 @@ from sdcn_p2p.jobs.protocol import (
     queued_message,
     result_message,
 )
+from sdcn_p2p.jobs.receipts import Receipt, job_digest
 from sdcn_p2p.peer import Peer
 from sdcn_p2p.records import Advert, AdvertState, Reachability, Role
 
@@ -62,6 +63,8 @@ REQUEST_TIMEOUT = 30.0
 DEFAULT_SPEED = 1.0
 #: Weight of the newest job in the measured speed (an EWMA).
 SPEED_ALPHA = 0.3
+# Jobs whose init image and results exceed this many bytes are signed in a worker thread.
+_THREAD_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,7 +386,16 @@ class Provider:
             "queue_ms": round((started - received) * 1000),
             "run_ms": round(run_s * 1000),
         }
-        return JobResult(output.images, info)
+        return JobResult(output.images, info, await self._sign(job, output.images))
+
+    async def _sign(self, job: JobRequest, images: list[bytes]) -> bytes:
+        """Our receipt for `images` as `job`'s result (hashing large data in a worker thread)."""
+
+        def sign() -> bytes:
+            return Receipt.sign(self.peer.identity, job_digest(job), images).to_bytes()
+
+        size = len(job.init_image or b"") + sum(map(len, images))
+        return await trio.to_thread.run_sync(sign) if size > _THREAD_BYTES else sign()
 
     async def _handle_job(self, stream: Stream) -> None:
         """``/sdcn/job/1.0.0``: one job per stream; closing the stream cancels it."""
@@ -403,7 +415,7 @@ class Provider:
             if result is None:  # the client closed the stream: the job was cancelled
                 self.jobs_cancelled += 1
                 return
-            await stream.send_message(result_message(result.images, result.info))
+            await stream.send_message(result_message(result.images, result.info, result.receipt))
         except JobError as exc:
             await _send_quietly(stream, error_message(exc.code, exc.message))
         except trio.TooSlowError:

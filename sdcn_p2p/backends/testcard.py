@@ -3,8 +3,9 @@
 Its picture is drawn from a SHA-256 of the job's parameters (prompt, negative prompt, seed,
 model, sampler, steps, cfg, LoRAs and weights, size): the same job gives the same PNG bytes,
 and a change to any of them gives a visibly different picture, so a job routed to the wrong
-model shows. The card names itself ("SDCN TEST CARD") and prints the parameters; its adverts
-say backend "testcard" and its results carry ``{"testcard": True}``.
+model shows, even to a perceptual comparison of small thumbnails (`gateway.compare`). The card
+names itself ("SDCN TEST CARD") and prints the parameters in its bottom third, as many as fit;
+its adverts say backend "testcard" and its results carry ``{"testcard": True}``.
 """
 
 from __future__ import annotations
@@ -257,6 +258,9 @@ def _draw(digest: bytes, width: int, height: int, lines: list[str]) -> Image.Ima
     max_chars = max(8, int(width / (size * 0.6)))
     shown = [line if len(line) <= max_chars else line[: max_chars - 1] + "…" for line in lines]
     pitch = size + size // 3
+    # The text keeps to the bottom third, so that the shapes, which every parameter changes,
+    # show on a small card too (a spot check compares pictures, not captions).
+    shown = shown[: max(1, (height // 3) // pitch)]
     top = height - pitch * len(shown) - size // 2
     draw.rectangle((0, top - size // 3, width, height), fill=(0, 0, 0, 170))
     for i, line in enumerate(shown):

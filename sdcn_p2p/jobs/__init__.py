@@ -3,6 +3,8 @@
 - `schema`: `JobRequest` and its validation, limits, kinds, sampler names with scheduler
   labels (`split_sampler`); `JobResult`, `Queued`, `Progress`. No I/O.
 - `images`: init and result images checked from their headers (Pillow), limits on them.
+- `receipts`: signed results: a provider's signature over the job's digest and its images'
+  (`Receipt`), so that evidence of a wrong picture can travel. No I/O.
 - `protocol`: ``/sdcn/job/1.0.0``: its messages, `decode_reply`, and the client `request_job`.
 
 The package exports the schema only, so that a backend imports it without the network; the

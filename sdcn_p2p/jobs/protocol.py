@@ -8,7 +8,8 @@ messages, then one ``result`` or ``error``::
     provider  {"type": "queued", "position": jobs ahead of this one}
               {"type": "progress", "step": i, "total": n}
               {"type": "result", "images": [png bytes, ...],
-               "info": {"seed", "model", "provider", "queue_ms", "run_ms", "backend", ...}}
+               "info": {"seed", "model", "provider", "queue_ms", "run_ms", "backend", ...},
+               "receipt": the provider's signature over the job and images (receipts.py)}
               {"type": "error", "code": JobErrorCode, "message": str}
 
 The job inside is validated as the schema says (`JobRequest.from_wire`). Unknown keys in a
@@ -28,6 +29,7 @@ from sdcn_p2p.errors import JobError, JobErrorCode, ProtocolError, RemoteProtoco
 from sdcn_p2p.host import Host
 from sdcn_p2p.identity import PeerId
 from sdcn_p2p.jobs.images import MAX_RESULT_IMAGE_BYTES, PNG_SIGNATURE, check_result_images
+from sdcn_p2p.jobs.receipts import MAX_RECEIPT_BYTES
 from sdcn_p2p.jobs.schema import (
     MAX_BATCH_SIZE,
     JobRequest,
@@ -99,9 +101,12 @@ def progress_message(step: int, total: int) -> dict[str, Any]:
     return {"type": "progress", "step": min(max(step, 0), total), "total": total}
 
 
-def result_message(images: list[bytes], info: Mapping[str, Any]) -> dict[str, Any]:
+def result_message(
+    images: list[bytes], info: Mapping[str, Any], receipt: bytes | None = None
+) -> dict[str, Any]:
     """The final reply: PNG `images` and `info` (seed, model, provider, queue_ms, run_ms,
-    backend, plus any extras).
+    backend, plus any extras), and the provider's signed `receipt` for them (see
+    `sdcn_p2p.jobs.receipts`; a gateway refuses a result without a valid one).
 
     Raises JobError("backend_failed") if the images are not 1 to 4 PNGs that fit the limits,
     ValueError if `info` lacks a field or is over 64 KiB (a bug in the caller).
@@ -115,7 +120,10 @@ def result_message(images: list[bytes], info: Mapping[str, Any]) -> dict[str, An
             raise JobError(failed, "the backend returned an image that is not a PNG")
     if sum(map(len, images)) + _MAX_INFO_BYTES + 1024 > MAX_JOB_MESSAGE:
         raise JobError(failed, "the images are too large to send")
-    return {"type": "result", "images": list(images), "info": dict(info)}
+    message = {"type": "result", "images": list(images), "info": dict(info)}
+    if receipt is not None:
+        message["receipt"] = receipt
+    return message
 
 
 def error_message(code: JobErrorCode | str, message: str) -> dict[str, Any]:
@@ -170,7 +178,10 @@ def decode_reply(obj: Any) -> Queued | Progress | JobResult | JobError:
                 raise RemoteProtocolError("result images must be PNG bytes")
             if len(image) > MAX_RESULT_IMAGE_BYTES:
                 raise RemoteProtocolError(f"a result image is over {MAX_RESULT_IMAGE_BYTES} bytes")
-        return JobResult(images, _check_info(obj["info"], ProtocolError))
+        receipt = obj.get("receipt")
+        if receipt is not None and (type(receipt) is not bytes or len(receipt) > MAX_RECEIPT_BYTES):
+            raise RemoteProtocolError(f"a result receipt must be at most {MAX_RECEIPT_BYTES} bytes")
+        return JobResult(images, _check_info(obj["info"], ProtocolError), receipt)
     if kind == "error":
         expect_map(obj, {"code": str, "message": str})
         code, message = obj["code"], obj["message"]

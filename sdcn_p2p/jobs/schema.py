@@ -164,10 +164,12 @@ class JobRequest:
 
 @dataclass(frozen=True, slots=True)
 class JobResult:
-    """A finished job: PNG images (one per batch item) and the provider's info."""
+    """A finished job: PNG images (one per batch item), the provider's info, and its signed
+    receipt for them (`sdcn_p2p.jobs.receipts.Receipt`, encoded), when it gave one."""
 
     images: list[bytes] = field(repr=False)
     info: dict[str, Any]
+    receipt: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

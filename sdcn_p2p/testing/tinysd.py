@@ -95,15 +95,20 @@ def build_tiny_pipeline(seed: int = 0) -> Any:
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    # Stable Diffusion 1.5's own scheduler settings.
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        skip_prk_steps=True,
-        steps_offset=1,
-        set_alpha_to_one=False,
+    # Stable Diffusion 1.5's own scheduler settings (its scheduler_config.json). PNDM takes
+    # no clip_sample, but the config keeps it for the schedulers made from it: without
+    # "clip_sample": false, DDIM clips every step's x0 to [-1, 1], which SD 1.5 does not.
+    scheduler = PNDMScheduler.from_config(
+        {
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "num_train_timesteps": 1000,
+            "skip_prk_steps": True,
+            "steps_offset": 1,
+            "set_alpha_to_one": False,
+            "clip_sample": False,
+        }
     )
     return StableDiffusionPipeline(
         vae=vae,
