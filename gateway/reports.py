@@ -97,6 +97,18 @@ class ReportStats:
     refuted: int = 0  # our re-run matched it: the report was false
     unconfirmed: int = 0  # nobody could re-run the job
 
+    @property
+    def handled(self) -> int:
+        """Reports received and done with, whichever way."""
+        return (
+            self.rate_limited
+            + self.rejected
+            + self.ignored
+            + self.confirmed
+            + self.refuted
+            + self.unconfirmed
+        )
+
 
 class FraudReports:
     """Publishes, receives, checks and forwards fraud reports. Create with
@@ -121,6 +133,12 @@ class FraudReports:
         self._seen: OrderedDict[bytes, None] = OrderedDict()
         self._distrusted: dict[PeerId, float] = {}  # reporter -> wall time it ends
         self._pending = 0
+        self._handled = trio.lowlevel.ParkingLot()
+
+    async def wait_handled(self, count: int) -> None:
+        """Return once `count` reports were received and done with (`ReportStats.handled`)."""
+        while self.stats.handled < count:
+            await self._handled.park()
 
     # --- sending ---------------------------------------------------------------------------
 
@@ -194,6 +212,12 @@ class FraudReports:
 
     async def handle(self, stream: Stream) -> None:
         """The FRAUD handler: one report per stream."""
+        try:
+            await self._handle(stream)
+        finally:
+            self._handled.unpark_all()
+
+    async def _handle(self, stream: Stream) -> None:
         sender = stream.peer_id
         if not self._budget.take(sender, 1, trio.current_time()):
             self.stats.rate_limited += 1
@@ -207,6 +231,7 @@ class FraudReports:
             or message.get("type") != "REPORT"
             or type(message.get("report")) is not bytes
         ):
+            self.stats.rejected += 1
             raise RemoteProtocolError("a fraud report message is {type: REPORT, report: bin}")
         self.stats.received += 1
         now = self.peer.wall_clock()
@@ -243,9 +268,16 @@ class FraudReports:
             self._seen.popitem(last=False)
 
     async def _confirm(self, report: FraudReport, sender: PeerId) -> None:
-        """Re-run the reported job away from the provider and act on what it shows."""
         try:
-            ours = await self.checker.second_opinion(report.job, [report.provider, sender])
+            await self._check(report, sender)
+        finally:
+            self._handled.unpark_all()
+
+    async def _check(self, report: FraudReport, sender: PeerId) -> None:
+        """Re-run the reported job away from the provider and act on what it shows."""
+        involved = [report.provider, report.reporter, sender]
+        try:
+            ours = await self.checker.second_opinion(report.job, involved)
         finally:
             self._pending -= 1
         provider = report.provider
