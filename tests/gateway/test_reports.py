@@ -16,7 +16,7 @@ from gateway.fraud import MAX_REPORT_BYTES, FraudReport
 from gateway.node import Gateway, open_gateway
 from gateway.reports import FRAUD
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
-from sdcn_p2p.errors import RecordError
+from sdcn_p2p.errors import NETWORK_ERRORS, RecordError
 from sdcn_p2p.jobs.receipts import Receipt, job_digest
 from sdcn_p2p.peer import Peer
 from sdcn_p2p.provider import Provider, open_provider
