@@ -24,6 +24,7 @@ from gateway.api import MAX_BODY, create_app
 from gateway.dispatch import DispatchResult
 from gateway.errors import AllBusy, DeadlinePassed, DispatchError, ProviderFailed, Rejected
 from gateway.node import Gateway
+from gateway.spotcheck import open_spot_checker
 from sdcn_p2p.backends import JobOutput
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.jobs import JobRequest
@@ -653,3 +654,52 @@ async def test_a_client_that_disconnects_cancels_its_jobs(path: str, body: dict[
         assert not any(m.get("status") == 200 for m in sent)
         with trio.fail_after(30):
             await net.providers[0].drain()  # returns once no job runs or waits there
+
+
+# --- trust -------------------------------------------------------------------------------------
+
+
+async def test_verify_true_answers_once_a_second_provider_agrees(net: Net) -> None:
+    for node in net.nodes:  # both ran jobs for this gateway before
+        net.gateway.directory.succeeded(node.peer_id)
+    async with open_spot_checker(net.gateway.dispatcher, net.gateway.trust):
+        response = await net.http.post("/txt2img", json=sdcn(verify=True))
+        assert response.status_code == 200, response.text
+        info = response.json()["info"]
+        assert info["verified"] is True and info["spot_check"] == "passed"
+        assert "drew the same picture" in info["verification"]
+        assert sum(p.jobs_done for p in net.providers) == 2
+        plain = (await net.http.post("/txt2img", json=sdcn(seed=12))).json()["info"]
+        assert plain["spot_check"] in ("scheduled", "not sampled") and "verified" not in plain
+
+
+async def test_verify_without_checks_says_it_was_not_verified(net: Net) -> None:
+    response = await net.http.post("/txt2img", json=sdcn(verify=True))
+    assert response.status_code == 200, response.text
+    info = response.json()["info"]
+    assert info["verified"] is False and "checks no results" in info["verification"]
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None, [True]])
+async def test_verify_must_be_a_boolean(net: Net, value: Any) -> None:
+    response = await net.http.post("/txt2img", json=sdcn(verify=value))
+    assert response.status_code == 400
+    assert response.json()["msg"].startswith("verify: must be a boolean")
+
+
+async def test_an_excluded_provider_shows_why_on_the_providers_list(net: Net) -> None:
+    first = net.nodes[0].peer_id
+    now = net.gateway.peer.wall_clock()
+    net.gateway.trust.struck(first, "job abc: a wrong picture", now)
+    net.gateway.trust.struck(first, "job def: another wrong picture", now)
+    providers = {p["peer_id"]: p for p in (await net.http.get("/v1/providers")).json()}
+    entry = providers[str(first)]
+    assert entry["excluded_until"] == pytest.approx(now + 86_400)
+    assert entry["excluded_reason"] == "job def: another wrong picture"
+    assert entry["strikes"] == 1 and entry["checks"] == 1  # on probation
+    other = providers[str(net.nodes[1].peer_id)]
+    assert other["excluded_until"] is None and other["excluded_reason"] is None
+    # Excluded: its jobs go elsewhere.
+    for seed in range(4):
+        answer = (await net.http.post("/txt2img", json=sdcn(seed=seed))).json()
+        assert answer["info"]["provider"] == str(net.nodes[1].peer_id)
