@@ -287,17 +287,22 @@ class Dispatcher:
         return result
 
     async def rerun(
-        self, job: JobRequest, *, avoid: Collection[PeerId] = (), deadline: float | None = None
+        self,
+        job: JobRequest,
+        *,
+        avoid: Collection[PeerId] = (),
+        deadline: float | None = None,
+        proven_only: bool = True,
     ) -> DispatchResult:
-        """Run `job` (with a concrete seed) again for a second opinion: only on a provider
-        proven here and not in `avoid`, and without a check of its own.
+        """Run `job` (with a concrete seed) again for a second opinion: on a provider not in
+        `avoid` (and proven here, with `proven_only`), without a check of its own.
 
         Raises a DispatchError subclass as `run` does, NoProvider or AllBusy when no such
         provider can take it.
         """
         if job.seed == -1:
             raise ValueError("a job run again needs its concrete seed")
-        return await self._dispatch(job, deadline, avoid=frozenset(avoid), proven_only=True)
+        return await self._dispatch(job, deadline, avoid=frozenset(avoid), proven_only=proven_only)
 
     async def _dispatch(
         self,

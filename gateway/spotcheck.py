@@ -9,11 +9,17 @@ suspect, and one with a clean record when there is such a provider. The two resu
 compared perceptually (`gateway.compare`). If they differ, a third provider R, chosen alike
 away from both, settles it: the one whose picture differs from the two others gets a strike
 (the ledger excludes a provider at its second strike in 50 checked jobs); with no majority
-nobody does. When no other provider could run the job, it is not checked, and counted.
+nobody does, nor when a trusted provider would be struck on the word of newcomers alone.
+While no proven provider could check a job, a provider new here may (it is the only way a
+gateway that sent all its jobs to one provider gets to check it). When no other provider
+could run the job at all, it is not checked, and counted.
 
 A client that asks for ``verify`` gets its answer only after the second provider agreed (and,
-if it did not, the picture two of three providers drew, or none). Jobs of a suspect (a strike
-of its stands) are verified so too, so a struck liar's pictures stop reaching clients.
+if it did not, the picture two of three providers drew, or none). The jobs of a provider with
+fewer than `TrustConfig.verify_first` clean checks (a newcomer, or one struck since) are
+verified so too, before the answer: a liar's pictures stop at its first jobs, and a struck
+one's stop reaching clients. (That delays a newcomer's first few clients; the checks of every
+later job run in the background.)
 
 ``info["spot_check"]`` tells what became of a job's check when the answer left: ``"not
 sampled"``, ``"scheduled"``, ``"unavailable"`` (no other provider could check it),
@@ -213,7 +219,9 @@ class SpotChecker:
         stats.job_cost += job.cost
         provider = result.provider
         own = provider == self.dispatcher.peer.peer_id
-        if verify or (provider is not None and not own and self.ledger.is_suspect(provider)):
+        if verify or (
+            provider is not None and not own and self.ledger.needs_verification(provider)
+        ):
             return await self._verify(job, result, asked=verify)
         if provider is None or own:
             check = SpotCheck(CheckStatus.NOT_SAMPLED, "this gateway's own provider")
@@ -281,7 +289,13 @@ class SpotChecker:
             return _Settlement(
                 CheckStatus.PASSED, f"{q.short()} drew the same picture", first, True
             )
-        third = await self.second_opinion(job, [p, q], arbiter=True)
+        for peer in (p, q):
+            self.ledger.dispute(peer)
+        try:
+            third = await self.second_opinion(job, [p, q], arbiter=True)
+        finally:
+            for peer in (p, q):
+                self.ledger.settle(peer)
         if isinstance(third, str):
             stats.unsettled += 1
             detail = f"not verified: {q.short()} drew another picture, and {third}"
@@ -290,6 +304,15 @@ class SpotChecker:
         assert r is not None
         arbiter = await fingerprints(third.images)
         p_ok, q_ok = same(compare_results(ours, arbiter)), same(compare_results(theirs, arbiter))
+        if (q_ok and not p_ok and self._outvoted(p, q, r)) or (
+            p_ok and not q_ok and self._outvoted(q, p, r)
+        ):
+            stats.unsettled += 1
+            detail = (
+                f"not verified: {q.short()} drew another picture, and only providers without "
+                "a record here disagreed with one that has"
+            )
+            return _Settlement(CheckStatus.UNSETTLED, detail, first, False)
         if q_ok and not p_ok:
             stats.failed += 1
             self.ledger.passed(q)
@@ -310,6 +333,13 @@ class SpotChecker:
         stats.unsettled += 1
         detail = f"not verified: {p.short()}, {q.short()} and {r.short()} drew three pictures"
         return _Settlement(CheckStatus.UNSETTLED, detail, first, False)
+
+    def _outvoted(self, loser: PeerId, *others: PeerId) -> bool:
+        """Whether a strike of `loser` would rest on newcomers alone: a trusted provider is
+        struck only if a trusted one is among those it disagreed with (new identities are
+        cheap, and two of them drawing one wrong picture must not exclude it)."""
+        trusted = self.ledger.is_trusted
+        return trusted(loser) and not any(trusted(peer) for peer in others)
 
     def _strike(
         self,
@@ -340,12 +370,15 @@ class SpotChecker:
     ) -> DispatchResult | str:
         """`job` run again on a provider away from `involved` (see `_avoid`), or a string
         saying why it could not be; `arbiter`: for a third opinion (counted apart)."""
-        avoid = self._avoid(job, involved)
+        proven = True
+        avoid = self._avoid(job, involved, proven=True)
+        if avoid is None:  # nobody proven here: a newcomer then, its first job here
+            proven, avoid = False, self._avoid(job, involved, proven=False)
         if avoid is None:
             return f"no other provider of {job.model!r} could run it"
         stats = self.stats
         try:
-            result = await self.dispatcher.rerun(job, avoid=avoid)
+            result = await self.dispatcher.rerun(job, avoid=avoid, proven_only=proven)
         except DispatchError as exc:
             return f"no other provider ran it ({exc.message})"
         if arbiter:
@@ -357,12 +390,14 @@ class SpotChecker:
 
     def _others(self, job: JobRequest, involved: list[PeerId]) -> bool:
         """Whether a provider away from `involved` could run `job` now."""
-        return self._avoid(job, involved) is not None
+        return self._avoid(job, involved, proven=False) is not None
 
-    def _avoid(self, job: JobRequest, involved: Iterable[PeerId]) -> set[PeerId] | None:
+    def _avoid(
+        self, job: JobRequest, involved: Iterable[PeerId], *, proven: bool
+    ) -> set[PeerId] | None:
         """The providers a re-run away from `involved` must not go to: those, any sharing
-        their network address, unproven ones, suspects, and all but the trusted ones when
-        some are. None when that leaves nobody who could run `job`."""
+        their network address, suspects, unproven ones (with `proven`), and all but the
+        trusted ones when some are. None when that leaves nobody who could run `job`."""
         directory, ledger = self.directory, self.ledger
         avoid = set(involved)
         groups: set[str] = set()
@@ -375,7 +410,7 @@ class SpotChecker:
             if peer in avoid:
                 continue
             if (
-                not directory.is_proven(peer)
+                (proven and not directory.is_proven(peer))
                 or ledger.is_suspect(peer)
                 or self._address_groups(peer) & groups
             ):

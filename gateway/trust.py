@@ -5,16 +5,23 @@ provider drew the same picture) or a *strike* (a third provider sided with the o
 was the odd one out); `TrustLedger` keeps the outcomes of its last `TrustConfig.window` checked
 jobs and the clean checks since its last strike, and from them:
 
-- the probability that its next job is checked: `first_probability` (1) for its first
-  `first_checks` (12) clean checks, then falling by `decay` (0.7) per clean check to
-  `min_probability` (2 %), so that a long clean record costs little; 1 while a strike stands in
-  its window (a suspect, whose results the gateway also verifies before answering). Checking a
-  newcomer's every job at first is what catches a provider that lies only now and then (one
-  that sends noise 20 % of the time lies at least once in its first 12 jobs 93 % of the
-  time); it costs 12 jobs per provider, once;
+- whether its pictures are checked before they reach clients: until it passed
+  `verify_first` (3) checks, since it joined or since its last strike, a second provider
+  re-runs each of its jobs before the answer, so a liar's first pictures never reach a client
+  (when another provider can check them);
+- the probability that its next job is checked (in the background, after that):
+  `first_probability` (1) for its first `first_checks` (12) clean checks, then falling by
+  `decay` (0.7) per clean check to `min_probability` (2 %), so that a long clean record costs
+  little; 1 while a strike stands in its window (a *suspect*). Checking a newcomer's every job
+  at first is what catches a provider that lies only now and then (one that sends noise 20 %
+  of the time lies at least once in its first 12 jobs 93 % of the time); it costs 12 jobs per
+  provider, once;
 - exclusion: `strikes` (2) strikes within the window exclude it for `exclusion` seconds (24 h),
   doubling with each exclusion (up to `max_exclusion`). It comes back on probation, its last
   strike still in its window: one more strike excludes it again, for twice as long.
+
+While a third provider settles a check, the two that disagreed get no jobs (`dispute`): a
+liar's next pictures wait for the verdict rather than reach clients.
 
 Jitter alone never strikes an honest provider: a strike needs its picture to differ from two
 others that agree with each other (`gateway.compare.Thresholds` tolerate device jitter), so an
@@ -49,6 +56,9 @@ class TrustConfig:
     strikes: int = 2
     exclusion: float = 86_400.0
     max_exclusion: float = 32 * 86_400.0
+    #: Clean checks a provider needs before its pictures reach clients unverified: until
+    #: then (and while a suspect) a second provider checks each job before the answer.
+    verify_first: int = 3
     #: Clean checks after which a provider is preferred as a checker or arbiter.
     trusted_after: int = 3
     max_providers: int = 10_000
@@ -61,7 +71,7 @@ class TrustConfig:
             value = getattr(self, name)
             ok = isinstance(value, int | float) and math.isfinite(value) and 0 <= value <= 1
             require(self, name, ok, "must be a number from 0 to 1")
-        require_at_least(self, 0, "first_checks", "trusted_after")
+        require_at_least(self, 0, "first_checks", "verify_first", "trusted_after")
         require_at_least(self, 1, "window", "strikes", "max_providers", "max_checks")
         require_positive(self, "exclusion", "max_exclusion")
 
@@ -101,6 +111,7 @@ class TrustLedger:
     def __init__(self, config: TrustConfig = TrustConfig()) -> None:
         self.config = config
         self._records: OrderedDict[PeerId, _Record] = OrderedDict()
+        self._disputed: dict[PeerId, int] = {}  # peer -> checks of its being settled now
 
     def probability(self, peer: PeerId) -> float:
         """The probability that `peer`'s next job is spot-checked."""
@@ -119,6 +130,12 @@ class TrustLedger:
         """Whether a strike of `peer`'s stands in its window."""
         record = self._records.get(peer)
         return record is not None and any(record.outcomes)
+
+    def needs_verification(self, peer: PeerId) -> bool:
+        """Whether `peer`'s pictures must be checked before they reach a client: it passed
+        fewer than `verify_first` checks since its last strike, or ever."""
+        record = self._records.get(peer)
+        return (0 if record is None else record.clean) < self.config.verify_first
 
     def is_trusted(self, peer: PeerId) -> bool:
         """Whether `peer` passed `trusted_after` checks since its last strike (or ever)."""
@@ -149,9 +166,24 @@ class TrustLedger:
         return Exclusion(record.excluded_until, reason, record.exclusions)
 
     def is_excluded(self, peer: PeerId, now: float) -> bool:
-        """Whether `peer` is excluded at wall time `now`."""
+        """Whether `peer` is excluded at wall time `now`, or held while a third provider
+        settles a check it disagreed in (`dispute`): it gets no jobs meanwhile."""
+        if peer in self._disputed:
+            return True
         record = self._records.get(peer)
         return record is not None and now < record.excluded_until
+
+    def dispute(self, peer: PeerId) -> None:
+        """Hold `peer` back until the check it disagreed in is settled; pair with `settle`."""
+        self._disputed[peer] = self._disputed.get(peer, 0) + 1
+
+    def settle(self, peer: PeerId) -> None:
+        """A check held by `dispute` is settled."""
+        count = self._disputed.get(peer, 0) - 1
+        if count > 0:
+            self._disputed[peer] = count
+        else:
+            self._disputed.pop(peer, None)
 
     def exclusion(self, peer: PeerId, now: float) -> Exclusion | None:
         """`peer`'s exclusion in force at `now`, if any."""

@@ -99,6 +99,7 @@ class LyingBackend:
         self.other_model = other_model
         self.name = getattr(inner, "name", "liar")
         self.lies = 0  # jobs answered with a wrong picture
+        self.lied_seeds: set[int] = set()  # the seeds of those jobs
         self._rng = random.Random(seed)
         self._fixed: bytes | None = None
 
@@ -127,4 +128,5 @@ class LyingBackend:
         elif lie is Lie.SOMETIMES:
             return output
         self.lies += 1
+        self.lied_seeds.add(job.seed)
         return JobOutput(images, output.info)

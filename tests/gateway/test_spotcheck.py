@@ -117,7 +117,8 @@ async def test_device_jitter_never_strikes_an_honest_provider(autojump_clock) ->
 async def test_info_says_whether_a_job_is_checked_and_the_check_reports_later(
     autojump_clock,
 ) -> None:
-    async with trust_network([honest(i) for i in range(3)]) as net:
+    background = TrustConfig(verify_first=0)  # no newcomer's job waits for its check
+    async with trust_network([honest(i) for i in range(3)], trust=background) as net:
         results = await net.run(30)
         said = {result.info["spot_check"] for result in results}
         assert said <= {"not sampled", "scheduled", "unavailable"} and "scheduled" in said
@@ -130,7 +131,7 @@ async def test_info_says_whether_a_job_is_checked_and_the_check_reports_later(
 
 
 async def test_a_scheduled_check_calls_back_when_it_ends(autojump_clock) -> None:
-    trust = TrustConfig(first_probability=1.0, min_probability=1.0)
+    trust = TrustConfig(first_probability=1.0, min_probability=1.0, verify_first=0)
     async with trust_network([honest(i) for i in range(3)], trust=trust) as net:
         await net.run(6)  # everyone proven
         result = await net.gateway.dispatcher.run(small_job(seed=5))
@@ -195,6 +196,14 @@ async def test_a_suspects_jobs_are_verified_before_the_answer(autojump_clock) ->
         answer = await net.checker(job, lie, verify=False)
         assert answer.provider != cheat and "verified" not in answer.info
         assert net.gateway.trust.is_excluded(cheat, net.gateway.peer.wall_clock())
+
+
+async def test_a_newcomers_first_jobs_are_verified_before_the_answer(autojump_clock) -> None:
+    async with trust_network([honest(i) for i in range(3)]) as net:
+        results = await net.run(12, at_once=1)
+        first = [r.info["spot_check"] for r in results]
+        assert first[:3] == ["passed"] * 3 and "verified" not in results[0].info
+        assert "scheduled" in first[3:]  # later ones are checked in the background
 
 
 async def test_closing_the_checker_leaves_no_task(autojump_clock) -> None:
