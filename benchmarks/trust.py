@@ -77,6 +77,7 @@ class Run:
     at_exclusion: dict[PeerId, int] = field(default_factory=dict)
     bad_served: Counter[PeerId] = field(default_factory=Counter)
     failed_jobs: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
     checker: SpotChecker | None = None
     half: TrustStats | None = None  # the checker's figures halfway
 
@@ -201,8 +202,9 @@ async def simulate(case: str, jobs: int, seed: int) -> Run:
             job = job_for(index, random.Random(index))
             try:
                 result = await gateway.dispatcher.run(job)
-            except DispatchError:
+            except DispatchError as exc:
                 run.failed_jobs += 1
+                run.errors[f"{type(exc).__name__}: {exc.message[:60]}"] += 1
                 return
             provider = result.provider
             liar = run.liars.get(provider) if provider is not None else None
@@ -264,6 +266,7 @@ def summarize(run: Run) -> dict[str, object]:
         "skipped_checks": stats.skipped,
         "jobs": stats.jobs,
         "failed_jobs": run.failed_jobs,
+        "errors": dict(run.errors.most_common(5)),
         "checks": stats.reruns,
         "arbitrations": stats.arbitrations,
         "strikes": stats.strikes,

@@ -505,18 +505,19 @@ class Dispatcher:
         return self.directory.has_model(job.model, [name for name, _ in job.loras])
 
     def _choose(self, request: _Request) -> Candidate | None:
-        candidate = self.directory.choose(
+        return self.directory.choose(
             request.job,
             self.peer.wall_clock(),
             exclude=self._exclude(request),
-            proven_only=request.tried_unproven or request.proven_only,
+            proven_only=request.tried_unproven,
         )
-        if request.proven_only and candidate is not None and not candidate.proven:
-            return None
-        return candidate
 
     def _exclude(self, request: _Request) -> set[PeerId]:
         exclude = set(request.tried) | request.avoid
+        if request.proven_only:  # the others are no candidates, nor worth waiting for
+            directory = self.directory
+            capable = directory.capable(request.job, self.peer.wall_clock(), exclude=exclude)
+            exclude.update(a.peer_id for a in capable if not directory.is_proven(a.peer_id))
         if self.local is None:
             exclude.add(self.peer.peer_id)
         return exclude

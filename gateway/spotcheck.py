@@ -289,13 +289,11 @@ class SpotChecker:
             return _Settlement(
                 CheckStatus.PASSED, f"{q.short()} drew the same picture", first, True
             )
-        for peer in (p, q):
-            self.ledger.dispute(peer)
+        self.ledger.dispute(p)  # no jobs for it until this is settled
         try:
             third = await self.second_opinion(job, [p, q], arbiter=True)
         finally:
-            for peer in (p, q):
-                self.ledger.settle(peer)
+            self.ledger.settle(p)
         if isinstance(third, str):
             stats.unsettled += 1
             detail = f"not verified: {q.short()} drew another picture, and {third}"

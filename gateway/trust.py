@@ -20,7 +20,7 @@ jobs and the clean checks since its last strike, and from them:
   doubling with each exclusion (up to `max_exclusion`). It comes back on probation, its last
   strike still in its window: one more strike excludes it again, for twice as long.
 
-While a third provider settles a check, the two that disagreed get no jobs (`dispute`): a
+While a third provider settles a check, the provider checked gets no jobs (`dispute`): a
 liar's next pictures wait for the verdict rather than reach clients.
 
 Jitter alone never strikes an honest provider: a strike needs its picture to differ from two
@@ -63,7 +63,7 @@ class TrustConfig:
     trusted_after: int = 3
     max_providers: int = 10_000
     #: Background spot checks running at once; a job drawn beyond that goes unchecked.
-    max_checks: int = 32
+    max_checks: int = 64
     thresholds: Thresholds = field(default_factory=Thresholds)
 
     def __post_init__(self) -> None:
