@@ -1,24 +1,25 @@
 """Trust: how fast spot checks catch providers that return wrong pictures, and what they cost.
 
-A gateway and HONEST test-card providers whose pictures carry per-provider device jitter
+A gateway and --honest (8) test-card providers whose pictures carry per-provider device jitter
 (`sdcn_p2p.testing.trust.JitterBackend`: ±8 levels of pixel noise and a smooth drift) run on
 the in-memory transport under trio's MockClock, round-trip times 20-200 ms per pair. Every job
 goes through the real `Dispatcher` and `SpotChecker` (default `TrustConfig`), Poisson arrivals
 at LOAD of the network's capacity, jobs of 8-12 steps at 64x64 with their own seed.
 
-- *kinds*: after WARMUP jobs, one liar of each kind joins (`LyingBackend`: random noise; one
+- *kinds*: after --warmup jobs, one liar of each kind joins (`LyingBackend`: random noise; one
   fixed image; half the steps asked for; another model; seed 0 whatever the job says; honest
   80 % of the time and noise otherwise), each on its own address, as fast as the honest ones
-  (the one running fewer steps looks faster); JOBS jobs in all.
-- *sybil*: after WARMUP jobs, a swarm of 20 liars of those kinds in turn joins at once, four
-  identities per machine (address); SYBIL_JOBS jobs in all.
+  (the one running fewer steps looks faster); --jobs in all.
+- *sybil*: after --warmup jobs, a swarm of --swarm (20) liars of those kinds in turn joins at
+  once, four identities per machine (address); --sybil-jobs in all.
 
 Per liar kind it reports the clients' jobs the liar ran before its exclusion (the most, over
 the liars of that kind), and the bad pictures that reached clients; over each run, the extra
 compute (the checks' work over the clients' work), honest providers excluded, and jobs drawn
 for a check that no other provider could run (`unchecked`).
 
-Usage: python benchmarks/trust.py [--jobs 10000] [--sybil-jobs 4000] [--seed 1] [--json]
+Usage: python benchmarks/trust.py [--jobs 10000] [--sybil-jobs 4000] [--warmup 300] [--seed 1]
+       [--swarm 20] [--honest 8] [--json]
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ MODEL, CHEAP = "card", "card-cheap"
 HONEST = 8
 SPEED = 1.0  # it/s at 512x512: a 10-step 64x64 job takes 0.16 s
 LOAD = 0.6
-WARMUP = 300
+WARMUP = 300  # jobs before the liars join
 SWARM = 20
 PER_MACHINE = 4
 
@@ -129,7 +130,7 @@ async def open_sybils(
         yield peers
 
 
-async def simulate(case: str, jobs: int, seed: int) -> Run:
+async def simulate(case: str, jobs: int, seed: int, warmup: int, swarm: int, honest: int) -> Run:
     def one_way(src: str, dst: str) -> float:
         a, b = sorted((src, dst))
         digest = hashlib.sha256(f"{seed}:{a}:{b}".encode()).digest()
@@ -137,19 +138,19 @@ async def simulate(case: str, jobs: int, seed: int) -> Run:
 
     network = MemoryNetwork(latency=one_way, seed=seed)
     kinds = list(Lie)
-    liars = len(kinds) if case == "kinds" else SWARM
+    liars = len(kinds) if case == "kinds" else swarm
     run = Run()
     rng = random.Random(seed)
     async with (
         open_memory_peers(
-            1 + HONEST + (liars if case == "kinds" else 0), network=network, seed=seed
+            1 + honest + (liars if case == "kinds" else 0), network=network, seed=seed
         ) as (peer, *nodes),
         AsyncExitStack() as stack,
     ):
-        for index, node in enumerate(nodes[:HONEST]):
+        for index, node in enumerate(nodes[:honest]):
             await stack.enter_async_context(open_provider(node, JitterBackend(card(), index)))
             run.honest.add(node.peer_id)
-        for node in nodes[:HONEST]:
+        for node in nodes[:honest]:
             await wait_advert(peer, node)
             await peer.host.ping(node.peer_id)
         gateway = Gateway(peer, rng=random.Random(seed))
@@ -174,23 +175,23 @@ async def simulate(case: str, jobs: int, seed: int) -> Run:
         async def host_liars(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             async with AsyncExitStack() as liars_stack:
                 if case == "kinds":
-                    for index, (node, lie) in enumerate(zip(nodes[HONEST:], kinds, strict=True)):
+                    for index, (node, lie) in enumerate(zip(nodes[honest:], kinds, strict=True)):
                         backend = liar_backend(lie, 100 + index)
                         run.liars[node.peer_id] = backend
                         await liars_stack.enter_async_context(open_provider(node, backend))
                 else:
                     seed_addr = peer.host.listen_addrs[0].with_peer_id(peer.peer_id)
-                    swarm = await liars_stack.enter_async_context(
-                        open_sybils(network, seed_addr, SWARM, seed=seed)
+                    sybils = await liars_stack.enter_async_context(
+                        open_sybils(network, seed_addr, swarm, seed=seed)
                     )
-                    for index, node in enumerate(swarm):  # in no simulated time: at once
+                    for index, node in enumerate(sybils):  # in no simulated time: at once
                         backend = liar_backend(kinds[index % len(kinds)], 200 + index)
                         run.liars[node.peer_id] = backend
                         await liars_stack.enter_async_context(open_provider(node, backend))
                 task_status.started()
                 await trio.sleep_forever()
 
-        capacity = (HONEST + liars) * SPEED / job_for(0, random.Random(0)).cost
+        capacity = (honest + liars) * SPEED / job_for(0, random.Random(0)).cost
         start = trio.current_time()
         arrivals, at = [], 0.0
         for _ in range(jobs):
@@ -216,7 +217,7 @@ async def simulate(case: str, jobs: int, seed: int) -> Run:
         async with trio.open_nursery() as services:
             async with trio.open_nursery() as nursery:
                 for index, at in enumerate(arrivals):
-                    if index == WARMUP:
+                    if index == warmup:
                         await trio.sleep_until(start + at)
                         await services.start(host_liars)
                     if index == jobs // 2:  # the second half is the steady state
@@ -251,8 +252,8 @@ def summarize(run: Run) -> dict[str, object]:
     return {
         "per_kind": per_kind,
         "liar_jobs_before_exclusion_max": max(
-            e["jobs_before_exclusion_max"]
-            for e in per_kind.values()  # type: ignore[type-var]
+            (e["jobs_before_exclusion_max"] for e in per_kind.values()),  # type: ignore[type-var]
+            default=0,
         ),
         "liars_excluded": sum(e["excluded"] for e in per_kind.values()),  # type: ignore[misc]
         "liars": len(run.liars),
@@ -273,21 +274,32 @@ def summarize(run: Run) -> dict[str, object]:
     }
 
 
-def run_case(case: str, jobs: int, seed: int) -> dict[str, object]:
+def run_case(
+    case: str,
+    jobs: int,
+    seed: int,
+    warmup: int = WARMUP,
+    swarm: int = SWARM,
+    honest: int = HONEST,
+) -> dict[str, object]:
     clock = trio.testing.MockClock(autojump_threshold=0)
-    return summarize(trio.run(simulate, case, jobs, seed, clock=clock))
+    run = trio.run(simulate, case, jobs, seed, warmup, swarm, honest, clock=clock)
+    return {**summarize(run), "honest": honest}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=10_000, help="jobs in the kinds run")
     parser.add_argument("--sybil-jobs", type=int, default=4_000, help="jobs in the Sybil run")
+    parser.add_argument("--warmup", type=int, default=WARMUP, help="jobs before liars join")
+    parser.add_argument("--swarm", type=int, default=SWARM, help="liars in the Sybil swarm")
+    parser.add_argument("--honest", type=int, default=HONEST, help="honest providers")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    kinds = run_case("kinds", args.jobs, args.seed)
-    sybil = run_case("sybil", args.sybil_jobs, args.seed)
+    kinds = run_case("kinds", args.jobs, args.seed, args.warmup, args.swarm, args.honest)
+    sybil = run_case("sybil", args.sybil_jobs, args.seed, args.warmup, args.swarm, args.honest)
     result = {
         **{key: kinds[key] for key in kinds if key != "per_kind"},
         "per_kind": kinds["per_kind"],
@@ -297,8 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    for name, figures in (("one liar of each kind", kinds), ("Sybil swarm of 20", sybil)):
-        print(f"{name}: {figures['jobs']} jobs, {HONEST} honest providers")
+    for name, figures in (
+        ("one liar of each kind", kinds),
+        (f"Sybil swarm of {args.swarm}", sybil),
+    ):
+        print(f"{name}: {figures['jobs']} jobs, {args.honest} honest providers")
         print(f"  {'kind':16}{'excluded':>10}{'jobs before':>13}{'bad served':>12}")
         for kind, entry in figures["per_kind"].items():  # type: ignore[attr-defined]
             print(

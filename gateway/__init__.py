@@ -8,6 +8,14 @@ Routing (no HTTP):
   dies; `errors`: the typed outcomes of a job that did not run.
 - `catalog`: the models, LoRAs, samplers and providers on the network, for both APIs.
 
+Trust (README.md, "Trust"):
+
+- `compare`: whether two pictures are the same despite device jitter (pure).
+- `trust`: each provider's record of spot checks, strikes and exclusions (pure).
+- `spotcheck`: re-run a sample of jobs elsewhere, settle mismatches, verify on request.
+- `fraud`: signed fraud reports (pure); `reports`: ``/sdcn/fraud/1.0.0``, sending them and
+  checking those received with a re-run before believing them.
+
 Translating requests (pure):
 
 - `sdcn`: SDCN API bodies to jobs (base64 init images).

@@ -3,7 +3,9 @@
 A Provider serves ``/sdcn/job/1.0.0`` on a Peer. It runs at most `slots` jobs at once and
 keeps at most `max_queue` more waiting; beyond that it refuses with ``busy``. It checks every
 job against the capabilities it advertised (a webui would silently run another model) and
-refuses with ``unsupported``. Closing or resetting the job stream cancels the job.
+refuses with ``unsupported``. Closing or resetting the job stream cancels the job. Every
+result goes out with the provider's signed receipt for the job and its images
+(`sdcn_p2p.jobs.receipts`).
 
 Its signed advert is republished every `advert_interval` seconds and within a second of a
 change in load, capabilities or state. A backend that cannot be reached makes the provider

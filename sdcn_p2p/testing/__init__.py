@@ -10,6 +10,8 @@
   server.
 - `tinysd`: a tiny, randomly initialised Stable Diffusion built offline, for the diffusers
   backend (needs the ``diffusers`` extra, imported when called); ``sdcn_p2p.testing.tinysd``.
+- `trust`: backends that add a device's jitter to pictures, or return wrong ones, for the
+  gateway's spot checks; ``sdcn_p2p.testing.trust``.
 """
 
 from sdcn_p2p.testing.network import (

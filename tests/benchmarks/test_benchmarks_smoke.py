@@ -65,3 +65,19 @@ def test_comfyui_overhead(load, capsys) -> None:  # type: ignore[no-untyped-def]
     result = run_json(load("comfyui_overhead"), ["--jobs", "2", "--batch", "2"], capsys)
     assert result["raw_cpu_ms"] > 0 and result["backend_cpu_ms"] > 0
     assert {"added_cpu_ms", "batch2_cpu_ms_per_image", "capabilities_cpu_ms"} <= result.keys()
+
+
+def test_trust(load, capsys) -> None:  # type: ignore[no-untyped-def]
+    argv = ["--jobs", "30", "--sybil-jobs", "20", "--warmup", "10", "--swarm", "3", "--honest", "3"]
+    result = run_json(load("trust"), argv, capsys)
+    keys = {
+        "liar_jobs_before_exclusion_max",
+        "bad_images_served",
+        "extra_compute",
+        "honest_excluded",
+        "unchecked_jobs",
+    }
+    assert keys <= result.keys() and keys <= result["sybil"].keys()
+    assert len(result["per_kind"]) == 6 and result["liars"] == 6
+    assert result["sybil"]["liars"] == 3
+    assert result["honest_excluded"] == 0
