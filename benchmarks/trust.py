@@ -4,7 +4,7 @@ A gateway and --honest (8) test-card providers whose pictures carry per-provider
 (`sdcn_p2p.testing.trust.JitterBackend`: ±8 levels of pixel noise and a smooth drift) run on
 the in-memory transport under trio's MockClock, round-trip times 20-200 ms per pair. Every job
 goes through the real `Dispatcher` and `SpotChecker` (default `TrustConfig`), Poisson arrivals
-at LOAD of the network's capacity, jobs of 8-12 steps at 64x64 with their own seed.
+at LOAD of the honest providers' capacity, jobs of 8-12 steps at 64x64 with their own seed.
 
 - *kinds*: after --warmup jobs, one liar of each kind joins (`LyingBackend`: random noise; one
   fixed image; half the steps asked for; another model; seed 0 whatever the job says; honest
@@ -191,7 +191,8 @@ async def simulate(case: str, jobs: int, seed: int, warmup: int, swarm: int, hon
                 task_status.started()
                 await trio.sleep_forever()
 
-        capacity = (honest + liars) * SPEED / job_for(0, random.Random(0)).cost
+        # The honest providers' capacity: the liars' is no capacity once they are caught.
+        capacity = honest * SPEED / job_for(0, random.Random(0)).cost
         start = trio.current_time()
         arrivals, at = [], 0.0
         for _ in range(jobs):

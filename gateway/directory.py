@@ -101,8 +101,10 @@ class ProviderDirectory:
 
     `rtt(peer)` gives the measured round trip in seconds, or None. `excluded(peer, now)` says
     whether the gateway excluded a provider (`gateway.trust.TrustLedger.is_excluded`): such a
-    provider is no candidate, like a banned one. Times (`now`, ban ends) are wall-clock
-    seconds, as `Peer.wall_clock` reads them.
+    provider is no candidate, like a banned one. `limit(peer)`, if given, caps this gateway's
+    jobs in flight there further (None: no further cap; a spot checker sets it to
+    `TrustLedger.in_flight_limit`). Times
+    (`now`, ban ends) are wall-clock seconds, as `Peer.wall_clock` reads them.
     """
 
     def __init__(
@@ -112,11 +114,14 @@ class ProviderDirectory:
         *,
         rng: random.Random | None = None,
         excluded: Callable[[PeerId, float], bool] | None = None,
+        limit: Callable[[PeerId], int | None] | None = None,
     ) -> None:
         self.adverts = adverts
         self._rtt = rtt
         self._rng = rng or random.Random()
         self._excluded = excluded
+        #: Caps this gateway's jobs in flight at a provider further (see the class docstring).
+        self.limit = limit
         self._in_flight: dict[PeerId, int] = {}
         self._bans: dict[PeerId, _Ban] = {}
         self._proven: dict[PeerId, None] = {}  # in order of the latest success
@@ -166,6 +171,8 @@ class ProviderDirectory:
         room = MAX_IN_FLIGHT
         if advert.max_queue is not None:  # more of ours than it holds would meet busy
             room = min(room, advert.slots + advert.max_queue)
+        if self.limit is not None and (limit := self.limit(advert.peer_id)) is not None:
+            room = min(room, limit)
         return self._held(advert, now) or self._in_flight.get(advert.peer_id, 0) >= room
 
     def choose(

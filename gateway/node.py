@@ -62,7 +62,10 @@ class Gateway:
         #: Each provider's record of spot checks, and who is excluded.
         self.trust = TrustLedger(trust)
         self.directory = ProviderDirectory(
-            peer.adverts, peer.host.peerstore.rtt, rng=rng, excluded=self.trust.is_excluded
+            peer.adverts,
+            peer.host.peerstore.rtt,
+            rng=rng,
+            excluded=self.trust.is_excluded,
         )
         self.dispatcher = Dispatcher(peer, self.directory, config, rng=rng, local=local)
         self.catalog = Catalog(

@@ -451,13 +451,16 @@ async def open_spot_checker(
     rng: random.Random | None = None,
     on_exclusion: Callable[[Evidence], None] | None = None,
 ) -> AsyncIterator[SpotChecker]:
-    """Check `dispatcher`'s jobs (it becomes the dispatcher's `checker`) until the block
-    exits, which cancels the checks still running and unhooks it."""
+    """Check `dispatcher`'s jobs (it becomes the dispatcher's `checker`, and its directory
+    sends a provider whose pictures are verified one job at a time) until the block exits,
+    which cancels the checks still running and unhooks it."""
     async with open_service_nursery() as nursery:
         checker = SpotChecker(dispatcher, ledger, nursery, rng=rng, on_exclusion=on_exclusion)
         dispatcher.checker = checker
+        dispatcher.directory.limit = ledger.in_flight_limit
         try:
             yield checker
         finally:
             dispatcher.checker = None
+            dispatcher.directory.limit = None
             nursery.cancel_scope.cancel()

@@ -8,7 +8,8 @@ jobs and the clean checks since its last strike, and from them:
 - whether its pictures are checked before they reach clients: until it passed
   `verify_first` (3) checks, since it joined or since its last strike, a second provider
   re-runs each of its jobs before the answer, so a liar's first pictures never reach a client
-  (when another provider can check them);
+  (when another provider can check them); meanwhile it gets one job at a time
+  (`in_flight_limit`), so that a liar runs few jobs before the verdicts come;
 - the probability that its next job is checked (in the background, after that):
   `first_probability` (1) for its first `first_checks` (12) clean checks, then falling by
   `decay` (0.7) per clean check to `min_probability` (2 %), so that a long clean record costs
@@ -136,6 +137,12 @@ class TrustLedger:
         fewer than `verify_first` checks since its last strike, or ever."""
         record = self._records.get(peer)
         return (0 if record is None else record.clean) < self.config.verify_first
+
+    def in_flight_limit(self, peer: PeerId) -> int | None:
+        """How many of this gateway's jobs `peer` may hold at once: 1 while its pictures are
+        verified before the answer (its next job waits for the verdict on this one), else
+        no limit of ours (None)."""
+        return 1 if self.needs_verification(peer) else None
 
     def is_trusted(self, peer: PeerId) -> bool:
         """Whether `peer` passed `trusted_after` checks since its last strike (or ever)."""
