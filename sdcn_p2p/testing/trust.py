@@ -122,8 +122,9 @@ class LyingBackend:
         if lie is Lie.NOISE or (lie is Lie.SOMETIMES and self._rng.random() < 0.2):
             images = [noise_png(job.width, job.height, self._rng) for _ in images]
         elif lie is Lie.FIXED:
-            if self._fixed is None:
+            if self._fixed is None:  # its first picture is a true one
                 self._fixed = images[0]
+                return output
             images = [self._fixed] * len(images)
         elif lie is Lie.SOMETIMES:
             return output
