@@ -17,9 +17,11 @@ could run the job at all, it is not checked, and counted.
 A client that asks for ``verify`` gets its answer only after the second provider agreed (and,
 if it did not, the picture two of three providers drew, or none). The jobs of a provider with
 fewer than `TrustConfig.verify_first` clean checks (a newcomer, or one struck since) are
-verified so too, before the answer: a liar's pictures stop at its first jobs, and a struck
-one's stop reaching clients. (That delays a newcomer's first few clients; the checks of every
-later job run in the background.)
+verified so too, before the answer, and it gets one job at a time meanwhile
+(`TrustLedger.in_flight_limit`): a liar's pictures stop at its first jobs, and a struck one's
+stop reaching clients. (That delays a newcomer's first few clients; the checks of every later
+job run in the background.) While a third provider settles a mismatch, the provider checked
+gets no jobs.
 
 ``info["spot_check"]`` tells what became of a job's check when the answer left: ``"not
 sampled"``, ``"scheduled"``, ``"unavailable"`` (no other provider could check it),
