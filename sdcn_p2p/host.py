@@ -27,6 +27,7 @@ from sdcn_p2p.connection import (
     DEFAULT_MAX_MESSAGE,
     Connection,
     Stream,
+    noise_credentials,
     secure_inbound,
     secure_outbound,
 )
@@ -44,7 +45,6 @@ from sdcn_p2p.peerstore import PeerStore
 from sdcn_p2p.protocols import identify, ping
 from sdcn_p2p.records import Envelope, PeerRecord
 from sdcn_p2p.transport import RawConnection, Transport
-from sdcn_p2p.wire.noise import NoiseCredentials
 
 __all__ = ["AGENT_VERSION", "Handler", "Host", "HostConfig", "local_ips", "open_host"]
 
@@ -143,7 +143,7 @@ class Host:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.identity = identity
-        self._noise = NoiseCredentials(identity)  # one static key per Host, signed once
+        self._noise = noise_credentials(identity)  # one static key per Host, signed once
         self.config = config
         self.transport = transport
         self.peerstore = PeerStore()
@@ -545,12 +545,8 @@ class Host:
     async def _handle_stream(self, stream: Stream) -> None:
         try:
             with trio.fail_after(PROTOCOL_HEADER_TIMEOUT):
-                protocol = await stream._read_protocol_id()
-            entry = self._handlers.get(protocol)
-            if entry is None:
-                log.debug("%s asked for unsupported protocol %r", stream.peer_id.short(), protocol)
-                await stream._refuse()
-                return
+                protocol = await stream._negotiate(self._handlers)
+            entry = self._handlers[protocol]  # no checkpoint since it was selected
             stream._accept(protocol, entry.max_message_size)
             await entry.handler(stream)
         except NETWORK_ERRORS as exc:

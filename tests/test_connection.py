@@ -18,7 +18,13 @@ import trio
 import trio.testing
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from sdcn_p2p.connection import MAX_PROTOCOL_ID, SecureChannel, Stream, secure_outbound
+from sdcn_p2p.connection import (
+    MAX_PROTOCOL_ID,
+    SecureChannel,
+    Stream,
+    noise_credentials,
+    secure_outbound,
+)
 from sdcn_p2p.errors import DialError, StreamReset
 from sdcn_p2p.host import PROTOCOL_HEADER_TIMEOUT, Host, HostConfig, open_host
 from sdcn_p2p.identity import Identity
@@ -26,7 +32,8 @@ from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.protocols.ping import PING
 from sdcn_p2p.testing import TamperingTransport, all_tasks, open_memory_hosts, test_identity
 from sdcn_p2p.transport.memory import MemoryNetwork
-from sdcn_p2p.wire import noise, yamux
+from sdcn_p2p.wire import multistream, noise, yamux
+from sdcn_p2p.wire.libp2p import NoiseHandshakePayload
 from sdcn_p2p.wire.varint import encode_varint
 
 ACCEPT = "/test/accept/1.0.0"
@@ -49,8 +56,14 @@ def dial_addr(host: Host) -> Multiaddr:
     return host.listen_addrs[0].with_peer_id(host.peer_id)
 
 
+def multistream_message(token: bytes) -> bytes:
+    return encode_varint(len(token) + 1) + token + b"\n"
+
+
 def protocol_header(protocol: bytes) -> bytes:
-    return encode_varint(len(protocol)) + protocol
+    """What a lazy dialer writes first, and a listener answers when it accepts: the
+    multistream-select header and the protocol."""
+    return multistream_message(multistream.PROTOCOL_ID.encode()) + multistream_message(protocol)
 
 
 async def echo_handler(stream: Stream) -> None:
@@ -112,11 +125,12 @@ class RawPeer:
         self.session.send(stream_id, protocol_header(PING.encode()) + payload)
         await self.flush()
         received = b""
-        while len(received) < 1 + len(payload):
+        accepted = protocol_header(PING.encode())
+        while len(received) < len(accepted) + len(payload):
             for event in await self.next_events():
                 if isinstance(event, yamux.DataReceived) and event.stream_id == stream_id:
                     received += event.data
-        assert received == b"\x00" + payload  # status "accepted", then the echo
+        assert received == accepted + payload  # the answer "accepted", then the echo
 
 
 @asynccontextmanager
@@ -124,7 +138,7 @@ async def open_raw_peer(network: MemoryNetwork, victim: Host) -> AsyncIterator[R
     identity = test_identity(0, seed=99)
     raw = await network.transport().dial(victim.listen_addrs[0])
     try:
-        channel, remote = await secure_outbound(raw, identity, victim.peer_id)
+        channel, remote = await secure_outbound(raw, noise_credentials(identity), victim.peer_id)
         assert remote == victim.peer_id
         yield RawPeer(channel, identity)
     finally:
@@ -150,11 +164,12 @@ async def test_streams_pass_trios_half_closeable_stream_checks(autojump_clock) -
                 return initiator, await accepted.receive()
 
             async def clogged_stream_maker() -> tuple[Stream, Stream]:
-                # Fill both send windows: the initiator's header and the status byte count.
+                # Fill both send windows: the multistream-select proposal and its answer
+                # (the same bytes: header and protocol) count.
                 initiator, responder = await stream_maker()
-                header = len(protocol_header(ACCEPT.encode()))
+                header = len(multistream.Dialer(ACCEPT).data_to_send())
                 await initiator.send_all(b"\0" * (yamux.DEFAULT_WINDOW - header))
-                await responder.send_all(b"\0" * (yamux.DEFAULT_WINDOW - 1))
+                await responder.send_all(b"\0" * (yamux.DEFAULT_WINDOW - header))
                 return initiator, responder
 
             await trio.testing.check_half_closeable_stream(stream_maker, clogged_stream_maker)
@@ -279,13 +294,22 @@ async def test_a_forged_identity_signature_is_refused(autojump_clock, caplog, fo
                 identity, initiator=True, expected_peer=victim.peer_id, static_key=static_key
             )
             # The payload carries our key with a signature that does not bind it to static_key.
-            handshake._payload = noise._encode_payload(
+            handshake._payload = NoiseHandshakePayload(
                 identity.public_key_bytes, forge(identity, static_key)
-            )
+            ).encode()
             raw = await network.transport().dial(victim.listen_addrs[0])
-            await raw.send_message(handshake.write_message())
-            handshake.read_message(await raw.receive_message())
-            await raw.send_message(handshake.write_message())
+            select = multistream.Dialer(noise.PROTOCOL_ID)
+            await raw.send_message(
+                select.data_to_send() + noise.encode_frame(handshake.write_message())
+            )
+            while select.next_event() is None:
+                select.receive_data(await raw.receive_message())
+            frames = noise.FrameDecoder()
+            frames.feed(select.unused())
+            while (frame := frames.next_frame()) is None:
+                frames.feed(await raw.receive_message())
+            handshake.read_message(frame)
+            await raw.send_message(noise.encode_frame(handshake.write_message()))
             with pytest.raises(trio.EndOfChannel):
                 await raw.receive_message()
             await raw.aclose()

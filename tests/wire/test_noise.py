@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from sdcn_p2p.errors import HandshakeError, LocalProtocolError, ProtocolError, RemoteProtocolError
 from sdcn_p2p.identity import Identity, PeerId
+from sdcn_p2p.wire.libp2p import NoiseHandshakePayload
 from sdcn_p2p.wire.noise import (
     MAX_MESSAGE,
     MAX_PLAINTEXT,
@@ -21,8 +22,6 @@ from sdcn_p2p.wire.noise import (
     NoiseHandshake,
     NoiseTransport,
     _CipherState,
-    _decode_payload,
-    _encode_payload,
     _HandshakeState,
     _hkdf,
     _public_bytes,
@@ -32,6 +31,10 @@ ALICE = Identity.from_seed(bytes(range(32)))
 BOB = Identity.from_seed(bytes(range(1, 33)))
 MALLORY = Identity.from_seed(bytes(range(2, 34)))
 SIG_PREFIX = b"noise-libp2p-static-key:"
+
+
+def _encode_payload(identity_key: bytes, identity_sig: bytes) -> bytes:
+    return NoiseHandshakePayload(identity_key, identity_sig).encode()
 
 Tamper = Callable[[int, bytes], bytes]
 
@@ -490,9 +493,9 @@ def test_initiator_rejects_arbitrary_second_messages(message: bytes) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=200))
-def test_payload_decoder_only_raises_handshake_error(data: bytes) -> None:
-    with contextlib.suppress(HandshakeError):
-        _decode_payload(data)
+def test_payload_decoder_only_raises_remote_protocol_error(data: bytes) -> None:
+    with contextlib.suppress(RemoteProtocolError):
+        NoiseHandshakePayload.decode(data)
 
 
 @settings(max_examples=50, deadline=None)
