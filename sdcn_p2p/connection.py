@@ -565,13 +565,17 @@ class Stream(trio.abc.HalfCloseableStream):
                 select.receive_data(self._buf)
                 fed += len(self._buf)
                 self._buf.clear()
-            event = select.next_event()
+            try:
+                event = select.next_event()
+            finally:
+                # Our header or refusals, even when what follows them breaks the protocol: a
+                # lazy initiator's data after a proposal we refused is no proposal.
+                if not select.done and (out := select.data_to_send()):
+                    self.connection._check_alive()
+                    self.connection._session.send(self.stream_id, out)
+                    self.connection._pump()
             if event is not None:
                 break
-            if out := select.data_to_send():  # our header, or a refusal
-                self.connection._check_alive()
-                self.connection._session.send(self.stream_id, out)
-                self.connection._pump()
             if self._remote_eof or self._reset:
                 raise RemoteProtocolError("stream ended before naming a protocol we speak")
             self.connection._check_alive()

@@ -132,11 +132,11 @@ async def test_accepts_bytearray_and_memoryview() -> None:
 
 
 async def test_largest_messages_both_ways() -> None:
-    largest = bytes(range(256)) * 255 + bytes(range(MAX_TRANSPORT_MESSAGE - 255 * 256))
+    largest = bytes(range(256)) * (MAX_TRANSPORT_MESSAGE // 256)
     assert len(largest) == MAX_TRANSPORT_MESSAGE
     async with serving(echo) as (transport, addr):
         conn = await transport.dial(addr)
-        for _ in range(20):
+        for _ in range(5):
             await conn.send_message(largest)
             assert await conn.receive_message() == largest
         with pytest.raises(LocalProtocolError) as caught:

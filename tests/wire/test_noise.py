@@ -36,6 +36,7 @@ SIG_PREFIX = b"noise-libp2p-static-key:"
 def _encode_payload(identity_key: bytes, identity_sig: bytes) -> bytes:
     return NoiseHandshakePayload(identity_key, identity_sig).encode()
 
+
 Tamper = Callable[[int, bytes], bytes]
 
 
