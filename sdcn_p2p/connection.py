@@ -427,6 +427,7 @@ class Stream(trio.abc.HalfCloseableStream):
             self.connection._check_alive()
             self.connection._session.send(self.stream_id, self._prefix)  # the window is fresh
             self._prefix = b""
+            self.connection._pump()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if max_bytes is not None and operator.index(max_bytes) < 1:
