@@ -31,6 +31,7 @@ from sdcn_p2p.identity import Identity
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.protocols.ping import PING
 from sdcn_p2p.testing import TamperingTransport, all_tasks, open_memory_hosts, test_identity
+from sdcn_p2p.transport import RawConnection
 from sdcn_p2p.transport.memory import MemoryNetwork
 from sdcn_p2p.wire import multistream, noise, yamux
 from sdcn_p2p.wire.libp2p import NoiseHandshakePayload
@@ -470,3 +471,63 @@ async def test_half_open_dials_beyond_the_pending_limit_are_refused_until_they_t
             await trio.testing.wait_all_tasks_blocked()
             assert victim.num_connections == 0
             assert all_tasks() == idle
+
+
+# --- 13. the upgrade, as libp2p does it ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("offers_muxer", [True, False], ids=["muxer-in-handshake", "multistream"])
+async def test_a_new_connection_costs_three_round_trips_to_the_first_answer(
+    autojump_clock, offers_muxer: bool
+) -> None:
+    """Dial (one round trip, as TCP), /noise with Noise message 1 -> answer with message 2,
+    message 3 with the first stream's proposal and data -> its answer: as before libp2p's
+    framing, with the muxer agreed in the handshake or lazily selected after it.
+    """
+    latency = 0.01
+    network = MemoryNetwork(latency=latency)
+    with no_task_left_behind():
+        async with open_memory_hosts(2, network=network) as (a, b):
+            if not offers_muxer:  # as py-libp2p: yamux is selected in the secure channel
+                b._noise = noise.NoiseCredentials(b.identity)
+            b.set_handler(ECHO, echo_handler)
+            start = trio.current_time()
+            stream = await a.new_stream(dial_addr(b), ECHO)
+            await stream.send_all(b"first")
+            assert await stream.receive_some() == b"first"
+            assert trio.current_time() - start == pytest.approx(3 * 2 * latency)
+            await stream.aclose()
+            await trio.testing.wait_all_tasks_blocked()
+            assert a.peerstore.get(b.peer_id).protocols == tuple(b.protocols)  # identified
+
+
+async def test_a_dialler_offering_no_muxer_selects_yamux_in_the_channel(autojump_clock) -> None:
+    with no_task_left_behind():
+        async with open_memory_hosts(2) as (a, b):
+            a._noise = noise.NoiseCredentials(a.identity)
+            b.set_handler(ECHO, echo_handler)
+            stream = await a.new_stream(dial_addr(b), ECHO)
+            await stream.send_all(b"hello")
+            assert await stream.receive_some() == b"hello"
+            await b.ping(dial_addr(a))  # the same connection, the other way
+
+
+async def test_a_listener_that_refuses_noise_fails_the_dial(autojump_clock) -> None:
+    network = MemoryNetwork()
+
+    async def no_noise(raw: RawConnection) -> None:
+        await raw.receive_message()  # the header, /noise and Noise message 1
+        refusal = multistream.encode_token(multistream.PROTOCOL_ID)
+        await raw.send_message(refusal + multistream.encode_token(multistream.NA))
+        with suppress(trio.EndOfChannel):
+            await raw.receive_message()
+
+    with no_task_left_behind():
+        async with open_memory_hosts(1, network=network) as (a,), trio.open_nursery() as nursery:
+            transport = network.transport()
+            [addr] = await nursery.start(
+                transport.serve, Multiaddr.parse(f"/ip4/{transport.host}/tcp/1/ws"), no_noise
+            )
+            with pytest.raises(DialError, match="does not speak /noise"):
+                await a.connect(addr)
+            nursery.cancel_scope.cancel()
