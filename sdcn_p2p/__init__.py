@@ -12,7 +12,7 @@ Layers, bottom up (each module imports only those above it in this list):
 - `host`: listen, dial, one connection per peer, limits, handlers, subscriptions to connection
   events; `protocols`: ping, identify (which sends what the Host snapshots and returns what it
   learned; the Host stores it).
-- `dht`: Kademlia over ``/sdcn/kad/1.0.0``: routing table, lookups, signed record store.
+- `dht`: Kademlia over ``/sdcn/kad/2.0.0``: routing table, lookups, signed record store.
 - `adverts`: the cache of providers' signed adverts, queried by model.
 - `gossip`: their GossipSub-style spread: `messages`, pure `state` (seen cache, mesh, push
   budget), `config`, and `service`, the only part that awaits.

@@ -1,4 +1,4 @@
-"""The job schema and ``/sdcn/job/1.0.0``, shared by the provider and the gateway.
+"""The job schema and ``/sdcn/job/2.0.0``, shared by the provider and the gateway.
 
 One stream per job. The client sends one message and never FIN: closing or resetting the
 stream cancels the job. The provider answers with any number of ``queued`` and ``progress``
@@ -66,7 +66,7 @@ __all__ = [
     "split_sampler",
 ]
 
-JOB = "/sdcn/job/1.0.0"
+JOB = "/sdcn/job/2.0.0"
 #: Cap on one message of the job protocol, in bytes.
 MAX_JOB_MESSAGE = 64 * 1024 * 1024
 #: Cap on an init image's encoded bytes (before base64).
