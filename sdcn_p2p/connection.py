@@ -118,6 +118,9 @@ class SecureChannel:
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
+        if len(view) <= MAX_PLAINTEXT:  # one frame: no batch to copy it into
+            await self.raw.send_message(encode_frame(self._noise.encrypt(view)))
+            return
         batch = bytearray()
         for start in range(0, len(view), MAX_PLAINTEXT):
             frame = encode_frame(self._noise.encrypt(view[start : start + MAX_PLAINTEXT]))
@@ -136,20 +139,18 @@ class SecureChannel:
             if self._unread:
                 data, self._unread = self._unread, b""
             else:
-                data = self._decrypt_buffered()
+                data = self._decrypt(self._frames.split(b""))
                 while not data:
-                    self._frames.feed(await self.raw.receive_message())
-                    data = self._decrypt_buffered()
+                    data = self._decrypt(self._frames.split(await self.raw.receive_message()))
             if self._answer is not None:
                 data = self._strip_answer(data)
             if data:
                 return data
 
-    def _decrypt_buffered(self) -> bytes:
-        out = []
-        while (frame := self._frames.next_frame()) is not None:
-            out.append(self._noise.decrypt(frame))
-        return b"".join(out)
+    def _decrypt(self, frames: list[bytes | memoryview]) -> bytes:
+        if len(frames) == 1:
+            return self._noise.decrypt(frames[0])
+        return b"".join([self._noise.decrypt(frame) for frame in frames])
 
     def _strip_answer(self, data: bytes) -> bytes:
         select = self._answer

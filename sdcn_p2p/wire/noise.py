@@ -293,6 +293,27 @@ class FrameDecoder:
         """Bytes received but not yet returned in a frame."""
         return len(self._buf)
 
+    def split(self, data: bytes) -> list[bytes | memoryview]:
+        """Feed `data` and return every whole message now received, in order.
+
+        When nothing was buffered, the messages are slices of `data`, not copies.
+        """
+        if self._buf:
+            self._buf += data
+            return list(iter(self.next_frame, None))
+        view = memoryview(data)
+        frames: list[bytes | memoryview] = []
+        offset, end = 0, len(view)
+        while end - offset >= FRAME_HEADER:
+            stop = offset + FRAME_HEADER + (view[offset] << 8 | view[offset + 1])
+            if stop > end:
+                break
+            frames.append(view[offset + FRAME_HEADER : stop])
+            offset = stop
+        if offset < end:
+            self._buf += view[offset:]
+        return frames
+
     def next_frame(self) -> bytes | None:
         """The next whole message, or None while more bytes are needed."""
         if len(self._buf) < FRAME_HEADER:
