@@ -471,9 +471,7 @@ class Stream(trio.abc.HalfCloseableStream):
         fed = 0
         while True:
             if self._buf:
-                select.receive_data(self._buf)
-                fed += len(self._buf)
-                self._buf.clear()
+                fed += self._feed(select)
                 try:
                     event = select.next_event()
                 except RemoteProtocolError:
@@ -488,9 +486,7 @@ class Stream(trio.abc.HalfCloseableStream):
             self.connection._check_alive()
             await self._lot.park()
         self._select = None
-        rest = select.unused()
-        self._buf[:0] = rest
-        self._consume(fed - len(rest))
+        self._settle(select, fed)
         if isinstance(event, multistream.ProtocolRefused):
             self._abort()
             raise UnsupportedProtocol(f"{self.peer_id} does not support {self.protocol}")
@@ -563,10 +559,7 @@ class Stream(trio.abc.HalfCloseableStream):
         select = multistream.Listener(supported)
         fed = 0
         while True:
-            if self._buf:
-                select.receive_data(self._buf)
-                fed += len(self._buf)
-                self._buf.clear()
+            fed += self._feed(select)
             try:
                 event = select.next_event()
             finally:
@@ -582,11 +575,22 @@ class Stream(trio.abc.HalfCloseableStream):
                 raise RemoteProtocolError("stream ended before naming a protocol we speak")
             self.connection._check_alive()
             await self._lot.park()
+        self._settle(select, fed)
+        self._prefix = select.data_to_send()
+        return event.protocol
+
+    def _feed(self, select: multistream.Dialer | multistream.Listener) -> int:
+        """Hand what we received to a negotiation; how much (credited once it is settled)."""
+        fed = len(self._buf)
+        select.receive_data(self._buf)
+        self._buf.clear()
+        return fed
+
+    def _settle(self, select: multistream.Dialer | multistream.Listener, fed: int) -> None:
+        """Put back what came past the negotiation, and credit the window for what it used."""
         rest = select.unused()
         self._buf[:0] = rest
         self._consume(fed - len(rest))
-        self._prefix = select.data_to_send()
-        return event.protocol
 
     def _accept(self, protocol: str, max_message_size: int) -> None:
         self.protocol = protocol

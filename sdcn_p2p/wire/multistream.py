@@ -115,6 +115,7 @@ class _Machine:
         self._in = bytearray()
         self._out = bytearray()
         self._done = False
+        self._header_seen = False
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes from the peer (after the result, they are kept for `unused`)."""
@@ -145,6 +146,23 @@ class _Machine:
         del self._in[:end]
         return token
 
+    def _header_read(self) -> bool:
+        """Read the peer's header once; whether it has been read (False: need more bytes)."""
+        if self._done:
+            raise LocalProtocolError("the negotiation is over")
+        if not self._header_seen:
+            token = self._next_token()
+            if token is None:
+                return False
+            if token != PROTOCOL_ID:
+                raise RemoteProtocolError(f"peer does not speak {PROTOCOL_ID} (sent {token!r})")
+            self._header_seen = True
+            self._on_header()
+        return True
+
+    def _on_header(self) -> None:
+        """Called once the peer's header is read."""
+
 
 class Dialer(_Machine):
     """The lazy dialer of one protocol: its whole proposal is in `data_to_send` at once."""
@@ -153,7 +171,6 @@ class Dialer(_Machine):
         super().__init__()
         self.protocol = protocol
         self._out += encode_token(PROTOCOL_ID) + encode_token(protocol)
-        self._header_seen = False
 
     def next_event(self) -> ProtocolAccepted | ProtocolRefused | None:
         """The listener's answer, or None while more bytes are needed.
@@ -161,15 +178,8 @@ class Dialer(_Machine):
         Raises RemoteProtocolError when the listener does not speak multistream-select or
         answers something else than our protocol or ``na``.
         """
-        if self._done:
-            raise LocalProtocolError("the negotiation is over")
-        if not self._header_seen:
-            token = self._next_token()
-            if token is None:
-                return None
-            if token != PROTOCOL_ID:
-                raise RemoteProtocolError(f"peer does not speak {PROTOCOL_ID} (sent {token!r})")
-            self._header_seen = True
+        if not self._header_read():
+            return None
         token = self._next_token()
         if token is None:
             return None
@@ -187,8 +197,10 @@ class Listener(_Machine):
     def __init__(self, supported: Container[str]) -> None:
         super().__init__()
         self._supported = supported
-        self._header_seen = False
         self._refusals = 0
+
+    def _on_header(self) -> None:
+        self._out += encode_token(PROTOCOL_ID)
 
     def next_event(self) -> ProtocolSelected | None:
         """The protocol selected, or None while more bytes are needed (send `data_to_send`
@@ -197,16 +209,8 @@ class Listener(_Machine):
         Raises RemoteProtocolError when the dialer does not speak multistream-select or
         proposed more than MAX_REFUSALS protocols we lack.
         """
-        if self._done:
-            raise LocalProtocolError("the negotiation is over")
-        if not self._header_seen:
-            token = self._next_token()
-            if token is None:
-                return None
-            if token != PROTOCOL_ID:
-                raise RemoteProtocolError(f"peer does not speak {PROTOCOL_ID} (sent {token!r})")
-            self._header_seen = True
-            self._out += encode_token(PROTOCOL_ID)
+        if not self._header_read():
+            return None
         while (token := self._next_token()) is not None:
             if token != _LS and token != NA and token in self._supported:
                 self._out += encode_token(token)
