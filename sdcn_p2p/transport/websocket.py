@@ -168,6 +168,9 @@ class WebSocketTransport:
             await _run_handler(handler, _WebSocketConnection(ws, stream, self._max_message))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug("WebSocket upgrade from %s failed: %r", _peer(stream), exc)
+        except Exception:
+            # A bug of ours or wsproto's: one connection must not stop the listener.
+            log.exception("WebSocket connection from %s failed", _peer(stream))
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -392,12 +395,11 @@ class _WebSocketConnection:
                 _UNSUPPORTED_DATA, "sent a text message; only binary messages are allowed"
             )
         elif isinstance(event, Ping):
-            with suppress(trio.BrokenResourceError):
-                await self._send(self._ws.send(event.response()))
+            with suppress(WsLocalProtocolError):  # we are closing: no pong
+                await self._answer(self._ws.send(event.response()))
         elif isinstance(event, CloseConnection):
             if self._ws.state is ConnectionState.REMOTE_CLOSING:
-                with suppress(trio.BrokenResourceError, WsLocalProtocolError):
-                    await self._send(self._ws.send(event.response()))
+                await self._answer(self._ws.send(event.response()))
             if event.code in (_NORMAL_CLOSURE, _GOING_AWAY):
                 self._ended(trio.EndOfChannel())
             else:
@@ -405,6 +407,19 @@ class _WebSocketConnection:
                     trio.BrokenResourceError(f"connection closed: {event.code} {event.reason}")
                 )
         return None
+
+    async def _answer(self, payload: bytes) -> None:
+        """Send a pong or a close answer from the receiving task: shielded, since a frame cut
+        short would corrupt what follows, for CLOSE_TIMEOUT at most.
+        """
+        deadline = trio.current_time() + CLOSE_TIMEOUT
+        with (
+            trio.CancelScope(shield=True, deadline=deadline) as scope,
+            suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+        ):
+            await self._send(payload)
+        if scope.cancelled_caught:
+            self._ended(trio.BrokenResourceError("the peer does not read what we send"))
 
     async def aclose(self) -> None:
         """Close with the WebSocket closing handshake, cutting the socket after CLOSE_TIMEOUT."""

@@ -295,6 +295,15 @@ async def test_text_message_breaks_only_that_connection() -> None:
         await conn.aclose()
 
 
+async def test_pings_are_answered_by_the_receiving_task() -> None:
+    # No task runs per connection: the handler's receive answers the ping as it reads.
+    async with serving(echo) as (_, addr), raw_client(addr) as ws:
+        with trio.fail_after(5):
+            await ws.ping(b"are you there")  # returns once the pong arrives
+        await ws.send_message(b"still fine")
+        assert await ws.get_message() == b"still fine"
+
+
 async def test_oversize_message_breaks_the_connection() -> None:
     seen: list[type[BaseException]] = []
 
