@@ -67,8 +67,6 @@ YAMUX = "/yamux/1.0.0"
 #: Longest protocol id a stream may name, in bytes.
 MAX_PROTOCOL_ID = multistream.MAX_TOKEN
 DEFAULT_MAX_MESSAGE = 1024 * 1024
-# Largest transport message we send: Noise frames are batched up to this.
-_MAX_BATCH = 256 * 1024
 # Outgoing bytes we queue before stream writers wait for the connection writer to catch up.
 _HIGH_WATER = 512 * 1024
 # Control frames (pongs, window updates, resets) queued while the remote does not read:
@@ -79,8 +77,8 @@ DRAIN_GRACE = 5.0
 
 
 class SecureChannel:
-    """Noise over the byte stream of a RawConnection: each message framed by its length,
-    frames batched into transport messages of at most 256 KiB.
+    """Noise over the byte stream of a RawConnection: each Noise message behind its length,
+    one per transport message (as go-libp2p writes them; the receiver reads a byte stream).
 
     Made by `secure_outbound` / `secure_inbound`, with the bytes they received past the
     handshake. Until the answer of a lazy muxer selection (`expect_answer`) has arrived and
@@ -118,18 +116,9 @@ class SecureChannel:
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
-        if len(view) <= MAX_PLAINTEXT:  # one frame: no batch to copy it into
-            await self.raw.send_message(encode_frame(self._noise.encrypt(view)))
-            return
-        batch = bytearray()
         for start in range(0, len(view), MAX_PLAINTEXT):
             frame = encode_frame(self._noise.encrypt(view[start : start + MAX_PLAINTEXT]))
-            if len(batch) + len(frame) > _MAX_BATCH:
-                await self.raw.send_message(batch)
-                batch = bytearray()
-            batch += frame
-        if batch:
-            await self.raw.send_message(batch)
+            await self.raw.send_message(frame)
 
     async def receive_some(self) -> bytes:
         """Next decrypted bytes (never empty). Raises ProtocolError on a bad ciphertext or a
@@ -331,11 +320,32 @@ class Stream(trio.abc.HalfCloseableStream):
 
     def _on_data(self, data: bytes) -> None:
         if self._closed:
+            if self._select is not None and self._take_late_answer(data):
+                return
             # Nobody will read it: refuse more, as TCP does for a closed socket.
             self._abort()
             return
         self._buf += data
         self._lot.unpark_all()
+
+    def _take_late_answer(self, data: bytes) -> bool:
+        """Take the answer to our proposal on a stream we closed without reading (a push):
+        it belongs to the negotiation, not to anyone's data. False if more than it came.
+        """
+        select = self._select
+        assert select is not None
+        try:
+            select.receive_data(data)
+            event = select.next_event()
+        except RemoteProtocolError:
+            return False
+        if event is None:
+            self._consume(len(data))
+            return True
+        self._select = None
+        rest = select.unused()
+        self._consume(len(data) - len(rest))
+        return not rest
 
     def _on_eof(self) -> None:
         self._remote_eof = True

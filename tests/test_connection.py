@@ -531,3 +531,35 @@ async def test_a_listener_that_refuses_noise_fails_the_dial(autojump_clock) -> N
             with pytest.raises(DialError, match="does not speak /noise"):
                 await a.connect(addr)
             nursery.cancel_scope.cancel()
+
+
+async def test_a_push_closed_before_its_answer_arrives_is_not_reset(autojump_clock) -> None:
+    """The opener writes and closes without reading (a push); the responder answers as soon as
+    it waits for more data, so its answer reaches a stream already closed. The answer belongs
+    to the negotiation: the stream is not reset for it under a responder still using it."""
+    sink = "/test/sink/1.0.0"
+    outcome: list[object] = []
+    done = trio.Event()
+
+    async def read_then_linger(stream: Stream) -> None:
+        size = 0
+        while chunk := await stream.receive_some():  # waits once between the two parts
+            size += len(chunk)
+        await trio.sleep(1)  # a reset for the answer would have arrived by now
+        try:
+            await stream.send_all(b"still here")
+        except StreamReset as exc:
+            outcome.append(exc)
+        outcome.append(size)
+        done.set()
+
+    with no_task_left_behind():
+        async with open_memory_hosts(2, network=MemoryNetwork(latency=0.05)) as (a, b):
+            b.set_handler(sink, read_then_linger)
+            stream = await a.new_stream(dial_addr(b), sink)
+            await stream.send_all(bytes(10_000))
+            await trio.sleep(0.02)
+            await stream.send_all(bytes(10_000))
+            await stream.aclose()
+            await done.wait()
+    assert outcome == [20_000]

@@ -26,9 +26,9 @@ from sdcn_p2p.multiaddr import Multiaddr
 
 __all__ = ["MAX_TRANSPORT_MESSAGE", "ConnectionHandler", "RawConnection", "Transport"]
 
-#: Largest message a transport carries, in bytes (trio-websocket's default cap). We send at
-#: most 256 KiB per message; sending more raises LocalProtocolError, receiving more breaks the
-#: connection.
+#: Largest message a transport carries, in bytes (trio-websocket's default cap). We send one
+#: framed Noise message (at most 65,537 bytes) per message; sending more raises
+#: LocalProtocolError, receiving more breaks the connection.
 MAX_TRANSPORT_MESSAGE = 1024 * 1024
 
 log = logging.getLogger(__name__)
