@@ -37,7 +37,8 @@ from sdcn_p2p.transport.memory import MemoryNetwork
 from sdcn_p2p.wire.noise import NoiseCredentials
 
 CHUNK = 64 * 1024
-# The plain side gets the socket tuning our transport uses, so the ratio measures our layers.
+# The plain side reads what the socket has (64 KiB), as our transport does, not trio-websocket's
+# 4 KiB, so the ratio measures our layers.
 PLAIN_OPTIONS = {
     "receive_buffer_size": None,
     "message_queue_size": 4,
