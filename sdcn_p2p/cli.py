@@ -504,7 +504,8 @@ def _add_ping(commands: argparse._SubParsersAction) -> None:
         "ping",
         help="dial a peer and print round-trip times",
         description="Dial MULTIADDR (with /p2p/<peer id> to check who answers) with a fresh "
-        "identity and ping it over /sdcn/ping/1.0.0.",
+        "identity and ping it over /ipfs/ping/1.0.0: any libp2p peer listening on /ws or /wss "
+        "answers, not only SDCN peers.",
     )
     parser.add_argument("target", type=_multiaddr, metavar="MULTIADDR")
     parser.add_argument("--count", "-c", type=int, default=4, help="pings to send (default 4)")

@@ -1,6 +1,6 @@
 """The provider role: advertise what a backend can run, and run jobs for other peers.
 
-A Provider serves ``/sdcn/job/1.0.0`` on a Peer. It runs at most `slots` jobs at once and
+A Provider serves ``/sdcn/job/2.0.0`` on a Peer. It runs at most `slots` jobs at once and
 keeps at most `max_queue` more waiting; beyond that it refuses with ``busy``. It checks every
 job against the capabilities it advertised (a webui would silently run another model) and
 refuses with ``unsupported``. Closing or resetting the job stream cancels the job.
@@ -386,7 +386,7 @@ class Provider:
         return JobResult(output.images, info)
 
     async def _handle_job(self, stream: Stream) -> None:
-        """``/sdcn/job/1.0.0``: one job per stream; closing the stream cancels it."""
+        """``/sdcn/job/2.0.0``: one job per stream; closing the stream cancels it."""
         try:
             with trio.fail_after(REQUEST_TIMEOUT):
                 message = await stream.receive_message()

@@ -3,7 +3,7 @@
 - `schema`: `JobRequest` and its validation, limits, kinds, sampler names with scheduler
   labels (`split_sampler`); `JobResult`, `Queued`, `Progress`. No I/O.
 - `images`: init and result images checked from their headers (Pillow), limits on them.
-- `protocol`: ``/sdcn/job/1.0.0``: its messages, `decode_reply`, and the client `request_job`.
+- `protocol`: ``/sdcn/job/2.0.0``: its messages, `decode_reply`, and the client `request_job`.
 
 The package exports the schema only, so that a backend imports it without the network; the
 protocol is `sdcn_p2p.jobs.protocol`.

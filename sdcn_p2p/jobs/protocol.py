@@ -1,4 +1,4 @@
-"""``/sdcn/job/1.0.0``: the job protocol between a gateway and a provider, and its client.
+"""``/sdcn/job/2.0.0``: the job protocol between a gateway and a provider, and its client.
 
 One stream per job. The client sends one message and never FIN: closing or resetting the
 stream cancels the job. The provider answers with any number of ``queued`` and ``progress``
@@ -51,7 +51,7 @@ __all__ = [
     "result_message",
 ]
 
-JOB = "/sdcn/job/1.0.0"
+JOB = "/sdcn/job/2.0.0"
 #: Cap on one message of the job protocol, in bytes.
 MAX_JOB_MESSAGE = 64 * 1024 * 1024
 _MAX_INFO_BYTES = 64 * 1024

@@ -1,4 +1,4 @@
-"""``/sdcn/job/1.0.0`` (sdcn_p2p.jobs.protocol): its messages and the client `request_job`."""
+"""``/sdcn/job/2.0.0`` (sdcn_p2p.jobs.protocol): its messages and the client `request_job`."""
 
 from __future__ import annotations
 
