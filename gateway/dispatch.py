@@ -322,38 +322,20 @@ class Dispatcher:
             "queue_s": round(queue, 3),
             "run_s": None if run is None else round(run, 3),
         }
-        if result is not None:
-            log.info(
-                "%s %s on %s: ok, %d attempt(s), queue %.3f s, run %.3f s",
-                job.kind,
-                job.model,
-                request.tried[-1].short(),
-                request.attempts,
-                queue,
-                run or 0.0,
-                extra=fields,
-            )
-        elif isinstance(error, DispatchError):
-            log.info(
-                "%s %s: %s after %d attempt(s), %.3f s: %s",
-                job.kind,
-                job.model,
-                status,
-                request.attempts,
-                queue,
-                error.message,
-                extra=fields,
-            )
-        else:
-            log.info(
-                "%s %s: %s after %d attempt(s), %.3f s",
-                job.kind,
-                job.model,
-                status,
-                request.attempts,
-                queue,
-                extra=fields,
-            )
+        where = f" on {request.tried[-1].short()}" if request.tried else ""
+        took = f"queue {queue:.3f} s, run {run:.3f} s" if run is not None else f"{queue:.3f} s"
+        why = f": {error.message}" if isinstance(error, DispatchError) else ""
+        log.info(
+            "%s %s%s: %s, %d attempt(s), %s%s",
+            job.kind,
+            job.model,
+            where,
+            status,
+            request.attempts,
+            took,
+            why,
+            extra=fields,
+        )
 
     async def run_batch(
         self,

@@ -395,7 +395,12 @@ class Provider:
             outcome,
             queue,
             run,
-            extra={"model": job.model, "status": outcome, "queue_s": queue, "run_s": run},
+            extra={
+                "model": job.model,
+                "status": outcome,
+                "queue_s": round(queue, 3),
+                "run_s": round(run, 3),
+            },
         )
 
     def _check_supported(self, job: JobRequest) -> None:

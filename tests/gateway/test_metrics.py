@@ -347,6 +347,20 @@ async def test_one_job_id_follows_a_job_from_the_gateway_to_its_provider(autojum
     assert not [line for line in lines if PROMPT in json.dumps(line)]
 
 
+async def test_a_callers_job_id_names_the_job_and_each_part_of_a_batch(autojump_clock) -> None:
+    async with gateway_network(Card(), Card()) as net:
+        dispatcher = net.gateway.dispatcher
+        with captured_json_lines() as lines:
+            await dispatcher.run(small_job(), job_id="job-7")
+            await dispatcher.run_batch([small_job(), small_job(seed=8)], job_id="job-8")
+            await dispatcher.run_batch([small_job()], job_id="job-9")
+        with pytest.raises(ValueError, match="job_id"):
+            await dispatcher.run(small_job(), job_id="job 10")
+    ids = {(line["logger"], line["job_id"]) for line in lines if "job_id" in line}
+    for job_id in ("job-7", "job-8.0", "job-8.1", "job-9"):
+        assert ("gateway.dispatch", job_id) in ids and ("sdcn_p2p.provider", job_id) in ids
+
+
 # --- pure parts ----------------------------------------------------------------------------------
 
 
