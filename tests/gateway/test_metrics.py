@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -36,6 +38,7 @@ from sdcn_p2p.testing import open_memory_peers, small_job, wait_advert
 #: 10 steps of 64x64 take 10 * (64 * 64 / 512**2) / 0.5 = 0.31 s on this card.
 SLOW = TestcardConfig(models=("card-a",), speed=0.5)
 PROMPT = "a secret lighthouse"
+DASHBOARD = Path(__file__).parents[2] / "docs" / "grafana-dashboard.json"
 
 
 class Card(TestcardBackend):
@@ -359,6 +362,26 @@ async def test_a_callers_job_id_names_the_job_and_each_part_of_a_batch(autojump_
     ids = {(line["logger"], line["job_id"]) for line in lines if "job_id" in line}
     for job_id in ("job-7", "job-8.0", "job-8.1", "job-9"):
         assert ("gateway.dispatch", job_id) in ids and ("sdcn_p2p.provider", job_id) in ids
+
+
+async def test_the_grafana_dashboard_draws_only_metrics_that_exist(autojump_clock) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    async with gateway_network(Card()) as net:
+        assert (await net.http.post("/txt2img", json=sdcn())).status_code == 200
+        await net.gateway.peer.host.ping(net.nodes[0].peer_id)
+        scrapes = [await net.scrape(), provider_scrape(net.providers[0])]
+    exported = {name for scrape in scrapes for name, _ in scrape.samples}
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert len(panels) >= 15
+    drawn = set()
+    for panel in panels:
+        assert panel["description"] and panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            drawn |= set(re.findall(r"\b(?:sdcn|process)_[a-z_]+", target["expr"]))
+    assert drawn <= exported, drawn - exported
+    wanted = {name.removesuffix("_total") for name in GATEWAY_TYPES | PROVIDER_TYPES | PEER_TYPES}
+    shown = {re.sub(r"_(total|bucket)$", "", name) for name in drawn}
+    assert wanted - {"python_info"} <= shown, wanted - shown
 
 
 # --- pure parts ----------------------------------------------------------------------------------
