@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from gateway.errors import (
     AllBusy,
@@ -170,14 +171,17 @@ def instrument_gateway(
     metrics.gauge(
         "sdcn_gateway_jobs_running", "Jobs sent to a provider and not back yet"
     ).set_function(lambda: dispatcher.running)
-    providers = metrics.gauge(
-        "sdcn_gateway_providers", "Providers this gateway knows, by state", ["state"]
-    )
     directory = dispatcher.directory
-    for state in PROVIDER_STATES:
-        providers.labels(state).set_function(
-            lambda state=state: provider_states(directory, wall_clock()).get(state, 0)
+
+    def providers() -> list[Metric]:
+        family = GaugeMetricFamily(
+            "sdcn_gateway_providers", "Providers this gateway knows, by state", labels=["state"]
         )
+        for state, count in provider_states(directory, wall_clock()).items():
+            family.add_metric([state], count)
+        return [family]
+
+    metrics.add_collector("gateway_providers", providers)
 
 
 def provider_states(directory: ProviderDirectory, now: float) -> dict[str, int]:
@@ -194,7 +198,7 @@ def provider_states(directory: ProviderDirectory, now: float) -> dict[str, int]:
             state = "busy"
         else:
             state = "online"
-        counts[state] = counts.get(state, 0) + 1
+        counts[state] += 1
     return counts
 
 
