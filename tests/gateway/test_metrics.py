@@ -215,8 +215,9 @@ async def test_counters_move_by_exactly_the_jobs_and_outcomes_that_happened(
             name = f"sdcn_gateway_{histogram}"
             assert after.delta(before, f"{name}_count") == 3
             assert after(f"{name}_bucket", le="+Inf") == 3
-        # The job that waited for room waited at least as long as the other job ran.
-        assert after("sdcn_gateway_job_queue_seconds_sum") >= 40 * 64 * 64 / 512**2 / 0.5 * 0.5
+        # The job that waited for room counts its wait as queue time: it came while the job
+        # behind the gateway's back (1.25 s on this card) had run for a few ms.
+        assert after("sdcn_gateway_job_queue_seconds_sum") >= 1.0
         assert after("sdcn_gateway_megapixel_steps_total") == pytest.approx(3 * 10 * 64 * 64 / 1e6)
         assert after("sdcn_gateway_jobs_waiting") == 0 and after("sdcn_gateway_jobs_running") == 0
         states = {s: after("sdcn_gateway_providers", state=s) for s in ("online", "banned")}
@@ -243,7 +244,7 @@ async def test_counters_move_by_exactly_the_jobs_and_outcomes_that_happened(
         assert good("sdcn_provider_speed_its") == pytest.approx(net.providers[1].speed)
 
 
-async def test_a_provider_refusing_a_malformed_request_counts_it(autojump_clock) -> None:
+async def test_a_provider_counts_a_job_it_refuses_as_unsupported(autojump_clock) -> None:
     async with gateway_network(Card()) as net:
         host, peer = net.gateway.peer.host, net.nodes[0].peer_id
         with pytest.raises(JobError) as info:
