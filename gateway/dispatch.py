@@ -269,8 +269,8 @@ class Dispatcher:
         (`gateway.errors`). Cancelling is safe: the job's stream is reset, which cancels it
         on the provider.
         """
-        if job_id is None:
-            job_id = new_job_id(self._rng)
+        if job_id is None:  # unique across gateways, so not from `self._rng` (maybe seeded)
+            job_id = new_job_id()
         else:
             try:
                 check_job_id(job_id)
