@@ -15,8 +15,12 @@ Translating requests (pure):
 
 HTTP (FastAPI):
 
-- `api`: `create_app`, made of `sdcn_api` (``/txt2img``, ``/v1/...``) and `a1111_api`
-  (``/sdapi/v1/...``) over `http` (bodies, responses, and errors to statuses, in one place).
+- `api`: `create_app`, made of `sdcn_api` (``/txt2img``, ``/v1/...``), `a1111_api`
+  (``/sdapi/v1/...``) and `ops_api` (``/metrics``, ``/v1/status``) over `http` (bodies,
+  responses, and errors to statuses, in one place).
+
+- `metrics`: what the gateway counts for Prometheus and ``/v1/status`` (the dispatcher's jobs
+  and attempts, HTTP requests by API and status, providers by state).
 
 - `node`: `Gateway`, `open_gateway`: the role on a Peer, serving HTTP.
 """

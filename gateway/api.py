@@ -4,6 +4,8 @@ network catalog and a health check; ``/docs`` and ``/openapi.json`` describe the
 - `gateway.sdcn_api`: ``POST /txt2img``, ``/img2img``; ``GET /v1/models``, ``/v1/providers``,
   ``/healthz``.
 - `gateway.a1111_api`: ``/sdapi/v1/...``, what an A1111 client needs.
+- `gateway.ops_api`: ``GET /metrics`` (Prometheus) and ``GET /v1/status``, for operators;
+  every request is counted by `gateway.metrics.RequestCounter`.
 - `gateway.http`: what both share: bodies (at most MAX_BODY bytes), responses, and the one
   mapping of errors to ``{"msg"}`` and a status.
 """
@@ -14,7 +16,7 @@ import random
 
 from fastapi import FastAPI
 
-from gateway import a1111_api, sdcn_api
+from gateway import a1111_api, ops_api, sdcn_api
 from gateway.http import (
     MAX_BODY,
     RETRY_AFTER,
@@ -22,6 +24,7 @@ from gateway.http import (
     GatewayServices,
     install_error_handlers,
 )
+from gateway.metrics import RequestCounter
 from sdcn_p2p._version import __version__
 
 __all__ = ["MAX_BODY", "RETRY_AFTER", "GatewayServices", "create_app"]
@@ -42,7 +45,9 @@ def create_app(gateway: GatewayServices, *, rng: random.Random | None = None) ->
     app.state.services = gateway
     app.state.rng = rng or random.Random()
     app.add_middleware(BodyLimit, limit=MAX_BODY)
+    app.add_middleware(RequestCounter, metrics=gateway.metrics)  # outermost: counts the 413s
     install_error_handlers(app)
     app.include_router(sdcn_api.router)
     app.include_router(a1111_api.router)
+    app.include_router(ops_api.router)
     return app

@@ -39,6 +39,11 @@ what a caller answers with is its business (the HTTP layer picks statuses). A ca
 follows a job (a job service) passes `on_event`: it hears `JobWaiting` when the job joins the
 line (and when it goes back to another place in it), `JobAssigned` for each attempt, and
 `JobProgress` for each step the provider reports.
+
+Each job has an id (the caller's, or one drawn here): every log line about the job carries
+it (`sdcn_p2p.logs.log_context`), and so does the job request, so that the provider's lines
+do too. A job that ends logs one line at info: its model, provider, status, attempts, and time
+queued and run (never the prompt). The dispatcher's metrics are `gateway.metrics`'.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ from gateway.errors import (
     ProviderFailed,
     Rejected,
 )
+from gateway.metrics import DispatchMetrics, job_status
 from gateway.waitqueue import WaitQueue
 from sdcn_p2p._config import require, require_at_least, require_positive
 from sdcn_p2p._util import open_service_nursery
@@ -77,6 +83,8 @@ from sdcn_p2p.errors import (
 from sdcn_p2p.identity import PeerId
 from sdcn_p2p.jobs import MAX_SEED, JobRequest, JobResult
 from sdcn_p2p.jobs.protocol import request_job
+from sdcn_p2p.jobs.schema import check_job_id, new_job_id
+from sdcn_p2p.logs import log_context
 from sdcn_p2p.peer import Peer
 from sdcn_p2p.records import Advert, Envelope, model_key, normalize_model_name
 
@@ -103,6 +111,9 @@ _RECHECK = 1.0
 _MAX_BUSY = 16
 #: Longest Retry-After (s) an early 503 gives, however long the line.
 _MAX_RETRY_AFTER = 600.0
+#: The outcome (gateway.metrics.ATTEMPT_OUTCOMES) of an attempt a provider answered with an
+#: error; other codes are "failed".
+_ATTEMPT_OUTCOME = {JobErrorCode.BUSY: "busy", JobErrorCode.TIMEOUT: "timeout"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,18 +210,23 @@ class Dispatcher:
         *,
         rng: random.Random | None = None,
         local: LocalRunner | None = None,
+        metrics: DispatchMetrics | None = None,
     ) -> None:
         """`local`: how to run a job on a provider on this same peer (`Provider.run_job`);
         without it our own peer is never chosen, since a host cannot dial itself.
+        `metrics`: where to record jobs (default: in the peer's registry).
         """
         self.peer = peer
         self.directory = directory
         self.config = config
         self.local = local
+        self.metrics = metrics or DispatchMetrics(peer.metrics)
         self._rng = rng or random.Random()
         self._lines: dict[str, WaitQueue] = {}  # normalized model name -> its jobs waiting
         self._tickets = itertools.count()
         self._waiting = 0
+        self._running = 0  # attempts in flight
+        self._work_held = 0.0  # megapixel-steps of the jobs accepted and not ended
         # Never closed: a Dispatcher lives as long as its peer's cache.
         self._advert_subscription = peer.adverts.subscribe(self._on_advert)
 
@@ -218,6 +234,16 @@ class Dispatcher:
     def waiting(self) -> int:
         """Jobs waiting now for a provider to have room."""
         return self._waiting
+
+    @property
+    def running(self) -> int:
+        """Jobs sent to a provider now and not back yet."""
+        return self._running
+
+    @property
+    def queued_megapixel_steps(self) -> float:
+        """The work (megapixel-steps) of the jobs accepted and not ended yet."""
+        return max(self._work_held, 0.0)
 
     def default_deadline(self, job: JobRequest) -> float:
         """Seconds a job may take when the client sets no deadline, scaled by its cost."""
@@ -231,44 +257,85 @@ class Dispatcher:
         deadline: float | None = None,
         on_event: EventCallback | None = None,
         part: int = 0,
+        job_id: str | None = None,
     ) -> DispatchResult:
         """Run `job` within `deadline` seconds (default: `default_deadline`) and return its
         images, trying up to `config.max_attempts` providers.
 
         A seed of -1 is replaced by a random one (``info["seed"]`` says which). `on_event`
-        hears the job's events (see `DispatchEvent`), each with `part`. Raises a
-        DispatchError subclass (`gateway.errors`). Cancelling is safe: the job's stream is
-        reset, which cancels it on the provider.
+        hears the job's events (see `DispatchEvent`), each with `part`. `job_id` names the
+        job in the logs, here and on the provider (default: a fresh id; ValueError if it is
+        not 1 to 64 of ``[A-Za-z0-9._:-]``). Raises a DispatchError subclass
+        (`gateway.errors`). Cancelling is safe: the job's stream is reset, which cancels it
+        on the provider.
         """
+        if job_id is None:  # unique across gateways, so not from `self._rng` (maybe seeded)
+            job_id = new_job_id()
+        else:
+            try:
+                check_job_id(job_id)
+            except JobError as exc:
+                raise ValueError(exc.message) from None
         if job.seed == -1:
             job = job.with_seed(self._rng.randrange(MAX_SEED + 1))
         if deadline is None:
             deadline = self.default_deadline(job)
         started = trio.current_time()
-        request = _Request(job, started, started + deadline, on_event=on_event, part=part)
-        try:
-            result = await self._run(request)
-        except DispatchError as exc:
-            log.info(
-                "%s %s failed after %d attempt(s), %.0f ms: %s: %s",
-                job.kind,
-                job.model,
-                request.attempts,
-                (trio.current_time() - started) * 1000,
-                type(exc).__name__,
-                exc.message,
-            )
-            raise
-        info = {**result.info, "attempts": request.attempts}
+        request = _Request(
+            job, started, started + deadline, on_event=on_event, part=part, job_id=job_id
+        )
+        work = job.megapixel_steps
+        self._work_held += work
+        with log_context(job_id=job_id):
+            try:
+                result = await self._run(request)
+            except BaseException as exc:
+                self._ended(request, exc, None)
+                raise
+            finally:
+                self._work_held -= work
+            self._ended(request, None, result)
+        return DispatchResult(result.images, {**result.info, "attempts": request.attempts})
+
+    def _ended(
+        self, request: _Request, error: BaseException | None, result: JobResult | None
+    ) -> None:
+        """Record how `request`'s job ended, in the metrics and in one line at info."""
+        job = request.job
+        now = trio.current_time()
+        status = job_status(error)
+        # Queued: until the provider that ran it started (its own queue included); for a
+        # job that never ran, until it gave up.
+        queue = now - request.started
+        run = None
+        if result is not None and request.sent is not None:
+            provider_queue = result.info.get("queue_ms", 0) / 1000
+            queue = min(request.sent - request.started + provider_queue, queue)
+            run = now - request.started - queue
+        self.metrics.job_ended(job, status, now=now, queue=queue, run=run)
+        provider = str(request.tried[-1]) if request.tried else ""
+        fields = {
+            "model": job.model,
+            "provider": provider,
+            "status": status,
+            "attempts": request.attempts,
+            "queue_s": round(queue, 3),
+            "run_s": None if run is None else round(run, 3),
+        }
+        where = f" on {request.tried[-1].short()}" if request.tried else ""
+        took = f"queue {queue:.3f} s, run {run:.3f} s" if run is not None else f"{queue:.3f} s"
+        why = f": {error.message}" if isinstance(error, DispatchError) else ""
         log.info(
-            "%s %s on %s: %d attempt(s), %.0f ms",
+            "%s %s%s: %s, %d attempt(s), %s%s",
             job.kind,
             job.model,
-            request.tried[-1].short(),
+            where,
+            status,
             request.attempts,
-            (trio.current_time() - started) * 1000,
+            took,
+            why,
+            extra=fields,
         )
-        return DispatchResult(result.images, info)
 
     async def run_batch(
         self,
@@ -276,16 +343,21 @@ class Dispatcher:
         *,
         deadline: float | None = None,
         on_event: EventCallback | None = None,
+        job_id: str | None = None,
     ) -> list[DispatchResult]:
         """Run `jobs` in parallel, as `run` runs each (job i's events have ``part=i``), and
-        return their results in order.
+        return their results in order. With `job_id`, part i of several is named
+        ``<job_id>.<i>`` (one job alone, `job_id`); without, each part gets an id of its own.
 
         The first to fail cancels the others, and its error is raised.
         """
         results: list[DispatchResult | None] = [None] * len(jobs)
 
         async def run(index: int, job: JobRequest) -> None:
-            results[index] = await self.run(job, deadline=deadline, on_event=on_event, part=index)
+            part_id = job_id if job_id is None or len(jobs) == 1 else f"{job_id}.{index}"
+            results[index] = await self.run(
+                job, deadline=deadline, on_event=on_event, part=index, job_id=part_id
+            )
 
         try:
             async with open_service_nursery() as nursery:
@@ -460,16 +532,25 @@ class Dispatcher:
             host.peerstore.add_addrs(peer, candidate.advert.addrs)
         log.debug("attempt %d on %s, eta %.1f s", len(request.tried), peer.short(), candidate.eta)
         self.directory.started(peer)
+        self._running += 1
         busy = False
-        sent = trio.current_time()
+        outcome = "cancelled"  # unless it ends otherwise
+        sent = request.sent = trio.current_time()
         try:
             if peer == self.peer.peer_id and self.local is not None:
                 result = await self.local(request.job, deadline=left, on_progress=on_progress)
             else:
                 result = await request_job(
-                    host, peer, request.job, deadline=left, on_progress=on_progress
+                    host,
+                    peer,
+                    request.job,
+                    deadline=left,
+                    on_progress=on_progress,
+                    job_id=request.job_id,
                 )
+            outcome = "ok"
         except JobError as exc:
+            outcome = _ATTEMPT_OUTCOME.get(exc.code, "failed")
             log.debug("%s failed the job: %s", peer.short(), exc)
             if exc.code is JobErrorCode.BAD_REQUEST:
                 raise Rejected(exc.message) from None
@@ -488,13 +569,17 @@ class Dispatcher:
             return None
         except NETWORK_ERRORS as exc:
             log.debug("job on %s broke: %r", peer.short(), exc)
+            outcome = "failed"
             if self._refused_stream(peer, candidate, exc):
+                outcome = "busy"
                 busy = True
                 request.last_error = exc
                 return None
             self._failed(request, peer, exc)
             return None
         finally:
+            self._running -= 1
+            self.metrics.attempt(outcome)
             self.directory.finished(peer)
             if busy:  # after `finished`, which lifts holds
                 self.directory.hold_busy(peer, self.peer.wall_clock(), candidate.advert.seq)
@@ -597,6 +682,8 @@ class _Request:
     on_event: EventCallback | None = None
     part: int = 0  # which job of a batch
     position: int | None = None  # in line for room, as last reported
+    job_id: str = ""
+    sent: float | None = None  # trio time the latest attempt was sent
 
     @property
     def attempts(self) -> int:

@@ -42,6 +42,7 @@ from gateway.errors import (
 from sdcn_p2p._util import open_service_nursery
 from sdcn_p2p.errors import JobError, JobErrorCode
 from sdcn_p2p.identity import PeerId
+from sdcn_p2p.metrics import Metrics
 
 __all__ = [
     "ERRORS",
@@ -83,9 +84,15 @@ class GatewayServices(Protocol):
     catalog: Catalog
     #: The model a request that names none runs on (A1111's sd_model_checkpoint option).
     default_model: str | None
+    #: What ``GET /metrics`` serves.
+    metrics: Metrics
 
     @property
     def peer_id(self) -> PeerId: ...
+
+    def status(self) -> dict[str, Any]:
+        """What ``GET /v1/status`` answers."""
+        ...
 
     def wall_clock(self) -> float:
         """Unix seconds."""

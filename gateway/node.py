@@ -12,6 +12,7 @@ import logging
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import trio
 
@@ -19,7 +20,9 @@ from gateway.api import create_app
 from gateway.catalog import Catalog
 from gateway.directory import ProviderDirectory
 from gateway.dispatch import Dispatcher, GatewayConfig, LocalRunner
+from gateway.metrics import instrument_gateway
 from sdcn_p2p._util import open_service_nursery
+from sdcn_p2p._version import __version__
 from sdcn_p2p.errors import SdcnError
 from sdcn_p2p.httpserver import serve_http
 from sdcn_p2p.identity import PeerId
@@ -56,6 +59,10 @@ class Gateway:
         self.catalog = Catalog(
             peer.adverts, self.directory, rtt=peer.host.peerstore.rtt, wall_clock=peer.wall_clock
         )
+        #: The peer's metrics, which ``GET /metrics`` serves.
+        self.metrics = peer.metrics
+        instrument_gateway(self.metrics, self.dispatcher, peer.wall_clock)
+        self._started = trio.current_time()
         #: The model a request that names none runs on (A1111's sd_model_checkpoint option).
         self.default_model = default_model
         #: The HTTP API's base URLs once served (``http://127.0.0.1:8080``).
@@ -68,6 +75,24 @@ class Gateway:
     def wall_clock(self) -> float:
         """Unix seconds, from the peer's clock."""
         return self.peer.wall_clock()
+
+    def status(self) -> dict[str, Any]:
+        """``GET /v1/status``: what this gateway and the providers it sees are doing now."""
+        now = trio.current_time()
+        dispatcher = self.dispatcher
+        images, work = dispatcher.metrics.recent.totals(now)
+        return {
+            "peer_id": str(self.peer_id),
+            "version": __version__,
+            "uptime_s": round(now - self._started, 3),
+            "providers_online": len(self.catalog.online_providers()),
+            "models_online": len(self.peer.adverts.models()),
+            "jobs_waiting": dispatcher.waiting,
+            "jobs_running": dispatcher.running,
+            "megapixel_steps_queued": round(dispatcher.queued_megapixel_steps, 3),
+            "megapixel_steps_last_minute": round(work, 3),
+            "images_last_minute": images,
+        }
 
     async def advertise(self) -> None:
         """Publish our gateway advert now and every ADVERT_INTERVAL seconds."""

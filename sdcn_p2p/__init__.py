@@ -3,6 +3,9 @@
 Layers, bottom up (each module imports only those above it in this list):
 
 - `errors`: the one exception tree, rooted at SdcnError; `JobErrorCode`.
+- `logs`: text or JSON log lines with the fields of the job they are about (`log_context`).
+- `httpserver`: ASGI apps (FastAPI) on hypercorn's trio worker, in the peer's trio run.
+- `metrics`: a Prometheus registry per peer (`Peer.metrics`) and the server of ``/metrics``.
 - `identity`: Ed25519 keys and libp2p-compatible PeerIds; key files.
 - `records`: signed envelopes (libp2p RFC 0002), PeerRecords (also sealed as libp2p's, RFC 0003)
   and Adverts (with their `AdvertState`, `Role` and `Reachability`).
@@ -27,7 +30,6 @@ Layers, bottom up (each module imports only those above it in this list):
 - `backends`: what runs a provider's jobs: `testcard`, `webui`, `comfyui` (`samplers`,
   `workflow`, `parse`, `offer`: pure; `scan`, `events`, `backend`) and `diffusers` (`samplers`,
   `scan`, `backend`); `provider`: the provider role, running jobs on a backend.
-- `httpserver`: FastAPI apps on hypercorn's trio worker, in the peer's trio run.
 - `devnet`: a whole network on loopback (``sdcn devnet``).
 - `testing`: test support for anyone: in-memory networks of hosts and peers (`network`), a fake
   AUTOMATIC1111 webui (`fakewebui`), a fake ComfyUI (`fakecomfyui`: `nodes`, `validator`,

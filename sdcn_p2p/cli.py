@@ -10,7 +10,8 @@ import argparse
 import logging
 import os
 import sys
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from functools import partial
 from pathlib import Path
 
@@ -30,8 +31,10 @@ from sdcn_p2p.errors import ConfigError, MultiaddrError, SdcnError
 from sdcn_p2p.host import HostConfig, open_host
 from sdcn_p2p.httpserver import parse_bind
 from sdcn_p2p.identity import Identity, default_key_path, load_or_create_identity
+from sdcn_p2p.logs import LOG_FORMATS, configure_logging
+from sdcn_p2p.metrics import open_metrics_server
 from sdcn_p2p.multiaddr import Multiaddr
-from sdcn_p2p.peer import PeerConfig, open_peer
+from sdcn_p2p.peer import Peer, PeerConfig, open_peer
 from sdcn_p2p.provider import ProviderConfig, open_provider, run_until_signalled
 from sdcn_p2p.records import Role
 
@@ -40,6 +43,7 @@ __all__ = [
     "main",
     "node_config_from_args",
     "open_backend_from_args",
+    "open_peer_metrics",
     "peer_config_from_args",
     "ping_peer",
     "run_devnet",
@@ -49,7 +53,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     Usage errors, ``--help`` and ``--version`` exit through argparse's SystemExit.
     """
     args = build_parser().parse_args(argv)
-    _configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     try:
         return args.run(args)
     except SdcnError as exc:
@@ -81,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="info",
         help="log messages of this level and above (default: %(default)s)",
     )
+    parser.add_argument(
+        "--log-format",
+        type=str.lower,
+        choices=LOG_FORMATS,
+        default="text",
+        help="text lines, or one JSON object per line (time, level, logger, message and "
+        "fields such as job_id) for log shippers (default: %(default)s)",
+    )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for add_command in (
         _add_keygen,
@@ -93,11 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         add_command(commands)
     return parser
-
-
-def _configure_logging(level: str) -> None:
-    """Log to stderr at `level` (a name such as ``"info"``), unless logging is set up already."""
-    logging.basicConfig(level=level.upper(), format=_LOG_FORMAT)
 
 
 def _add_key_option(parser: argparse.ArgumentParser) -> None:
@@ -185,16 +191,41 @@ def _add_peer_options(parser: argparse.ArgumentParser, *, default_listen: str | 
         metavar="MULTIADDR",
         help="bootstrap peer to join through, /.../p2p/<peer id> (repeatable)",
     )
+    parser.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        type=_bind,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics",
+    )
+    parser.add_argument(
+        "--no-metrics",
+        action="store_true",
+        help="collect no metrics at all (a gateway's GET /metrics answers 404)",
+    )
     parser.set_defaults(default_listen=default_listen)
 
 
 def peer_config_from_args(args: argparse.Namespace, *, roles: tuple[str, ...] = ()) -> PeerConfig:
     """The PeerConfig a peer command runs with (also used by tests, to start peers alike)."""
     listen = args.listen or ([Multiaddr.parse(args.default_listen)] if args.default_listen else [])
+    if args.metrics and args.no_metrics:
+        raise ConfigError("--metrics and --no-metrics contradict each other")
     return PeerConfig(
         host=HostConfig(listen=tuple(listen), announce=tuple(args.announce), roles=roles),
         bootstrap=tuple(args.bootstrap),
+        metrics=not args.no_metrics,
     )
+
+
+@asynccontextmanager
+async def open_peer_metrics(peer: Peer, bind: str | None) -> AsyncIterator[list[str]]:
+    """Serve `peer`'s metrics on `bind` (``--metrics``) while the block runs, if it is given;
+    yields the URLs served (none without `bind`)."""
+    if bind is None:
+        yield []
+        return
+    async with open_metrics_server(peer.metrics, bind) as urls:
+        yield urls
 
 
 def _add_node(commands: argparse._SubParsersAction) -> None:
@@ -358,7 +389,17 @@ def _node(args: argparse.Namespace) -> int:
     identity = load_or_create_identity(args.key)
     peer_config, provider_config = node_config_from_args(args)
     backend = open_backend_from_args(args)  # checks the backend options before starting
-    trio.run(partial(run_node, identity, peer_config, backend, provider_config, http=args.http))
+    trio.run(
+        partial(
+            run_node,
+            identity,
+            peer_config,
+            backend,
+            provider_config,
+            http=args.http,
+            metrics=args.metrics,
+        )
+    )
     return 0
 
 
@@ -369,12 +410,14 @@ async def run_node(
     provider_config: ProviderConfig,
     *,
     http: str | None = None,
+    metrics: str | None = None,
 ) -> None:
     """Run a provider node until signalled (what ``sdcn node`` does); with `http`, it is a
-    gateway too.
+    gateway too; with `metrics` (``HOST:PORT``), it serves its metrics there.
     """
     async with (
         open_peer(identity, peer_config) as peer,
+        open_peer_metrics(peer, metrics),
         backend as opened,
         open_provider(peer, opened, provider_config) as provider,
         AsyncExitStack() as stack,
@@ -417,18 +460,34 @@ def _add_gateway(commands: argparse._SubParsersAction) -> None:
 def _gateway(args: argparse.Namespace) -> int:
     identity = load_or_create_identity(args.key)
     config = peer_config_from_args(args, roles=(Role.GATEWAY,))
-    trio.run(partial(run_gateway, identity, config, http=args.http, model=args.default_model))
+    trio.run(
+        partial(
+            run_gateway,
+            identity,
+            config,
+            http=args.http,
+            model=args.default_model,
+            metrics=args.metrics,
+        )
+    )
     return 0
 
 
 async def run_gateway(
-    identity: Identity, config: PeerConfig, *, http: str, model: str | None = None
+    identity: Identity,
+    config: PeerConfig,
+    *,
+    http: str,
+    model: str | None = None,
+    metrics: str | None = None,
 ) -> None:
-    """Run a gateway until interrupted (what ``sdcn gateway`` does)."""
+    """Run a gateway until interrupted (what ``sdcn gateway`` does); with `metrics`
+    (``HOST:PORT``), it serves its metrics there too, beside ``GET /metrics`` on `http`."""
     from gateway.node import open_gateway
 
     async with (
         open_peer(identity, config) as peer,
+        open_peer_metrics(peer, metrics),
         open_gateway(peer, http=http, default_model=model),
     ):
         await trio.sleep_forever()
@@ -495,7 +554,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
 
     identity = load_or_create_identity(args.key)
     config = peer_config_from_args(args)
-    trio.run(partial(run_bootstrap, identity, config, http=args.http))
+    trio.run(partial(run_bootstrap, identity, config, http=args.http, metrics=args.metrics))
     return 0
 
 

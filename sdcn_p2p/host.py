@@ -318,6 +318,16 @@ class Host:
     def num_connections(self) -> int:
         return sum(len(conns) for conns in self._conns.values())
 
+    @property
+    def num_inbound_connections(self) -> int:
+        """Open connections the remote side dialled."""
+        return self._inbound
+
+    @property
+    def num_streams(self) -> int:
+        """Open streams over all connections."""
+        return sum(conn.num_streams for conns in self._conns.values() for conn in conns)
+
     def keep_alive(self, peer: PeerId, keep: bool = True) -> None:
         """Exempt connections to `peer` from idle close (bootstrap peers, gateways, mesh
         peers), or withdraw one such request: the peer stays kept while any request stands.

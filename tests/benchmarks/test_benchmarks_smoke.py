@@ -39,6 +39,13 @@ def test_overhead(load, capsys) -> None:  # type: ignore[no-untyped-def]
     assert result["gateway_ms_p50"] > 0 and result["direct_ms_p50"] > 0
     assert {"added_ms_p50", "added_ms_p99"} <= result.keys()
     assert result["gateway_rps_c4"] > 0 and result["direct_rps_c4"] > 0
+    assert result["metrics"] and result["metrics_jobs_ok"] > 0
+
+
+def test_metrics_cost(load, capsys) -> None:  # type: ignore[no-untyped-def]
+    result = run_json(load("metrics_cost"), ["--jobs", "3", "--rounds", "2"], capsys)
+    assert result["cpu_ms_per_request_metrics"] > 0 and result["cpu_ms_per_request_no_metrics"] > 0
+    assert len(result["spread_ms"]) == 2 and result["scrape_bytes"] > 1000
 
 
 def test_scheduling(load, capsys) -> None:  # type: ignore[no-untyped-def]
