@@ -31,7 +31,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from gateway.api import create_app
-from gateway.node import Gateway
+from gateway.node import Gateway, open_gateway
 from gateway.sdcn import parse_request as parse_sdcn_request
 from sdcn_p2p.errors import HandshakeError, JobError, LocalProtocolError, ProtocolError
 from sdcn_p2p.jobs.images import check_result_images
@@ -64,8 +64,11 @@ CHECKS = [
 
 
 async def _call(case: Any) -> httpx.Response:
-    async with open_memory_peers(1) as (peer,):
-        app = create_app(Gateway(peer, default_model="card"))
+    async with (
+        open_memory_peers(1) as (peer,),
+        open_gateway(peer, default_model="card") as gateway,
+    ):
+        app = create_app(gateway)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
             kwargs = case.as_transport_kwargs(base_url="http://gw")
@@ -167,8 +170,8 @@ def test_a_bomb_is_refused_by_its_header_without_allocating_the_canvas() -> None
 
 
 async def test_bad_init_images_through_the_api_are_400_with_msg() -> None:
-    async with open_memory_peers(1) as (peer,):
-        app = create_app(Gateway(peer))
+    async with open_memory_peers(1) as (peer,), open_gateway(peer) as gateway:
+        app = create_app(gateway)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
             for image in (png(64, 64)[:60], png_claiming(100_000, 100_000), b"not an image"):

@@ -21,7 +21,7 @@ from bootstrap.node import open_bootstrap
 from gateway.api import create_app
 from gateway.dispatch import Dispatcher, DispatchResult, GatewayConfig
 from gateway.errors import AllBusy, DeadlinePassed, DispatchError
-from gateway.node import Gateway
+from gateway.node import Gateway, open_gateway
 from sdcn_p2p.backends import Backend, JobOutput
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.connection import Stream
@@ -460,11 +460,14 @@ async def test_all_providers_full_queues_then_is_a_quick_503_with_retry_after_an
             return await real_get(key)
 
         net.gateway.dht.get = counted_get  # type: ignore[method-assign]
-        gateway = Gateway(net.gateway, GatewayConfig(max_waiting=2), rng=random.Random(4))
-        app = create_app(gateway)
+        config = GatewayConfig(max_waiting=2)
         statuses: list[tuple[int, float, dict, httpx.Headers]] = []
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+        async with (
+            open_gateway(net.gateway, config, rng=random.Random(4)) as gateway,
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=create_app(gateway)), base_url="http://gw"
+            ) as http,
+        ):
 
             async def one(seed: int) -> None:
                 start = trio.current_time()
