@@ -8,7 +8,9 @@
   `JobsConfig.max_unassigned` of them wait there for a provider, so the dispatcher's own line
   (bounded, with a 30 s wait) stays short and the long line, with its positions, is here. A
   job that still finds every provider busy goes back to its place and tries again after a
-  back-off (1 s doubling to 30 s), for up to `JobsConfig.max_queue_time`.
+  back-off (1 s doubling to 30 s), for up to `JobsConfig.max_queue_time`; one that finds no
+  provider of its model at all (it left, or the gateway has just restarted and not yet
+  heard of it) does so for up to `JobsConfig.provider_wait`.
 - A **sync** job (`JobService.run`: ``/txt2img``, ``/img2img``, the A1111 API) runs in the
   caller's task, straight at the dispatcher as before; a caller that is cancelled (a client
   that disconnects) cancels it. Its record and result are written behind, without waiting.
@@ -134,6 +136,8 @@ class JobsConfig:
     max_unassigned: int = 64
     #: Longest an async job keeps trying when every provider stays busy (seconds).
     max_queue_time: float = 3600.0
+    #: Longest an async job waits for a provider of its model to (re)appear (seconds).
+    provider_wait: float = 120.0
     #: Seconds between keep-alives on an event stream with nothing to say.
     keepalive: float = 10.0
     #: Free space (MiB) the disk must keep for an async job to be accepted.
@@ -143,7 +147,9 @@ class JobsConfig:
 
     def __post_init__(self) -> None:
         """Raise ConfigError naming the first field out of range."""
-        require_positive(self, "retention", "max_queue_time", "keepalive", "tombstone_keep")
+        require_positive(
+            self, "retention", "max_queue_time", "provider_wait", "keepalive", "tombstone_keep"
+        )
         require_at_least(self, 0, "results_max_mb", "min_free_mb")
         require_at_least(self, 1, "max_unfinished", "max_dispatching", "max_unassigned")
 
@@ -248,7 +254,8 @@ class Job:
         self.finishing = False  # its end is being stored: too late to cancel
         self.position: int | None = None
         self.earlier_attempts = 0  # attempts of dispatcher runs before this one
-        self.busy_rounds = 0  # dispatcher runs that ended with every provider busy
+        self.busy_rounds = 0  # dispatcher runs that ended with no provider free
+        self.orphaned_at: float | None = None  # trio time no provider of its model was found
         self.followers = 0
         self.results: list[DispatchResult] | None = None
         self.error: BaseException | None = None
@@ -460,8 +467,8 @@ class JobService:
                         parts, on_event=partial(self._on_event, job)
                     )
                     outcome = ("done", results)
-                except AllBusy as exc:
-                    if self._wall_clock() - job.record.created_at < self.config.max_queue_time:
+                except (AllBusy, NoProvider) as exc:
+                    if self._may_retry(job, exc):
                         self._back_off(job)
                         return
                     outcome = ("failed", exc)
@@ -473,6 +480,16 @@ class JobService:
             self._dispatching -= 1
             self._set_unassigned(job, False)
             self._wake.set()
+
+    def _may_retry(self, job: Job, error: DispatchError) -> bool:
+        """Whether an async job the dispatcher could not place should try again later."""
+        if isinstance(error, NoProvider):
+            now = trio.current_time()
+            if job.orphaned_at is None:
+                job.orphaned_at = now
+            return now - job.orphaned_at < self.config.provider_wait
+        job.orphaned_at = None
+        return self._wall_clock() - job.record.created_at < self.config.max_queue_time
 
     async def _requests(self, job: Job) -> list[JobRequest]:
         """The job's requests, with the init image read back from the data dir."""
@@ -494,7 +511,7 @@ class JobService:
             part.assigned = False
         job.scope = trio.CancelScope()  # a scope serves one `with` block only
         delay = min(2.0 ** (job.busy_rounds - 1), _MAX_BACKOFF)
-        log.debug("job %s: every provider busy, trying again in %.0f s", job.id, delay)
+        log.debug("job %s: no provider free, trying again in %.0f s", job.id, delay)
         self._enqueue(job, not_before=trio.current_time() + delay)
 
     async def _end_async(self, job: Job, status: str, outcome: Any) -> None:
@@ -631,6 +648,7 @@ class JobService:
                 job.status = JobStatus.QUEUED
             job.log("queued", {"position": event.position, "eta_s": self._eta(job)})
         elif isinstance(event, JobAssigned):
+            job.orphaned_at = None
             part.assigned, part.attempt = True, event.attempt
             part.assigned_at, part.rate = trio.current_time(), None
             part.step, part.total = 0, part.request.steps
