@@ -76,7 +76,7 @@ from gateway.errors import (
     UnknownJob,
 )
 from gateway.jobstore import JobRecord, JobStore, open_job_store, valid_job_id
-from sdcn_p2p._config import require_at_least, require_positive
+from sdcn_p2p._config import require, require_at_least, require_positive
 from sdcn_p2p._util import open_service_nursery
 from sdcn_p2p.jobs import MAX_SEED, JobRequest
 from sdcn_p2p.records import normalize_model_name
@@ -127,7 +127,7 @@ class JobsConfig:
     #: Seconds a finished job's result is kept.
     retention: float = 3600.0
     #: Most megabytes (MiB) of results kept; past it the oldest go first.
-    results_max_mb: int = 2048
+    results_max_mb: float = 2048
     #: Most async jobs waiting or running at once (more: TooManyJobs, a 503).
     max_unfinished: int = 10_000
     #: Most async jobs at the dispatcher at once (running, or waiting there for a provider).
@@ -150,7 +150,10 @@ class JobsConfig:
         require_positive(
             self, "retention", "max_queue_time", "provider_wait", "keepalive", "tombstone_keep"
         )
-        require_at_least(self, 0, "results_max_mb", "min_free_mb")
+        require_at_least(self, 0, "min_free_mb")
+        cap = self.results_max_mb
+        ok = isinstance(cap, int | float) and not isinstance(cap, bool) and 0 <= cap < math.inf
+        require(self, "results_max_mb", ok, "must be a finite number ≥ 0")
         require_at_least(self, 1, "max_unfinished", "max_dispatching", "max_unassigned")
 
 
@@ -455,6 +458,7 @@ class JobService:
             if self._unassigned[job.model] <= 0:
                 del self._unassigned[job.model]
             self._wake.set()
+        self._line_moved()  # those in line count these ahead of them
 
     async def _dispatch(self, job: Job) -> None:
         """Run an async job the scheduler took from the line (in the service's nursery)."""
@@ -936,29 +940,35 @@ class JobService:
 
     @property
     def _max_bytes(self) -> int:
-        return self.config.results_max_mb * 2**20
+        return int(self.config.results_max_mb * 2**20)
+
+    async def sweep(self) -> None:
+        """Delete the results past the retention, then the oldest ones while they take more
+        than the size cap, and forget ids deleted long enough ago. The service does this
+        every minute or so, and whenever results grow past the cap."""
+        config = self.config
+        now = self._wall_clock()
+        try:
+            expired = await self._store.expire(now - config.retention)
+            dropped = await self._store.shrink(self._max_bytes)
+            forgotten = await self._store.forget(now - config.retention - config.tombstone_keep)
+        except StoreError as exc:
+            log.warning("could not delete old job results: %s", exc)
+            return
+        if expired or dropped or forgotten:
+            log.info(
+                "job results: %d expired, %d deleted for room, %d ids forgotten",
+                expired,
+                dropped,
+                forgotten,
+            )
 
     async def _sweep(self) -> None:
-        """Delete expired and surplus results, and forget old ids, until cancelled."""
-        config = self.config
-        interval = min(max(config.retention / 10, 1.0), 60.0)
+        """`sweep` now and then, until cancelled."""
+        interval = min(max(self.config.retention / 10, 1.0), 60.0)
         while True:
-            now = self._wall_clock()
-            try:
-                expired = await self._store.expire(now - config.retention)
-                dropped = await self._store.shrink(self._max_bytes)
-                forgotten = await self._store.forget(now - config.retention - config.tombstone_keep)
-            except StoreError as exc:
-                log.warning("could not delete old job results: %s", exc)
-            else:
-                if expired or dropped or forgotten:
-                    log.info(
-                        "job results: %d expired, %d deleted for room, %d ids forgotten",
-                        expired,
-                        dropped,
-                        forgotten,
-                    )
             self._space = trio.Event()
+            await self.sweep()
             with trio.move_on_after(interval):
                 await self._space.wait()
 

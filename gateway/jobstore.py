@@ -445,10 +445,8 @@ class JobStore:
     # --- the thread ------------------------------------------------------------------------------
 
     async def _read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        try:
-            return await trio.to_thread.run_sync(fn, self._db, limiter=self._limiter)
-        except sqlite3.Error as exc:
-            raise _store_error(exc) from exc
+        # In line with the writes, so that a read sees every write queued before it.
+        return await self._write(fn)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], _T], size: int = 0) -> Any:
         if self._closed:
@@ -494,43 +492,50 @@ class JobStore:
         batch, self._queue = self._queue, []
         if not batch:
             return
-        await trio.to_thread.run_sync(self._apply, batch, limiter=self._limiter)
-        self._backlog -= sum(write.size for write in batch)
-        if self._backlog <= _BACKLOG_BYTES:
-            self._drained.set()
-        for write in batch:
-            if write.done is not None:
-                write.done.set()
-            else:
-                if write.error is not None:
-                    self._warn(write.error)
-                if write.then is not None:
-                    write.then()
+        try:
+            await trio.to_thread.run_sync(self._apply, batch, limiter=self._limiter)
+        finally:  # every write hears how it went, whatever happened
+            self._backlog -= sum(write.size for write in batch)
+            if self._backlog <= _BACKLOG_BYTES:
+                self._drained.set()
+            for write in batch:
+                if write.done is not None:
+                    write.done.set()
+                else:
+                    if write.error is not None:
+                        self._warn(write.error)
+                    if write.then is not None:
+                        write.then()
 
     def _apply(self, batch: list[_Write]) -> None:
-        """One transaction for `batch`, a savepoint per write (in the store's thread)."""
+        """One transaction for `batch`, a savepoint per write (in the store's thread).
+
+        A write that fails is rolled back to its savepoint and told why; if the transaction
+        itself fails (SQLite may roll back the whole of it on a full disk), every write in
+        it is.
+        """
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
             for write in batch:
-                write.error = _store_error(exc)
-            return
-        for write in batch:
-            db.execute("SAVEPOINT write")
-            try:
-                write.result = write.fn(db)
-            except (sqlite3.Error, OSError, StoreError) as exc:
-                db.execute("ROLLBACK TO write")
-                write.error = _store_error(exc)
-            db.execute("RELEASE write")
-        try:
+                db.execute("SAVEPOINT write")
+                try:
+                    write.result = write.fn(db)
+                except (sqlite3.Error, OSError, StoreError) as exc:
+                    write.error = _store_error(exc)
+                    db.execute("ROLLBACK TO write")
+                db.execute("RELEASE write")
             db.execute("COMMIT")
         except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
             for write in batch:
                 write.error = write.error or _store_error(exc)
+                write.result = None
+        if any(write.error is not None for write in batch):  # the count may have run ahead
+            with contextlib.suppress(sqlite3.Error):
+                self.result_bytes = _kept_bytes(db)
 
     def _warn(self, error: BaseException) -> None:
         now = trio.current_time()
@@ -614,9 +619,7 @@ def _open(root: Path, min_free: int) -> tuple[JobStore, int | None]:
     try:
         store = JobStore(root, db, min_free)
         _prepare(db, root)
-        store.result_bytes = db.execute(
-            "SELECT COALESCE(SUM(result_bytes), 0) FROM jobs WHERE gone IS NULL"
-        ).fetchone()[0]
+        store.result_bytes = _kept_bytes(db)
         rows = db.execute(
             f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE finished_at IS NULL "
             "ORDER BY created_at, rowid"
@@ -661,6 +664,12 @@ def _prepare(db: sqlite3.Connection, root: Path) -> None:
     columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
     if columns != set(_COLUMNS):
         raise ConfigError(f"the data dir {root}: {_DB} has a jobs table of another shape")
+
+
+def _kept_bytes(db: sqlite3.Connection) -> int:
+    return db.execute(
+        "SELECT COALESCE(SUM(result_bytes), 0) FROM jobs WHERE gone IS NULL"
+    ).fetchone()[0]
 
 
 def _remove_orphans(db: sqlite3.Connection, root: Path) -> None:

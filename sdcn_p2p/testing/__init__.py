@@ -9,6 +9,8 @@
   ``sdcn_p2p.testing.fakecomfyui``.
 - `tinysd`: a tiny, randomly initialised Stable Diffusion built offline, for the diffusers
   backend (needs the ``diffusers`` extra, imported when called); ``sdcn_p2p.testing.tinysd``.
+- `gated`: a test card whose jobs take each step only when the test allows it;
+  ``sdcn_p2p.testing.gated``.
 """
 
 from sdcn_p2p.testing.network import (

@@ -10,7 +10,7 @@ import base64
 import io
 import json
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,46 +23,16 @@ from PIL import Image
 
 from gateway.jobservice import JobsConfig
 from gateway.node import Gateway, open_gateway
-from sdcn_p2p.backends import JobOutput
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.host import HostConfig
 from sdcn_p2p.identity import Identity
-from sdcn_p2p.jobs import JobRequest
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.peer import PeerConfig, open_peer
 from sdcn_p2p.provider import Provider, ProviderConfig, open_provider
 from sdcn_p2p.testing import wait_advert
+from sdcn_p2p.testing.gated import GatedBackend
 
 LOOPBACK = Multiaddr.parse("/ip4/127.0.0.1/tcp/0/ws")
-
-
-class GatedBackend(TestcardBackend):
-    """A test card that takes each step only when the test allows it (`allow`), and says
-    when a job starts and when one is cancelled."""
-
-    def __init__(self, models: tuple[str, ...] = ("card",)) -> None:
-        super().__init__(TestcardConfig(models=models))
-        self.started = trio.Event()
-        self.cancelled = trio.Event()
-        self._allowed = 0
-        self._changed = trio.lowlevel.ParkingLot()
-
-    def allow(self, steps: int = 1) -> None:
-        self._allowed += steps
-        self._changed.unpark_all()
-
-    async def generate(self, job: JobRequest, progress: Callable[[int, int], None]) -> JobOutput:
-        self.started.set()
-        try:
-            for step in range(1, job.steps + 1):
-                while self._allowed == 0:
-                    await self._changed.park()
-                self._allowed -= 1
-                progress(step, job.steps)
-            return await super().generate(job, lambda step, total: None)
-        except trio.Cancelled:
-            self.cancelled.set()
-            raise
 
 
 @dataclass
