@@ -1,0 +1,264 @@
+"""The job service: event lag, submit time, memory with a long queue, restart time.
+
+- event_lag_ms_p50 / _p99: from a provider's backend reporting a step (the progress frame
+  leaves the provider right after) to an SSE client of the gateway reading that step's
+  ``progress`` event. One process, loopback: the gateway serves HTTP on 127.0.0.1 and the
+  provider dials it over a real WebSocket; the client is httpx, streaming. --lag-jobs jobs of
+  --steps steps, one step every 25 ms, one job at a time.
+- submit_ms_p50 / _p99: ``POST /v1/jobs`` answered 202, timed by a client in this process
+  against an ``sdcn gateway`` process, over the --jobs submissions below.
+- gateway_rss_growth_mb_queued: that gateway's RSS after --jobs (10,000) async jobs wait in
+  its queue, less its RSS after a warm-up of 50 jobs. Its one provider (an ``sdcn node``
+  process, one slot, no queue) takes ages over a job, so all but one of them wait.
+- restart_s: the gateway is killed with SIGKILL and started again on the same data dir; the
+  time from starting the process to its answering GET /v1/jobs/{id} for the last job
+  submitted (queued again, with the 10,000 others). start_empty_s is the same for a gateway
+  on an empty data dir: what the process takes to start at all.
+
+Usage: python benchmarks/jobs.py [--jobs 10000] [--lag-jobs 20] [--steps 20] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack, ExitStack, aclosing
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+from _processes import free_port, keygen, percentile, rss_mb, sdcn, spawn, wait_http
+
+from gateway.jobservice import JobsConfig
+from gateway.node import open_gateway
+from sdcn_p2p.backends import JobOutput
+from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
+from sdcn_p2p.host import HostConfig
+from sdcn_p2p.identity import Identity
+from sdcn_p2p.jobs import JobRequest
+from sdcn_p2p.multiaddr import Multiaddr
+from sdcn_p2p.peer import PeerConfig, open_peer
+from sdcn_p2p.provider import ProviderConfig, open_provider
+from sdcn_p2p.testing import wait_advert
+
+STEP_S = 0.025
+QUEUE_MODEL = "queue-card"
+
+
+# --- event lag ------------------------------------------------------------------------------------
+
+
+class StampedBackend(TestcardBackend):
+    """A test card that takes a step every STEP_S seconds and notes when it reports each."""
+
+    def __init__(self) -> None:
+        super().__init__(TestcardConfig(models=("lag-card",)))
+        self.stamps: dict[tuple[int, int], float] = {}
+
+    async def generate(self, job: JobRequest, progress: Callable[[int, int], None]) -> JobOutput:
+        for step in range(1, job.steps + 1):
+            await trio.sleep(STEP_S)
+            self.stamps[(job.seed, step)] = time.perf_counter()
+            progress(step, job.steps)
+        return await super().generate(job, lambda step, total: None)
+
+
+async def event_lag(jobs: int, steps: int, data_dir: Path) -> dict[str, float]:
+    backend = StampedBackend()
+    lags: list[float] = []
+    async with AsyncExitStack() as stack:
+        listen = PeerConfig(host=HostConfig(listen=(Multiaddr.parse("/ip4/127.0.0.1/tcp/0/ws"),)))
+        peer = await stack.enter_async_context(open_peer(Identity.generate(), listen))
+        seed = peer.host.listen_addrs[0].with_peer_id(peer.peer_id)
+        node = await stack.enter_async_context(
+            open_peer(Identity.generate(), PeerConfig(bootstrap=(seed,)))
+        )
+        await stack.enter_async_context(open_provider(node, backend, ProviderConfig()))
+        await wait_advert(peer, node)
+        gateway = await stack.enter_async_context(
+            open_gateway(peer, http="127.0.0.1:0", jobs=JobsConfig(data_dir=data_dir))
+        )
+        http = await stack.enter_async_context(
+            httpx.AsyncClient(base_url=gateway.urls[0], timeout=60)
+        )
+        for index in range(jobs):
+            body = {
+                "kind": "txt2img",
+                "model": "lag-card",
+                "prompt": "lag",
+                "seed": index,
+                "steps": steps,
+                "width": 64,
+                "height": 64,
+            }
+            job_id = (await http.post("/v1/jobs", json=body)).json()["id"]
+            async with (
+                http.stream("GET", f"/v1/jobs/{job_id}/events") as response,
+                aclosing(response.aiter_lines()) as lines,
+            ):
+                name = ""
+                async for line in lines:
+                    if line.startswith("event: "):
+                        name = line[7:]
+                    elif line.startswith("data: ") and name == "progress":
+                        read = time.perf_counter()
+                        step = json.loads(line[6:])["step"]
+                        lags.append(read - backend.stamps[(index, step)])
+    lags_ms = [lag * 1000 for lag in lags]
+    return {
+        "event_lag_ms_p50": round(percentile(lags_ms, 0.5), 2),
+        "event_lag_ms_p99": round(percentile(lags_ms, 0.99), 2),
+        "event_lag_samples": len(lags_ms),
+        "event_lag_expected": jobs * steps,
+    }
+
+
+# --- a gateway process with a long queue ----------------------------------------------------------
+
+
+def queued(workdir: Path, jobs: int) -> dict[str, float]:
+    key = workdir / "gateway.key"
+    gateway_id = keygen(key)
+    listen = f"/ip4/127.0.0.1/tcp/{free_port()}/ws"
+    http_port = free_port()
+    url = f"http://127.0.0.1:{http_port}"
+    data = workdir / "data"
+    gateway_args = _gateway_args(key, listen, http_port, data)
+    provider_args = sdcn(
+        "node",
+        "--key",
+        str(workdir / "provider.key"),
+        "--backend",
+        "testcard",
+        "--testcard-models",
+        QUEUE_MODEL,
+        "--testcard-speed",
+        "0.001",
+        "--max-queue",
+        "0",
+        "--bootstrap",
+        f"{listen}/p2p/{gateway_id}",
+    )
+    body = {"kind": "txt2img", "model": QUEUE_MODEL, "prompt": "wait", "steps": 150}
+    result: dict[str, float] = {}
+    with ExitStack() as stack:
+        gateway = spawn(stack, gateway_args, workdir / "gateway.log")
+        spawn(stack, provider_args, workdir / "provider.log")
+        wait_http(f"{url}/v1/models", gateway, check=lambda models: bool(models))
+        with httpx.Client(base_url=url, timeout=60) as client:
+            for _ in range(50):  # warm-up: imports, caches, the first jobs
+                assert client.post("/v1/jobs", json=body).status_code == 202
+            time.sleep(2.0)  # let the first jobs settle at the provider and the dispatcher
+            before = rss_mb(gateway.pid)
+            took = []
+            last = ""
+            for _ in range(jobs):
+                start = time.perf_counter()
+                response = client.post("/v1/jobs", json=body)
+                took.append((time.perf_counter() - start) * 1000)
+                assert response.status_code == 202, response.text
+                last = response.json()["id"]
+            time.sleep(2.0)
+            after = rss_mb(gateway.pid)
+            state = client.get(f"/v1/jobs/{last}").json()
+        result.update(
+            submit_ms_p50=round(percentile(took, 0.5), 2),
+            submit_ms_p99=round(percentile(took, 0.99), 2),
+            gateway_rss_before_mb=round(before, 1),
+            gateway_rss_after_mb=round(after, 1),
+            gateway_rss_growth_mb_queued=round(after - before, 1),
+            queued_jobs=jobs + 50,
+            last_position=state["queue_position"],
+        )
+        gateway.kill()
+        gateway.wait()
+        result["restart_s"] = round(time_to_serve(stack, gateway_args, f"{url}/v1/jobs/{last}"), 2)
+        with httpx.Client(timeout=60) as client:
+            state = client.get(f"{url}/v1/jobs/{last}").json()
+        result["queued_after_restart"] = state["status"] == "queued"
+    listen = f"/ip4/127.0.0.1/tcp/{free_port()}/ws"
+    empty_args = _gateway_args(key, listen, http_port, workdir / "empty")
+    with ExitStack() as stack:
+        result["start_empty_s"] = round(time_to_serve(stack, empty_args, f"{url}/healthz"), 2)
+    return result
+
+
+def _gateway_args(key: Path, listen: str, port: int, data: Path) -> list[str]:
+    return sdcn(
+        "gateway",
+        "--key",
+        str(key),
+        "--listen",
+        listen,
+        "--http",
+        f"127.0.0.1:{port}",
+        "--data-dir",
+        str(data),
+    )
+
+
+def time_to_serve(stack: ExitStack, args: list[str], url: str) -> float:
+    """Seconds from starting `args` to `url` answering 200."""
+    start = time.perf_counter()
+    process = spawn(stack, args, Path(tempfile.mkdtemp()) / "gateway.log")
+    with httpx.Client(timeout=5) as client:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the gateway exited with {process.returncode}")
+            try:
+                if client.get(url).status_code == 200:
+                    return time.perf_counter() - start
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.01)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="sdcn-jobs-bench-") as tmp:
+        workdir = Path(tmp)
+        result: dict[str, Any] = trio.run(event_lag, args.lag_jobs, args.steps, workdir / "lag")
+        result.update(queued(workdir, args.jobs))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=10_000, help="async jobs queued")
+    parser.add_argument("--lag-jobs", type=int, default=20, help="jobs timed for event lag")
+    parser.add_argument("--steps", type=int, default=20, help="steps of each of those")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    result = run(args)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    rows = [
+        ("event lag p50 (ms)", result["event_lag_ms_p50"], ""),
+        ("event lag p99 (ms)", result["event_lag_ms_p99"], "<= 20"),
+        ("submit p50 (ms)", result["submit_ms_p50"], "<= 5"),
+        ("submit p99 (ms)", result["submit_ms_p99"], ""),
+        (
+            f"gateway RSS growth, {result['queued_jobs']} queued (MB)",
+            result["gateway_rss_growth_mb_queued"],
+            "<= 300",
+        ),
+        (f"restart with {result['queued_jobs']} stored jobs (s)", result["restart_s"], "<= 3"),
+        ("  start on an empty data dir (s)", result["start_empty_s"], ""),
+    ]
+    print(f"{'figure':48}{'value':>10}{'aim':>10}")
+    for name, value, aim in rows:
+        print(f"{name:48}{value!s:>10}{aim:>10}")
+    print(
+        f"event lag over {result['event_lag_samples']} of {result['event_lag_expected']} steps "
+        f"(python {sys.version.split()[0]})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
