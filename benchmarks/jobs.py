@@ -7,8 +7,8 @@
   --steps steps, one step every 25 ms, one job at a time.
 - submit_ms_p50 / _p99: ``POST /v1/jobs`` answered 202, timed by a client in this process
   against an ``sdcn gateway`` process, over the --jobs submissions below.
-- gateway_rss_growth_mb_queued: that gateway's RSS after --jobs (10,000) async jobs wait in
-  its queue, less its RSS after a warm-up of 50 jobs. Its one provider (an ``sdcn node``
+- gateway_rss_growth_mb_queued: that gateway's RSS once --jobs (10,000, its limit) async
+  jobs wait in its queue, less its RSS after the first 50 of them (a warm-up). Its one provider (an ``sdcn node``
   process, one slot, no queue) takes ages over a job, so all but one of them wait.
 - restart_s: the gateway is killed with SIGKILL and started again on the same data dir; the
   time from starting the process to its answering GET /v1/jobs/{id} for the last job
@@ -47,6 +47,7 @@ from sdcn_p2p.provider import ProviderConfig, open_provider
 from sdcn_p2p.testing import wait_advert
 
 STEP_S = 0.025
+WARM_UP = 50
 QUEUE_MODEL = "queue-card"
 
 
@@ -151,13 +152,13 @@ def queued(workdir: Path, jobs: int) -> dict[str, float]:
         spawn(stack, provider_args, workdir / "provider.log")
         wait_http(f"{url}/v1/models", gateway, check=lambda models: bool(models))
         with httpx.Client(base_url=url, timeout=60) as client:
-            for _ in range(50):  # warm-up: imports, caches, the first jobs
+            for _ in range(WARM_UP):  # imports, caches, the first jobs
                 assert client.post("/v1/jobs", json=body).status_code == 202
             time.sleep(2.0)  # let the first jobs settle at the provider and the dispatcher
             before = rss_mb(gateway.pid)
             took = []
             last = ""
-            for _ in range(jobs):
+            for _ in range(jobs - WARM_UP):
                 start = time.perf_counter()
                 response = client.post("/v1/jobs", json=body)
                 took.append((time.perf_counter() - start) * 1000)
@@ -172,7 +173,7 @@ def queued(workdir: Path, jobs: int) -> dict[str, float]:
             gateway_rss_before_mb=round(before, 1),
             gateway_rss_after_mb=round(after, 1),
             gateway_rss_growth_mb_queued=round(after - before, 1),
-            queued_jobs=jobs + 50,
+            queued_jobs=jobs,
             last_position=state["queue_position"],
         )
         gateway.kill()

@@ -1,9 +1,9 @@
-"""The line of accepted async jobs not yet handed to the dispatcher (pure: time passed in).
+"""The line of accepted async jobs not yet handed to the dispatcher (pure).
 
-One line per model, each in the order jobs came (by ticket, which a job keeps for life). The
-job service takes the next job from whichever line may take one (its model has room) and
-whose first job came first. A job that found every provider busy goes back to its place with
-a time before which it is not taken again (a back-off), so it keeps its turn without spinning.
+One line per model, each in the order jobs came (by ticket, which a job keeps for life: one
+that found no provider free goes back to its place). The job service takes the next job from
+whichever line may take one now (its model has room, and is not held back after finding no
+provider) and whose first job came first.
 """
 
 from __future__ import annotations
@@ -21,20 +21,15 @@ class AdmissionLine(Generic[_T]):
     """Jobs (any objects) waiting their turn, per model key, in ticket order."""
 
     def __init__(self) -> None:
-        # key -> [(ticket, not_before, item)], sorted by ticket
-        self._lines: dict[str, list[tuple[int, float, _T]]] = {}
-        self._held: dict[int, float] = {}  # ticket -> not_before, for those backing off
+        self._lines: dict[str, list[tuple[int, _T]]] = {}  # key -> sorted by ticket
         self._count = 0
 
     def __len__(self) -> int:
         return self._count
 
-    def add(self, key: str, ticket: int, item: _T, *, not_before: float = 0.0) -> None:
-        """Put `item` in `key`'s line at `ticket`'s place; it is not taken before
-        `not_before` (trio time)."""
-        bisect.insort(self._lines.setdefault(key, []), (ticket, not_before, item), key=_ticket)
-        if not_before > 0.0:
-            self._held[ticket] = not_before
+    def add(self, key: str, ticket: int, item: _T) -> None:
+        """Put `item` in `key`'s line at `ticket`'s place."""
+        bisect.insort(self._lines.setdefault(key, []), (ticket, item), key=_ticket)
         self._count += 1
 
     def remove(self, key: str, ticket: int) -> bool:
@@ -46,44 +41,29 @@ class AdmissionLine(Generic[_T]):
         if index == len(line) or line[index][0] != ticket:
             return False
         del line[index]
-        self._forget(key, ticket)
+        self._forget(key)
         return True
 
     def position(self, key: str, ticket: int) -> int:
         """How many jobs are ahead of `ticket` in `key`'s line."""
         return bisect.bisect_left(self._lines.get(key, []), ticket, key=_ticket)
 
-    def next(self, now: float, can_take: Callable[[str], bool]) -> _T | None:
-        """Take out and return the job that came first among the lines `can_take` allows,
-        skipping those backing off until after `now`; None if there is none."""
-        best: tuple[int, str, int] | None = None  # (ticket, key, index)
-        for key, line in self._lines.items():
-            if not can_take(key):
-                continue
-            for index, (ticket, not_before, _) in enumerate(line):
-                if best is not None and ticket > best[0]:
-                    break
-                if not_before <= now:
-                    best = (ticket, key, index)
-                    break
-        if best is None:
+    def next(self, can_take: Callable[[str], bool]) -> _T | None:
+        """Take out and return the job that came first among the lines `can_take` allows;
+        None if there is none."""
+        heads = [(line[0][0], key) for key, line in self._lines.items() if can_take(key)]
+        if not heads:
             return None
-        ticket, key, index = best
-        item = self._lines[key].pop(index)[2]
-        self._forget(key, ticket)
+        _, key = min(heads)
+        item = self._lines[key].pop(0)[1]
+        self._forget(key)
         return item
 
-    def wake_at(self, now: float) -> float | None:
-        """The earliest time after `now` a job backing off may be taken, or None."""
-        later = [t for t in self._held.values() if t > now]
-        return min(later, default=None)
-
-    def _forget(self, key: str, ticket: int) -> None:
-        self._held.pop(ticket, None)
+    def _forget(self, key: str) -> None:
         self._count -= 1
         if not self._lines[key]:
             del self._lines[key]
 
 
-def _ticket(entry: tuple[int, float, object]) -> int:
+def _ticket(entry: tuple[int, object]) -> int:
     return entry[0]

@@ -178,6 +178,7 @@ async def job_status(job_id: str, request: Request) -> Response:
         },
         204: {"description": "The job has ended and Last-Event-ID was its last event"},
         **_GONE,
+        **error_docs(400, meaning={400: "Last-Event-ID over 64 characters"}),
     },
 )
 async def job_events(

@@ -7,10 +7,11 @@
   once. Jobs of a model are handed to the dispatcher while fewer than
   `JobsConfig.max_unassigned` of them wait there for a provider, so the dispatcher's own line
   (bounded, with a 30 s wait) stays short and the long line, with its positions, is here. A
-  job that still finds every provider busy goes back to its place and tries again after a
-  back-off (1 s doubling to 30 s), for up to `JobsConfig.max_queue_time`; one that finds no
-  provider of its model at all (it left, or the gateway has just restarted and not yet
-  heard of it) does so for up to `JobsConfig.provider_wait`.
+  job that still finds every provider busy goes back to its place, and its model's line
+  pauses (1 s doubling to 30 s, or until an advert of a provider of that model arrives): the
+  jobs behind it would fare no better. A job keeps trying so for up to
+  `JobsConfig.max_queue_time`, or `JobsConfig.provider_wait` when no provider of its model is
+  known at all (it left, or the gateway has just restarted and not yet heard of it).
 - A **sync** job (`JobService.run`: ``/txt2img``, ``/img2img``, the A1111 API) runs in the
   caller's task, straight at the dispatcher as before; a caller that is cancelled (a client
   that disconnects) cancels it. Its record and result are written behind, without waiting.
@@ -79,7 +80,7 @@ from gateway.jobstore import JobRecord, JobStore, open_job_store, valid_job_id
 from sdcn_p2p._config import require, require_at_least, require_positive
 from sdcn_p2p._util import open_service_nursery
 from sdcn_p2p.jobs import MAX_SEED, JobRequest
-from sdcn_p2p.records import normalize_model_name
+from sdcn_p2p.records import Advert, normalize_model_name
 
 __all__ = [
     "EventFeed",
@@ -257,7 +258,6 @@ class Job:
         self.finishing = False  # its end is being stored: too late to cancel
         self.position: int | None = None
         self.earlier_attempts = 0  # attempts of dispatcher runs before this one
-        self.busy_rounds = 0  # dispatcher runs that ended with no provider free
         self.orphaned_at: float | None = None  # trio time no provider of its model was found
         self.followers = 0
         self.results: list[DispatchResult] | None = None
@@ -271,7 +271,8 @@ class Job:
     def log(self, name: str, data: dict[str, Any]) -> JobEvent:
         event = JobEvent(f"{self.record.runs}.{next(self._seq)}", name, data)
         self.events.append(event)
-        self.changed.unpark_all()
+        if self.changed:  # (unparking is dear even with nobody parked)
+            self.changed.unpark_all()
         return event
 
 
@@ -370,6 +371,8 @@ class JobService:
         self._watched: set[Job] = set()  # queued jobs with followers
         self._interrupted: OrderedDict[str, None] = OrderedDict()
         self._wake = trio.Event()  # the scheduler has something to do
+        #: model -> (rounds, trio time): its line waits after finding no provider free
+        self._holds: dict[str, tuple[int, float]] = {}
         self._space = trio.Event()  # results are over the size cap
 
     # --- counts (for metrics and health) ---------------------------------------------------------
@@ -414,12 +417,13 @@ class JobService:
         log.info("job %s accepted: %s %s", live.id, job.kind, job.model)
         return self._state(live)
 
-    def _enqueue(self, job: Job, *, not_before: float = 0.0) -> None:
-        self._line.add(job.model, job.ticket, job, not_before=not_before)
+    def _enqueue(self, job: Job, *, estimate: bool = True) -> None:
+        self._line.add(job.model, job.ticket, job)
         job.in_line = True
         job.status = JobStatus.QUEUED
         job.position = self._line_position(job)
-        job.log("queued", {"position": job.position, "eta_s": self._eta(job)})
+        eta = self._eta(job) if estimate else None
+        job.log("queued", {"position": job.position, "eta_s": eta})
         self._wake.set()
 
     def _line_position(self, job: Job) -> int:
@@ -432,7 +436,7 @@ class JobService:
             now = trio.current_time()
             moved = False
             while self._dispatching < self.config.max_dispatching:
-                job = self._line.next(now, self._may_dispatch)
+                job = self._line.next(self._may_dispatch)
                 if job is None:
                     break
                 moved = True
@@ -442,11 +446,14 @@ class JobService:
                 self._nursery.start_soon(self._dispatch, job)
             if moved:
                 self._line_moved()
-            wake_at = self._line.wake_at(now)
-            with trio.move_on_at(math.inf if wake_at is None else wake_at):
+            held = [until for _, until in self._holds.values() if until > now]
+            with trio.move_on_at(min(held, default=math.inf)):
                 await self._wake.wait()
 
     def _may_dispatch(self, model: str) -> bool:
+        hold = self._holds.get(model)
+        if hold is not None and hold[1] > trio.current_time():
+            return False
         return self._unassigned[model] < self.config.max_unassigned
 
     def _set_unassigned(self, job: Job, value: bool) -> None:
@@ -507,16 +514,30 @@ class JobService:
         return [replace(request, init_image=image) for request in requests]
 
     def _back_off(self, job: Job) -> None:
-        """Every provider stayed busy: back to the job's place in line, for a while."""
-        job.busy_rounds += 1
+        """No provider was free: back to the job's place in line, and its model's line holds
+        (1 s, doubling to 30 s while it keeps happening) unless an advert lifts the hold."""
         job.earlier_attempts = job.attempts
         for part in job.parts:
             part.attempt = 0
             part.assigned = False
         job.scope = trio.CancelScope()  # a scope serves one `with` block only
-        delay = min(2.0 ** (job.busy_rounds - 1), _MAX_BACKOFF)
-        log.debug("job %s: no provider free, trying again in %.0f s", job.id, delay)
-        self._enqueue(job, not_before=trio.current_time() + delay)
+        now = trio.current_time()
+        rounds, until = self._holds.get(job.model, (0, 0.0))
+        if until <= now:  # jobs already held back together count as one round
+            rounds += 1
+            until = now + min(2.0 ** (rounds - 1), _MAX_BACKOFF)
+            self._holds[job.model] = (rounds, until)
+            log.debug("model %s: no provider free, its line waits %.0f s", job.model, until - now)
+        self._enqueue(job)
+
+    def _on_advert(self, advert: Advert) -> None:
+        """A provider that could take jobs of a held line has room: let the line go on."""
+        if not advert.is_online_provider or not self._holds:
+            return
+        for model in advert.models:
+            for name in (model.name, model.title):
+                if name and self._holds.pop(normalize_model_name(name), None) is not None:
+                    self._wake.set()
 
     async def _end_async(self, job: Job, status: str, outcome: Any) -> None:
         job.finishing = True
@@ -653,6 +674,7 @@ class JobService:
             job.log("queued", {"position": event.position, "eta_s": self._eta(job)})
         elif isinstance(event, JobAssigned):
             job.orphaned_at = None
+            self._holds.pop(job.model, None)
             part.assigned, part.attempt = True, event.attempt
             part.assigned_at, part.rate = trio.current_time(), None
             part.step, part.total = 0, part.request.steps
@@ -975,16 +997,12 @@ class JobService:
     # --- restart ---------------------------------------------------------------------------------
 
     def _recover(self, records: list[JobRecord]) -> None:
-        """Take up the unfinished jobs the store held at open (oldest first)."""
+        """Take up the unfinished jobs the store held at open (oldest first): async ones go
+        back in line, sync ones are cancelled (their clients went with the gateway)."""
+        self._store.restart_nowait(self._wall_clock())
         resumed = 0
         for record in records:
             if record.mode != JobMode.ASYNC:
-                self._store.update_nowait(
-                    record.id,
-                    status="cancelled",
-                    finished_at=self._wall_clock(),
-                    last_event=f"{record.runs}.1",
-                )
                 continue
             try:
                 parts = [_request_from(fields) for fields in record.parts]
@@ -999,14 +1017,13 @@ class JobService:
                     last_event=f"{record.runs}.1",
                 )
                 continue
-            record.runs += 1
+            record.runs += 1  # as restart_nowait does in the store
             record.status = "queued"
-            self._store.update_nowait(record.id, runs=record.runs, status="queued")
             job = Job(record, parts, next(self._tickets))
             job.earlier_attempts = record.attempts
             self._live[job.id] = job
             self._unfinished += 1
-            self._enqueue(job)
+            self._enqueue(job, estimate=False)  # no adverts yet to estimate from
             resumed += 1
         if resumed:
             log.info("resumed %d unfinished job(s) from the data dir", resumed)
@@ -1092,6 +1109,7 @@ async def open_job_service(
         nursery.start_soon(service._schedule)
         nursery.start_soon(service._sweep)
         try:
-            yield service
+            with directory.adverts.subscribe(service._on_advert):
+                yield service
         finally:
             nursery.cancel_scope.cancel()

@@ -307,6 +307,23 @@ class JobStore:
         assignments = ", ".join(f"{name} = ?" for name in values)
         db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*values.values(), job_id))
 
+    def restart_nowait(self, now: float) -> None:
+        """Queue what a restart does to the jobs left unfinished: async ones are queued for
+        another run (``runs`` + 1), sync ones cancelled at `now` (their clients are gone)."""
+
+        def restart(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE jobs SET runs = runs + 1, status = 'queued' "
+                "WHERE finished_at IS NULL AND mode = 'async'"
+            )
+            db.execute(
+                "UPDATE jobs SET status = 'cancelled', finished_at = ?, "
+                "last_event = runs || '.1' WHERE finished_at IS NULL AND mode = 'sync'",
+                (now,),
+            )
+
+        self._write_nowait(restart)
+
     async def finish(self, job_id: str, images: Sequence[bytes] = (), **values: Any) -> None:
         """Store a job's end: its result PNGs (if any) as files, then its row's `values`
         (status, finished_at, ...). Raises StoreFull or StoreUnavailable; the row is then
