@@ -480,7 +480,7 @@ class JobService:
                     outcome = ("done", results)
                 except (AllBusy, NoProvider) as exc:
                     if self._may_retry(job, exc):
-                        self._back_off(job)
+                        self._back_off(job, getattr(exc, "retry_after", None))
                         return
                     outcome = ("failed", exc)
                 except (DispatchError, StoreError) as exc:
@@ -513,9 +513,10 @@ class JobService:
             raise StoreUnavailable(exc.message) from None
         return [replace(request, init_image=image) for request in requests]
 
-    def _back_off(self, job: Job) -> None:
+    def _back_off(self, job: Job, retry_after: float | None = None) -> None:
         """No provider was free: back to the job's place in line, and its model's line holds
-        (1 s, doubling to 30 s while it keeps happening) unless an advert lifts the hold."""
+        (for `retry_after` seconds when the dispatcher could tell, else 1 s doubling to 30 s
+        while it keeps happening) unless an advert lifts the hold."""
         job.earlier_attempts = job.attempts
         for part in job.parts:
             part.attempt = 0
@@ -525,7 +526,8 @@ class JobService:
         rounds, until = self._holds.get(job.model, (0, 0.0))
         if until <= now:  # jobs already held back together count as one round
             rounds += 1
-            until = now + min(2.0 ** (rounds - 1), _MAX_BACKOFF)
+            delay = retry_after if retry_after is not None else 2.0 ** (rounds - 1)
+            until = now + min(max(delay, 1.0), _MAX_BACKOFF)
             self._holds[job.model] = (rounds, until)
             log.debug("model %s: no provider free, its line waits %.0f s", job.model, until - now)
         self._enqueue(job)
