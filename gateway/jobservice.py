@@ -560,9 +560,10 @@ class JobService:
             self._space.set()
 
     def _end_values(self, job: Job, status: str, outcome: Any) -> dict[str, Any]:
+        job.record.finished_at = self._wall_clock()
         values: dict[str, Any] = {
             "status": status,
-            "finished_at": self._wall_clock(),
+            "finished_at": job.record.finished_at,
             "attempts": job.attempts,
             "provider": job.record.provider,
             "last_event": f"{job.record.runs}.{len(job.events) + 1}",
@@ -700,7 +701,6 @@ class JobService:
     def _finished(self, job: Job, status: str, outcome: Any) -> None:
         """Where every job ends: its terminal event, and followers told."""
         job.status = JobStatus(status)
-        job.record.finished_at = self._wall_clock()
         job.position = None
         if status == "done":
             job.results = outcome
