@@ -8,8 +8,9 @@
 - submit_ms_p50 / _p99: ``POST /v1/jobs`` answered 202, timed by a client in this process
   against an ``sdcn gateway`` process, over the --jobs submissions below.
 - gateway_rss_growth_mb_queued: that gateway's RSS once --jobs (10,000, its limit) async
-  jobs wait in its queue, less its RSS after the first 50 of them (a warm-up). Its one provider (an ``sdcn node``
-  process, one slot, no queue) takes ages over a job, so all but one of them wait.
+  jobs wait in its queue, less its RSS after the first 50 of them (a warm-up). Its one
+  provider (an ``sdcn node`` process, one slot, no queue) takes ages over a job, so all but
+  one of them wait.
 - restart_s: the gateway is killed with SIGKILL and started again on the same data dir; the
   time from starting the process to its answering GET /v1/jobs/{id} for the last job
   submitted (queued again, with the 10,000 others). start_empty_s is the same for a gateway
@@ -26,7 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import AsyncExitStack, ExitStack, aclosing
+from contextlib import ExitStack, aclosing
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +39,8 @@ from gateway.jobservice import JobsConfig
 from gateway.node import open_gateway
 from sdcn_p2p.backends import JobOutput
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
-from sdcn_p2p.host import HostConfig
-from sdcn_p2p.identity import Identity
 from sdcn_p2p.jobs import JobRequest
-from sdcn_p2p.multiaddr import Multiaddr
-from sdcn_p2p.peer import PeerConfig, open_peer
-from sdcn_p2p.provider import ProviderConfig, open_provider
-from sdcn_p2p.testing import wait_advert
+from sdcn_p2p.testing import open_loopback_providers
 
 STEP_S = 0.025
 WARM_UP = 50
@@ -72,21 +68,11 @@ class StampedBackend(TestcardBackend):
 async def event_lag(jobs: int, steps: int, data_dir: Path) -> dict[str, float]:
     backend = StampedBackend()
     lags: list[float] = []
-    async with AsyncExitStack() as stack:
-        listen = PeerConfig(host=HostConfig(listen=(Multiaddr.parse("/ip4/127.0.0.1/tcp/0/ws"),)))
-        peer = await stack.enter_async_context(open_peer(Identity.generate(), listen))
-        seed = peer.host.listen_addrs[0].with_peer_id(peer.peer_id)
-        node = await stack.enter_async_context(
-            open_peer(Identity.generate(), PeerConfig(bootstrap=(seed,)))
-        )
-        await stack.enter_async_context(open_provider(node, backend, ProviderConfig()))
-        await wait_advert(peer, node)
-        gateway = await stack.enter_async_context(
-            open_gateway(peer, http="127.0.0.1:0", jobs=JobsConfig(data_dir=data_dir))
-        )
-        http = await stack.enter_async_context(
-            httpx.AsyncClient(base_url=gateway.urls[0], timeout=60)
-        )
+    async with (
+        open_loopback_providers(backend) as (peer, _),
+        open_gateway(peer, http="127.0.0.1:0", jobs=JobsConfig(data_dir=data_dir)) as gateway,
+        httpx.AsyncClient(base_url=gateway.urls[0], timeout=60) as http,
+    ):
         for index in range(jobs):
             body = {
                 "kind": "txt2img",

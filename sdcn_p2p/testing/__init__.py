@@ -1,7 +1,8 @@
 """Test support shipped for anyone to use, like `trio.testing`.
 
 - `network` (re-exported here): in-memory networks of Hosts and Peers under MockClock,
-  deterministic identities, a transport that tampers with what it sends, and waiting helpers.
+  deterministic identities, a transport that tampers with what it sends, and waiting helpers;
+  and providers dialling a peer over real WebSockets on loopback.
 - `fakewebui`: a fake AUTOMATIC1111 webui speaking its HTTP API with its quirks (needs FastAPI,
   a core dependency); import it as ``sdcn_p2p.testing.fakewebui``.
 - `fakecomfyui`: a fake ComfyUI speaking its HTTP and WebSocket API with its quirks (its
@@ -20,6 +21,7 @@ from sdcn_p2p.testing.network import (
     TamperingTransport,
     all_tasks,
     mock_wall_clock,
+    open_loopback_providers,
     open_memory_hosts,
     open_memory_peers,
     small_job,
@@ -34,6 +36,7 @@ __all__ = [
     "TamperingTransport",
     "all_tasks",
     "mock_wall_clock",
+    "open_loopback_providers",
     "open_memory_hosts",
     "open_memory_peers",
     "small_job",

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -23,32 +23,21 @@ from PIL import Image
 
 from gateway.node import Gateway, open_gateway
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
-from sdcn_p2p.host import HostConfig
-from sdcn_p2p.identity import Identity
-from sdcn_p2p.multiaddr import Multiaddr
-from sdcn_p2p.peer import PeerConfig, open_peer
-from sdcn_p2p.provider import ProviderConfig, open_provider
-from sdcn_p2p.testing import wait_advert
+from sdcn_p2p.testing import open_loopback_providers
 from sdcn_p2p.testing.gated import GatedBackend
 
 CLIENT = Path(__file__).resolve().parents[2] / "examples" / "sdcn_run.py"
-LOOPBACK = Multiaddr.parse("/ip4/127.0.0.1/tcp/0/ws")
 PARAMS = {"prompt": "a dog", "model": "card", "seed": 4, "steps": 3, "width": 96, "height": 64}
 
 
 @asynccontextmanager
 async def gateway_with(backend: TestcardBackend) -> AsyncIterator[Gateway]:
     """A gateway serving HTTP on loopback, and a provider of `backend` dialling it."""
-    async with AsyncExitStack() as stack:
-        listen = PeerConfig(host=HostConfig(listen=(LOOPBACK,)))
-        peer = await stack.enter_async_context(open_peer(Identity.generate(), listen))
-        seed = peer.host.listen_addrs[0].with_peer_id(peer.peer_id)
-        node = await stack.enter_async_context(
-            open_peer(Identity.generate(), PeerConfig(bootstrap=(seed,)))
-        )
-        await stack.enter_async_context(open_provider(node, backend, ProviderConfig()))
-        await wait_advert(peer, node)
-        yield await stack.enter_async_context(open_gateway(peer, http="127.0.0.1:0"))
+    async with (
+        open_loopback_providers(backend) as (peer, _),
+        open_gateway(peer, http="127.0.0.1:0") as gateway,
+    ):
+        yield gateway
 
 
 def write_params(tmp_path: Path, **fields: object) -> Path:

@@ -24,15 +24,9 @@ from PIL import Image
 from gateway.jobservice import JobsConfig
 from gateway.node import Gateway, open_gateway
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
-from sdcn_p2p.host import HostConfig
-from sdcn_p2p.identity import Identity
-from sdcn_p2p.multiaddr import Multiaddr
-from sdcn_p2p.peer import PeerConfig, open_peer
-from sdcn_p2p.provider import Provider, ProviderConfig, open_provider
-from sdcn_p2p.testing import wait_advert
+from sdcn_p2p.provider import Provider, ProviderConfig
+from sdcn_p2p.testing import open_loopback_providers
 from sdcn_p2p.testing.gated import GatedBackend
-
-LOOPBACK = Multiaddr.parse("/ip4/127.0.0.1/tcp/0/ws")
 
 
 @dataclass
@@ -54,20 +48,9 @@ async def network(
     data_dir = tmp_path / "data"
     config = jobs or JobsConfig()
     async with AsyncExitStack() as stack:
-        listen = PeerConfig(host=HostConfig(listen=(LOOPBACK,)))
-        peer = await stack.enter_async_context(open_peer(Identity.generate(), listen))
-        seed = peer.host.listen_addrs[0].with_peer_id(peer.peer_id)
-        providers = []
-        for backend in backends:
-            node = await stack.enter_async_context(
-                open_peer(Identity.generate(), PeerConfig(bootstrap=(seed,)))
-            )
-            providers.append(
-                await stack.enter_async_context(
-                    open_provider(node, backend, ProviderConfig(max_queue=16))
-                )
-            )
-            await wait_advert(peer, node)
+        peer, providers = await stack.enter_async_context(
+            open_loopback_providers(*backends, config=ProviderConfig(max_queue=16))
+        )
         gateway = await stack.enter_async_context(
             open_gateway(
                 peer,
