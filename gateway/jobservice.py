@@ -37,6 +37,7 @@ accounting); the stored request lets a job run again elsewhere (spot checks).
 from __future__ import annotations
 
 import enum
+import gc
 import itertools
 import logging
 import math
@@ -1002,6 +1003,17 @@ class JobService:
         """Take up the unfinished jobs the store held at open (oldest first): async ones go
         back in line, sync ones are cancelled (their clients went with the gateway)."""
         self._store.restart_nowait(self._wall_clock())
+        collecting = gc.isenabled()
+        gc.disable()  # objects made in bulk and kept: the collector's passes would be wasted
+        try:
+            resumed = self._resume(records)
+        finally:
+            if collecting:
+                gc.enable()
+        if resumed:
+            log.info("resumed %d unfinished job(s) from the data dir", resumed)
+
+    def _resume(self, records: list[JobRecord]) -> int:
         resumed = 0
         for record in records:
             if record.mode != JobMode.ASYNC:
@@ -1027,8 +1039,7 @@ class JobService:
             self._unfinished += 1
             self._enqueue(job, estimate=False)  # no adverts yet to estimate from
             resumed += 1
-        if resumed:
-            log.info("resumed %d unfinished job(s) from the data dir", resumed)
+        return resumed
 
 
 def _cursor(after: str | None, runs: int, count: int) -> int:
