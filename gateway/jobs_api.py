@@ -111,6 +111,19 @@ class JobDeleted(JobStatusBody):
 
 
 _GONE = error_docs(404, 410, meaning={404: "No job has that id"})
+#: One server-sent event of a job (comments, the keep-alives, are not events).
+_EVENT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string", "description": "RUN.SEQ; send it back as Last-Event-ID"},
+        "event": {
+            "type": "string",
+            "enum": ["queued", "assigned", "progress", "done", "failed", "cancelled"],
+        },
+        "data": {"type": "string", "description": "The event's fields, as a JSON object"},
+    },
+    "required": ["id", "event", "data"],
+}
 _EVENTS = (
     "Server-sent events, each with an id: `queued {position, eta_s}`, `assigned {provider, "
     "attempt}`, `progress {step, total, eta_s}`, then one of `done {images, info}`, `failed "
@@ -174,7 +187,7 @@ async def job_status(job_id: str, request: Request) -> Response:
     responses={
         200: {
             "description": _EVENTS,
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": _EVENT_SCHEMA}},
         },
         204: {"description": "The job has ended and Last-Event-ID was its last event"},
         **_GONE,
