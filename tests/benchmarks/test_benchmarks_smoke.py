@@ -68,7 +68,8 @@ def test_comfyui_overhead(load, capsys) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_jobs(load, capsys) -> None:  # type: ignore[no-untyped-def]
-    result = run_json(load("jobs"), ["--jobs", "70", "--lag-jobs", "2", "--steps", "3"], capsys)
+    argv = ["--jobs", "70", "--lag-jobs", "2", "--steps", "3", "--restarts", "1"]
+    result = run_json(load("jobs"), argv, capsys)
     assert result["event_lag_samples"] > 0 and result["event_lag_ms_p99"] > 0
     assert result["submit_ms_p50"] > 0 and result["queued_jobs"] == 70
     assert result["queued_after_restart"] is True
