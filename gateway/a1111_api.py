@@ -177,7 +177,8 @@ async def progress(
     id_task: str | None = Query(None, max_length=a1111.MAX_TASK_ID_CHARS),
 ) -> dict[str, Any]:
     """The calling client's jobs in flight (or the one whose ``force_task_id`` is
-    `id_task`): progress 0 to 1, ETA, steps. ``current_image`` is always null."""
+    `id_task`): progress 0 to 1, ETA, steps. ``current_image`` is always null (providers send
+    no previews), so `skip_current_image` changes nothing."""
     jobs = services(request).jobs
     client = client_key(request)
     return a1111.progress(

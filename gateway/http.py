@@ -30,7 +30,6 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.catalog import Catalog
-from gateway.dispatch import Dispatcher
 from gateway.errors import (
     AllBusy,
     DeadlinePassed,
@@ -90,9 +89,7 @@ class GatewayServices(Protocol):
     attributes at each request.
     """
 
-    #: Runs jobs: ``run(job)`` and ``run_batch(jobs)``.
-    dispatcher: Dispatcher
-    #: Every job, sync or async: records, events, results.
+    #: Every job, sync or async: records, events, results (it runs them on the dispatcher).
     jobs: JobService
     catalog: Catalog
     #: The model a request that names none runs on (A1111's sd_model_checkpoint option).

@@ -386,9 +386,8 @@ class JobStore:
         return await self._write(delete)
 
     async def expire(self, before: float) -> int:
-        """Delete the results of jobs that finished before `before` (Unix seconds), and
-        the rows of those whose results went before `before` minus nothing: see `forget`.
-        Returns how many results went."""
+        """Delete the results (and init images) of jobs that finished before `before` (Unix
+        seconds), marking their rows `gone`; returns how many."""
 
         def expire(db: sqlite3.Connection) -> int:
             rows = db.execute(
