@@ -300,13 +300,15 @@ class JobStore:
 
     @staticmethod
     def _update(db: sqlite3.Connection, job_id: str, values: dict[str, Any]) -> None:
+        row = {}
         for name, value in values.items():
             if name not in _COLUMNS or name == "id":
                 raise ValueError(f"no column {name!r}")
             if name in _JSON_COLUMNS and value is not None:
-                values[name] = json.dumps(json_safe(value), separators=(",", ":"))
-        assignments = ", ".join(f"{name} = ?" for name in values)
-        db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*values.values(), job_id))
+                value = json.dumps(json_safe(value), separators=(",", ":"))
+            row[name] = value
+        assignments = ", ".join(f"{name} = ?" for name in row)
+        db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*row.values(), job_id))
 
     def restart_nowait(self, now: float) -> None:
         """Queue what a restart does to the jobs left unfinished: async ones are queued for
