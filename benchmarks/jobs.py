@@ -5,6 +5,10 @@
   ``progress`` event. One process, loopback: the gateway serves HTTP on 127.0.0.1 and the
   provider dials it over a real WebSocket; the client is httpx, streaming. --lag-jobs jobs of
   --steps steps, one step every 25 ms, one job at a time.
+- sync_job_cpu_ms: the CPU (this process's, the store's thread included) the job service
+  spends on a sync job beside what the dispatcher does: its record, its events, a 400 KB
+  result PNG written behind. In-process, with a stand-in for the dispatcher that answers at
+  once; the mean over 500 jobs.
 - submit_ms_p50 / _p99: ``POST /v1/jobs`` answered 202, timed by a client in this process
   against an ``sdcn gateway`` process, over the --jobs submissions below.
 - gateway_rss_growth_mb_queued: that gateway's RSS once --jobs (10,000, its limit) async
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import subprocess
 import sys
 import tempfile
@@ -38,10 +43,14 @@ import httpx
 import trio
 from _processes import free_port, keygen, percentile, rss_mb, sdcn, spawn, wait_http
 
-from gateway.jobservice import JobsConfig
+from gateway.directory import ProviderDirectory
+from gateway.dispatch import DispatchResult, JobAssigned, JobProgress
+from gateway.jobservice import JobsConfig, open_job_service
 from gateway.node import open_gateway
+from sdcn_p2p.adverts import AdvertCache
 from sdcn_p2p.backends import JobOutput
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
+from sdcn_p2p.identity import Identity
 from sdcn_p2p.jobs import JobRequest
 from sdcn_p2p.testing import open_loopback_providers
 
@@ -106,6 +115,46 @@ async def event_lag(jobs: int, steps: int, data_dir: Path) -> dict[str, float]:
         "event_lag_samples": len(lags_ms),
         "event_lag_expected": jobs * steps,
     }
+
+
+# --- what a sync job costs the job service --------------------------------------------------------
+
+
+class InstantDispatcher:
+    """Answers every job at once with a 400 KB PNG, reporting one attempt and one step."""
+
+    def __init__(self) -> None:
+        self.png = b"\x89PNG\r\n\x1a\n" + random.Random(1).randbytes(400_000)
+        self.provider = Identity.generate().peer_id
+
+    async def run_batch(
+        self, jobs: Any, *, deadline: float | None = None, on_event: Any = None
+    ) -> list[DispatchResult]:
+        await trio.lowlevel.checkpoint()
+        on_event(JobAssigned(self.provider, 1))
+        on_event(JobProgress(jobs[0].steps, jobs[0].steps))
+        info = {"seed": 1, "model": "m", "provider": str(self.provider), "run_ms": 1}
+        return [DispatchResult([self.png], info)]
+
+    async def check_offered(self, job: JobRequest) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def sync_job_cpu(data_dir: Path, jobs: int = 500) -> dict[str, float]:
+    directory = ProviderDirectory(AdvertCache(wall_clock=time.time), lambda peer: None)
+    config = JobsConfig(data_dir=data_dir)
+    async with open_job_service(
+        InstantDispatcher(), directory, config, wall_clock=time.time
+    ) as service:
+        job = JobRequest("txt2img", "m", "a cat", seed=1)
+        for _ in range(20):  # warm-up
+            await service.run([job], api="sdcn", client="bench")
+        start = time.process_time()
+        for _ in range(jobs):
+            await service.run([job], api="sdcn", client="bench")
+        await service._store.wait_flushed()
+        spent = time.process_time() - start
+    return {"sync_job_cpu_ms": round(spent / jobs * 1000, 3)}
 
 
 # --- a gateway process with a long queue ----------------------------------------------------------
@@ -222,6 +271,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="sdcn-jobs-bench-") as tmp:
         workdir = Path(tmp)
         result: dict[str, Any] = trio.run(event_lag, args.lag_jobs, args.steps, workdir / "lag")
+        result.update(trio.run(sync_job_cpu, workdir / "sync"))
         result.update(queued(workdir, args.jobs, args.restarts))
     return result
 
@@ -243,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ("event lag p50 (ms)", result["event_lag_ms_p50"], ""),
         ("event lag p99 (ms)", result["event_lag_ms_p99"], "<= 20"),
+        ("job service CPU per sync job (ms)", result["sync_job_cpu_ms"], ""),
         ("submit p50 (ms)", result["submit_ms_p50"], "<= 5"),
         ("submit p99 (ms)", result["submit_ms_p99"], ""),
         (

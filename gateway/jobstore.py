@@ -455,6 +455,10 @@ class JobStore:
                 f"{self._min_free // 2**20} MiB); try again later"
             )
 
+    async def wait_flushed(self) -> None:
+        """Wait until every write queued so far has run."""
+        await self._write(lambda db: None)
+
     async def wait_writable(self) -> None:
         """Wait while queued writes hold more than 64 MiB (back-pressure for `_nowait`)."""
         while self._backlog > _BACKLOG_BYTES and not self._closed:

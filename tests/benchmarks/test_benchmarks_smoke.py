@@ -72,6 +72,7 @@ def test_jobs(load, capsys) -> None:  # type: ignore[no-untyped-def]
     result = run_json(load("jobs"), argv, capsys)
     assert result["event_lag_samples"] > 0 and result["event_lag_ms_p99"] > 0
     assert result["submit_ms_p50"] > 0 and result["queued_jobs"] == 70
+    assert result["sync_job_cpu_ms"] > 0
     assert result["queued_after_restart"] is True
     assert result["restart_s"] > 0 and result["start_empty_s"] > 0
     assert "gateway_rss_growth_mb_queued" in result
