@@ -337,6 +337,15 @@ class Dispatcher:
             extra=fields,
         )
 
+    async def check_offered(self, job: JobRequest) -> None:
+        """Raise NoProvider unless some provider (in any state, busy or banned) offers all
+        that `job` needs; when none is known to offer its model, the DHT is asked first.
+        """
+        if not self._known(job):
+            await self._look_up(job.model, trio.current_time() + self.config.dht_lookup_timeout)
+        if not self.directory.can_run(job):
+            raise self._nobody_can(job)
+
     async def run_batch(
         self,
         jobs: Sequence[JobRequest],

@@ -20,6 +20,7 @@ from gateway.api import create_app
 from gateway.catalog import Catalog
 from gateway.directory import ProviderDirectory
 from gateway.dispatch import Dispatcher, GatewayConfig, LocalRunner
+from gateway.jobservice import JobsConfig, JobService, open_job_service
 from gateway.metrics import instrument_gateway
 from sdcn_p2p._util import open_service_nursery
 from sdcn_p2p._version import __version__
@@ -41,7 +42,12 @@ ADVERT_INTERVAL = 60.0
 class Gateway:
     """The gateway role on `peer`: its provider directory, dispatcher and catalog, and the
     default model; what the HTTP API serves (`gateway.http.GatewayServices`).
+
+    Its job service, `jobs`, runs while `open_gateway` does (it owns a data dir and tasks).
     """
+
+    #: Every job, sync or async (set by `open_gateway`).
+    jobs: JobService
 
     def __init__(
         self,
@@ -127,16 +133,23 @@ async def open_gateway(
     default_model: str | None = None,
     provider: Provider | None = None,
     rng: random.Random | None = None,
+    jobs: JobsConfig = JobsConfig(),
 ) -> AsyncIterator[Gateway]:
     """Run the gateway role on `peer`, serving the HTTP API on `http` (``HOST:PORT``) if given.
 
     With `provider` (the peer is a provider too) jobs may run on it in-process, and its
-    advert carries the gateway role, so the gateway publishes none of its own. Raises
-    ConfigError if the HTTP address cannot be bound.
+    advert carries the gateway role, so the gateway publishes none of its own. `jobs` says
+    where the job service keeps jobs (by default a temporary dir, gone on exit). Raises
+    ConfigError if the HTTP address cannot be bound or the data dir cannot be used.
     """
     local = provider.run_job if provider is not None else None
     gateway = Gateway(peer, config, default_model=default_model, rng=rng, local=local)
-    async with open_service_nursery() as nursery:
+    async with (
+        open_job_service(
+            gateway.dispatcher, gateway.directory, jobs, wall_clock=peer.wall_clock, rng=rng
+        ) as gateway.jobs,
+        open_service_nursery() as nursery,
+    ):
         if provider is None:
             nursery.start_soon(gateway.advertise)
         if http is not None:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -38,8 +39,13 @@ from sdcn_p2p.peer import Peer, PeerConfig, open_peer
 from sdcn_p2p.provider import ProviderConfig, open_provider, run_until_signalled
 from sdcn_p2p.records import Role
 
+if TYPE_CHECKING:  # the gateway (FastAPI, pydantic) is imported only by commands that run one
+    from gateway.jobservice import JobsConfig
+
 __all__ = [
     "build_parser",
+    "default_data_dir",
+    "jobs_config_from_args",
     "main",
     "node_config_from_args",
     "open_backend_from_args",
@@ -228,6 +234,65 @@ async def open_peer_metrics(peer: Peer, bind: str | None) -> AsyncIterator[list[
         yield urls
 
 
+def default_data_dir() -> Path:
+    """Where a gateway keeps its jobs unless told (the platform's user data dir for sdcn)."""
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("sdcn"))
+
+
+def _duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``30m``, ``1h`` or ``2d``."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration like 90s, 30m or 1h, got {text!r}"
+        ) from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"the duration must be positive, got {text!r}")
+    return seconds
+
+
+def _add_jobs_options(parser: argparse.ArgumentParser, *, data_dir_default: str) -> None:
+    """The options of a gateway's job service."""
+    group = parser.add_argument_group("jobs (the gateway's records and results)")
+    group.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help=f"where jobs and results are kept (default: {data_dir_default})",
+    )
+    group.add_argument(
+        "--job-retention",
+        type=_duration,
+        default=3600.0,
+        metavar="DURATION",
+        help="how long finished results are kept, e.g. 30m, 1h, 2d (default 1h)",
+    )
+    group.add_argument(
+        "--results-max-mb",
+        type=int,
+        default=2048,
+        metavar="MB",
+        help="most space results take; the oldest go first (default %(default)s)",
+    )
+
+
+def jobs_config_from_args(args: argparse.Namespace, *, default_dir: Path | None) -> JobsConfig:
+    """The job service's configuration from ``--data-dir`` (else `default_dir`; None: a
+    temporary dir), ``--job-retention`` and ``--results-max-mb``."""
+    from gateway.jobservice import JobsConfig
+
+    return JobsConfig(
+        data_dir=args.data_dir or default_dir,
+        retention=args.job_retention,
+        results_max_mb=args.results_max_mb,
+    )
+
+
 def _add_node(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "node",
@@ -306,6 +371,7 @@ def _add_node(commands: argparse._SubParsersAction) -> None:
         type=_bind,
         help="also be a gateway: serve the SDCN and AUTOMATIC1111 HTTP APIs here",
     )
+    _add_jobs_options(parser, data_dir_default=f"{default_data_dir()} (with --http)")
     capacity = parser.add_argument_group("capacity")
     capacity.add_argument("--slots", type=int, default=1, help="jobs run at once (default 1)")
     capacity.add_argument(
@@ -389,6 +455,7 @@ def _node(args: argparse.Namespace) -> int:
     identity = load_or_create_identity(args.key)
     peer_config, provider_config = node_config_from_args(args)
     backend = open_backend_from_args(args)  # checks the backend options before starting
+    jobs = jobs_config_from_args(args, default_dir=default_data_dir()) if args.http else None
     trio.run(
         partial(
             run_node,
@@ -398,6 +465,7 @@ def _node(args: argparse.Namespace) -> int:
             provider_config,
             http=args.http,
             metrics=args.metrics,
+            jobs=jobs,
         )
     )
     return 0
@@ -411,9 +479,11 @@ async def run_node(
     *,
     http: str | None = None,
     metrics: str | None = None,
+    jobs: JobsConfig | None = None,
 ) -> None:
     """Run a provider node until signalled (what ``sdcn node`` does); with `http`, it is a
-    gateway too; with `metrics` (``HOST:PORT``), it serves its metrics there.
+    gateway too, keeping its jobs as `jobs` says (default: in a temporary dir); with `metrics`
+    (``HOST:PORT``), it serves its metrics there.
     """
     async with (
         open_peer(identity, peer_config) as peer,
@@ -424,10 +494,13 @@ async def run_node(
     ):
         if http is not None:
             # Imported only here: FastAPI and pydantic cost a provider ~15 MB it does not need.
+            from gateway.jobservice import JobsConfig
             from gateway.node import open_gateway
 
             # Jobs may run on our own provider; its advert carries the gateway role.
-            await stack.enter_async_context(open_gateway(peer, http=http, provider=provider))
+            await stack.enter_async_context(
+                open_gateway(peer, http=http, provider=provider, jobs=jobs or JobsConfig())
+            )
         mode = "reachable" if peer.reachable else "outbound-only"
         log.info("provider %s (%s) on backend %s", peer.peer_id, mode, opened.name)
         await run_until_signalled(provider)
@@ -454,12 +527,14 @@ def _add_gateway(commands: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help="model for A1111 requests that name none (A1111's sd_model_checkpoint)",
     )
+    _add_jobs_options(parser, data_dir_default=str(default_data_dir()))
     parser.set_defaults(run=_gateway)
 
 
 def _gateway(args: argparse.Namespace) -> int:
     identity = load_or_create_identity(args.key)
     config = peer_config_from_args(args, roles=(Role.GATEWAY,))
+    jobs = jobs_config_from_args(args, default_dir=default_data_dir())
     trio.run(
         partial(
             run_gateway,
@@ -468,6 +543,7 @@ def _gateway(args: argparse.Namespace) -> int:
             http=args.http,
             model=args.default_model,
             metrics=args.metrics,
+            jobs=jobs,
         )
     )
     return 0
@@ -480,15 +556,18 @@ async def run_gateway(
     http: str,
     model: str | None = None,
     metrics: str | None = None,
+    jobs: JobsConfig | None = None,
 ) -> None:
-    """Run a gateway until interrupted (what ``sdcn gateway`` does); with `metrics`
-    (``HOST:PORT``), it serves its metrics there too, beside ``GET /metrics`` on `http`."""
+    """Run a gateway until interrupted (what ``sdcn gateway`` does), keeping its jobs as
+    `jobs` says (default: in a temporary dir); with `metrics` (``HOST:PORT``), it serves its
+    metrics there too, beside ``GET /metrics`` on `http`."""
+    from gateway.jobservice import JobsConfig
     from gateway.node import open_gateway
 
     async with (
         open_peer(identity, config) as peer,
         open_peer_metrics(peer, metrics),
-        open_gateway(peer, http=http, default_model=model),
+        open_gateway(peer, http=http, default_model=model, jobs=jobs or JobsConfig()),
     ):
         await trio.sleep_forever()
 
@@ -506,20 +585,27 @@ def _add_devnet(commands: argparse._SubParsersAction) -> None:
         "--http", metavar="HOST:PORT", type=_bind, default="127.0.0.1:8080", help="gateway HTTP"
     )
     parser.add_argument("--demo", metavar="OUT.png", type=Path, help="make one image and exit")
+    _add_jobs_options(parser, data_dir_default="a temporary dir, deleted on exit")
     parser.set_defaults(run=_devnet)
 
 
 def _devnet(args: argparse.Namespace) -> int:
-    trio.run(partial(run_devnet, providers=args.providers, http=args.http, demo=args.demo))
+    jobs = jobs_config_from_args(args, default_dir=None)
+    trio.run(
+        partial(run_devnet, providers=args.providers, http=args.http, demo=args.demo, jobs=jobs)
+    )
     return 0
 
 
-async def run_devnet(*, providers: int, http: str, demo: Path | None) -> None:
-    """Run the devnet until interrupted, or make the demo image and stop."""
+async def run_devnet(
+    *, providers: int, http: str, demo: Path | None, jobs: JobsConfig | None = None
+) -> None:
+    """Run the devnet until interrupted, or make the demo image and stop; its gateway keeps
+    jobs as `jobs` says (default: in a temporary dir)."""
     from sdcn_p2p.devnet import demo_params, describe, open_devnet, run_demo
 
     params = demo_params() if demo is not None else None
-    async with open_devnet(providers=providers, http=http) as devnet:
+    async with open_devnet(providers=providers, http=http, jobs=jobs) as devnet:
         if params is not None and demo is not None:
             for path in await run_demo(devnet.url, demo, params):
                 print(path)

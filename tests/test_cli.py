@@ -14,7 +14,14 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from bootstrap.node import open_bootstrap
-from sdcn_p2p.cli import build_parser, main, peer_config_from_args, ping_peer
+from sdcn_p2p.cli import (
+    build_parser,
+    default_data_dir,
+    jobs_config_from_args,
+    main,
+    peer_config_from_args,
+    ping_peer,
+)
 from sdcn_p2p.errors import ConfigError
 from sdcn_p2p.host import HostConfig, open_host
 from sdcn_p2p.identity import PeerId, default_key_path, load_or_create_identity
@@ -324,3 +331,39 @@ def test_comfyui_credentials_may_come_from_the_environment(
     with pytest.raises(SystemExit):
         build_parser().parse_args(["node", "--backend", "comfyui", "--comfyui-auth", ":pw"])
     assert "expected USER:PASS or a bearer token" in capsys.readouterr().err
+
+
+# --- a gateway's job options -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["gateway"], ["node", "--backend", "testcard"], ["devnet"]])
+def test_job_options_make_the_job_service_config(command: list[str], tmp_path: Path) -> None:
+    args = build_parser().parse_args(
+        [*command, "--data-dir", str(tmp_path), "--job-retention", "30m", "--results-max-mb", "5"]
+    )
+    config = jobs_config_from_args(args, default_dir=None)
+    assert (config.data_dir, config.retention, config.results_max_mb) == (tmp_path, 1800.0, 5)
+    defaults = jobs_config_from_args(build_parser().parse_args(command), default_dir=tmp_path)
+    assert (defaults.data_dir, defaults.retention, defaults.results_max_mb) == (
+        tmp_path,
+        3600,
+        2048,
+    )
+    assert default_data_dir().name == "sdcn"
+
+
+@pytest.mark.parametrize("retention", ["soon", "-1h", "0", "1w"])
+def test_a_bad_retention_is_a_usage_error(retention: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exc_info:
+        main(["gateway", "--job-retention", retention])
+    assert exc_info.value.code == 2 and "--job-retention" in capsys.readouterr().err
+
+
+def test_a_gateway_whose_data_dir_cannot_be_used_stops_with_a_clear_error(
+    tmp_path: Path, capsys
+) -> None:
+    (tmp_path / "file").write_text("")
+    argv = ["gateway", "--key", str(tmp_path / "k"), "--listen", "/ip4/127.0.0.1/tcp/0/ws"]
+    argv += ["--http", "127.0.0.1:0", "--data-dir", str(tmp_path / "file")]
+    assert main(argv) == 1
+    assert capsys.readouterr().err.startswith(f"sdcn: error: the data dir {tmp_path / 'file'}")

@@ -1,7 +1,8 @@
 """Test support shipped for anyone to use, like `trio.testing`.
 
 - `network` (re-exported here): in-memory networks of Hosts and Peers under MockClock,
-  deterministic identities, a transport that tampers with what it sends, and waiting helpers.
+  deterministic identities, a transport that tampers with what it sends, and waiting helpers;
+  and providers dialling a peer over real WebSockets on loopback.
 - `fakewebui`: a fake AUTOMATIC1111 webui speaking its HTTP API with its quirks (needs FastAPI,
   a core dependency); import it as ``sdcn_p2p.testing.fakewebui``.
 - `fakecomfyui`: a fake ComfyUI speaking its HTTP and WebSocket API with its quirks (its
@@ -10,6 +11,8 @@
   server.
 - `tinysd`: a tiny, randomly initialised Stable Diffusion built offline, for the diffusers
   backend (needs the ``diffusers`` extra, imported when called); ``sdcn_p2p.testing.tinysd``.
+- `gated`: a test card whose jobs take each step only when the test allows it;
+  ``sdcn_p2p.testing.gated``.
 """
 
 from sdcn_p2p.testing.network import (
@@ -19,6 +22,7 @@ from sdcn_p2p.testing.network import (
     TamperingTransport,
     all_tasks,
     mock_wall_clock,
+    open_loopback_providers,
     open_memory_hosts,
     open_memory_peers,
     small_job,
@@ -33,6 +37,7 @@ __all__ = [
     "TamperingTransport",
     "all_tasks",
     "mock_wall_clock",
+    "open_loopback_providers",
     "open_memory_hosts",
     "open_memory_peers",
     "small_job",

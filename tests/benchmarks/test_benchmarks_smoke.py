@@ -72,3 +72,14 @@ def test_comfyui_overhead(load, capsys) -> None:  # type: ignore[no-untyped-def]
     result = run_json(load("comfyui_overhead"), ["--jobs", "2", "--batch", "2"], capsys)
     assert result["raw_cpu_ms"] > 0 and result["backend_cpu_ms"] > 0
     assert {"added_cpu_ms", "batch2_cpu_ms_per_image", "capabilities_cpu_ms"} <= result.keys()
+
+
+def test_jobs(load, capsys) -> None:  # type: ignore[no-untyped-def]
+    argv = ["--jobs", "70", "--lag-jobs", "2", "--steps", "3", "--restarts", "1"]
+    result = run_json(load("jobs"), argv, capsys)
+    assert result["event_lag_samples"] > 0 and result["event_lag_ms_p99"] > 0
+    assert result["submit_ms_p50"] > 0 and result["queued_jobs"] == 70
+    assert result["sync_job_cpu_ms"] > 0
+    assert result["queued_after_restart"] is True
+    assert result["restart_s"] > 0 and result["start_empty_s"] > 0
+    assert "gateway_rss_growth_mb_queued" in result
