@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
