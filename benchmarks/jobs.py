@@ -128,7 +128,12 @@ class InstantDispatcher:
         self.provider = Identity.generate().peer_id
 
     async def run_batch(
-        self, jobs: Any, *, deadline: float | None = None, on_event: Any = None
+        self,
+        jobs: Any,
+        *,
+        deadline: float | None = None,
+        on_event: Any = None,
+        job_id: str | None = None,
     ) -> list[DispatchResult]:
         await trio.lowlevel.checkpoint()
         on_event(JobAssigned(self.provider, 1))

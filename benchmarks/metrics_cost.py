@@ -32,7 +32,7 @@ import httpx
 import trio
 
 from gateway.api import create_app
-from gateway.node import Gateway
+from gateway.node import open_gateway
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.peer import PeerConfig
 from sdcn_p2p.provider import open_provider
@@ -51,7 +51,8 @@ async def open_network(metrics: bool) -> AsyncIterator[httpx.AsyncClient]:
         card = TestcardBackend(TestcardConfig(models=("card",)))
         await stack.enter_async_context(open_provider(node, card))
         await wait_advert(gateway_peer, node, lambda a: a.state == "online")
-        transport = httpx.ASGITransport(app=create_app(Gateway(gateway_peer)))
+        gateway = await stack.enter_async_context(open_gateway(gateway_peer))
+        transport = httpx.ASGITransport(app=create_app(gateway))
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
             yield http
 

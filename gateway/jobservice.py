@@ -476,7 +476,7 @@ class JobService:
                 try:
                     parts = await self._requests(job)
                     results = await self.dispatcher.run_batch(
-                        parts, on_event=partial(self._on_event, job)
+                        parts, on_event=partial(self._on_event, job), job_id=job.id
                     )
                     outcome = ("done", results)
                 except (AllBusy, NoProvider) as exc:
@@ -604,7 +604,7 @@ class JobService:
         try:
             with job.scope:
                 results = await self.dispatcher.run_batch(
-                    requests, on_event=partial(self._on_event, job)
+                    requests, on_event=partial(self._on_event, job), job_id=job.id
                 )
         except DispatchError as exc:
             self._end_sync(job, "failed", exc)

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.api import create_app
 from gateway.metrics import RecentWork, api_of
-from gateway.node import Gateway
+from gateway.node import Gateway, open_gateway
 from sdcn_p2p.backends import Backend, JobOutput
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.errors import JobError
@@ -90,7 +90,9 @@ async def gateway_network(
         ]
         for node in nodes:
             await wait_advert(gateway_peer, node, lambda a: a.state == "online")
-        gateway = Gateway(gateway_peer)
+        gateway = await stack.enter_async_context(open_gateway(gateway_peer))
+        for node in nodes:  # every RTT known, so that the choice of provider is by speed alone
+            await gateway_peer.host.ping(node.peer_id)
         transport = httpx.ASGITransport(app=create_app(gateway))
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
             yield Net(http, gateway, nodes, providers)
@@ -224,7 +226,7 @@ async def test_counters_move_by_exactly_the_jobs_and_outcomes_that_happened(
         assert sum(states.values()) == 2
 
         # The gateway peer's own figures.
-        assert after("sdcn_adverts_cached") == 2  # the providers' (a bare Gateway publishes none)
+        assert after("sdcn_adverts_cached") == 3  # the two providers' and the gateway's own
         assert after("sdcn_peer_connections", direction="inbound") == 2
         assert after("sdcn_gossip_adverts_total", result="accepted") >= 2
 
