@@ -16,6 +16,12 @@ Trust (README.md, "Trust"):
 - `fraud`: signed fraud reports (pure); `reports`: ``/sdcn/fraud/1.0.0``, sending them and
   checking those received with a re-run before believing them.
 
+Jobs (every job, sync or async, is a record with events):
+
+- `jobservice`: `JobService`, `open_job_service`: submit, run, follow, cancel, retention,
+  restart; `admission`: the line of async jobs in front of the dispatcher (pure);
+  `jobstore`: SQLite records and result files in the data dir.
+
 Translating requests (pure):
 
 - `sdcn`: SDCN API bodies to jobs (base64 init images).
@@ -23,8 +29,13 @@ Translating requests (pure):
 
 HTTP (FastAPI):
 
-- `api`: `create_app`, made of `sdcn_api` (``/txt2img``, ``/v1/...``) and `a1111_api`
-  (``/sdapi/v1/...``) over `http` (bodies, responses, and errors to statuses, in one place).
+- `api`: `create_app`, made of `sdcn_api` (``/txt2img``, ``/v1/...``), `jobs_api`
+  (``/v1/jobs``, with server-sent events), `a1111_api` (``/sdapi/v1/...``) and `ops_api`
+  (``/metrics``, ``/v1/status``) over `http` (bodies, responses, and errors to statuses, in one
+  place).
+
+- `metrics`: what the gateway counts for Prometheus and ``/v1/status`` (the dispatcher's jobs
+  and attempts, HTTP requests by API and status, providers by state).
 
 - `node`: `Gateway`, `open_gateway`: the role on a Peer, serving HTTP.
 """

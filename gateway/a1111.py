@@ -22,6 +22,9 @@ Translation:
 - images: ``batch_size`` * ``n_iter`` images (at most MAX_IMAGES), image i with seed
   ``seed + i``, sent as jobs of up to MAX_BATCH_SIZE images each (run in parallel).
 - defaults are the webui API's: 50 steps, cfg 7, 512x512, denoising strength 0.75.
+- ``force_task_id`` (A1111 1.6+) names the job, for ``GET /sdapi/v1/progress?id_task=``.
+
+`progress` is ``GET /sdapi/v1/progress``: the webui's answer, for the jobs of one client.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.catalog import find_model, model_title
+from gateway.jobservice import JobState
 from gateway.sdcn import parse_request as parse_sdcn_request
 from sdcn_p2p._version import AGENT_VERSION
 from sdcn_p2p.errors import JobError
@@ -45,14 +49,18 @@ from sdcn_p2p.records import Advert, ModelInfo
 __all__ = [
     "DEFAULT_SAMPLER",
     "MAX_IMAGES",
+    "MAX_TASK_ID_CHARS",
     "A1111Request",
     "options",
     "parse_options",
     "parse_request",
+    "progress",
 ]
 
 #: Most images one request may ask for (batch_size * n_iter).
 MAX_IMAGES = 16
+#: Longest ``force_task_id`` accepted.
+MAX_TASK_ID_CHARS = 128
 #: The sampler of a request that names none (the webui API's default ``sampler_index``).
 DEFAULT_SAMPLER = "Euler"
 _DEFAULTS: dict[str, Any] = {
@@ -89,6 +97,7 @@ _USED = frozenset(
         "send_images",
         "include_init_images",
         "disable_extra_networks",
+        "force_task_id",
     }
 )
 
@@ -101,7 +110,6 @@ _IGNORED = frozenset(
         "do_not_save_grid",
         "override_settings_restore_afterwards",
         "comments",
-        "force_task_id",
         # the variation seed, while subseed_strength is 0
         "subseed",
         # hires fix, while enable_hr is false
@@ -268,6 +276,8 @@ class A1111Request:
     send_images: bool
     #: The request as received, minus the init images unless ``include_init_images``.
     parameters: dict[str, Any] = field(repr=False)
+    #: The client's ``force_task_id``, if it sent one.
+    task_id: str | None = None
 
     def job(self) -> JobRequest:
         """Validate the SDCN job, naming fields as the A1111 client knows them.
@@ -463,6 +473,7 @@ def parse_request(
         model=model if isinstance(model, ModelInfo) else None,
         send_images=given.get("send_images") is not False,
         parameters=parameters,
+        task_id=_task_id(given),
     )
 
 
@@ -483,6 +494,15 @@ def _check_fields(kind: str, given: Mapping[str, Any]) -> None:
     for name in ("send_images", "include_init_images", "disable_extra_networks"):
         if name in given and type(given[name]) is not bool:
             raise _bad(name, "must be a boolean")
+
+
+def _task_id(given: Mapping[str, Any]) -> str | None:
+    task_id = given.get("force_task_id")
+    if task_id is None or task_id == "":
+        return None
+    if not isinstance(task_id, str) or len(task_id) > MAX_TASK_ID_CHARS:
+        raise _bad("force_task_id", f"must be a string of at most {MAX_TASK_ID_CHARS} characters")
+    return task_id
 
 
 def _check_settings(settings: Mapping[str, Any], prefix: str) -> str | None:
@@ -676,3 +696,55 @@ def parse_options(body: Any, adverts: Iterable[Advert]) -> str | None:
     if model is None:
         raise _bad(_CHECKPOINT, f"no provider offers model {checkpoint!r:.80}")
     return model.name
+
+
+# --- progress ----------------------------------------------------------------------------------
+
+
+def progress(jobs: Sequence[JobState], *, interrupted: bool) -> dict[str, Any]:
+    """``GET /sdapi/v1/progress`` for a client whose jobs in flight are `jobs`.
+
+    As the webui: ``progress`` 0 to 1 over all their images, ``eta_relative`` in seconds,
+    ``state`` with ``job_count`` (jobs dispatched: an A1111 request of more than
+    MAX_BATCH_SIZE images makes several), ``job_no`` (those finished), and the steps of the
+    first unfinished one; ``current_image`` is always null (providers send no previews).
+    `interrupted`: whether the client interrupted its jobs since it last started one.
+    """
+    state: dict[str, Any] = {
+        "skipped": False,
+        "interrupted": interrupted,
+        "stopping_generation": False,
+        "job": "",
+        "job_count": 0,
+        "job_timestamp": "0",
+        "job_no": 0,
+        "sampling_step": 0,
+        "sampling_steps": 0,
+    }
+    answer: dict[str, Any] = {
+        "progress": 0.0,
+        "eta_relative": 0.0,
+        "state": state,
+        "current_image": None,
+        "textinfo": None,
+    }
+    parts = [part for job in jobs for part in job.parts]
+    if not parts:
+        return answer
+    finished = [total > 0 and step >= total for step, total in parts]
+    step, total = next(
+        (part for part, done in zip(parts, finished, strict=True) if not done), parts[-1]
+    )
+    first = min(jobs, key=lambda job: job.created_at)
+    state.update(
+        job=first.kind,
+        job_count=len(parts),
+        job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(first.created_at)),
+        job_no=sum(finished),
+        sampling_step=step,
+        sampling_steps=total,
+    )
+    done = sum(min(step / total, 1.0) for step, total in parts if total > 0)
+    answer["progress"] = round(done / len(parts), 4)
+    answer["eta_relative"] = max((job.eta_s or 0.0 for job in jobs), default=0.0)
+    return answer

@@ -2,6 +2,12 @@
 
 Requests are translated by `gateway.a1111`; the catalog (`gateway.catalog`) answers what a
 webui lists. Errors are ``{"msg"}`` with the statuses `gateway.http` gives.
+
+txt2img and img2img are sync jobs of the job service, as in `gateway.sdcn_api`. ``progress``
+reports, and ``interrupt`` cancels, the A1111 jobs in flight for the calling client (its
+address), or the job with the ``force_task_id`` given as ``id_task``. An interrupted request is
+answered as the webui answers one: 200, with the images done so far (none: a job's images
+come back together).
 """
 
 from __future__ import annotations
@@ -11,12 +17,22 @@ import random
 from typing import Any
 
 import trio
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from gateway import a1111
 from gateway.catalog import scheduler_list
-from gateway.http import ERRORS, gone, json_response, read_json, services, until_disconnect
+from gateway.dispatch import DispatchResult
+from gateway.errors import JobCancelled
+from gateway.http import (
+    ERRORS,
+    client_key,
+    gone,
+    json_response,
+    read_json,
+    services,
+    until_disconnect,
+)
 
 __all__ = ["router"]
 
@@ -62,9 +78,18 @@ async def _job(request: Request, kind: str) -> Response:
         rng=rng,
     )
     job = await trio.to_thread.run_sync(plan.job) if kind == "img2img" else plan.job()
-    jobs = plan.split(job)
-    dispatcher = gateway.dispatcher
-    results = await until_disconnect(request, lambda: dispatcher.run_batch(jobs))
+    parts = plan.split(job)
+    jobs = gateway.jobs
+    client = client_key(request)
+
+    async def run() -> list[DispatchResult]:
+        try:
+            outcome = await jobs.run(parts, api="a1111", client=client, task_id=plan.task_id)
+        except JobCancelled:
+            return []  # interrupted
+        return outcome.results
+
+    results = await until_disconnect(request, run)
     if results is None:
         return gone()
     now = gateway.wall_clock()
@@ -146,12 +171,25 @@ async def embeddings() -> dict[str, Any]:
 
 
 @router.get("/progress")
-async def progress() -> dict[str, Any]:
-    """Always idle: the gateway does not track jobs for this call (it has no single queue)."""
-    return {
-        "progress": 0.0,
-        "eta_relative": 0.0,
-        "state": {"job_count": 0, "sampling_step": 0, "sampling_steps": 0, "interrupted": False},
-        "current_image": None,
-        "textinfo": None,
-    }
+async def progress(
+    request: Request,
+    skip_current_image: bool = False,
+    id_task: str | None = Query(None, max_length=a1111.MAX_TASK_ID_CHARS),
+) -> dict[str, Any]:
+    """The calling client's jobs in flight (or the one whose ``force_task_id`` is
+    `id_task`): progress 0 to 1, ETA, steps. ``current_image`` is always null (providers send
+    no previews), so `skip_current_image` changes nothing."""
+    jobs = services(request).jobs
+    client = client_key(request)
+    return a1111.progress(
+        jobs.client_jobs(client, id_task), interrupted=jobs.was_interrupted(client)
+    )
+
+
+@router.post("/interrupt")
+async def interrupt(request: Request) -> dict[str, Any]:
+    """Cancel the calling client's jobs in flight (their providers stop them)."""
+    cancelled = services(request).jobs.interrupt(client_key(request))
+    if cancelled:
+        log.info("interrupted %d job(s) of %s", cancelled, client_key(request))
+    return {}

@@ -3,7 +3,10 @@ network catalog and a health check; ``/docs`` and ``/openapi.json`` describe the
 
 - `gateway.sdcn_api`: ``POST /txt2img``, ``/img2img``; ``GET /v1/models``, ``/v1/providers``,
   ``/healthz``.
+- `gateway.jobs_api`: async jobs, ``/v1/jobs``: submit, status, events (SSE), cancel.
 - `gateway.a1111_api`: ``/sdapi/v1/...``, what an A1111 client needs.
+- `gateway.ops_api`: ``GET /metrics`` (Prometheus) and ``GET /v1/status``, for operators;
+  every request is counted by `gateway.metrics.RequestCounter`.
 - `gateway.http`: what both share: bodies (at most MAX_BODY bytes), responses, and the one
   mapping of errors to ``{"msg"}`` and a status.
 """
@@ -14,7 +17,7 @@ import random
 
 from fastapi import FastAPI
 
-from gateway import a1111_api, sdcn_api
+from gateway import a1111_api, jobs_api, ops_api, sdcn_api
 from gateway.http import (
     MAX_BODY,
     RETRY_AFTER,
@@ -22,13 +25,14 @@ from gateway.http import (
     GatewayServices,
     install_error_handlers,
 )
+from gateway.metrics import RequestCounter
 from sdcn_p2p._version import __version__
 
 __all__ = ["MAX_BODY", "RETRY_AFTER", "GatewayServices", "create_app"]
 
 
 def create_app(gateway: GatewayServices, *, rng: random.Random | None = None) -> FastAPI:
-    """The HTTP app serving `gateway` (its dispatcher, catalog and default model, read at
+    """The HTTP app serving `gateway` (its job service, catalog and default model, read at
     each request). `rng` draws the seeds of A1111 requests with seed -1.
     """
     app = FastAPI(
@@ -42,7 +46,10 @@ def create_app(gateway: GatewayServices, *, rng: random.Random | None = None) ->
     app.state.services = gateway
     app.state.rng = rng or random.Random()
     app.add_middleware(BodyLimit, limit=MAX_BODY)
+    app.add_middleware(RequestCounter, metrics=gateway.metrics)  # outermost: counts the 413s
     install_error_handlers(app)
     app.include_router(sdcn_api.router)
+    app.include_router(jobs_api.router)
     app.include_router(a1111_api.router)
+    app.include_router(ops_api.router)
     return app

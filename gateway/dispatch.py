@@ -45,6 +45,11 @@ what a caller answers with is its business (the HTTP layer picks statuses). A ca
 follows a job (a job service) passes `on_event`: it hears `JobWaiting` when the job joins the
 line (and when it goes back to another place in it), `JobAssigned` for each attempt, and
 `JobProgress` for each step the provider reports.
+
+Each job has an id (the caller's, or one drawn here): every log line about the job carries
+it (`sdcn_p2p.logs.log_context`), and so does the job request, so that the provider's lines
+do too. A job that ends logs one line at info: its model, provider, status, attempts, and time
+queued and run (never the prompt). The dispatcher's metrics are `gateway.metrics`'.
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ from gateway.errors import (
     ProviderFailed,
     Rejected,
 )
+from gateway.metrics import DispatchMetrics, job_status
 from gateway.waitqueue import WaitQueue
 from sdcn_p2p._config import require, require_at_least, require_positive
 from sdcn_p2p._util import open_service_nursery
@@ -84,6 +90,8 @@ from sdcn_p2p.identity import PeerId
 from sdcn_p2p.jobs import MAX_SEED, JobRequest, JobResult
 from sdcn_p2p.jobs.protocol import request_job
 from sdcn_p2p.jobs.receipts import Receipt, job_digest
+from sdcn_p2p.jobs.schema import check_job_id, new_job_id
+from sdcn_p2p.logs import log_context
 from sdcn_p2p.peer import Peer
 from sdcn_p2p.records import Advert, Envelope, model_key, normalize_model_name
 
@@ -117,6 +125,9 @@ _MAX_RETRY_AFTER = 600.0
 # Jobs whose init image and results exceed this many bytes have their receipts checked in a
 # worker thread (hashing).
 _THREAD_HASH_BYTES = 1024 * 1024
+#: The outcome (gateway.metrics.ATTEMPT_OUTCOMES) of an attempt a provider answered with an
+#: error; other codes are "failed".
+_ATTEMPT_OUTCOME = {JobErrorCode.BUSY: "busy", JobErrorCode.TIMEOUT: "timeout"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,19 +243,24 @@ class Dispatcher:
         *,
         rng: random.Random | None = None,
         local: LocalRunner | None = None,
+        metrics: DispatchMetrics | None = None,
     ) -> None:
         """`local`: how to run a job on a provider on this same peer (`Provider.run_job`);
         without it our own peer is never chosen, since a host cannot dial itself.
+        `metrics`: where to record jobs (default: in the peer's registry).
         """
         self.peer = peer
         self.directory = directory
         self.config = config
         self.local = local
+        self.metrics = metrics or DispatchMetrics(peer.metrics)
         self._rng = rng or random.Random()
         self._lines: dict[str, WaitQueue] = {}  # normalized model name -> its jobs waiting
         self._tickets = itertools.count()
         self._waiting = 0
         self.checker: ResultChecker | None = None
+        self._running = 0  # attempts in flight
+        self._work_held = 0.0  # megapixel-steps of the jobs accepted and not ended
         # Never closed: a Dispatcher lives as long as its peer's cache.
         self._advert_subscription = peer.adverts.subscribe(self._on_advert)
 
@@ -252,6 +268,16 @@ class Dispatcher:
     def waiting(self) -> int:
         """Jobs waiting now for a provider to have room."""
         return self._waiting
+
+    @property
+    def running(self) -> int:
+        """Jobs sent to a provider now and not back yet."""
+        return self._running
+
+    @property
+    def queued_megapixel_steps(self) -> float:
+        """The work (megapixel-steps) of the jobs accepted and not ended yet."""
+        return max(self._work_held, 0.0)
 
     def default_deadline(self, job: JobRequest) -> float:
         """Seconds a job may take when the client sets no deadline, scaled by its cost."""
@@ -266,6 +292,7 @@ class Dispatcher:
         on_event: EventCallback | None = None,
         part: int = 0,
         verify: bool = False,
+        job_id: str | None = None,
     ) -> DispatchResult:
         """Run `job` within `deadline` seconds (default: `default_deadline`) and return its
         images, trying up to `config.max_attempts` providers.
@@ -273,13 +300,22 @@ class Dispatcher:
         A seed of -1 is replaced by a random one (``info["seed"]`` says which). `on_event`
         hears the job's events (see `DispatchEvent`), each with `part`. With `verify`, the
         answer waits until a second provider agrees (``info["verified"]``, and
-        ``info["verification"]`` says how, or why not). Raises a DispatchError subclass
+        ``info["verification"]`` says how, or why not). `job_id` names the job in the logs,
+        here and on the provider (default: a fresh id; ValueError if it is not 1 to 64 of
+        ``[A-Za-z0-9._:-]``). Raises a DispatchError subclass
         (`gateway.errors`). Cancelling is safe: the job's stream is reset, which cancels it
         on the provider.
         """
+        if job_id is None:  # unique across gateways, so not from `self._rng` (maybe seeded)
+            job_id = new_job_id()
+        else:
+            try:
+                check_job_id(job_id)
+            except JobError as exc:
+                raise ValueError(exc.message) from None
         if job.seed == -1:
             job = job.with_seed(self._rng.randrange(MAX_SEED + 1))
-        result = await self._dispatch(job, deadline, on_event=on_event, part=part)
+        result = await self._dispatch(job, deadline, job_id, on_event=on_event, part=part)
         if self.checker is not None:
             return await self.checker(job, result, verify=verify)
         if verify:
@@ -293,21 +329,27 @@ class Dispatcher:
         avoid: Collection[PeerId] = (),
         deadline: float | None = None,
         proven_only: bool = True,
+        job_id: str | None = None,
     ) -> DispatchResult:
         """Run `job` (with a concrete seed) again for a second opinion: on a provider not in
-        `avoid` (and proven here, with `proven_only`), without a check of its own.
+        `avoid` (and proven here, with `proven_only`), without a check of its own. `job_id`
+        names it in the logs as `run`'s does (default: a fresh id).
 
         Raises a DispatchError subclass as `run` does, NoProvider or AllBusy when no such
         provider can take it.
         """
         if job.seed == -1:
             raise ValueError("a job run again needs its concrete seed")
-        return await self._dispatch(job, deadline, avoid=frozenset(avoid), proven_only=proven_only)
+        job_id = new_job_id() if job_id is None else job_id
+        return await self._dispatch(
+            job, deadline, job_id, avoid=frozenset(avoid), proven_only=proven_only
+        )
 
     async def _dispatch(
         self,
         job: JobRequest,
         deadline: float | None,
+        job_id: str,
         *,
         on_event: EventCallback | None = None,
         part: int = 0,
@@ -325,30 +367,70 @@ class Dispatcher:
             part=part,
             avoid=avoid,
             proven_only=proven_only,
+            job_id=job_id,
         )
-        try:
-            result = await self._run(request)
-        except DispatchError as exc:
-            log.info(
-                "%s %s failed after %d attempt(s), %.0f ms: %s: %s",
-                job.kind,
-                job.model,
-                request.attempts,
-                (trio.current_time() - started) * 1000,
-                type(exc).__name__,
-                exc.message,
-            )
-            raise
+        work = job.megapixel_steps
+        self._work_held += work
+        with log_context(job_id=job_id):
+            try:
+                result = await self._run(request)
+            except BaseException as exc:
+                self._ended(request, exc, None)
+                raise
+            finally:
+                self._work_held -= work
+            self._ended(request, None, result)
         info = {**result.info, "attempts": request.attempts}
+        return DispatchResult(result.images, info, request.tried[-1], result.receipt)
+
+    def _ended(
+        self, request: _Request, error: BaseException | None, result: JobResult | None
+    ) -> None:
+        """Record how `request`'s job ended, in the metrics and in one line at info."""
+        job = request.job
+        now = trio.current_time()
+        status = job_status(error)
+        # Queued: until the provider that ran it started (its own queue included); for a
+        # job that never ran, until it gave up.
+        queue = now - request.started
+        run = None
+        if result is not None and request.sent is not None:
+            provider_queue = result.info.get("queue_ms", 0) / 1000
+            queue = min(request.sent - request.started + provider_queue, queue)
+            run = now - request.started - queue
+        self.metrics.job_ended(job, status, now=now, queue=queue, run=run)
+        provider = str(request.tried[-1]) if request.tried else ""
+        fields = {
+            "model": job.model,
+            "provider": provider,
+            "status": status,
+            "attempts": request.attempts,
+            "queue_s": round(queue, 3),
+            "run_s": None if run is None else round(run, 3),
+        }
+        where = f" on {request.tried[-1].short()}" if request.tried else ""
+        took = f"queue {queue:.3f} s, run {run:.3f} s" if run is not None else f"{queue:.3f} s"
+        why = f": {error.message}" if isinstance(error, DispatchError) else ""
         log.info(
-            "%s %s on %s: %d attempt(s), %.0f ms",
+            "%s %s%s: %s, %d attempt(s), %s%s",
             job.kind,
             job.model,
-            request.tried[-1].short(),
+            where,
+            status,
             request.attempts,
-            (trio.current_time() - started) * 1000,
+            took,
+            why,
+            extra=fields,
         )
-        return DispatchResult(result.images, info, request.tried[-1], result.receipt)
+
+    async def check_offered(self, job: JobRequest) -> None:
+        """Raise NoProvider unless some provider (in any state, busy or banned) offers all
+        that `job` needs; when none is known to offer its model, the DHT is asked first.
+        """
+        if not self._known(job):
+            await self._look_up(job.model, trio.current_time() + self.config.dht_lookup_timeout)
+        if not self.directory.can_run(job):
+            raise self._nobody_can(job)
 
     async def run_batch(
         self,
@@ -357,17 +439,20 @@ class Dispatcher:
         deadline: float | None = None,
         on_event: EventCallback | None = None,
         verify: bool = False,
+        job_id: str | None = None,
     ) -> list[DispatchResult]:
         """Run `jobs` in parallel, as `run` runs each (job i's events have ``part=i``), and
-        return their results in order.
+        return their results in order. With `job_id`, part i of several is named
+        ``<job_id>.<i>`` (one job alone, `job_id`); without, each part gets an id of its own.
 
         The first to fail cancels the others, and its error is raised.
         """
         results: list[DispatchResult | None] = [None] * len(jobs)
 
         async def run(index: int, job: JobRequest) -> None:
+            part_id = job_id if job_id is None or len(jobs) == 1 else f"{job_id}.{index}"
             results[index] = await self.run(
-                job, deadline=deadline, on_event=on_event, part=index, verify=verify
+                job, deadline=deadline, on_event=on_event, part=index, verify=verify, job_id=part_id
             )
 
         try:
@@ -547,17 +632,26 @@ class Dispatcher:
             host.peerstore.add_addrs(peer, candidate.advert.addrs)
         log.debug("attempt %d on %s, eta %.1f s", len(request.tried), peer.short(), candidate.eta)
         self.directory.started(peer)
+        self._running += 1
         busy = False
-        sent = trio.current_time()
+        outcome = "cancelled"  # unless it ends otherwise
+        sent = request.sent = trio.current_time()
         try:
             if peer == self.peer.peer_id and self.local is not None:
                 result = await self.local(request.job, deadline=left, on_progress=on_progress)
             else:
                 result = await request_job(
-                    host, peer, request.job, deadline=left, on_progress=on_progress
+                    host,
+                    peer,
+                    request.job,
+                    deadline=left,
+                    on_progress=on_progress,
+                    job_id=request.job_id,
                 )
             await self._check_receipt(request, peer, result)
+            outcome = "ok"
         except JobError as exc:
+            outcome = _ATTEMPT_OUTCOME.get(exc.code, "failed")
             log.debug("%s failed the job: %s", peer.short(), exc)
             if exc.code is JobErrorCode.BAD_REQUEST:
                 raise Rejected(exc.message) from None
@@ -576,13 +670,17 @@ class Dispatcher:
             return None
         except NETWORK_ERRORS as exc:
             log.debug("job on %s broke: %r", peer.short(), exc)
+            outcome = "failed"
             if self._refused_stream(peer, candidate, exc):
+                outcome = "busy"
                 busy = True
                 request.last_error = exc
                 return None
             self._failed(request, peer, exc)
             return None
         finally:
+            self._running -= 1
+            self.metrics.attempt(outcome)
             self.directory.finished(peer)
             if busy:  # after `finished`, which lifts holds
                 self.directory.hold_busy(peer, self.peer.wall_clock(), candidate.advert.seq)
@@ -700,6 +798,8 @@ class _Request:
     position: int | None = None  # in line for room, as last reported
     avoid: frozenset[PeerId] = frozenset()  # providers never to try (a second opinion's)
     proven_only: bool = False  # only providers proven here (a second opinion)
+    job_id: str = ""
+    sent: float | None = None  # trio time the latest attempt was sent
 
     @property
     def attempts(self) -> int:

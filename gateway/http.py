@@ -8,6 +8,9 @@ provider that refused the request), 404 no provider offers the model, LoRA, samp
 every capable provider stayed busy while the job waited in the gateway's queue, or is
 unreachable, or the queue ahead would not let the job start within its wait (with Retry-After:
 when the queue ahead is through, if the gateway can tell, else 1 s), 504 the deadline passed.
+The job service adds 404 no such job, 409 the job was cancelled, 410 its result was deleted,
+503 too many unfinished jobs (with Retry-After) or a data dir that cannot be written, 507 a
+full disk.
 """
 
 from __future__ import annotations
@@ -30,18 +33,27 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.catalog import Catalog
-from gateway.dispatch import Dispatcher
 from gateway.errors import (
     AllBusy,
     DeadlinePassed,
     DispatchError,
+    JobCancelled,
+    JobServiceError,
     NoProvider,
     ProviderFailed,
     Rejected,
+    ResultGone,
+    StoreFull,
+    StoreUnavailable,
+    TooManyJobs,
+    UnknownJob,
 )
+from gateway.jobservice import JobService
+from gateway.jobstore import json_safe
 from sdcn_p2p._util import open_service_nursery
-from sdcn_p2p.errors import JobError, JobErrorCode
+from sdcn_p2p.errors import JobError, JobErrorCode, SdcnError
 from sdcn_p2p.identity import PeerId
+from sdcn_p2p.metrics import Metrics
 
 __all__ = [
     "ERRORS",
@@ -50,10 +62,13 @@ __all__ = [
     "BodyLimit",
     "GatewayServices",
     "base64_text",
+    "client_key",
+    "error_docs",
     "error_response",
     "error_status",
     "gone",
     "install_error_handlers",
+    "json_body",
     "json_response",
     "json_safe",
     "read_json",
@@ -78,14 +93,20 @@ class GatewayServices(Protocol):
     attributes at each request.
     """
 
-    #: Runs jobs: ``run(job)`` and ``run_batch(jobs)``.
-    dispatcher: Dispatcher
+    #: Every job, sync or async: records, events, results (it runs them on the dispatcher).
+    jobs: JobService
     catalog: Catalog
     #: The model a request that names none runs on (A1111's sd_model_checkpoint option).
     default_model: str | None
+    #: What ``GET /metrics`` serves.
+    metrics: Metrics
 
     @property
     def peer_id(self) -> PeerId: ...
+
+    def status(self) -> dict[str, Any]:
+        """What ``GET /v1/status`` answers."""
+        ...
 
     def wall_clock(self) -> float:
         """Unix seconds."""
@@ -97,14 +118,25 @@ def services(request: Request) -> GatewayServices:
     return request.app.state.services
 
 
+def client_key(request: Request) -> str:
+    """Who is asking: the client's address (an API key, once there are keys)."""
+    return request.client.host if request.client is not None else "unknown"
+
+
 # --- statuses ----------------------------------------------------------------------------------
 
-_STATUS: dict[type[DispatchError], int] = {
+_STATUS: dict[type[SdcnError], int] = {
     Rejected: 400,
     NoProvider: 404,
     ProviderFailed: 502,
     AllBusy: 503,
     DeadlinePassed: 504,
+    UnknownJob: 404,
+    JobCancelled: 409,
+    ResultGone: 410,
+    TooManyJobs: 503,
+    StoreUnavailable: 503,
+    StoreFull: 507,
 }
 
 
@@ -112,21 +144,33 @@ class ErrorMessage(BaseModel):
     msg: str
 
 
-#: The error responses of a job route, for /docs.
-ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorMessage, "description": what}
-    for status, what in (
-        (400, "Bad input; the message names the field"),
-        (404, "No provider offers the model, a LoRA, the sampler or the size"),
-        (413, "Body over 50 MiB"),
-        (502, "The provider failed"),
-        (503, "Every capable provider is busy or unreachable"),
-        (504, "The deadline passed"),
-    )
+_MEANING = {
+    400: "Bad input; the message names the field",
+    404: "No provider offers the model, a LoRA, the sampler or the size",
+    409: "The job was cancelled (DELETE /v1/jobs/{id})",
+    410: "The job's result was deleted (retention, room for newer ones, DELETE)",
+    413: "Body over 50 MiB",
+    502: "The provider failed",
+    503: "Every capable provider is busy or unreachable",
+    504: "The deadline passed",
+    507: "The gateway's disk is full",
 }
 
 
-def error_status(exc: JobError | DispatchError) -> int:
+def error_docs(
+    *statuses: int, meaning: dict[int, str] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """The error responses of a route, for /docs: `statuses` with their usual meaning, or
+    the one `meaning` gives the route."""
+    meaning = {**_MEANING, **(meaning or {})}
+    return {status: {"model": ErrorMessage, "description": meaning[status]} for status in statuses}
+
+
+#: The error responses of a job route, for /docs.
+ERRORS = error_docs(400, 404, 413, 502, 503, 504)
+
+
+def error_status(exc: SdcnError) -> int:
     """The HTTP status a job that did not run is answered with."""
     if isinstance(exc, JobError):
         # A request the gateway itself refused; other codes are the dispatcher's to
@@ -145,11 +189,12 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(JobError, _job_error)
     app.add_exception_handler(DispatchError, _job_error)
+    app.add_exception_handler(JobServiceError, _job_error)
     app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _internal_error)
 
 
-async def _job_error(request: Request, exc: JobError | DispatchError) -> Response:
+async def _job_error(request: Request, exc: JobError | DispatchError | JobServiceError) -> Response:
     status = error_status(exc)
     # 503 is back-pressure: tell clients when trying again is worth it (RFC 9110 10.2.3).
     retry_after = getattr(exc, "retry_after", None)
@@ -319,6 +364,13 @@ class BodyLimit:
         await error_response(413, message)(scope, receive, send)
 
 
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` documenting a JSON request body of `model`'s schema (for routes that
+    read their body themselves, to name the field in every error)."""
+    schema = model.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 # --- responses ---------------------------------------------------------------------------------
 
 
@@ -348,16 +400,3 @@ async def json_response(shape: Callable[[], dict[str, Any]], size: int) -> Respo
 
 def base64_text(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
-
-
-def json_safe(value: Any) -> Any:
-    """`value` with what JSON cannot hold (bytes, NaN, non-string keys) replaced or dropped."""
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, list | tuple):
-        return [json_safe(item) for item in value]
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items() if isinstance(k, str)}
-    return None

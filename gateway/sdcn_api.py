@@ -6,7 +6,10 @@
 - ``GET /v1/models``, ``GET /v1/providers``: the catalog (`gateway.catalog`).
 - ``GET /healthz``.
 
-A client that disconnects while its job runs cancels the job (the provider's stream is reset).
+The jobs are sync jobs of the job service (`gateway.jobservice`): recorded like async ones,
+with the job's id in the ``SDCN-Job-Id`` header of the answer. A client that disconnects
+while its job runs cancels the job (the provider's stream is reset); a job cancelled with
+``DELETE /v1/jobs/{id}`` is answered 409.
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway.http import (
     ERRORS,
     base64_text,
+    client_key,
+    error_docs,
     gone,
+    json_body,
     json_response,
     json_safe,
     read_json,
@@ -127,19 +133,19 @@ class Health(BaseModel):
     providers: int = Field(description="Online providers known")
 
 
-def _json_body(model: type[BaseModel]) -> dict[str, Any]:
-    schema = model.model_json_schema()
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
-
-
 # --- jobs --------------------------------------------------------------------------------------
+
+
+#: The header naming the job service's record of a sync job.
+JOB_ID_HEADER = "SDCN-Job-Id"
+_JOB_ERRORS = {**ERRORS, **error_docs(409)}
 
 
 @router.post(
     "/txt2img",
     tags=["SDCN"],
-    openapi_extra=_json_body(Txt2ImgBody),
-    responses={200: {"model": ImagesResponse}, **ERRORS},
+    openapi_extra=json_body(Txt2ImgBody),
+    responses={200: {"model": ImagesResponse}, **_JOB_ERRORS},
 )
 async def txt2img(request: Request) -> Response:
     """Draw images from a prompt."""
@@ -149,8 +155,8 @@ async def txt2img(request: Request) -> Response:
 @router.post(
     "/img2img",
     tags=["SDCN"],
-    openapi_extra=_json_body(Img2ImgBody),
-    responses={200: {"model": ImagesResponse}, **ERRORS},
+    openapi_extra=json_body(Img2ImgBody),
+    responses={200: {"model": ImagesResponse}, **_JOB_ERRORS},
 )
 async def img2img(request: Request) -> Response:
     """Draw images from a prompt and an init image."""
@@ -158,15 +164,19 @@ async def img2img(request: Request) -> Response:
 
 
 async def _job(request: Request, kind: str) -> Response:
-    dispatcher = services(request).dispatcher
+    jobs = services(request).jobs
     body, verify = split_verify(await read_json(request))
     if kind == "img2img":  # decoding the init image is CPU work
         job = await trio.to_thread.run_sync(parse_request, kind, body)
     else:
         job = parse_request(kind, body)
-    result = await until_disconnect(request, lambda: dispatcher.run(job, verify=verify))
-    if result is None:
+    client = client_key(request)
+    outcome = await until_disconnect(
+        request, lambda: jobs.run([job], api="sdcn", client=client, verify=verify)
+    )
+    if outcome is None:
         return gone()
+    [result] = outcome.results
 
     def shape() -> dict[str, Any]:
         return {
@@ -174,7 +184,9 @@ async def _job(request: Request, kind: str) -> Response:
             "info": json_safe(result.info),
         }
 
-    return await json_response(shape, sum(map(len, result.images)))
+    response = await json_response(shape, sum(map(len, result.images)))
+    response.headers[JOB_ID_HEADER] = outcome.job_id
+    return response
 
 
 # --- the network -------------------------------------------------------------------------------

@@ -3,20 +3,26 @@
 Layers, bottom up (each module imports only those above it in this list):
 
 - `errors`: the one exception tree, rooted at SdcnError; `JobErrorCode`.
+- `logs`: text or JSON log lines with the fields of the job they are about (`log_context`).
+- `httpserver`: ASGI apps (FastAPI) on hypercorn's trio worker, in the peer's trio run.
+- `metrics`: a Prometheus registry per peer (`Peer.metrics`) and the server of ``/metrics``.
 - `identity`: Ed25519 keys and libp2p-compatible PeerIds; key files.
-- `records`: signed envelopes (libp2p RFC 0002), PeerRecords and Adverts (with their
-  `AdvertState`, `Role` and `Reachability`).
+- `records`: signed envelopes (libp2p RFC 0002), PeerRecords (also sealed as libp2p's, RFC 0003)
+  and Adverts (with their `AdvertState`, `Role` and `Reachability`).
 - `multiaddr`: ``/ip4|ip6|dns4|dns6/<host>/tcp/<port>/ws|wss[/p2p/<id>]``.
-- `wire`: pure codecs and state machines: varints, strict msgpack, Noise XX, yamux.
-- `transport`: WebSocket (trio-websocket) and an in-memory network for tests and simulations.
-- `connection`: a Noise-secured yamux session over a transport connection, and its streams.
+- `wire`: pure codecs and state machines: varints, strict msgpack, multistream-select,
+  protobuf and libp2p's messages, binary multiaddrs, Noise XX with its framing, yamux.
+- `transport`: WebSocket (on wsproto) and an in-memory network for tests and simulations.
+- `connection`: a connection upgraded as libp2p does (multistream-select, Noise, yamux) and its
+  streams, each negotiated with multistream-select.
 - `peerstore`: addresses, signed records, identify info and RTT of known peers.
 - `host`: listen, dial, one connection per peer, limits, handlers, subscriptions to connection
-  events; `protocols`: ping, identify (which sends what the Host snapshots and returns what it
-  learned; the Host stores it).
+  events; `protocols`: ping (``/ipfs/ping/1.0.0``), identify (``/sdcn/identify/2.0.0``) and
+  libp2p's identify (``/ipfs/id/1.0.0``), which send what the Host snapshots and return what
+  they learned; the Host stores it.
 - `jobs`: the job schema (`jobs.schema`, `jobs.images`: no I/O, what a backend imports) and
-  ``/sdcn/job/1.0.0`` with its client (`jobs.protocol`).
-- `dht`: Kademlia over ``/sdcn/kad/1.0.0``: routing table, lookups, signed record store.
+  ``/sdcn/job/2.0.0`` with its client (`jobs.protocol`).
+- `dht`: Kademlia over ``/sdcn/kad/2.0.0``: routing table, lookups, signed record store.
 - `adverts`: the cache of providers' signed adverts, queried by model.
 - `gossip`: their GossipSub-style spread: `messages`, pure `state` (seen cache, mesh, push
   budget), `config`, and `service`, the only part that awaits.
@@ -24,7 +30,6 @@ Layers, bottom up (each module imports only those above it in this list):
 - `backends`: what runs a provider's jobs: `testcard`, `webui`, `comfyui` (`samplers`,
   `workflow`, `parse`, `offer`: pure; `scan`, `events`, `backend`) and `diffusers` (`samplers`,
   `scan`, `backend`); `provider`: the provider role, running jobs on a backend.
-- `httpserver`: FastAPI apps on hypercorn's trio worker, in the peer's trio run.
 - `devnet`: a whole network on loopback (``sdcn devnet``).
 - `testing`: test support for anyone: in-memory networks of hosts and peers (`network`), a fake
   AUTOMATIC1111 webui (`fakewebui`), a fake ComfyUI (`fakecomfyui`: `nodes`, `validator`,

@@ -21,6 +21,7 @@ import httpx
 import trio
 
 from bootstrap.node import open_bootstrap
+from gateway.jobservice import JobsConfig
 from gateway.node import Gateway, open_gateway
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.errors import ConfigError
@@ -68,8 +69,11 @@ class Devnet:
 
 
 @asynccontextmanager
-async def open_devnet(*, providers: int = 3, http: str = "127.0.0.1:8080") -> AsyncIterator[Devnet]:
-    """Start the devnet; returns once the gateway sees every provider's advert."""
+async def open_devnet(
+    *, providers: int = 3, http: str = "127.0.0.1:8080", jobs: JobsConfig | None = None
+) -> AsyncIterator[Devnet]:
+    """Start the devnet; returns once the gateway sees every provider's advert. Its gateway
+    keeps jobs as `jobs` says (default: in a temporary dir, deleted on exit)."""
     if not 1 <= providers <= 32:
         raise ConfigError("--providers must be from 1 to 32")
     async with AsyncExitStack() as stack:
@@ -79,7 +83,9 @@ async def open_devnet(*, providers: int = 3, http: str = "127.0.0.1:8080") -> As
         joined = PeerConfig(host=HostConfig(listen=(LOOPBACK,)), bootstrap=(seed,))
         gateway_peer = await stack.enter_async_context(open_peer(Identity.generate(), joined))
         gateway = await stack.enter_async_context(
-            open_gateway(gateway_peer, http=http, default_model="sd-v1-5")
+            open_gateway(
+                gateway_peer, http=http, default_model="sd-v1-5", jobs=jobs or JobsConfig()
+            )
         )
         devnet = Devnet(boot.peer, gateway)
         for index, card in enumerate(provider_cards(providers)):

@@ -3,8 +3,9 @@
 One connection per peer: concurrent local dials to a peer share one attempt, and when two
 peers dial each other at once both keep the connection dialled by the smaller peer id and
 drain the other. Connections without streams close after `idle_timeout` unless the peer is
-kept alive. `/sdcn/ping/1.0.0` and `/sdcn/identify/1.0.0` are served by every Host, and
-identify runs on every new connection.
+kept alive. Every Host serves `/ipfs/ping/1.0.0`, `/sdcn/identify/2.0.0` and libp2p's
+`/ipfs/id/1.0.0`; identify runs on every connection we dial (libp2p's, with a peer that does
+not speak ours).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from sdcn_p2p.connection import (
     DEFAULT_MAX_MESSAGE,
     Connection,
     Stream,
+    noise_credentials,
     secure_inbound,
     secure_outbound,
 )
@@ -37,14 +39,14 @@ from sdcn_p2p.errors import (
     ProtocolError,
     RecordError,
     ResourceLimitExceeded,
+    UnsupportedProtocol,
 )
 from sdcn_p2p.identity import Identity, PeerId
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.peerstore import PeerStore
-from sdcn_p2p.protocols import identify, ping
+from sdcn_p2p.protocols import identify, libp2p_identify, ping
 from sdcn_p2p.records import Envelope, PeerRecord
 from sdcn_p2p.transport import RawConnection, Transport
-from sdcn_p2p.wire.noise import NoiseCredentials
 
 __all__ = ["AGENT_VERSION", "Handler", "Host", "HostConfig", "local_ips", "open_host"]
 
@@ -142,7 +144,7 @@ class Host:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.identity = identity
-        self._noise = NoiseCredentials(identity)  # one static key per Host, signed once
+        self._noise = noise_credentials(identity)  # one static key per Host, signed once
         self.config = config
         self.transport = transport
         self.peerstore = PeerStore()
@@ -164,11 +166,17 @@ class Host:
         self._identify_ext: dict[str, Callable[[], bytes]] = {}
         self._record: PeerRecord | None = None
         self._record_envelope: Envelope | None = None
+        self._libp2p_record: tuple[Envelope, Envelope] | None = None  # (ours, libp2p's)
         self._local_ip_cache: dict[str, list[str]] = {}
         self._advertised: tuple[tuple[Multiaddr, ...], list[Multiaddr]] | None = None
         self.set_handler(ping.PING, ping.handle_ping, max_message_size=ping.MAX_MESSAGE)
         self.set_handler(
             identify.IDENTIFY, self._handle_identify, max_message_size=identify.MAX_MESSAGE
+        )
+        self.set_handler(
+            libp2p_identify.LIBP2P_IDENTIFY,
+            self._handle_libp2p_identify,
+            max_message_size=libp2p_identify.MAX_MESSAGE,
         )
 
     # --- identity and addresses ------------------------------------------------------------------
@@ -219,6 +227,15 @@ class Host:
             self._record_envelope = self._record.seal(self.identity)
         return self._record_envelope
 
+    @property
+    def libp2p_signed_record(self) -> Envelope:
+        """The same record sealed as libp2p seals one (RFC 0003), for ``/ipfs/id/1.0.0``."""
+        ours = self.signed_record  # re-sealed first if our addresses changed
+        if self._libp2p_record is None or self._libp2p_record[0] is not ours:
+            assert self._record is not None
+            self._libp2p_record = (ours, self._record.seal_libp2p(self.identity))
+        return self._libp2p_record[1]
+
     # --- handlers and notifications --------------------------------------------------------------
 
     def set_handler(
@@ -249,6 +266,7 @@ class Host:
         """What identify announces about us right now (called as each message goes out)."""
         return identify.IdentifySnapshot(
             envelope=self.signed_record,
+            libp2p_record=self.libp2p_signed_record,
             listen_addrs=tuple(self.advertised_addrs),
             protocols=tuple(self.protocols),
             roles=self.config.roles,
@@ -299,6 +317,16 @@ class Host:
     @property
     def num_connections(self) -> int:
         return sum(len(conns) for conns in self._conns.values())
+
+    @property
+    def num_inbound_connections(self) -> int:
+        """Open connections the remote side dialled."""
+        return self._inbound
+
+    @property
+    def num_streams(self) -> int:
+        """Open streams over all connections."""
+        return sum(conn.num_streams for conns in self._conns.values() for conn in conns)
 
     def keep_alive(self, peer: PeerId, keep: bool = True) -> None:
         """Exempt connections to `peer` from idle close (bootstrap peers, gateways, mesh
@@ -547,12 +575,8 @@ class Host:
     async def _handle_stream(self, stream: Stream) -> None:
         try:
             with trio.fail_after(PROTOCOL_HEADER_TIMEOUT):
-                protocol = await stream._read_protocol_id()
-            entry = self._handlers.get(protocol)
-            if entry is None:
-                log.debug("%s asked for unsupported protocol %r", stream.peer_id.short(), protocol)
-                await stream._refuse()
-                return
+                protocol = await stream._negotiate(self._handlers)
+            entry = self._handlers[protocol]  # no checkpoint since it was selected
             stream._accept(protocol, entry.max_message_size)
             await entry.handler(stream)
         except NETWORK_ERRORS as exc:
@@ -572,26 +596,43 @@ class Host:
             info = await identify.answer(stream, self.identify_snapshot)
         self._identified(stream.connection, info)
 
+    async def _handle_libp2p_identify(self, stream: Stream) -> None:
+        await libp2p_identify.answer(stream, self.identify_snapshot)
+
     async def _identify(self, conn: Connection) -> None:
+        info: identify.IdentifyInfo | libp2p_identify.Libp2pIdentifyInfo
         try:
             with trio.fail_after(self.config.handshake_timeout):
-                info = await identify.exchange(conn, self.identify_snapshot)
+                try:
+                    info = await identify.exchange(conn, self.identify_snapshot)
+                except UnsupportedProtocol:  # a libp2p peer that is no SDCN peer
+                    info = await libp2p_identify.query(conn)
         except NETWORK_ERRORS as exc:
             log.debug("identify with %s failed: %r", conn.peer_id.short(), exc)
             return
         self._identified(conn, info)
 
-    def _identified(self, conn: Connection, info: identify.IdentifyInfo) -> None:
+    def _identified(
+        self,
+        conn: Connection,
+        info: identify.IdentifyInfo | libp2p_identify.Libp2pIdentifyInfo,
+    ) -> None:
         """Store what identify told us in the peerstore, then tell the subscribers."""
         store = self.peerstore
-        with contextlib.suppress(RecordError):  # we already hold this record or a newer one
-            store.add_record(info.record, info.envelope)
+        if isinstance(info, identify.IdentifyInfo):
+            with contextlib.suppress(RecordError):  # we hold this record or a newer one
+                store.add_record(info.record, info.envelope)
+            roles, extensions = info.roles, info.extensions
+        else:
+            record = info.record
+            store.add_addrs(conn.peer_id, record.addrs if record else info.listen_addrs)
+            roles, extensions = (), {}
         store.set_identify(
             conn.peer_id,
             protocols=info.protocols,
-            roles=info.roles,
+            roles=roles,
             agent_version=info.agent_version,
-            extensions=info.extensions,
+            extensions=extensions,
         )
         observed = info.observed_addr
         if observed is not None and observed not in self.observed_addrs:

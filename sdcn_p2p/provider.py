@@ -1,6 +1,6 @@
 """The provider role: advertise what a backend can run, and run jobs for other peers.
 
-A Provider serves ``/sdcn/job/1.0.0`` on a Peer. It runs at most `slots` jobs at once and
+A Provider serves ``/sdcn/job/2.0.0`` on a Peer. It runs at most `slots` jobs at once and
 keeps at most `max_queue` more waiting; beyond that it refuses with ``busy``. It checks every
 job against the capabilities it advertised (a webui would silently run another model) and
 refuses with ``unsupported``. Closing or resetting the job stream cancels the job. Every
@@ -15,6 +15,11 @@ refuses new jobs and returns once the running ones are done.
 A provider that cannot accept connections (no advertised address) dials every gateway it
 learns of from their adverts and keeps those connections alive: gateways send it jobs over
 the connections it opened.
+
+Each job's log lines carry its id (the one in the job request, else one of our own), and a
+job that was not refused ends with one line at info: its model, outcome, and time queued and
+run (never the prompt). The provider's metrics (``sdcn_provider_...``) count jobs by outcome,
+time their runs, and read its queue, busy slots, speed and VRAM at each scrape.
 """
 
 from __future__ import annotations
@@ -41,12 +46,15 @@ from sdcn_p2p.jobs.protocol import (
     JOB,
     MAX_JOB_MESSAGE,
     error_message,
+    parse_job_id,
     parse_job_message,
     progress_message,
     queued_message,
     result_message,
 )
 from sdcn_p2p.jobs.receipts import Receipt, job_digest
+from sdcn_p2p.jobs.schema import new_job_id
+from sdcn_p2p.logs import log_context
 from sdcn_p2p.peer import Peer
 from sdcn_p2p.records import Advert, AdvertState, Reachability, Role
 
@@ -67,6 +75,8 @@ DEFAULT_SPEED = 1.0
 SPEED_ALPHA = 0.3
 # Jobs whose init image and results exceed this many bytes are signed in a worker thread.
 _THREAD_BYTES = 1024 * 1024
+#: Bytes in the MiB that backends report VRAM in.
+_MIB = 2**20
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,11 +142,51 @@ class Provider:
         self._nursery: trio.Nursery | None = None
         self._gateways: set[PeerId] = set()
         self.advert: Advert | None = None
+        self._instrument()
 
     @property
     def load(self) -> int:
         """Jobs running or waiting for a slot."""
         return self.running + self.waiting
+
+    @property
+    def advertised_speed(self) -> float:
+        """The speed (it/s at 512x512) our advert gives: measured, else the backend's
+        estimate, else DEFAULT_SPEED."""
+        if self.speed is not None:
+            return self.speed
+        caps = self.capabilities
+        return caps.speed if caps is not None and caps.speed else DEFAULT_SPEED
+
+    def _instrument(self) -> None:
+        metrics = self.peer.metrics
+        self._jobs_total = metrics.counter(
+            "sdcn_provider_jobs_total",
+            "Job requests by outcome: ok, or the error code answered (busy, unsupported, "
+            "bad_request, backend_failed, timeout, cancelled)",
+            ["outcome"],
+        )
+        self._run_seconds = metrics.histogram(
+            "sdcn_provider_job_run_seconds",
+            "Time the backend ran each job that got a slot (ending in any outcome)",
+        )
+        for name, what, read in (
+            ("sdcn_provider_queue_length", "Jobs waiting for a slot", lambda: self.waiting),
+            ("sdcn_provider_slots_busy", "Slots running a job", lambda: self.running),
+            (
+                "sdcn_provider_speed_its",
+                "Speed in iterations per second at 512x512, as advertised",
+                lambda: self.advertised_speed,
+            ),
+        ):
+            metrics.gauge(name, what).set_function(read)
+        vram = metrics.gauge("sdcn_provider_vram_bytes", "The backend's GPU memory", ["kind"])
+        vram.labels("total").set_function(
+            lambda: _MIB * self.capabilities.vram_total_mb if self.capabilities else 0
+        )
+        vram.labels("free").set_function(
+            lambda: _MIB * self.capabilities.vram_free_mb if self.capabilities else 0
+        )
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -233,9 +283,6 @@ class Provider:
         caps = self.capabilities
         now = self.peer.wall_clock()
         self._seq = max(self._seq + 1, int(now * 1000))
-        speed = self.speed
-        if speed is None:
-            speed = caps.speed if caps is not None and caps.speed else DEFAULT_SPEED
         host = self.peer.host
         return Advert(
             peer_id=self.peer.peer_id,
@@ -257,7 +304,7 @@ class Provider:
             slots=self.config.slots,
             queue=min(self.load, 10**6),
             max_queue=min(self.config.max_queue, 10**6),
-            speed=min(speed, 1e4),
+            speed=min(self.advertised_speed, 1e4),
             state=self.state,
             roles=self.config.roles,
         )
@@ -315,12 +362,51 @@ class Provider:
         `on_queued(position)` is called when the job has to wait for a slot. Raises JobError
         (busy, unsupported, backend_failed, timeout); cancelling cancels the job.
         """
-        received = trio.current_time()
-        self._check_supported(job)
-        deadline = min(deadline, self.config.max_job_seconds)
-        with trio.move_on_at(received + deadline):
-            return await self._queue_and_run(job, received, on_progress, on_queued)
-        raise JobError(JobErrorCode.TIMEOUT, f"job did not finish within {deadline:.0f} s")
+        clock = _JobClock(trio.current_time())
+        outcome = str(JobErrorCode.BACKEND_FAILED)  # unless it ends otherwise
+        try:
+            self._check_supported(job)
+            clock.accepted = True
+            deadline = min(deadline, self.config.max_job_seconds)
+            with trio.move_on_at(clock.received + deadline):
+                result = await self._queue_and_run(job, clock, on_progress, on_queued)
+                outcome = "ok"
+                return result
+            raise JobError(JobErrorCode.TIMEOUT, f"job did not finish within {deadline:.0f} s")
+        except JobError as exc:
+            outcome = str(exc.code)
+            raise
+        except trio.Cancelled:
+            outcome = str(JobErrorCode.CANCELLED)
+            raise
+        finally:
+            self._ended(job, outcome, clock)
+
+    def _ended(self, job: JobRequest, outcome: str, clock: _JobClock) -> None:
+        """Count a job that ended in `outcome`, and log it if it was not refused."""
+        self._jobs_total.labels(outcome).inc()
+        now = trio.current_time()
+        started = clock.started if clock.started is not None else now
+        queue, run = started - clock.received, now - started
+        if clock.started is not None:
+            self._run_seconds.observe(run)
+        if not clock.accepted:
+            log.debug("refused a %s job of %s: %s", job.kind, job.model, outcome)
+            return
+        log.info(
+            "ran a %s job of %s: %s, queue %.3f s, run %.3f s",
+            job.kind,
+            job.model,
+            outcome,
+            queue,
+            run,
+            extra={
+                "model": job.model,
+                "status": outcome,
+                "queue_s": round(queue, 3),
+                "run_s": round(run, 3),
+            },
+        )
 
     def _check_supported(self, job: JobRequest) -> None:
         """Refuse what this provider cannot run right now (busy) or at all (unsupported)."""
@@ -335,7 +421,7 @@ class Provider:
     async def _queue_and_run(
         self,
         job: JobRequest,
-        received: float,
+        clock: _JobClock,
         on_progress: Callable[[int, int], None] | None,
         on_queued: Callable[[int], None] | None,
     ) -> JobResult:
@@ -351,7 +437,7 @@ class Provider:
                 self.waiting -= 1
                 self.running += 1
                 running = True
-                return await self._generate(job, received, on_progress or _ignore_progress)
+                return await self._generate(job, clock, on_progress or _ignore_progress)
         finally:
             if running:
                 self.running -= 1
@@ -362,9 +448,9 @@ class Provider:
                 self._idle.set()
 
     async def _generate(
-        self, job: JobRequest, received: float, on_progress: Callable[[int, int], None]
+        self, job: JobRequest, clock: _JobClock, on_progress: Callable[[int, int], None]
     ) -> JobResult:
-        started = trio.current_time()
+        started = clock.started = trio.current_time()
         try:
             output = await self.backend.generate(job, on_progress)
         except JobError as exc:
@@ -385,7 +471,7 @@ class Provider:
             "height": job.height,
             "provider": str(self.peer.peer_id),
             "backend": self.capabilities.backend if self.capabilities else "",
-            "queue_ms": round((started - received) * 1000),
+            "queue_ms": round((started - clock.received) * 1000),
             "run_ms": round(run_s * 1000),
         }
         return JobResult(output.images, info, await self._sign(job, output.images))
@@ -400,30 +486,41 @@ class Provider:
         return await trio.to_thread.run_sync(sign) if size > _THREAD_BYTES else sign()
 
     async def _handle_job(self, stream: Stream) -> None:
-        """``/sdcn/job/1.0.0``: one job per stream; closing the stream cancels it."""
+        """``/sdcn/job/2.0.0``: one job per stream; closing the stream cancels it."""
         try:
             with trio.fail_after(REQUEST_TIMEOUT):
                 message = await stream.receive_message()
-            job, deadline = await _parse_job(message)
-            replies = _Replies()
-            result: JobResult | None = None
-            async with open_service_nursery() as nursery:
-                nursery.start_soon(_cancel_when_closed, stream, nursery.cancel_scope)
-                nursery.start_soon(replies.forward, stream)
-                result = await self.run_job(
-                    job, deadline=deadline, on_progress=replies.progress, on_queued=replies.queued
-                )
-                nursery.cancel_scope.cancel()
-            if result is None:  # the client closed the stream: the job was cancelled
-                self.jobs_cancelled += 1
-                return
-            await stream.send_message(result_message(result.images, result.info, result.receipt))
+            try:
+                job, deadline = await _parse_job(message)
+            except JobError as exc:
+                self._jobs_total.labels(str(exc.code)).inc()
+                log.debug("refused a job request from %s: %s", stream.peer_id.short(), exc)
+                raise
+            with log_context(job_id=parse_job_id(message) or new_job_id()):
+                await self._serve_job(stream, job, deadline)
         except JobError as exc:
             await _send_quietly(stream, error_message(exc.code, exc.message))
         except trio.TooSlowError:
             await _send_quietly(
                 stream, error_message(JobErrorCode.TIMEOUT, "no job request arrived")
             )
+
+    async def _serve_job(self, stream: Stream, job: JobRequest, deadline: float) -> None:
+        """Run `job`, telling the client its place in the queue and its progress, and send
+        the result."""
+        replies = _Replies()
+        result: JobResult | None = None
+        async with open_service_nursery() as nursery:
+            nursery.start_soon(_cancel_when_closed, stream, nursery.cancel_scope)
+            nursery.start_soon(replies.forward, stream)
+            result = await self.run_job(
+                job, deadline=deadline, on_progress=replies.progress, on_queued=replies.queued
+            )
+            nursery.cancel_scope.cancel()
+        if result is None:  # the client closed the stream: the job was cancelled
+            self.jobs_cancelled += 1
+            return
+        await stream.send_message(result_message(result.images, result.info, result.receipt))
 
     def _measure(self, job: JobRequest, run_s: float) -> None:
         """Fold the job's speed (it/s at 512x512) into the advertised EWMA."""
@@ -443,6 +540,15 @@ async def _parse_job(message: Any) -> tuple[JobRequest, float]:
     if isinstance(job, dict) and job.get("init_image") is not None:
         return await trio.to_thread.run_sync(parse_job_message, message)
     return parse_job_message(message)
+
+
+@dataclass(slots=True)
+class _JobClock:
+    """When a job arrived and started running (trio time), and whether it was accepted."""
+
+    received: float
+    accepted: bool = False
+    started: float | None = None
 
 
 class _Replies:

@@ -5,7 +5,9 @@ An `Envelope` carries a payload signed by a peer's identity key over RFC 0002's 
     varint(len(domain)) domain varint(len(payload_type)) payload_type varint(len(payload)) payload
 
 The domain separates record kinds (``sdcn-peer-record``, ``sdcn-advert``) so a signature made
-for one can never be replayed as another. Envelopes and payloads are msgpack, not protobuf.
+for one can never be replayed as another. Our envelopes and payloads are msgpack; a
+`PeerRecord` is also sealed as libp2p seals one (RFC 0003: protobuf envelope and payload,
+domain ``libp2p-peer-record``), for ``/ipfs/id/1.0.0``.
 Receivers verify an envelope before decoding its payload (`open_signed`), check that the signing
 key is the peer id the payload names, and accept a record only if its ``seq`` is above the one
 they hold (`check_newer`).
@@ -20,10 +22,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from sdcn_p2p.errors import ProtocolError, RecordError
+from sdcn_p2p.errors import MultiaddrError, ProtocolError, RecordError
 from sdcn_p2p.identity import Identity, PeerId, decode_public_key, verify_signature
 from sdcn_p2p.multiaddr import Multiaddr
+from sdcn_p2p.wire.libp2p import (
+    PEER_RECORD_DOMAIN,
+    PEER_RECORD_PAYLOAD_TYPE,
+    EnvelopeMessage,
+    PeerRecordMessage,
+)
 from sdcn_p2p.wire.messages import pack, unpack
+from sdcn_p2p.wire.multiaddr import decode_multiaddr, encode_multiaddr
 from sdcn_p2p.wire.varint import encode_varint
 
 __all__ = [
@@ -127,7 +136,34 @@ class Envelope:
             raise RecordError("envelope is not a msgpack array of 4 fields")
         if not all(type(field) is bytes for field in fields):
             raise RecordError("envelope fields must all be msgpack bin")
-        public_key, payload_type, payload, signature = fields
+        return cls._checked(*fields)
+
+    def to_protobuf(self) -> bytes:
+        """libp2p's encoding: the protobuf ``Envelope`` (as identify's signedPeerRecord)."""
+        return EnvelopeMessage(
+            self.public_key, self.payload_type, self.payload, self.signature
+        ).encode()
+
+    @classmethod
+    def from_protobuf(cls, data: bytes, *, max_size: int = MAX_ENVELOPE_SIZE) -> Envelope:
+        """Decode `to_protobuf` output of at most `max_size` bytes, without verifying it.
+
+        Raises RecordError, and only RecordError, for any other input.
+        """
+        if len(data) > max_size:
+            raise RecordError(f"envelope of {len(data)} bytes is over the {max_size}-byte cap")
+        try:
+            message = EnvelopeMessage.decode(data)
+        except ProtocolError as exc:
+            raise RecordError(f"malformed envelope: {exc}") from None
+        return cls._checked(
+            message.public_key, message.payload_type, message.payload, message.signature
+        )
+
+    @classmethod
+    def _checked(
+        cls, public_key: bytes, payload_type: bytes, payload: bytes, signature: bytes
+    ) -> Envelope:
         if len(public_key) > _MAX_KEY_SIZE:
             raise RecordError(f"envelope public key of {len(public_key)} bytes is too long")
         if len(payload_type) > _MAX_PAYLOAD_TYPE_SIZE:
@@ -226,6 +262,42 @@ class PeerRecord:
             {"peer_id": self.peer_id.bytes, "seq": self.seq, "addrs": [str(a) for a in self.addrs]}
         )
         return Envelope.seal(identity, self.DOMAIN, self.PAYLOAD_TYPE, payload)
+
+    def seal_libp2p(self, identity: Identity) -> Envelope:
+        """Sign the record as libp2p does (RFC 0003): a protobuf ``PeerRecord`` with binary
+        addresses, domain ``libp2p-peer-record``; raises ValueError for another identity.
+        """
+        if identity.peer_id != self.peer_id:
+            raise ValueError(f"cannot seal a record of {self.peer_id} with the key of {identity}")
+        addrs = tuple(encode_multiaddr(addr) for addr in self.addrs)
+        payload = PeerRecordMessage(self.peer_id.bytes, self.seq, addrs).encode()
+        return Envelope.seal(identity, PEER_RECORD_DOMAIN, PEER_RECORD_PAYLOAD_TYPE, payload)
+
+    @classmethod
+    def from_libp2p_envelope(cls, envelope: Envelope) -> PeerRecord:
+        """Verify and decode a record sealed as libp2p seals one (any libp2p peer's).
+
+        Addresses of shapes SDCN cannot dial (TCP without WebSocket, QUIC, relays) are left
+        out, and past MAX_ADDRS. Raises RecordError when the envelope does not verify, the
+        payload is malformed, or it names another peer than the signer.
+        """
+        signer = envelope.open(PEER_RECORD_DOMAIN, PEER_RECORD_PAYLOAD_TYPE)
+        try:
+            message = PeerRecordMessage.decode(envelope.payload)
+            peer_id = PeerId(message.peer_id)
+        except (ProtocolError, ValueError) as exc:
+            raise RecordError(f"malformed libp2p peer record: {exc}") from None
+        if peer_id != signer:
+            raise RecordError(f"libp2p peer record of {peer_id} is signed by another key")
+        addrs: list[Multiaddr] = []
+        for data in message.addrs:
+            try:
+                addr = decode_multiaddr(data)
+            except (ProtocolError, MultiaddrError):
+                continue
+            if addr.peer_id in (None, peer_id) and len(addrs) < cls.MAX_ADDRS:
+                addrs.append(addr)
+        return cls(peer_id, message.seq, tuple(addrs))
 
     @classmethod
     def from_envelope(cls, envelope: Envelope) -> PeerRecord:

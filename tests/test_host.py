@@ -19,6 +19,7 @@ from sdcn_p2p.protocols import identify
 from sdcn_p2p.records import PeerRecord
 from sdcn_p2p.testing import all_tasks, open_memory_hosts, test_identity
 from sdcn_p2p.transport.memory import MemoryNetwork
+from sdcn_p2p.wire import multistream, noise
 
 ECHO = "/test/echo/1.0.0"
 SUM = "/test/sum/1.0.0"
@@ -353,15 +354,22 @@ async def test_closing_hosts_leaves_no_task_behind(autojump_clock) -> None:
 async def test_host_survives_garbage_from_a_raw_client(autojump_clock) -> None:
     network = MemoryNetwork()
     async with open_memory_hosts(2, network=network) as (a, b):
+        select_noise = multistream.Dialer(noise.PROTOCOL_ID).data_to_send()
         raw = await network.transport().dial(b.listen_addrs[0])
-        await raw.send_message(b"\x00" * 32)  # a low-order ephemeral key
+        await raw.send_message(b"\x00" * 32)  # not multistream-select
         with pytest.raises(trio.EndOfChannel):
             await raw.receive_message()  # b hung up
         await raw.aclose()
         raw = await network.transport().dial(b.listen_addrs[0])
-        await raw.send_message(os.urandom(32))
+        await raw.send_message(select_noise + noise.encode_frame(b"\x00" * 32))  # low-order key
+        with pytest.raises(trio.EndOfChannel):
+            while True:
+                await raw.receive_message()  # b's answer to /noise, then b hung up
+        await raw.aclose()
+        raw = await network.transport().dial(b.listen_addrs[0])
+        await raw.send_message(select_noise + noise.encode_frame(os.urandom(32)))
         await raw.receive_message()  # b's reply, whatever it is
-        await raw.send_message(b"not noise at all")
+        await raw.send_message(noise.encode_frame(b"not noise at all"))
         with pytest.raises(trio.EndOfChannel):
             await raw.receive_message()
         await raw.aclose()

@@ -1,4 +1,4 @@
-"""The wire format of ``/sdcn/kad/1.0.0``: one msgpack request and one response per stream.
+"""The wire format of ``/sdcn/kad/2.0.0``: one msgpack request and one response per stream.
 
 ::
 
@@ -46,7 +46,7 @@ __all__ = [
     "values_response",
 ]
 
-KAD = "/sdcn/kad/1.0.0"
+KAD = "/sdcn/kad/2.0.0"
 MAX_MESSAGE_SIZE = 4 * 1024 * 1024
 #: Most contacts in one answer, and most addresses per contact.
 MAX_CLOSER = 20

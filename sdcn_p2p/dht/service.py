@@ -1,4 +1,4 @@
-"""The DHT service: serves ``/sdcn/kad/1.0.0`` and drives lookups, puts and gets over a Host.
+"""The DHT service: serves ``/sdcn/kad/2.0.0`` and drives lookups, puts and gets over a Host.
 
 Only server-mode peers (reachable: they advertise addresses and serve KAD) enter routing
 tables; a client-mode Dht looks up, puts and gets, but serves nothing and is never added.

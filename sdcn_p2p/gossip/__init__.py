@@ -1,4 +1,4 @@
-"""Advert gossip over ``/sdcn/gossip/1.0.0``: a GossipSub-style mesh for one topic, adverts.
+"""Advert gossip over ``/sdcn/gossip/2.0.0``: a GossipSub-style mesh for one topic, adverts.
 
 Each peer keeps a mesh of about `GossipConfig.degree` connected peers that speak the protocol,
 made symmetric with GRAFT and PRUNE, and pushes every advert that is new to its AdvertCache to

@@ -1,4 +1,4 @@
-"""Gossip wire messages: msgpack maps on short-lived ``/sdcn/gossip/1.0.0`` streams. Pure.
+"""Gossip wire messages: msgpack maps on short-lived ``/sdcn/gossip/2.0.0`` streams. Pure.
 
 Each message is capped at `GossipConfig.max_message_size`::
 
@@ -37,7 +37,7 @@ __all__ = [
     "parse_message",
 ]
 
-GOSSIP = "/sdcn/gossip/1.0.0"
+GOSSIP = "/sdcn/gossip/2.0.0"
 #: Identify extension carrying `AdvertCache.digest_hash`.
 DIGEST_EXTENSION = "gossip/digest"
 

@@ -5,7 +5,7 @@
 - `images`: init and result images checked from their headers (Pillow), limits on them.
 - `receipts`: signed results: a provider's signature over the job's digest and its images'
   (`Receipt`), so that evidence of a wrong picture can travel. No I/O.
-- `protocol`: ``/sdcn/job/1.0.0``: its messages, `decode_reply`, and the client `request_job`.
+- `protocol`: ``/sdcn/job/2.0.0``: its messages, `decode_reply`, and the client `request_job`.
 
 The package exports the schema only, so that a backend imports it without the network; the
 protocol is `sdcn_p2p.jobs.protocol`.

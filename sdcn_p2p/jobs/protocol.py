@@ -1,10 +1,11 @@
-"""``/sdcn/job/1.0.0``: the job protocol between a gateway and a provider, and its client.
+"""``/sdcn/job/2.0.0``: the job protocol between a gateway and a provider, and its client.
 
 One stream per job. The client sends one message and never FIN: closing or resetting the
 stream cancels the job. The provider answers with any number of ``queued`` and ``progress``
 messages, then one ``result`` or ``error``::
 
-    client    {"type": "job", "job": JobRequest.to_wire(), "deadline": seconds left}
+    client    {"type": "job", "job": JobRequest.to_wire(), "deadline": seconds left,
+               "job_id": str (optional: the gateway's name for the job, for the logs)}
     provider  {"type": "queued", "position": jobs ahead of this one}
               {"type": "progress", "step": i, "total": n}
               {"type": "result", "images": [png bytes, ...],
@@ -12,8 +13,9 @@ messages, then one ``result`` or ``error``::
                "receipt": the provider's signature over the job and images (receipts.py)}
               {"type": "error", "code": JobErrorCode, "message": str}
 
-The job inside is validated as the schema says (`JobRequest.from_wire`). Unknown keys in a
-message envelope are ignored (room for metadata); unknown message types are refused.
+The job inside is validated as the schema says (`JobRequest.from_wire`), and so is a
+``job_id`` (`check_job_id`: 1 to 64 of ``[A-Za-z0-9._:-]``). Unknown keys in a message
+envelope are ignored (room for metadata); unknown message types are refused.
 Replies are decoded strictly and with bounds; anything malformed is a ProtocolError.
 """
 
@@ -36,6 +38,7 @@ from sdcn_p2p.jobs.schema import (
     JobResult,
     Progress,
     Queued,
+    check_job_id,
     check_number,
 )
 from sdcn_p2p.wire.messages import expect_map, pack
@@ -46,6 +49,7 @@ __all__ = [
     "decode_reply",
     "error_message",
     "job_message",
+    "parse_job_id",
     "parse_job_message",
     "progress_message",
     "queued_message",
@@ -53,7 +57,7 @@ __all__ = [
     "result_message",
 ]
 
-JOB = "/sdcn/job/1.0.0"
+JOB = "/sdcn/job/2.0.0"
 #: Cap on one message of the job protocol, in bytes.
 MAX_JOB_MESSAGE = 64 * 1024 * 1024
 _MAX_INFO_BYTES = 64 * 1024
@@ -74,20 +78,36 @@ _INFO_FIELDS: dict[str, type] = {
 # --- messages ----------------------------------------------------------------------------------
 
 
-def job_message(job: JobRequest, deadline: float) -> dict[str, Any]:
-    """The client's request: `job` to finish within `deadline` seconds (at most a day)."""
-    return {"type": "job", "job": job.to_wire(), "deadline": min(float(deadline), _MAX_DEADLINE)}
+def job_message(job: JobRequest, deadline: float, job_id: str | None = None) -> dict[str, Any]:
+    """The client's request: `job` to finish within `deadline` seconds (at most a day), named
+    `job_id` in the logs of both sides."""
+    message = {"type": "job", "job": job.to_wire(), "deadline": min(float(deadline), _MAX_DEADLINE)}
+    if job_id is not None:
+        message["job_id"] = check_job_id(job_id)
+    return message
 
 
 def parse_job_message(obj: Any) -> tuple[JobRequest, float]:
     """Return the job and its deadline (seconds from now) from a client's request.
 
-    Raises JobError("bad_request", ...). Decodes the init image: see `JobRequest`.
+    Raises JobError("bad_request", ...), for a malformed ``job_id`` too. Decodes the init
+    image: see `JobRequest`.
     """
     if not isinstance(obj, dict) or obj.get("type") != "job":
         raise JobError.bad_request("type", "the request must be a map of type 'job'")
     deadline = check_number("deadline", obj.get("deadline"), 0, _MAX_DEADLINE)
+    parse_job_id(obj)
     return JobRequest.from_wire(obj.get("job")), deadline
+
+
+def parse_job_id(obj: Any) -> str | None:
+    """The ``job_id`` of a client's request, None if it sent none.
+
+    Raises JobError("bad_request", "job_id: ...") for one that is not a job id.
+    """
+    if not isinstance(obj, dict) or obj.get("job_id") is None:
+        return None
+    return check_job_id(obj["job_id"])
 
 
 def queued_message(position: int) -> dict[str, Any]:
@@ -203,8 +223,11 @@ async def request_job(
     *,
     deadline: float,
     on_progress: Callable[[int, int], None] | None = None,
+    job_id: str | None = None,
 ) -> JobResult:
     """Run `job` on provider `peer` and return its images, within `deadline` seconds from now.
+
+    `job_id` travels with the job, so that the provider's log lines name it as ours do.
 
     `on_progress(step, total)` is called for each progress reply; queued replies are checked
     and dropped. Raises JobError with the provider's code for an error reply, or with "timeout"
@@ -220,7 +243,8 @@ async def request_job(
             async with stream:
                 try:
                     left = deadline - (trio.current_time() - start)
-                    result = await _exchange(stream, job_message(job, left), on_progress)
+                    message = job_message(job, left, job_id)
+                    result = await _exchange(stream, message, on_progress)
                 except BaseException:
                     stream.reset()
                     raise

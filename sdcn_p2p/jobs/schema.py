@@ -12,6 +12,7 @@ the sampler names jobs use: A1111's, which may end with a scheduler label
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -20,8 +21,10 @@ from sdcn_p2p.errors import JobError
 from sdcn_p2p.jobs.images import check_init_image
 
 __all__ = [
+    "JOB_ID_CHARS",
     "KINDS",
     "MAX_BATCH_SIZE",
+    "MAX_JOB_ID_CHARS",
     "MAX_LORAS",
     "MAX_PROMPT_CHARS",
     "MAX_SEED",
@@ -30,12 +33,18 @@ __all__ = [
     "JobResult",
     "Progress",
     "Queued",
+    "check_job_id",
     "check_number",
+    "new_job_id",
     "split_sampler",
     "type_name",
 ]
 
 KINDS = ("txt2img", "img2img")
+#: What a job id may hold (at most MAX_JOB_ID_CHARS of them): enough for a UUID, a ULID or a
+#: gateway's own ids with a part number, nothing that needs escaping in a log line.
+JOB_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-")
+MAX_JOB_ID_CHARS = 64
 MAX_BATCH_SIZE = 4
 MAX_LORAS = 8
 MAX_PROMPT_CHARS = 8000
@@ -160,6 +169,11 @@ class JobRequest:
     def cost(self) -> float:
         """Work in 512x512 steps: steps * batch_size * width * height / 512**2."""
         return self.steps * self.batch_size * self.pixels / (512 * 512)
+
+    @property
+    def megapixel_steps(self) -> float:
+        """Work in megapixel-steps (AI Horde's unit): steps * batch_size * pixels / 10**6."""
+        return self.steps * self.batch_size * self.pixels / 1e6
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +310,29 @@ def _integer(name: str, value: object, low: int, high: int, *, multiple: int = 1
         every = f"a multiple of {multiple} " if multiple > 1 else ""
         raise _bad(name, f"must be {every}from {low} to {high}, got {value}")
     return value
+
+
+def check_job_id(value: object) -> str:
+    """`value` if it is a job id: 1 to MAX_JOB_ID_CHARS of JOB_ID_CHARS.
+
+    Raises JobError("bad_request", "job_id: ...").
+    """
+    if type(value) is not str:
+        raise _bad("job_id", f"must be a string, got {type_name(value)}")
+    if not 1 <= len(value) <= MAX_JOB_ID_CHARS or not JOB_ID_CHARS.issuperset(value):
+        raise _bad(
+            "job_id",
+            f"must be 1 to {MAX_JOB_ID_CHARS} letters, digits or '._:-', got {value!r:.80}",
+        )
+    return value
+
+
+def new_job_id(rng: random.Random | None = None) -> str:
+    """A fresh job id: 16 hex digits drawn from `rng` (by default the system's randomness)."""
+    return f"{(rng or _SYSTEM_RANDOM).getrandbits(64):016x}"
+
+
+_SYSTEM_RANDOM = random.SystemRandom()
 
 
 def check_number(name: str, value: object, low: float, high: float) -> float:

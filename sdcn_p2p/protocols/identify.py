@@ -1,4 +1,4 @@
-"""``/sdcn/identify/1.0.0``: who a connected peer is and what it speaks.
+"""``/sdcn/identify/2.0.0``: who a connected SDCN peer is and what it speaks.
 
 On every new connection the dialler opens one identify stream and both sides send one
 message each, the dialler first: its signed PeerRecord (an Envelope), listen addresses, the
@@ -32,7 +32,7 @@ __all__ = [
     "parse_info",
 ]
 
-IDENTIFY = "/sdcn/identify/1.0.0"
+IDENTIFY = "/sdcn/identify/2.0.0"
 MAX_MESSAGE = 64 * 1024
 _MAX_LIST = 64
 MAX_TEXT = 128
@@ -46,6 +46,7 @@ class IdentifySnapshot:
     """What a peer announces about itself, as of one message (the Host builds it)."""
 
     envelope: Envelope  # its signed PeerRecord
+    libp2p_record: Envelope  # the same, sealed as libp2p does (for /ipfs/id/1.0.0)
     listen_addrs: tuple[Multiaddr, ...]
     protocols: tuple[str, ...]
     roles: tuple[str, ...]

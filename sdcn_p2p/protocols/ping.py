@@ -1,4 +1,5 @@
-"""``/sdcn/ping/1.0.0``: the initiator writes 32 random bytes, the responder echoes them."""
+"""``/ipfs/ping/1.0.0``, libp2p's ping: the initiator writes 32 random bytes, the responder
+echoes them, as often as the initiator likes on one stream."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ __all__ = [
     "ping_once",
 ]
 
-PING = "/sdcn/ping/1.0.0"
+PING = "/ipfs/ping/1.0.0"
 PAYLOAD_SIZE = 32
 MAX_MESSAGE = PAYLOAD_SIZE
 MAX_PINGS_PER_STREAM = 1000

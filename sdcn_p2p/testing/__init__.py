@@ -1,7 +1,8 @@
 """Test support shipped for anyone to use, like `trio.testing`.
 
 - `network` (re-exported here): in-memory networks of Hosts and Peers under MockClock,
-  deterministic identities, a transport that tampers with what it sends, and waiting helpers.
+  deterministic identities, a transport that tampers with what it sends, and waiting helpers;
+  and providers dialling a peer over real WebSockets on loopback.
 - `fakewebui`: a fake AUTOMATIC1111 webui speaking its HTTP API with its quirks (needs FastAPI,
   a core dependency); import it as ``sdcn_p2p.testing.fakewebui``.
 - `fakecomfyui`: a fake ComfyUI speaking its HTTP and WebSocket API with its quirks (its
@@ -12,6 +13,8 @@
   backend (needs the ``diffusers`` extra, imported when called); ``sdcn_p2p.testing.tinysd``.
 - `trust`: backends that add a device's jitter to pictures, or return wrong ones, for the
   gateway's spot checks; ``sdcn_p2p.testing.trust``.
+- `gated`: a test card whose jobs take each step only when the test allows it;
+  ``sdcn_p2p.testing.gated``.
 """
 
 from sdcn_p2p.testing.network import (
@@ -21,6 +24,7 @@ from sdcn_p2p.testing.network import (
     TamperingTransport,
     all_tasks,
     mock_wall_clock,
+    open_loopback_providers,
     open_memory_hosts,
     open_memory_peers,
     small_job,
@@ -35,6 +39,7 @@ __all__ = [
     "TamperingTransport",
     "all_tasks",
     "mock_wall_clock",
+    "open_loopback_providers",
     "open_memory_hosts",
     "open_memory_peers",
     "small_job",

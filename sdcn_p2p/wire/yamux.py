@@ -221,7 +221,9 @@ class YamuxSession:
 
     `is_client` is True on the dialling side (it opens odd stream ids). `window` is the receive
     window of each stream (at least `DEFAULT_WINDOW`; the excess is announced with SYN/ACK);
-    `max_window` caps the send window the remote may grant us.
+    `max_window` caps the send window the remote may grant us: by default the field's whole
+    range, as go-yamux and py-libp2p grow windows to 16 MiB by auto-tuning, and their
+    accounting can grant a little more.
     """
 
     def __init__(
@@ -230,7 +232,7 @@ class YamuxSession:
         is_client: bool,
         window: int = DEFAULT_WINDOW,
         max_inbound_streams: int = 256,
-        max_window: int = 16 * 1024 * 1024,
+        max_window: int = _MAX_U32,
     ) -> None:
         if not DEFAULT_WINDOW <= window <= max_window <= _MAX_U32:
             raise ValueError("need DEFAULT_WINDOW <= window <= max_window < 2**32")

@@ -6,6 +6,7 @@ import contextlib
 
 import httpx
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from bootstrap.node import open_bootstrap
 from sdcn_p2p.cli import build_parser, peer_config_from_args
@@ -20,7 +21,9 @@ def cli_config(*argv: str):
 
 async def test_advert_published_by_one_peer_reaches_every_cache() -> None:
     config = cli_config("--listen", "/ip4/127.0.0.1/tcp/0/ws")
-    async with open_bootstrap(test_identity(0), config, http="127.0.0.1:0") as node:
+    async with open_bootstrap(
+        test_identity(0), config, http="127.0.0.1:0", metrics="127.0.0.1:0"
+    ) as node:
         seed = node.peer.host.listen_addrs[0].with_peer_id(node.peer.peer_id)
         peer_config = cli_config("--listen", "/ip4/127.0.0.1/tcp/0/ws", "--bootstrap", str(seed))
         async with (
@@ -75,3 +78,16 @@ async def test_advert_published_by_one_peer_reaches_every_cache() -> None:
                 assert status["routing_table_size"] >= 4
                 assert status["adverts_held"] == 1
                 assert status["listen_addrs"] == [str(seed)]
+
+                # `sdcn bootstrap --metrics`: the same figures for Prometheus.
+                async with httpx.AsyncClient() as client:
+                    response = await client.get(node.metrics_urls[0])
+                found = {
+                    (s.name, tuple(s.labels.values())): s.value
+                    for f in text_string_to_metric_families(response.text)
+                    for s in f.samples
+                }
+                assert found[("sdcn_peer_connections", ("inbound",))] >= 4
+                assert found[("sdcn_dht_routing_table_peers", ())] >= 4
+                assert found[("sdcn_adverts_cached", ())] == 1
+                assert found[("sdcn_gossip_adverts_total", ("accepted",))] == 1

@@ -23,7 +23,7 @@ from PIL import Image
 from gateway.api import MAX_BODY, create_app
 from gateway.dispatch import DispatchResult
 from gateway.errors import AllBusy, DeadlinePassed, DispatchError, ProviderFailed, Rejected
-from gateway.node import Gateway
+from gateway.node import Gateway, open_gateway
 from gateway.spotcheck import open_spot_checker
 from sdcn_p2p.backends import JobOutput
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
@@ -80,7 +80,7 @@ async def gateway_network(
         ]
         for node in nodes:
             await wait_advert(peer, node)
-        gateway = Gateway(peer, default_model=default_model)
+        gateway = await stack.enter_async_context(open_gateway(peer, default_model=default_model))
         app = create_app(gateway)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
@@ -310,7 +310,7 @@ async def test_dispatch_errors_become_their_status(
             await trio.lowlevel.checkpoint()
             raise error(message)
 
-    net.gateway.dispatcher = Failing()  # type: ignore[assignment]
+    net.gateway.jobs.dispatcher = Failing()  # type: ignore[assignment]
     assert assert_error(await net.http.post("/txt2img", json=sdcn()), status) == message
     response = await net.http.post("/sdapi/v1/txt2img", json=a1111(n_iter=3, batch_size=4))
     assert assert_error(response, status) == message
@@ -323,7 +323,7 @@ async def test_info_a_provider_sends_is_made_json_safe(net: Net) -> None:
             info = {"seed": 1, "blob": b"\x00", "nan": float("nan"), "list": [1.5, b"x"]}
             return DispatchResult([png()], info)
 
-    net.gateway.dispatcher = Odd()  # type: ignore[assignment]
+    net.gateway.jobs.dispatcher = Odd()  # type: ignore[assignment]
     response = await net.http.post("/txt2img", json=sdcn())
     assert response.json()["info"] == {"seed": 1, "blob": None, "nan": None, "list": [1.5, None]}
 

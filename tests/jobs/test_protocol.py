@@ -1,4 +1,4 @@
-"""``/sdcn/job/1.0.0`` (sdcn_p2p.jobs.protocol): its messages and the client `request_job`."""
+"""``/sdcn/job/2.0.0`` (sdcn_p2p.jobs.protocol): its messages and the client `request_job`."""
 
 from __future__ import annotations
 
@@ -24,12 +24,14 @@ from sdcn_p2p.jobs.protocol import (
     decode_reply,
     error_message,
     job_message,
+    parse_job_id,
     parse_job_message,
     progress_message,
     queued_message,
     request_job,
     result_message,
 )
+from sdcn_p2p.jobs.schema import check_job_id, new_job_id
 from sdcn_p2p.testing import open_memory_hosts
 from sdcn_p2p.wire.messages import pack, unpack
 
@@ -94,10 +96,31 @@ def test_parse_job_message_returns_the_job_and_its_deadline() -> None:
         ("deadline", {"type": "job", "job": WIRE_TXT2IMG, "deadline": 1e9}),
         ("job", {"type": "job", "deadline": 1.0}),
         ("width", {"type": "job", "job": WIRE_TXT2IMG | {"width": 7}, "deadline": 1.0}),
+        ("job_id", {"type": "job", "job": WIRE_TXT2IMG, "deadline": 1.0, "job_id": 7}),
+        ("job_id", {"type": "job", "job": WIRE_TXT2IMG, "deadline": 1.0, "job_id": ""}),
+        ("job_id", {"type": "job", "job": WIRE_TXT2IMG, "deadline": 1.0, "job_id": "a" * 65}),
+        ("job_id", {"type": "job", "job": WIRE_TXT2IMG, "deadline": 1.0, "job_id": "a b"}),
+        ("job_id", {"type": "job", "job": WIRE_TXT2IMG, "deadline": 1.0, "job_id": "a\nb"}),
+        ("job_id", {"type": "job", "job": WIRE_TXT2IMG, "deadline": 1.0, "job_id": "é"}),
+        ("job_id", {"type": "job", "job": WIRE_TXT2IMG, "deadline": 1.0, "job_id": b"ab"}),
     ],
 )
 def test_parse_job_message_refuses_bad_requests(field: str, message: Any) -> None:
     refused(field, lambda: parse_job_message(message))
+
+
+def test_a_job_id_travels_with_the_job_and_is_optional() -> None:
+    job = JobRequest.from_wire(WIRE_TXT2IMG)
+    for job_id in ("7f3a09c2d1e4b588", "0b6e1c3a-5d7f-4e2a-9c8b-1a2b3c4d5e6f.3", "x" * 64):
+        message = over_the_wire(job_message(job, 5.0, job_id))
+        assert parse_job_id(message) == job_id
+        assert parse_job_message(message) == (job, 5.0)
+    assert "job_id" not in job_message(job, 5.0)
+    assert parse_job_id(over_the_wire(job_message(job, 5.0))) is None
+    with pytest.raises(JobError, match="job_id"):
+        job_message(job, 5.0, "no spaces")
+    assert len({new_job_id() for _ in range(100)}) == 100
+    assert all(len(check_job_id(new_job_id())) == 16 for _ in range(10))
 
 
 def test_replies_built_by_the_provider_decode_on_the_client() -> None:

@@ -21,7 +21,7 @@ from bootstrap.node import open_bootstrap
 from gateway.api import create_app
 from gateway.dispatch import Dispatcher, DispatchResult, GatewayConfig
 from gateway.errors import AllBusy, DeadlinePassed, DispatchError
-from gateway.node import Gateway
+from gateway.node import Gateway, open_gateway
 from sdcn_p2p.backends import Backend, JobOutput
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.connection import Stream
@@ -485,8 +485,9 @@ async def test_all_providers_full_queues_then_is_a_quick_503_with_retry_after_an
             return await real_get(key)
 
         net.gateway.dht.get = counted_get  # type: ignore[method-assign]
-        gateway = Gateway(net.gateway, GatewayConfig(max_waiting=2), rng=random.Random(4))
-        statuses = await post_at_once(create_app(gateway), count=12, steps=40)
+        config = GatewayConfig(max_waiting=2)
+        async with open_gateway(net.gateway, config, rng=random.Random(4)) as gateway:
+            statuses = await post_at_once(create_app(gateway), count=12, steps=40)
         codes = sorted(code for code, *_ in statuses)
         assert codes == [200] * 6 + [503] * 6
         for code, took, body, headers in statuses:
@@ -507,8 +508,8 @@ async def test_a_job_that_could_not_start_in_its_wait_is_a_503_at_once_saying_wh
     slow = TestcardConfig(models=("card",), speed=0.5)
     async with open_net() as net:
         await net.start(1, TestcardBackend(slow), config=ProviderConfig(slots=1, max_queue=0))
-        app = create_app(Gateway(net.gateway, rng=random.Random(4)))
-        answers = await post_at_once(app, count=6, steps=150, stagger=0.01)
+        async with open_gateway(net.gateway, rng=random.Random(4)) as gateway:
+            answers = await post_at_once(create_app(gateway), count=6, steps=150, stagger=0.01)
         assert sorted(code for code, *_ in answers) == [200] * 4 + [503] * 2
         refusals = [(took, headers) for code, took, _, headers in answers if code == 503]
         assert all(took < 0.1 and headers["retry-after"] == "19" for took, headers in refusals)

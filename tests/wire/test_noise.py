@@ -13,25 +13,31 @@ from hypothesis import strategies as st
 
 from sdcn_p2p.errors import HandshakeError, LocalProtocolError, ProtocolError, RemoteProtocolError
 from sdcn_p2p.identity import Identity, PeerId
+from sdcn_p2p.wire.libp2p import NoiseHandshakePayload
 from sdcn_p2p.wire.noise import (
     MAX_MESSAGE,
     MAX_PLAINTEXT,
     PROTOCOL_NAME,
+    FrameDecoder,
     NoiseCredentials,
     NoiseHandshake,
     NoiseTransport,
     _CipherState,
-    _decode_payload,
-    _encode_payload,
     _HandshakeState,
     _hkdf,
     _public_bytes,
+    encode_frame,
 )
 
 ALICE = Identity.from_seed(bytes(range(32)))
 BOB = Identity.from_seed(bytes(range(1, 33)))
 MALLORY = Identity.from_seed(bytes(range(2, 34)))
 SIG_PREFIX = b"noise-libp2p-static-key:"
+
+
+def _encode_payload(identity_key: bytes, identity_sig: bytes) -> bytes:
+    return NoiseHandshakePayload(identity_key, identity_sig).encode()
+
 
 Tamper = Callable[[int, bytes], bytes]
 
@@ -490,9 +496,9 @@ def test_initiator_rejects_arbitrary_second_messages(message: bytes) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=200))
-def test_payload_decoder_only_raises_handshake_error(data: bytes) -> None:
-    with contextlib.suppress(HandshakeError):
-        _decode_payload(data)
+def test_payload_decoder_only_raises_remote_protocol_error(data: bytes) -> None:
+    with contextlib.suppress(RemoteProtocolError):
+        NoiseHandshakePayload.decode(data)
 
 
 @settings(max_examples=50, deadline=None)
@@ -502,3 +508,48 @@ def test_transport_round_trips_any_sequence(messages: list[tuple[bool, bytes]]) 
     for to_server, data in messages:
         sender, receiver = (client, server) if to_server else (server, client)
         assert receiver.decrypt(sender.encrypt(data)) == data
+
+
+# --- framing and the muxers offered in the handshake ---------------------------------------------
+
+
+def test_frames_carry_a_two_byte_big_endian_length() -> None:
+    assert encode_frame(b"abc") == b"\x00\x03abc"
+    assert encode_frame(bytes(MAX_MESSAGE))[:2] == b"\xff\xff"
+    with pytest.raises(ValueError):
+        encode_frame(bytes(MAX_MESSAGE + 1))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.binary(max_size=300), max_size=8), st.integers(1, 50))
+def test_frames_round_trip_in_any_pieces(messages: list[bytes], piece: int) -> None:
+    stream = b"".join(encode_frame(m) for m in messages)
+    decoder = FrameDecoder()
+    out = []
+    for start in range(0, len(stream), piece):
+        decoder.feed(stream[start : start + piece])
+        while (frame := decoder.next_frame()) is not None:
+            out.append(frame)
+    assert out == messages
+    assert decoder.buffered == 0
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs", "agreed"),
+    [
+        (("/yamux/1.0.0",), ("/yamux/1.0.0",), "/yamux/1.0.0"),
+        (("/mplex/6.7.0", "/yamux/1.0.0"), ("/yamux/1.0.0", "/mplex/6.7.0"), "/mplex/6.7.0"),
+        (("/yamux/1.0.0",), (), None),
+        ((), ("/yamux/1.0.0",), None),
+        (("/yamux/1.0.0",), ("/mplex/6.7.0",), None),
+    ],
+)
+def test_the_muxer_is_the_initiators_first_choice_both_offered(
+    ours: tuple[str, ...], theirs: tuple[str, ...], agreed: str | None
+) -> None:
+    initiator = NoiseHandshake(NoiseCredentials(ALICE, stream_muxers=ours), initiator=True)
+    responder = NoiseHandshake(NoiseCredentials(BOB, stream_muxers=theirs), initiator=False)
+    responder.read_message(initiator.write_message())
+    initiator.read_message(responder.write_message())
+    responder.read_message(initiator.write_message())
+    assert initiator.agreed_muxer == responder.agreed_muxer == agreed
