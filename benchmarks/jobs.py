@@ -133,6 +133,7 @@ class InstantDispatcher:
         *,
         deadline: float | None = None,
         on_event: Any = None,
+        verify: bool = False,
         job_id: str | None = None,
     ) -> list[DispatchResult]:
         await trio.lowlevel.checkpoint()

@@ -33,6 +33,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 
 from sdcn_p2p.adverts import AdvertCache
 from sdcn_p2p.identity import PeerId
@@ -103,8 +104,9 @@ class ProviderDirectory:
     whether the gateway excluded a provider (`gateway.trust.TrustLedger.is_excluded`): such a
     provider is no candidate, like a banned one. `limit(peer)`, if given, caps this gateway's
     jobs in flight there further (None: no further cap; a spot checker sets it to
-    `TrustLedger.in_flight_limit`). Times
-    (`now`, ban ends) are wall-clock seconds, as `Peer.wall_clock` reads them.
+    `TrustLedger.in_flight_limit`), for a job that another provider could run too (and so
+    check): the only provider of a job is never held to it. Times (`now`, ban ends) are
+    wall-clock seconds, as `Peer.wall_clock` reads them.
     """
 
     def __init__(
@@ -134,7 +136,8 @@ class ProviderDirectory:
         self, job: JobRequest, now: float, *, exclude: Collection[PeerId] = ()
     ) -> list[Candidate]:
         """The providers that can run `job` now, soonest first."""
-        adverts = [a for a in self._capable(job, now, exclude) if not self._full(a, now)]
+        limited = self._limited(job, now)
+        adverts = [a for a in self._capable(job, now, exclude) if not self._full(a, now, limited)]
         proven_speeds = [self._speed(a) for a in adverts if a.peer_id in self._proven]
         cap = max(proven_speeds, default=None)
         found = [self._candidate(advert, job, cap) for advert in adverts]
@@ -145,7 +148,8 @@ class ProviderDirectory:
         """Whether providers could run `job` but every one is full for now (held back after
         answering busy, or running all of our jobs it takes): a job worth queueing for."""
         capable = list(self._capable(job, now, exclude))
-        return bool(capable) and all(self._full(advert, now) for advert in capable)
+        limited = self._limited(job, now)
+        return bool(capable) and all(self._full(advert, now, limited) for advert in capable)
 
     def capable(
         self, job: JobRequest, now: float, *, exclude: Collection[PeerId] = ()
@@ -167,11 +171,15 @@ class ProviderDirectory:
             ):
                 yield advert
 
-    def _full(self, advert: Advert, now: float) -> bool:
+    def _limited(self, job: JobRequest, now: float) -> bool:
+        """Whether `limit` holds for `job`: there is one, and two providers could run it."""
+        return self.limit is not None and len(list(islice(self._capable(job, now, ()), 2))) > 1
+
+    def _full(self, advert: Advert, now: float, limited: bool) -> bool:
         room = MAX_IN_FLIGHT
         if advert.max_queue is not None:  # more of ours than it holds would meet busy
             room = min(room, advert.slots + advert.max_queue)
-        if self.limit is not None and (limit := self.limit(advert.peer_id)) is not None:
+        if limited and self.limit is not None and (limit := self.limit(advert.peer_id)) is not None:
             room = min(room, limit)
         return self._held(advert, now) or self._in_flight.get(advert.peer_id, 0) >= room
 

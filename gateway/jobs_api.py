@@ -102,7 +102,12 @@ class JobStatusBody(BaseModel):
     started_at: float | None
     finished_at: float | None
     images: list[str] | None = Field(None, description="Base64 PNG images, once done")
-    info: dict[str, Any] | None = Field(None, description="As /txt2img gives it, once done")
+    info: dict[str, Any] | None = Field(
+        None,
+        description="As /txt2img gives it, once done; spot_check changes from 'scheduled' to "
+        "the check's outcome when it ends (spot_check_detail says more)",
+    )
+    verify: bool = Field(description="Whether the client asked that a second provider agree")
     error: JobFailure | None = Field(None, description="Why it failed, once failed")
 
 
@@ -232,6 +237,7 @@ def state_json(state: JobState) -> dict[str, Any]:
         "created_at": state.created_at,
         "started_at": state.started_at,
         "finished_at": state.finished_at,
+        "verify": state.verify,
     }
     if state.status is JobStatus.DONE and state.info is not None:
         body["info"] = json_safe(state.info)

@@ -49,7 +49,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -82,6 +82,9 @@ from sdcn_p2p._config import require, require_at_least, require_positive
 from sdcn_p2p._util import open_service_nursery
 from sdcn_p2p.jobs import MAX_SEED, JobRequest
 from sdcn_p2p.records import Advert, normalize_model_name
+
+if TYPE_CHECKING:
+    from gateway.spotcheck import SpotCheck
 
 __all__ = [
     "EventFeed",
@@ -217,6 +220,7 @@ class JobState:
     images: list[bytes] | None = field(default=None, repr=False)  # done, when asked for
     info: dict[str, Any] | None = None  # done
     error: BaseException | None = None  # failed: a gateway.errors type
+    verify: bool = False  # the client asked that a second provider agree first
 
 
 @dataclass(frozen=True, slots=True)
@@ -717,6 +721,7 @@ class JobService:
             job.results = outcome
             images = [png for result in outcome for png in result.images]
             job.log("done", {"images": images, "info": outcome[0].info})
+            self._follow_check(job, outcome)
         elif status == "failed":
             job.error = outcome
             job.log("failed", {"error": outcome})
@@ -733,6 +738,20 @@ class JobService:
             job.attempts,
             (job.record.finished_at - job.record.created_at) * 1000,
         )
+
+    def _follow_check(self, job: Job, results: list[DispatchResult]) -> None:
+        """When the background spot check of the job's (first) result ends, its outcome goes
+        into the job's info (``spot_check``, ``spot_check_detail``), in memory and stored."""
+        check = results[0].check
+        if check is None or check.status.final:
+            return
+
+        def checked(check: SpotCheck) -> None:
+            detail = {"spot_check": str(check.status), "spot_check_detail": check.detail}
+            results[0] = replace(results[0], info={**results[0].info, **detail})
+            self._store.update_nowait(job.id, info=results[0].info)
+
+        check.subscribe(checked)
 
     def _forget(self, job: Job) -> None:
         """Drop an ended job from memory (followers keep their reference)."""
@@ -879,6 +898,7 @@ class JobService:
             images=[png for r in job.results for png in r.images] if job.results else None,
             info=job.results[0].info if job.results else None,
             error=job.error,
+            verify=record.verify,
         )
 
     def _stored_state(self, record: JobRecord, images: list[bytes] | None) -> JobState:
@@ -902,6 +922,7 @@ class JobService:
             images=images,
             info=record.info,
             error=_error(record) if record.status == "failed" else None,
+            verify=record.verify,
         )
 
     @staticmethod

@@ -6,9 +6,11 @@
 - `RequestCounter`: ASGI middleware counting HTTP requests by API and status.
 - `instrument_gateway`: gauges read at each scrape: jobs waiting and running, providers by
   state.
+- `instrument_trust`: the spot checks' counts (by outcome, re-runs, strikes, exclusions),
+  providers excluded now, and fraud reports by event, read at each scrape.
 
-Label values are fixed sets: `ATTEMPT_OUTCOMES`, `JOB_STATUSES`, `APIS`, `PROVIDER_STATES`
-and HTTP status codes.
+Label values are fixed sets: `ATTEMPT_OUTCOMES`, `JOB_STATUSES`, `APIS`, `PROVIDER_STATES`,
+`CHECK_OUTCOMES`, `REPORT_EVENTS` and HTTP status codes.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from gateway.errors import (
     AllBusy,
@@ -35,16 +37,21 @@ from sdcn_p2p.records import AdvertState, Role
 if TYPE_CHECKING:
     from gateway.directory import ProviderDirectory
     from gateway.dispatch import Dispatcher
+    from gateway.reports import FraudReports
+    from gateway.spotcheck import SpotChecker
 
 __all__ = [
     "APIS",
     "ATTEMPT_OUTCOMES",
+    "CHECK_OUTCOMES",
     "JOB_STATUSES",
     "PROVIDER_STATES",
+    "REPORT_EVENTS",
     "DispatchMetrics",
     "RecentWork",
     "RequestCounter",
     "instrument_gateway",
+    "instrument_trust",
     "job_status",
 ]
 
@@ -69,6 +76,21 @@ APIS = ("sdcn", "a1111", "jobs", "other")
 #: answering busy or full by its advert ("busy"), banned after failing ("banned"), or as
 #: its advert says ("draining", "unavailable").
 PROVIDER_STATES = ("online", "busy", "banned", "draining", "unavailable")
+#: How a spot check ended (`gateway.spotcheck.TrustStats.outcomes`).
+CHECK_OUTCOMES = ("passed", "failed", "upheld", "unsettled", "unavailable", "skipped")
+#: What happened to fraud reports (`gateway.reports.ReportStats`): ours published, pushes
+#: sent, received, and how each received one ended.
+REPORT_EVENTS = (
+    "published",
+    "sent",
+    "received",
+    "rate_limited",
+    "rejected",
+    "ignored",
+    "confirmed",
+    "refuted",
+    "unconfirmed",
+)
 #: Seconds of finished work `GET /v1/status` sums up.
 RECENT_WINDOW = 60
 
@@ -182,6 +204,61 @@ def instrument_gateway(
         return [family]
 
     metrics.add_collector("gateway_providers", providers)
+
+
+def instrument_trust(
+    metrics: Metrics,
+    checker: SpotChecker,
+    reports: FraudReports | None,
+    wall_clock: Callable[[], float],
+) -> None:
+    """Add what `checker` and `reports` count, read at each scrape (see the module
+    docstring)."""
+
+    def collect() -> list[Metric]:
+        stats = checker.stats
+        checks = CounterMetricFamily(
+            "sdcn_gateway_spot_checks",
+            "Spot checks of clients' jobs (and verifications) by outcome",
+            labels=["outcome"],
+        )
+        outcomes = stats.outcomes()
+        for outcome in CHECK_OUTCOMES:
+            checks.add_metric([outcome], outcomes[outcome])
+        found = [
+            checks,
+            CounterMetricFamily(
+                "sdcn_gateway_check_reruns",
+                "Jobs run again on another provider to check a picture (second and third opinions)",
+                value=stats.reruns + stats.arbitrations,
+            ),
+            CounterMetricFamily(
+                "sdcn_gateway_strikes",
+                "Strikes given to providers found drawing wrong pictures",
+                value=stats.strikes,
+            ),
+            CounterMetricFamily(
+                "sdcn_gateway_exclusions",
+                "Providers excluded for wrong pictures",
+                value=stats.exclusions,
+            ),
+            GaugeMetricFamily(
+                "sdcn_gateway_providers_excluded",
+                "Providers this gateway excludes now for wrong pictures",
+                value=checker.ledger.excluded(wall_clock()),
+            ),
+        ]
+        if reports is not None:
+            family = CounterMetricFamily(
+                "sdcn_gateway_fraud_reports", "Fraud reports, by event", labels=["event"]
+            )
+            counts = reports.stats.counts()
+            for event in REPORT_EVENTS:
+                family.add_metric([event], counts[event])
+            found.append(family)
+        return found
+
+    metrics.add_collector("gateway_trust", collect)
 
 
 def provider_states(directory: ProviderDirectory, now: float) -> dict[str, int]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import trio
@@ -25,7 +25,7 @@ from gateway.catalog import Catalog
 from gateway.directory import ProviderDirectory
 from gateway.dispatch import Dispatcher, GatewayConfig, LocalRunner
 from gateway.jobservice import JobsConfig, JobService, open_job_service
-from gateway.metrics import instrument_gateway
+from gateway.metrics import instrument_gateway, instrument_trust
 from gateway.reports import FraudReports, ReportConfig, open_fraud_reports
 from gateway.spotcheck import SpotChecker, open_spot_checker
 from gateway.trust import TrustConfig, TrustLedger
@@ -120,6 +120,25 @@ class Gateway:
             "megapixel_steps_queued": round(dispatcher.queued_megapixel_steps, 3),
             "megapixel_steps_last_minute": round(work, 3),
             "images_last_minute": images,
+            "trust": self.trust_status(),
+        }
+
+    def trust_status(self) -> dict[str, Any] | None:
+        """What the spot checks cost and found, and who is excluded; None when this gateway
+        checks nothing."""
+        checker = self.checker
+        if checker is None:
+            return None
+        stats = checker.stats
+        return {
+            "providers_excluded": self.trust.excluded(self.wall_clock()),
+            "checks_running": checker.running,
+            "jobs_seen": stats.jobs,
+            "checks": stats.outcomes(),
+            "strikes": stats.strikes,
+            "exclusions": stats.exclusions,
+            "extra_compute": round(stats.extra_compute, 4),
+            "fraud_reports": None if self.reports is None else self.reports.stats.counts(),
         }
 
     async def advertise(self) -> None:
@@ -155,12 +174,13 @@ async def open_gateway(
     default_model: str | None = None,
     provider: Provider | None = None,
     rng: random.Random | None = None,
-    trust: TrustConfig = TrustConfig(),
+    trust: TrustConfig | None = TrustConfig(),
     reports: ReportConfig = ReportConfig(),
     jobs: JobsConfig = JobsConfig(),
 ) -> AsyncIterator[Gateway]:
     """Run the gateway role on `peer`, serving the HTTP API on `http` (``HOST:PORT``) if given,
-    spot-checking its jobs (`trust`) and exchanging fraud reports (`reports`).
+    spot-checking its jobs (`trust`) and exchanging fraud reports (`reports`); with `trust`
+    None it checks nothing (and takes no reports): each job runs once.
 
     With `provider` (the peer is a provider too) jobs may run on it in-process, and its
     advert carries the gateway role, so the gateway publishes none of its own. `jobs` says
@@ -168,16 +188,30 @@ async def open_gateway(
     ConfigError if the HTTP address cannot be bound or the data dir cannot be used.
     """
     local = provider.run_job if provider is not None else None
-    gateway = Gateway(peer, config, default_model=default_model, rng=rng, local=local, trust=trust)
-    async with (
-        open_spot_checker(gateway.dispatcher, gateway.trust, rng=rng) as checker,
-        open_fraud_reports(peer, checker, reports, rng=rng) as fraud_reports,
-        open_job_service(
-            gateway.dispatcher, gateway.directory, jobs, wall_clock=peer.wall_clock, rng=rng
-        ) as gateway.jobs,
-        open_service_nursery() as nursery,
-    ):
-        gateway.checker, gateway.reports = checker, fraud_reports
+    gateway = Gateway(
+        peer,
+        config,
+        default_model=default_model,
+        rng=rng,
+        local=local,
+        trust=trust or TrustConfig(),
+    )
+    async with AsyncExitStack() as stack:
+        if trust is not None:
+            checker = await stack.enter_async_context(
+                open_spot_checker(gateway.dispatcher, gateway.trust, rng=rng)
+            )
+            gateway.checker = checker
+            gateway.reports = await stack.enter_async_context(
+                open_fraud_reports(peer, checker, reports, rng=rng)
+            )
+            instrument_trust(gateway.metrics, checker, gateway.reports, peer.wall_clock)
+        gateway.jobs = await stack.enter_async_context(
+            open_job_service(
+                gateway.dispatcher, gateway.directory, jobs, wall_clock=peer.wall_clock, rng=rng
+            )
+        )
+        nursery = await stack.enter_async_context(open_service_nursery())
         if provider is None:
             nursery.start_soon(gateway.advertise)
         if http is not None:

@@ -4,7 +4,7 @@
   provider's on the same peer), in the text format, or OpenMetrics when asked for.
 - ``GET /v1/status``: a summary in JSON, like AI Horde's performance endpoint: providers and
   models online, jobs waiting and running, work queued and done in the last minute, uptime,
-  version.
+  version, and the spot checks' counts and exclusions (``trust``).
 """
 
 from __future__ import annotations
@@ -15,9 +15,25 @@ from pydantic import BaseModel, Field
 
 from gateway.http import error_response, services
 
-__all__ = ["Status", "router"]
+__all__ = ["Status", "TrustStatus", "router"]
 
 router = APIRouter()
+
+
+class TrustStatus(BaseModel):
+    providers_excluded: int = Field(description="Providers excluded now for wrong pictures")
+    checks_running: int = Field(description="Spot checks running in the background now")
+    jobs_seen: int = Field(description="Clients' jobs the checker saw")
+    checks: dict[str, int] = Field(
+        description="Checks by outcome: passed, failed, upheld, unsettled, unavailable, skipped"
+    )
+    strikes: int
+    exclusions: int
+    extra_compute: float = Field(description="Work spent on checks / work done for clients")
+    fraud_reports: dict[str, int] | None = Field(
+        description="published, sent, received, rate_limited, rejected, ignored, confirmed, "
+        "refuted, unconfirmed"
+    )
 
 
 class Status(BaseModel):
@@ -33,6 +49,9 @@ class Status(BaseModel):
     )
     megapixel_steps_last_minute: float = Field(description="Work finished in the last 60 s")
     images_last_minute: int = Field(description="Images returned in the last 60 s")
+    trust: TrustStatus | None = Field(
+        description="Spot checks and exclusions (README, Trust); null if this gateway checks none"
+    )
 
 
 @router.get("/v1/status", tags=["operate"], response_model=Status)

@@ -97,6 +97,10 @@ class ReportStats:
     refuted: int = 0  # our re-run matched it: the report was false
     unconfirmed: int = 0  # nobody could re-run the job
 
+    def counts(self) -> dict[str, int]:
+        """Each counter by name (`gateway.metrics.REPORT_EVENTS`)."""
+        return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+
     @property
     def handled(self) -> int:
         """Reports received and done with, whichever way."""

@@ -15,7 +15,9 @@ gateway that sent all its jobs to one provider gets to check it). When no other 
 could run the job at all, it is not checked, and counted.
 
 A client that asks for ``verify`` gets its answer only after the second provider agreed (and,
-if it did not, the picture two of three providers drew, or none). The jobs of a provider with
+if it did not, the picture two of three providers drew, or none): ``info["verified"]``,
+``info["verification"]`` (how, or why not) and ``info["verified_by"]`` (the peer ids of the
+providers that drew the same picture as the one that answered). The jobs of a provider with
 fewer than `TrustConfig.verify_first` clean checks (a newcomer, or one struck since) are
 verified so too, before the answer, and it gets one job at a time meanwhile
 (`TrustLedger.in_flight_limit`): a liar's pictures stop at its first jobs, and a struck one's
@@ -140,6 +142,20 @@ class TrustStats:
     strikes: int = 0
     exclusions: int = 0
 
+    def outcomes(self) -> dict[str, int]:
+        """Checks by outcome (`gateway.metrics.CHECK_OUTCOMES`): a second provider agreed
+        (passed); the provider checked (failed) or the checker (upheld) was the odd one out;
+        no verdict (unsettled); nobody else could run the job (unavailable); too many checks
+        running (skipped)."""
+        return {
+            "passed": self.passed,
+            "failed": self.failed,
+            "upheld": self.upheld,
+            "unsettled": self.unsettled,
+            "unavailable": self.unchecked,
+            "skipped": self.skipped,
+        }
+
     @property
     def extra_compute(self) -> float:
         """Work spent on checks, as a fraction of the work done for clients."""
@@ -164,6 +180,7 @@ class _Settlement:
     detail: str
     answer: DispatchResult  # the picture to answer with
     verified: bool
+    agreed: tuple[PeerId, ...] = ()  # providers that drew `answer`'s picture besides its own
 
 
 async def fingerprints(images: Sequence[bytes]) -> list[Fingerprint]:
@@ -265,7 +282,11 @@ class SpotChecker:
         answer = settled.answer
         info = {**answer.info, "spot_check": str(settled.status)}
         if asked:
-            info.update(verified=settled.verified, verification=settled.detail)
+            info.update(
+                verified=settled.verified,
+                verification=settled.detail,
+                verified_by=[str(peer) for peer in settled.agreed],
+            )
         return replace(answer, info=info, check=check)
 
     # --- settling --------------------------------------------------------------------------
@@ -289,7 +310,7 @@ class SpotChecker:
             self.ledger.passed(p)
             stats.passed += 1
             return _Settlement(
-                CheckStatus.PASSED, f"{q.short()} drew the same picture", first, True
+                CheckStatus.PASSED, f"{q.short()} drew the same picture", first, True, (q,)
             )
         self.ledger.dispute(p)  # no jobs for it until this is settled
         try:
@@ -318,18 +339,18 @@ class SpotChecker:
             self.ledger.passed(q)
             self._strike(job, first, (second, third), apart)
             detail = f"{p.short()} drew another picture than {q.short()} and {r.short()}"
-            return _Settlement(CheckStatus.FAILED, detail, second, True)
+            return _Settlement(CheckStatus.FAILED, detail, second, True, (r,))
         if p_ok and not q_ok:
             stats.upheld += 1
             self.ledger.passed(p)
             self._strike(job, second, (first, third), apart)
             detail = f"{r.short()} drew the same picture; {q.short()} did not"
-            return _Settlement(CheckStatus.UPHELD, detail, first, True)
+            return _Settlement(CheckStatus.UPHELD, detail, first, True, (r,))
         if p_ok and q_ok:  # both within jitter of the third: no lie
             stats.passed += 1
             self.ledger.passed(p)
             detail = f"{r.short()} drew a picture close to both {p.short()}'s and {q.short()}'s"
-            return _Settlement(CheckStatus.PASSED, detail, first, True)
+            return _Settlement(CheckStatus.PASSED, detail, first, True, (r,))
         stats.unsettled += 1
         detail = f"not verified: {p.short()}, {q.short()} and {r.short()} drew three pictures"
         return _Settlement(CheckStatus.UNSETTLED, detail, first, False)

@@ -212,6 +212,10 @@ class TrustLedger:
             self.exclusion(peer, now),
         )
 
+    def excluded(self, now: float) -> int:
+        """How many providers are excluded at wall time `now`."""
+        return sum(now < record.excluded_until for record in self._records.values())
+
     def __len__(self) -> int:
         return len(self._records)
 

@@ -90,7 +90,7 @@ async def gateway_network(
         ]
         for node in nodes:
             await wait_advert(gateway_peer, node, lambda a: a.state == "online")
-        gateway = await stack.enter_async_context(open_gateway(gateway_peer))
+        gateway = await stack.enter_async_context(open_gateway(gateway_peer, trust=None))
         for node in nodes:  # every RTT known, so that the choice of provider is by speed alone
             await gateway_peer.host.ping(node.peer_id)
         transport = httpx.ASGITransport(app=create_app(gateway))

@@ -50,7 +50,7 @@ async def network(
             )
         for node in nodes:
             await wait_advert(peer, node)
-        gateway = await stack.enter_async_context(open_gateway(peer))
+        gateway = await stack.enter_async_context(open_gateway(peer, trust=None))
         transport = httpx.ASGITransport(app=create_app(gateway))
         async with httpx.AsyncClient(
             transport=transport, base_url="http://gateway", timeout=None
