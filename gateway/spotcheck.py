@@ -219,6 +219,7 @@ class SpotChecker:
         self._nursery = nursery
         self._rng = rng or random.Random()
         self._running = 0
+        self._idle = trio.lowlevel.ParkingLot()
 
     @property
     def directory(self) -> ProviderDirectory:
@@ -228,6 +229,11 @@ class SpotChecker:
     def running(self) -> int:
         """Background checks running now."""
         return self._running
+
+    async def wait_idle(self) -> None:
+        """Return once no background check runs (at once if none does)."""
+        while self._running:
+            await self._idle.park()
 
     async def __call__(
         self, job: JobRequest, result: DispatchResult, *, verify: bool
@@ -269,9 +275,11 @@ class SpotChecker:
     ) -> None:
         try:
             settled = await self._settle(job, result)
+            check.finish(settled.status, settled.detail)
         finally:
             self._running -= 1
-        check.finish(settled.status, settled.detail)
+            if not self._running:
+                self._idle.unpark_all()
 
     async def _verify(
         self, job: JobRequest, result: DispatchResult, *, asked: bool

@@ -24,6 +24,7 @@ from gateway.api import MAX_BODY, create_app
 from gateway.dispatch import DispatchResult
 from gateway.errors import AllBusy, DeadlinePassed, DispatchError, ProviderFailed, Rejected
 from gateway.node import Gateway, open_gateway
+from gateway.trust import TrustConfig
 from sdcn_p2p.backends import JobOutput
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.jobs import JobRequest
@@ -65,7 +66,9 @@ class Net:
 
 @asynccontextmanager
 async def gateway_network(
-    *backends: TestcardBackend, default_model: str | None = None
+    *backends: TestcardBackend,
+    default_model: str | None = None,
+    trust: TrustConfig | None = TrustConfig(),
 ) -> AsyncIterator[Net]:
     """Peer 0 is the gateway; one test-card provider per backend after it."""
     backends = backends or tuple(TestcardBackend(card) for card in CARDS)
@@ -79,7 +82,9 @@ async def gateway_network(
         ]
         for node in nodes:
             await wait_advert(peer, node)
-        gateway = await stack.enter_async_context(open_gateway(peer, default_model=default_model))
+        gateway = await stack.enter_async_context(
+            open_gateway(peer, default_model=default_model, trust=trust)
+        )
         app = create_app(gateway)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
@@ -703,3 +708,50 @@ async def test_an_excluded_provider_shows_why_on_the_providers_list(net: Net) ->
     for seed in range(4):
         answer = (await net.http.post("/txt2img", json=sdcn(seed=seed))).json()
         assert answer["info"]["provider"] == str(net.nodes[1].peer_id)
+
+
+async def finished(net: Net, job_id: str) -> dict[str, Any]:
+    """The state of async job `job_id` once it has ended."""
+    feed = await net.gateway.jobs.events(job_id)
+    try:
+        async for event in feed:
+            if event is not None and event.terminal:
+                break
+    finally:
+        feed.close()
+    response = await net.http.get(f"/v1/jobs/{job_id}")
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def test_an_async_job_with_verify_says_who_verified_it(net: Net) -> None:
+    for node in net.nodes:  # both ran jobs for this gateway before
+        net.gateway.directory.succeeded(node.peer_id)
+    job = {**sdcn(verify=True), "kind": "txt2img"}
+    accepted = await net.http.post("/v1/jobs", json=job)
+    assert accepted.status_code == 202, accepted.text
+    state = await finished(net, accepted.json()["id"])
+    assert state["status"] == "done" and state["verify"] is True
+    info = state["info"]
+    assert info["verified"] is True and info["spot_check"] == "passed"
+    ids = {str(node.peer_id) for node in net.nodes}
+    assert info["verified_by"] == list(ids - {info["provider"]})
+    assert sum(p.jobs_done for p in net.providers) == 2
+    bad = await net.http.post("/v1/jobs", json={**job, "verify": "yes"})
+    assert bad.status_code == 400 and bad.json()["msg"].startswith("verify: must be a boolean")
+
+
+async def test_an_async_jobs_background_check_shows_on_its_status_when_it_ends() -> None:
+    background = TrustConfig(verify_first=0)  # checked after the answer, not before
+    async with gateway_network(trust=background) as net:
+        accepted = await net.http.post("/v1/jobs", json={**sdcn(), "kind": "txt2img"})
+        job_id = accepted.json()["id"]
+        state = await finished(net, job_id)
+        assert state["verify"] is False and "verified" not in state["info"]
+        assert state["info"]["spot_check"] in ("scheduled", "passed")  # newcomers: all checked
+        checker = net.gateway.checker
+        assert checker is not None
+        await checker.wait_idle()
+        info = (await net.http.get(f"/v1/jobs/{job_id}")).json()["info"]
+        assert info["spot_check"] == "passed"
+        assert "drew the same picture" in info["spot_check_detail"]

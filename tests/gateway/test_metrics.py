@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.api import create_app
 from gateway.metrics import RecentWork, api_of
 from gateway.node import Gateway, open_gateway
+from gateway.trust import TrustConfig
 from sdcn_p2p.backends import Backend, JobOutput
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.errors import JobError
@@ -75,9 +76,13 @@ class Net:
 
 @asynccontextmanager
 async def gateway_network(
-    *backends: Backend, configs: list[ProviderConfig] | None = None, metrics: bool = True
+    *backends: Backend,
+    configs: list[ProviderConfig] | None = None,
+    metrics: bool = True,
+    trust: TrustConfig | None = None,
 ) -> AsyncIterator[Net]:
-    """Peer 0 is the gateway; one provider per backend after it."""
+    """Peer 0 is the gateway (checking no jobs unless given `trust`); one provider per
+    backend after it."""
     configs = configs or [ProviderConfig()] * len(backends)
     async with (
         open_memory_peers(1 + len(backends), config=PeerConfig(metrics=metrics)) as peers,
@@ -90,7 +95,7 @@ async def gateway_network(
         ]
         for node in nodes:
             await wait_advert(gateway_peer, node, lambda a: a.state == "online")
-        gateway = await stack.enter_async_context(open_gateway(gateway_peer, trust=None))
+        gateway = await stack.enter_async_context(open_gateway(gateway_peer, trust=trust))
         for node in nodes:  # every RTT known, so that the choice of provider is by speed alone
             await gateway_peer.host.ping(node.peer_id)
         transport = httpx.ASGITransport(app=create_app(gateway))
@@ -420,3 +425,28 @@ def test_recent_work_sums_the_last_minute_in_one_second_bins() -> None:
 )
 def test_each_path_counts_under_one_api(path: str, api: str) -> None:
     assert api_of(path) == api
+
+
+async def test_spot_checks_and_exclusions_are_counted_for_operators(autojump_clock) -> None:
+    async with gateway_network(Card(), Card(), trust=TrustConfig()) as net:
+        status = (await net.http.get("/v1/status")).json()
+        assert status["trust"]["providers_excluded"] == 0
+        assert status["trust"]["fraud_reports"]["received"] == 0
+        before = await net.scrape()
+        response = await net.http.post("/txt2img", json=sdcn(verify=True))
+        assert response.status_code == 200, response.text
+        after = await net.scrape()
+        checks = "sdcn_gateway_spot_checks_total"
+        assert after.delta(before, checks, outcome="passed") == 1
+        assert after.delta(before, checks, outcome="failed") == 0
+        assert after.delta(before, "sdcn_gateway_check_reruns_total") == 1
+        confirmed = ("sdcn_gateway_fraud_reports_total", frozenset({("event", "confirmed")}))
+        assert after.samples[confirmed] == 0
+        peer = net.nodes[0].peer_id
+        now = net.gateway.wall_clock()
+        for reason in ("a wrong picture", "another"):
+            net.gateway.trust.struck(peer, reason, now)
+        assert (await net.scrape())("sdcn_gateway_providers_excluded") == 1
+        trust = (await net.http.get("/v1/status")).json()["trust"]
+        assert trust["providers_excluded"] == 1 and trust["checks"]["passed"] == 1
+        assert trust["extra_compute"] == pytest.approx(1.0)  # one job, checked once
