@@ -213,3 +213,70 @@ async def test_closing_the_checker_leaves_no_task(autojump_clock) -> None:
         assert net.gateway.dispatcher.checker is net.checker
     assert net.gateway.dispatcher.checker is None
     assert all_tasks() <= before
+
+
+async def test_a_trusted_provider_is_not_struck_on_the_word_of_newcomers(autojump_clock) -> None:
+    # Two new identities that draw the same wrong picture (a Sybil pair) against one
+    # provider with a clean record: no verdict, no strike.
+    sybils = [liar(Lie.IGNORES_SEED, seed=1), liar(Lie.IGNORES_SEED, seed=2)]
+    async with trust_network([honest(0), *sybils]) as net:
+        trusted = net.peer(0)
+        for _ in range(3):
+            net.gateway.trust.passed(trusted)
+        for index in range(3):
+            net.gateway.directory.succeeded(net.peer(index))
+        job = small_job(seed=21)
+        first = await net.gateway.dispatcher.rerun(job, avoid={net.peer(1), net.peer(2)})
+        assert first.provider == trusted
+        answer = await net.checker(job, first, verify=True)
+        assert answer.info["spot_check"] == "unsettled" and answer.info["verified"] is False
+        assert answer.provider == trusted
+        now = net.gateway.peer.wall_clock()
+        assert net.gateway.trust.standing(trusted, now).strikes == 0
+        assert net.checker.stats.strikes == 0
+
+
+async def test_a_provider_checked_gets_no_jobs_while_a_third_settles_the_check(
+    autojump_clock,
+) -> None:
+    async with trust_network([honest(0), honest(1), liar(Lie.NOISE)]) as net:
+        cheat = net.peer(2)
+        for index in range(3):
+            net.gateway.directory.succeeded(net.peer(index))
+        held: list[bool] = []
+        second_opinion = net.checker.second_opinion
+
+        async def watched(job: JobRequest, involved: list, *, arbiter: bool = False):  # type: ignore[no-untyped-def]
+            if arbiter:
+                now = net.gateway.peer.wall_clock()
+                held.append(net.gateway.trust.is_excluded(cheat, now))
+                candidates = net.gateway.directory.candidates(job, now)
+                assert cheat not in {candidate.peer_id for candidate in candidates}
+            return await second_opinion(job, involved, arbiter=arbiter)
+
+        net.checker.second_opinion = watched  # type: ignore[method-assign]
+        job = small_job(seed=4)
+        lie = await net.gateway.dispatcher.rerun(job, avoid={net.peer(0), net.peer(1)})
+        await net.checker(job, lie, verify=False)
+        assert held == [True]
+        now = net.gateway.peer.wall_clock()
+        assert not net.gateway.trust.is_excluded(cheat, now)  # one strike: settled, not out
+        assert net.gateway.trust.standing(cheat, now).strikes == 1
+
+
+@pytest.mark.parametrize(("providers", "most"), [(2, 1), (1, 4)])
+async def test_an_unproven_provider_gets_one_job_at_a_time_unless_nobody_else_could_check(
+    autojump_clock, providers: int, most: int
+) -> None:
+    async with trust_network([honest(i) for i in range(providers)]) as net:
+        directory = net.gateway.directory
+        seen: list[int] = []
+        started = directory.started
+
+        def watch(peer):  # type: ignore[no-untyped-def]
+            started(peer)
+            seen.append(directory.in_flight(peer))
+
+        directory.started = watch  # type: ignore[method-assign]
+        await net.run(4, at_once=4)
+        assert max(seen) == most
