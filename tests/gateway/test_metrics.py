@@ -147,6 +147,15 @@ GATEWAY_TYPES = {
     "sdcn_gateway_jobs_running": "gauge",
     "sdcn_gateway_providers": "gauge",
 }
+#: What a gateway that spot-checks adds.
+TRUST_TYPES = {
+    "sdcn_gateway_spot_checks": "counter",
+    "sdcn_gateway_check_reruns": "counter",
+    "sdcn_gateway_strikes": "counter",
+    "sdcn_gateway_exclusions": "counter",
+    "sdcn_gateway_providers_excluded": "gauge",
+    "sdcn_gateway_fraud_reports": "counter",
+}
 PEER_TYPES = {
     "sdcn_peer_connections": "gauge",
     "sdcn_peer_streams": "gauge",
@@ -374,7 +383,7 @@ async def test_a_callers_job_id_names_the_job_and_each_part_of_a_batch(autojump_
 
 async def test_the_grafana_dashboard_draws_only_metrics_that_exist(autojump_clock) -> None:
     dashboard = json.loads(DASHBOARD.read_text())
-    async with gateway_network(Card()) as net:
+    async with gateway_network(Card(), trust=TrustConfig()) as net:
         assert (await net.http.post("/txt2img", json=sdcn())).status_code == 200
         await net.gateway.peer.host.ping(net.nodes[0].peer_id)
         scrapes = [await net.scrape(), provider_scrape(net.providers[0])]
@@ -387,7 +396,8 @@ async def test_the_grafana_dashboard_draws_only_metrics_that_exist(autojump_cloc
         for target in panel["targets"]:
             drawn |= set(re.findall(r"\b(?:sdcn|process)_[a-z_]+", target["expr"]))
     assert drawn <= exported, drawn - exported
-    wanted = {name.removesuffix("_total") for name in GATEWAY_TYPES | PROVIDER_TYPES | PEER_TYPES}
+    every = GATEWAY_TYPES | TRUST_TYPES | PROVIDER_TYPES | PEER_TYPES
+    wanted = {name.removesuffix("_total") for name in every}
     shown = {re.sub(r"_(total|bucket)$", "", name) for name in drawn}
     assert wanted - {"python_info"} <= shown, wanted - shown
 
@@ -433,6 +443,8 @@ async def test_spot_checks_and_exclusions_are_counted_for_operators(autojump_clo
         assert status["trust"]["providers_excluded"] == 0
         assert status["trust"]["fraud_reports"]["received"] == 0
         before = await net.scrape()
+        for name, kind in TRUST_TYPES.items():
+            assert before.types.get(name) == kind, name
         response = await net.http.post("/txt2img", json=sdcn(verify=True))
         assert response.status_code == 200, response.text
         after = await net.scrape()
