@@ -11,7 +11,13 @@ import pytest
 import trio
 
 from gateway.errors import ResultGone, StoreFull, StoreUnavailable
-from gateway.jobstore import SCHEMA_VERSION, JobRecord, open_job_store, valid_job_id
+from gateway.jobstore import (
+    _MIGRATIONS,
+    SCHEMA_VERSION,
+    JobRecord,
+    open_job_store,
+    valid_job_id,
+)
 from sdcn_p2p.errors import ConfigError
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"x" * 100
@@ -48,6 +54,29 @@ async def test_a_new_store_has_the_current_schema_in_wal_mode(tmp_path: Path) ->
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert set(names(tmp_path)) >= {"jobs.db", "results", "inputs", "lock"}
+
+
+async def test_a_version_1_store_gains_the_verify_column_and_keeps_its_rows(
+    tmp_path: Path,
+) -> None:
+    with sqlite3.connect(tmp_path / "jobs.db") as db:  # as the first job service left it
+        db.executescript(_MIGRATIONS[0])
+        db.execute(
+            "INSERT INTO jobs (id, kind, mode, api, client, status, parts, has_init, cost, "
+            "created_at) VALUES (?, 'txt2img', 'async', 'sdcn', 'x', 'queued', '[]', 0, 1, 5)",
+            (ident(1),),
+        )
+        db.execute("PRAGMA user_version = 1")
+    db.close()
+    async with open_job_store(tmp_path) as store:
+        old = await store.get(ident(1))
+        assert old is not None and old.verify is False
+        await store.add(record(ident(2), verify=True))
+        new = await store.get(ident(2))
+        assert new is not None and new.verify is True
+    with sqlite3.connect(tmp_path / "jobs.db") as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    db.close()
 
 
 async def test_records_round_trip_and_ids_are_checked_before_any_query(tmp_path: Path) -> None:
