@@ -103,7 +103,7 @@ async def test_each_lie_is_caught_and_its_liar_excluded(autojump_clock, lie: Lie
 
 async def test_device_jitter_never_strikes_an_honest_provider(autojump_clock) -> None:
     async with trust_network([honest(i) for i in range(6)]) as net:
-        results = await net.run(240, at_once=6)
+        results = await net.run(120, at_once=6)
         stats = net.checker.stats
         assert stats.strikes == 0 and stats.failed == stats.upheld == 0
         assert stats.passed >= 30
