@@ -1,9 +1,10 @@
 """The SDCN API's async jobs (``/v1/jobs``), over the job service (`gateway.jobservice`).
 
-- ``POST /v1/jobs``: the SDCN parameters plus ``"kind"`` → ``202 {"id", "status", "urls"}``
-  with ``Location``. Refused as ``/txt2img`` would refuse it (400, 404), and with 503 (too
+- ``POST /v1/jobs``: the SDCN parameters (``verify`` too) plus ``"kind"`` → ``202 {"id",
+  "status", "urls"}`` with ``Location``. Refused as ``/txt2img`` would refuse it (400, 404), and with 503 (too
   many unfinished jobs, or a data dir that cannot be written) or 507 (a full disk).
-- ``GET /v1/jobs/{id}``: its state; ``images`` and ``info`` once done, ``error`` once failed.
+- ``GET /v1/jobs/{id}``: its state (``verify`` as asked); ``images`` and ``info`` once done
+  (with a background spot check's outcome once it ends), ``error`` once failed.
 - ``GET /v1/jobs/{id}/events``: ``text/event-stream`` of ``queued``, ``assigned``,
   ``progress`` and one of ``done``, ``failed``, ``cancelled``; each with an ``id:``, replayed
   after ``Last-Event-ID``; comments keep an idle stream alive. 204 when the client had the
