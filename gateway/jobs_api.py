@@ -1,8 +1,9 @@
 """The SDCN API's async jobs (``/v1/jobs``), over the job service (`gateway.jobservice`).
 
 - ``POST /v1/jobs``: the SDCN parameters (``verify`` too) plus ``"kind"`` → ``202 {"id",
-  "status", "urls"}`` with ``Location``. Refused as ``/txt2img`` would refuse it (400, 404), and with 503 (too
-  many unfinished jobs, or a data dir that cannot be written) or 507 (a full disk).
+  "status", "urls"}`` with ``Location``. Refused as ``/txt2img`` would refuse it (400, 404),
+  and with 503 (too many unfinished jobs, or a data dir that cannot be written) or 507 (a
+  full disk).
 - ``GET /v1/jobs/{id}``: its state (``verify`` as asked); ``images`` and ``info`` once done
   (with a background spot check's outcome once it ends), ``error`` once failed.
 - ``GET /v1/jobs/{id}/events``: ``text/event-stream`` of ``queued``, ``assigned``,
