@@ -234,9 +234,7 @@ async def cancel(job_id: str, request: Request) -> Response:
         ),
     },
 )
-async def job_image(
-    job_id: str, request: Request, index: int = Path(ge=0, le=2**31)
-) -> Response:
+async def job_image(job_id: str, request: Request, index: int = Path(ge=0, le=2**31)) -> Response:
     """Image `index` (from 0) of a done job, as PNG."""
     state = await services(request).jobs.status(job_id)
     if state.images is None:

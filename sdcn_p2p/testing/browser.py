@@ -100,8 +100,8 @@ class TrioThread(Generic[_T]):
 
     ``with TrioThread(lambda: open_devnet(http="127.0.0.1:0")) as thread:``: `thread.value`
     is what the context manager yields; `run(fn, *args)` runs the async `fn` in that trio run
-    and returns its result (or raises its exception). Leaving the block exits the context manager there
-    and joins the thread; an error inside the run is raised again here.
+    and returns its result (or raises its exception). Leaving the block exits the context
+    manager there and joins the thread; an error inside the run is raised again here.
     """
 
     def __init__(

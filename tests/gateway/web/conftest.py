@@ -77,9 +77,11 @@ def new_context(browser: Browser, request: pytest.FixtureRequest) -> NewContext:
             page.on("pageerror", lambda error: problems.append(f"script error: {error}"))
             page.on(
                 "console",
-                lambda message: message.type == "error"
-                and not _EXPECTED_CONSOLE.match(message.text)
-                and problems.append(f"console: {message.text}"),
+                lambda message: (
+                    message.type == "error"
+                    and not _EXPECTED_CONSOLE.match(message.text)
+                    and problems.append(f"console: {message.text}")
+                ),
             )
 
         context.on("page", watch)

@@ -22,7 +22,7 @@ from sdcn_p2p.provider import Provider
 from sdcn_p2p.testing.browser import TrioThread
 
 pytest.importorskip("playwright", reason="the page tests need Playwright (the test extra)")
-from playwright.sync_api import Browser, BrowserContext, Page, expect  # noqa: E402
+from playwright.sync_api import Browser, BrowserContext, Page, expect
 
 NewContext = Callable[..., AbstractContextManager[BrowserContext]]
 
@@ -30,11 +30,14 @@ NewContext = Callable[..., AbstractContextManager[BrowserContext]]
 WATCH_JOB = """() => {
   window.seen = { steps: [], statuses: [] };
   const bar = document.getElementById("progress");
+  const line = document.getElementById("status");
   new MutationObserver((records) => {
     for (const record of records) window.seen.steps.push(Number(record.oldValue));
-  }).observe(bar, { attributes: true, attributeFilter: ["aria-valuenow"], attributeOldValue: true });
-  new MutationObserver(() => window.seen.statuses.push(document.getElementById("status").textContent))
-    .observe(document.getElementById("status"), { childList: true, characterData: true, subtree: true });
+  }).observe(bar, {
+    attributes: true, attributeFilter: ["aria-valuenow"], attributeOldValue: true
+  });
+  new MutationObserver(() => window.seen.statuses.push(line.textContent))
+    .observe(line, { childList: true, characterData: true, subtree: true });
 }"""
 DROP = """async ([zone, name, type, b64]) => {
   const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
@@ -42,7 +45,8 @@ DROP = """async ([zone, name, type, b64]) => {
   files.items.add(new File([bytes], name, { type }));
   const target = document.getElementById(zone);
   for (const kind of ["dragenter", "dragover", "drop"]) {
-    target.dispatchEvent(new DragEvent(kind, { bubbles: true, cancelable: true, dataTransfer: files }));
+    const init = { bubbles: true, cancelable: true, dataTransfer: files };
+    target.dispatchEvent(new DragEvent(kind, init));
   }
 }"""
 
@@ -205,9 +209,10 @@ def test_img2img_from_the_file_picker_or_a_drop(context: BrowserContext) -> None
 
     # Dropped anywhere on the page (here on the prompt), an image becomes the init image.
     page.get_by_role("radio", name="Text to image").check()
-    page.evaluate(DROP, ["prompt", "init.png", "image/png", base64.b64encode(png_bytes(96, 64)).decode()])
+    png = base64.b64encode(png_bytes(96, 64)).decode()
+    page.evaluate(DROP, ["prompt", "init.png", "image/png", png])
     expect(page.get_by_role("radio", name="Image to image")).to_be_checked()
-    expect(page.locator("#init_image-about")).to_have_text(re.compile(r"^init\.png: 96×64, "))
+    expect(page.locator("#init_image-about")).to_have_text(re.compile(r"^init\.png: 96\u00d764, "))
     page.get_by_label("Denoising strength").fill("0.4")
     page.get_by_role("button", name="Generate").click()
     image = page.get_by_role("img", name="Generated image")
@@ -291,7 +296,8 @@ def test_network_page_shows_each_provider_and_refreshes_itself(
     row = page.locator(f"tr[data-peer='{sdxl}']")
     before = int(row.locator("td").nth(6).text_content())
     response = page.request.post(
-        "/txt2img", data={"prompt": "x", "model": "sdxl-base", "steps": 2, "width": 64, "height": 64}
+        "/txt2img",
+        data={"prompt": "x", "model": "sdxl-base", "steps": 2, "width": 64, "height": 64},
     )
     assert response.status == 200
     expect(row.locator("td").nth(6)).to_have_text(str(before + 1))
