@@ -601,6 +601,15 @@ async def test_providers_tell_the_jobs_this_gateway_sent_them(net: Net) -> None:
     assert idle["observed_speed"] is None
 
 
+async def test_the_pages_are_served_beside_the_api(net: Net) -> None:
+    for path in ("/", "/network", "/static/common.js"):
+        response = await net.http.get(path)
+        assert response.status_code == 200, path
+        assert response.headers["content-security-policy"].startswith("default-src 'self'")
+    paths = (await net.http.get("/openapi.json")).json()["paths"]
+    assert not {"/", "/network", "/static/{name}"} & set(paths)
+
+
 async def test_docs_and_openapi(net: Net) -> None:
     assert (await net.http.get("/docs")).status_code == 200
     schema = (await net.http.get("/openapi.json")).json()

@@ -98,14 +98,14 @@ def test_generate_an_image_following_its_progress(
     page.evaluate(WATCH_JOB)
     page.get_by_label("Prompt", exact=True).fill("a lighthouse at dusk")
     page.get_by_role("combobox", name="Model").select_option("sdxl-base")
-    fill(page, width="192", height="128", steps="12")
+    fill(page, width="384", height="256", steps="12")
     page.get_by_role("checkbox", name="Random").uncheck()
     fill(page, seed="7")
     page.get_by_role("button", name="Generate").click()
 
     image = page.get_by_role("img", name="Generated image")
-    expect(image).to_have_js_property("naturalWidth", 192)  # loaded and decoded
-    expect(image).to_have_js_property("naturalHeight", 128)
+    expect(image).to_have_js_property("naturalWidth", 384)  # loaded and decoded
+    expect(image).to_have_js_property("naturalHeight", 256)
     bar = page.get_by_role("progressbar")
     expect(bar).to_have_attribute("aria-valuemax", "12")
     expect(bar).to_have_attribute("aria-valuenow", "12")
@@ -124,7 +124,7 @@ def test_generate_an_image_following_its_progress(
     expect(download).to_have_attribute("download", "sdcn-7.png")
     response = page.request.get(download.get_attribute("href"))
     assert response.headers["content-type"] == "image/png"
-    assert Image.open(io.BytesIO(response.body())).size == (192, 128)
+    assert Image.open(io.BytesIO(response.body())).size == (384, 256)
     expect(page.get_by_role("button", name="Cancel")).to_be_hidden()
 
     # The last settings come back on the next visit.
@@ -132,7 +132,7 @@ def test_generate_an_image_following_its_progress(
     expect(page.locator("html")).to_have_attribute("data-ready", "true")
     expect(page.get_by_label("Prompt", exact=True)).to_have_value("a lighthouse at dusk")
     expect(page.get_by_role("combobox", name="Model")).to_have_value("sdxl-base")
-    expect(page.get_by_label("Width")).to_have_value("192")
+    expect(page.get_by_label("Width")).to_have_value("384")
     expect(page.get_by_label("Seed", exact=True)).to_have_value("7")
     expect(page.get_by_role("checkbox", name="Random")).not_to_be_checked()
 
