@@ -24,7 +24,7 @@ HTTP (FastAPI):
 - `api`: `create_app`, made of `sdcn_api` (``/txt2img``, ``/v1/...``), `jobs_api`
   (``/v1/jobs``, with server-sent events), `a1111_api` (``/sdapi/v1/...``) and `ops_api`
   (``/metrics``, ``/v1/status``) over `http` (bodies, responses, and errors to statuses, in one
-  place).
+  place); `web_api` serves the pages in ``web/`` (``/``, ``/network``).
 
 - `metrics`: what the gateway counts for Prometheus and ``/v1/status`` (the dispatcher's jobs
   and attempts, HTTP requests by API and status, providers by state).

@@ -71,7 +71,8 @@ MAX_IN_FLIGHT = 64
 MAX_PROVEN = 1024
 #: Weight of the newest job in a provider's observed speed.
 OBSERVED_ALPHA = 0.3
-# Observed speeds kept before those of providers without an advert are forgotten.
+# Observed speeds (and job counts) kept before those of providers without an advert are
+# forgotten.
 _MAX_OBSERVED = 4096
 
 
@@ -118,6 +119,7 @@ class ProviderDirectory:
         self._proven: dict[PeerId, None] = {}  # in order of the latest success
         self._busy: dict[PeerId, tuple[int, float]] = {}  # peer -> (advert seq, hold end)
         self._observed: dict[PeerId, float] = {}  # it/s at 512x512, EWMA
+        self._sent: dict[PeerId, list[int]] = {}  # peer -> [jobs sent, jobs done]
 
     # --- choosing --------------------------------------------------------------------------------
 
@@ -247,6 +249,7 @@ class ProviderDirectory:
     def started(self, peer: PeerId) -> None:
         """Count a job this gateway sent to `peer`; pair with `finished`."""
         self._in_flight[peer] = self._in_flight.get(peer, 0) + 1
+        self._count(peer)[0] += 1
 
     def finished(self, peer: PeerId) -> None:
         """A job counted by `started` ended, whichever way."""
@@ -260,6 +263,21 @@ class ProviderDirectory:
     def in_flight(self, peer: PeerId) -> int:
         """This gateway's jobs running on `peer` now."""
         return self._in_flight.get(peer, 0)
+
+    def jobs_sent(self, peer: PeerId) -> tuple[int, int]:
+        """(attempts this gateway sent `peer`, those it completed), since this gateway started
+        (forgotten for providers whose advert is gone, once many are counted)."""
+        sent, done = self._sent.get(peer, (0, 0))
+        return sent, done
+
+    def _count(self, peer: PeerId) -> list[int]:
+        counts = self._sent.get(peer)
+        if counts is None:
+            if len(self._sent) >= _MAX_OBSERVED:
+                for gone in [p for p in self._sent if self.adverts.get(p) is None]:
+                    del self._sent[gone]
+            counts = self._sent[peer] = [0, 0]
+        return counts
 
     def observe(self, peer: PeerId, cost: float, seconds: float, queued: float = 0.0) -> None:
         """Fold a job `peer` ran for us into its observed speed: `cost` units of work (see
@@ -328,6 +346,7 @@ class ProviderDirectory:
     def succeeded(self, peer: PeerId) -> None:
         """`peer` ran a job: forget its failures, and count it proven."""
         self._bans.pop(peer, None)
+        self._count(peer)[1] += 1
         self._proven.pop(peer, None)
         self._proven[peer] = None
         self.adverts.protected.add(peer)

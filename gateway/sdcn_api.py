@@ -108,6 +108,12 @@ class ProviderEntry(BaseModel):
     expires_in: float = Field(description="Seconds until the advert expires")
     rtt_ms: float | None = Field(description="Measured round trip (EWMA), null if unknown")
     in_flight: int = Field(description="This gateway's jobs running there now")
+    jobs_sent: int = Field(description="Jobs this gateway sent there since it started")
+    jobs_done: int = Field(description="Of those, the ones it completed")
+    observed_speed: float | None = Field(
+        description="it/s at 512x512 as this gateway measured it (EWMA), null before any job"
+    )
+    proven: bool = Field(description="It completed a job for this gateway")
     banned_until: float | None = Field(
         description="Wall time (Unix seconds) a ban after failures ends, null if not banned"
     )

@@ -13,6 +13,8 @@
   backend (needs the ``diffusers`` extra, imported when called); ``sdcn_p2p.testing.tinysd``.
 - `gated`: a test card whose jobs take each step only when the test allows it;
   ``sdcn_p2p.testing.gated``.
+- `browser`: headless Chromium under Playwright (the ``test`` extra) for the gateway's pages,
+  and a devnet run by trio in a thread beside it; ``sdcn_p2p.testing.browser``.
 """
 
 from sdcn_p2p.testing.network import (
