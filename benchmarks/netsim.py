@@ -150,15 +150,20 @@ class NetConfig:
     join: str = "oracle"  # or "protocol"
     join_interval: float = 0.05
     warmup: float = 0.0
-    duration: float = 120.0
-    after: float = 60.0
+    duration: float = 40.0
+    after: float = 40.0
     leave: float = 0.3
     lookups: int = 1000
-    adverts: int = 20
+    adverts: int = 0  # 0: 20, fewer above 50,000 peers (each costs ~5 events per peer)
     seed: int = 1
     idle_timeout: float = HostConfig().idle_timeout
     max_inbound: int = HostConfig().max_inbound_connections
     bootstrap_backoff: tuple[float, float] = PeerConfig().bootstrap_backoff
+    #: What-ifs, True as the code is. False: a newcomer to a full bucket waits in the
+    #: replacement cache without `Dht._on_identified` pinging (dialling) the bucket's oldest.
+    eviction_ping: bool = True
+    #: False: a peer behind NAT does not keep its bootstrap connections alive (`Peer._join`).
+    keep_bootstraps: bool = True
     dht: DhtConfig = field(default_factory=DhtConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)
 
@@ -168,12 +173,15 @@ class NetConfig:
 
 class SimPeerId(PeerId):
     """A peer id like an Ed25519 one (the key bytes need not be a curve point here) that
-    hashes by identity: the simulator makes exactly one per peer, and `PeerId.__hash__`, a
-    Python call in every dict and set operation of the cores, took a fifth of its time.
+    compares and hashes by identity: the simulator makes exactly one per peer, and
+    `PeerId.__hash__` and `__eq__`, Python calls in every dict, set and list operation of the
+    cores, took a quarter of its time.
     """
 
     __slots__ = ()
     __hash__ = object.__hash__
+    __eq__ = object.__eq__
+    __ne__ = object.__ne__
 
 
 def _peer_id(key: bytes) -> PeerId:
@@ -429,6 +437,7 @@ class Window:
     exact: list[bool] = field(default_factory=list)
     owners: list[bool] = field(default_factory=list)
     adverts: list[Tracked] = field(default_factory=list)
+    runs: list[LookupRun] = field(default_factory=list)
     counts: dict[str, float] = field(default_factory=dict)
     peer_seconds: float = 0.0
 
@@ -797,7 +806,7 @@ class Network:
             if not run.responders:
                 retry()
                 return
-            if not peer.server:  # nobody can dial us: hold on to what we dialled
+            if not peer.server and self.cfg.keep_bootstraps:  # hold on to what we dialled
                 for seed in seeds:
                     if self.connected(peer, seed):
                         peer.conns[seed.peer_id] = seed.conns[peer.peer_id] = INF
@@ -818,6 +827,7 @@ class Network:
             self.connect(peer, seed, _Connect(dialled))
 
     def _joined(self, peer: SimPeer) -> None:
+        self.counts["joined"] += 1
         peer.ready_at = self.now
         peer.first_refresh = self.now + self.cfg.dht.refresh_interval
 
@@ -860,8 +870,9 @@ class Network:
     # --- latency and connections -----------------------------------------------------------------
 
     def rtt(self, a: SimPeer, b: SimPeer) -> float:
-        lo, hi = (a.index, b.index) if a.index < b.index else (b.index, a.index)
-        pair = (hash((lo, hi, self.cfg.seed)) & 0xFFFFFFFF) / 2**32
+        # A fixed draw per pair: a multiplicative hash of the pair, the same both ways.
+        pair = ((a.index * b.index + a.index + b.index + self.cfg.seed) * 0x9E3779B1 >> 7) % 65_536
+        pair /= 65_536
         if self.cfg.latency == "uniform":
             return 0.020 + 0.180 * pair
         rtt = REGION_RTT[a.region][b.region] + a.access + b.access + PAIR_JITTER * pair
@@ -919,6 +930,13 @@ class Network:
         self.counts["refused"] += 1
         return True
 
+    def accepts_inbound(self, peer: SimPeer) -> bool:
+        """Whether `peer` would take a new connection now."""
+        before = self.counts["refused"]
+        full = self._inbound_full(peer)
+        self.counts["refused"] = before
+        return not full
+
     def _established(self, a: SimPeer, b: SimPeer, cause: str) -> None:
         if not (a.alive and b.alive):
             return
@@ -935,7 +953,8 @@ class Network:
         now = self.now
         if other.server:
             result = peer.table.add(other.peer_id, now)
-            if result.status is AddStatus.FULL and result.bucket not in peer.pinging:
+            full = result.status is AddStatus.FULL and self.cfg.eviction_ping
+            if full and result.bucket not in peer.pinging:
                 assert result.oldest is not None
                 peer.pinging.add(result.bucket)
                 ping = _Ping(self, peer, result.bucket, other.peer_id)
@@ -1279,7 +1298,7 @@ class Network:
 
     def build_steady(self) -> None:
         """Start in steady state: tables as long-lived peers', adverts stored, the mesh
-        forming by real grafting.
+        grafted.
         """
         cfg = self.cfg
         for _ in range(BOOTSTRAPS):
@@ -1289,12 +1308,13 @@ class Network:
         for peer in self.peers:
             self.fill_table(peer)
             peer.ready_at = peer.first_refresh = -INF  # up for a while
-            if not peer.server:  # it joined through two bootstrap peers and keeps them
+            if not peer.server and cfg.keep_bootstraps:  # it keeps its two bootstrap peers
                 for seed in self.rng.sample(self.bootstraps, 2):
                     if len(seed.inbound) < cfg.max_inbound:  # else it was refused
                         seed.inbound[peer.peer_id] = -INF
                         peer.conns[seed.peer_id] = seed.conns[peer.peer_id] = INF
         self.fill_stores()
+        self.fill_mesh()
         for peer in self.peers:
             self.start(peer)
 
@@ -1315,6 +1335,36 @@ class Network:
         refreshed = -_MAINTENANCE_PERIOD * (self.rng.randrange(ticks) + self.rng.random())
         for index in range(last + 1):
             table.mark_refreshed(table.random_key_in_bucket(index, self.rng), refreshed)
+
+    def fill_mesh(self) -> None:
+        """The mesh as grafting leaves it: each peer in turn grafts up to `degree` peers —
+        those it keeps connections to first, then those in its table — that accept
+        (`MeshState.accepts_graft`) and have room for one more inbound connection.
+        """
+        degree = self.cfg.gossip.degree
+        order = self.peers[:]
+        self.rng.shuffle(order)
+        for peer in order:
+            members = peer.members
+            if len(members) >= degree:
+                continue
+            kept = list(peer.conns)
+            self.rng.shuffle(kept)
+            known = list(peer.table)
+            for other_id in itertools.chain(kept, self.rng.sample(known, len(known))):
+                other = self.by_id[other_id]
+                if other_id in members or not other.mesh.accepts_graft(
+                    peer.peer_id, other.members, self.now
+                ):
+                    continue
+                if other_id not in peer.conns:  # a dial
+                    if len(other.inbound) >= self.cfg.max_inbound:
+                        continue
+                    other.inbound[peer.peer_id] = -INF
+                members[other_id] = None
+                other.members[peer.peer_id] = None
+                if len(members) >= degree:
+                    break
 
     def fill_stores(self) -> None:
         """Each provider's advert under each of its models on the k closest servers, as
@@ -1345,17 +1395,21 @@ class Network:
     # --- measuring -------------------------------------------------------------------------------
 
     def measure(self, name: str, duration: float, lookups: int, adverts: int) -> Window:
-        """Run `duration` seconds with lookups and tracked adverts at random moments."""
+        """Run `duration` seconds with lookups in the first two thirds and tracked adverts in
+        the first third, at random moments; then until the lookups are done.
+        """
         window = Window(name, self.now)
         start = self.now
         rng = self.rng
         for _ in range(lookups):
-            self.at(start + rng.uniform(0, max(0.0, duration - 10)), self._measured_lookup, window)
+            self.at(start + rng.uniform(0, duration * 2 / 3), self._measured_lookup, window)
         for _ in range(adverts):
-            self.at(start + rng.uniform(0, duration / 2), self._tracked_advert, window)
+            self.at(start + rng.uniform(0, duration / 3), self._tracked_advert, window)
         before = Counter(self.counts)
         seconds_before = self.peer_seconds()
         self.run_until(start + duration)
+        while any(not r.done and r.source.alive for r in window.runs):
+            self.run_until(self.now + 1)
         window.end = self.now
         window.counts = dict(self.counts - before)
         window.peer_seconds = self.peer_seconds() - seconds_before
@@ -1369,8 +1423,8 @@ class Network:
 
     def _measured_lookup(self, window: Window) -> None:
         """A lookup from a random peer for a random key or a live server's key; it succeeds if
-        it finds every one of the true k closest servers, live at its end and joined at its
-        start.
+        it finds every one of the true k closest servers that are up and take connections at
+        its end and had joined at its start.
         """
         source = self._random_joined(self.peers)
         owner = None
@@ -1393,13 +1447,19 @@ class Network:
                 self.servers.closest(run.target, self.cfg.dht.k) + gone,
                 key=lambda p: p.key ^ run.target,
             )
+            # Peers at their inbound limit cannot be reached: they are out of the DHT.
             window.exact.append(
-                all(p in found for p in true if p.alive and p.ready_at <= run.start)
+                all(
+                    p in found
+                    for p in true
+                    if p.alive and p.ready_at <= run.start and self.accepts_inbound(p)
+                )
             )
-            if owner is not None and owner.alive and owner is not source:
+            if owner is not None and owner.alive and self.accepts_inbound(owner):
                 window.owners.append(owner in found)
 
-        LookupRun(self, source, target, "lookup", width=self.cfg.dht.k, on_finish=done)
+        run = LookupRun(self, source, target, "lookup", width=self.cfg.dht.k, on_finish=done)
+        window.runs.append(run)
 
     def _tracked_advert(self, window: Window) -> None:
         """A provider (any peer, in a network without load) publishes a tracked advert."""
@@ -1489,6 +1549,8 @@ def window_figures(net: Network, window: Window) -> dict[str, float]:
     )
     figures["gossip_push_bytes_per_peer_s"] = round(push_msgs * sizes.push / per_peer)
     figures["gossip_sync_bytes_per_peer_s"] = round(sync_bytes / per_peer)
+    on_connect = (syncs - c["sync:anti-entropy"]) / syncs if syncs else 0.0
+    figures["gossip_sync_on_connect_share"] = round(on_connect, 3)
     figures["gossip_bytes_per_peer_s"] = round(
         (push_msgs * sizes.push + sync_bytes + control) / per_peer
     )
@@ -1544,7 +1606,7 @@ def run(cfg: NetConfig) -> dict[str, float]:
             net.run_until(net.now + 30)  # let the last joins and the mesh settle
         else:
             net.build_steady()
-            net.run_until(10)  # the mesh forms
+            net.run_until(5)  # heartbeats top up the meshes still short
         gc.freeze()  # the network is long-lived: spare it from every collection
         results["build_wall_s"] = round(time.perf_counter() - wall_start, 1)
         print(f"{cfg.peers} peers built in {results['build_wall_s']} s", file=sys.stderr)
@@ -1555,7 +1617,8 @@ def run(cfg: NetConfig) -> dict[str, float]:
         results["servers"] = len(net.servers.keys)
         results.update(network_figures(net))
         results["store_refused"] = net.counts["store_refused"]
-        steady = net.measure("steady", cfg.duration, cfg.lookups, cfg.adverts)
+        adverts = cfg.adverts or max(6, min(20, 1_000_000 // cfg.peers))
+        steady = net.measure("steady", cfg.duration, cfg.lookups, adverts)
         results.update(window_figures(net, steady))
         wall = time.perf_counter() - wall_start
         print(f"steady window measured at {wall:.1f} s", file=sys.stderr)
@@ -1563,12 +1626,14 @@ def run(cfg: NetConfig) -> dict[str, float]:
             candidates = [p for p in net.peers if p.alive and p not in net.bootstraps]
             for peer in net.rng.sample(candidates, int(cfg.leave * net.live)):
                 net.leave(peer)
-            after = net.measure("after", cfg.after, cfg.lookups // 2, max(1, cfg.adverts // 2))
+            after = net.measure("after", cfg.after, cfg.lookups // 2, max(1, adverts // 2))
             figures = {**window_figures(net, after), **network_figures(net)}
             for name, value in figures.items():
                 if not name.startswith("store"):
                     results[f"after_leave_{name}"] = value
     results["joins"] = net.counts["joins"]
+    results["joins_completed"] = net.counts["joined"]
+    results["bootstraps_full"] = sum(not net.accepts_inbound(b) for b in net.bootstraps)
     results["leaves"] = net.counts["leaves"]
     results["events"] = net.events
     results["simulated_s"] = round(net.now, 1)
@@ -1600,7 +1665,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 _NETWORK_OPTIONS = (
     "peers nat loss session providers latency dial_rtts join join_interval warmup duration "
-    "after leave lookups adverts seed advert_interval"
+    "after leave lookups adverts seed advert_interval eviction_ping keep_bootstraps"
 ).split()
 
 
@@ -1619,11 +1684,15 @@ def parse_config(argv: list[str] | None) -> tuple[NetConfig, bool]:
     add("--join", choices=("oracle", "protocol"), help="how the network is built")
     add("--join-interval", type=float, help="seconds between joins with --join protocol")
     add("--warmup", type=float, help="seconds of churn before measuring (default 0)")
-    add("--duration", type=float, help="steady window, seconds (default 120)")
-    add("--after", type=float, help="window after the mass departure, seconds (default 60)")
+    add("--duration", type=float, help="steady window, seconds (default 40)")
+    add("--after", type=float, help="window after the mass departure, seconds (default 40)")
     add("--leave", type=float, help="share of peers leaving at once (default 0.3)")
     add("--lookups", type=int, help="lookups in the steady window (half as many after)")
-    add("--adverts", type=int, help="tracked adverts in the steady window (half as many after)")
+    add(
+        "--adverts",
+        type=int,
+        help="tracked adverts in the steady window, half as many after (default 20; 10 at 100,000)",
+    )
     add("--seed", type=int, help="random seed (default 1)")
     # What the issue names for tuning, and what those choices touch; defaults: the runtime's.
     add("--degree", type=int, help="gossip mesh degree (low = degree - 1, high = degree + 1)")
@@ -1633,6 +1702,20 @@ def parse_config(argv: list[str] | None) -> tuple[NetConfig, bool]:
     add("--push-rate", type=float, help="adverts a peer may push to us per second")
     add("--advert-interval", type=float, help="seconds between a provider's adverts")
     add("--alpha", type=int, help="parallel queries of a lookup")
+    add(
+        "--no-keep-bootstraps",
+        dest="keep_bootstraps",
+        action="store_false",
+        default=None,
+        help="what-if: peers behind NAT do not keep their bootstrap connections alive",
+    )
+    add(
+        "--no-eviction-ping",
+        dest="eviction_ping",
+        action="store_false",
+        default=None,
+        help="what-if: a full bucket does not ping (dial) its oldest entry",
+    )
     add("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     values = dict(PROFILES[args.profile]) if args.profile else {}
