@@ -150,11 +150,11 @@ class NetConfig:
     join: str = "oracle"  # or "protocol"
     join_interval: float = 0.05
     warmup: float = 0.0
-    duration: float = 40.0
-    after: float = 40.0
+    duration: float = 30.0
+    after: float = 30.0
     leave: float = 0.3
     lookups: int = 1000
-    adverts: int = 0  # 0: 20, fewer above 50,000 peers (each costs ~5 events per peer)
+    adverts: int = 0  # 0: 20, fewer above 40,000 peers (each costs ~5 events per peer)
     seed: int = 1
     idle_timeout: float = HostConfig().idle_timeout
     max_inbound: int = HostConfig().max_inbound_connections
@@ -1351,7 +1351,7 @@ class Network:
             kept = list(peer.conns)
             self.rng.shuffle(kept)
             known = list(peer.table)
-            for other_id in itertools.chain(kept, self.rng.sample(known, len(known))):
+            for other_id in itertools.chain(kept, self._shuffled(known, 3 * degree)):
                 other = self.by_id[other_id]
                 if other_id in members or not other.mesh.accepts_graft(
                     peer.peer_id, other.members, self.now
@@ -1365,6 +1365,14 @@ class Network:
                 other.members[peer.peer_id] = None
                 if len(members) >= degree:
                     break
+
+    def _shuffled(self, items: list[PeerId], first: int) -> Iterator[PeerId]:
+        """`items` in random order, drawing `first` of them before shuffling the rest."""
+        head = self.rng.sample(items, min(len(items), first))
+        yield from head
+        if len(head) < len(items):
+            taken = set(head)
+            yield from (p for p in self.rng.sample(items, len(items)) if p not in taken)
 
     def fill_stores(self) -> None:
         """Each provider's advert under each of its models on the k closest servers, as
@@ -1395,14 +1403,14 @@ class Network:
     # --- measuring -------------------------------------------------------------------------------
 
     def measure(self, name: str, duration: float, lookups: int, adverts: int) -> Window:
-        """Run `duration` seconds with lookups in the first two thirds and tracked adverts in
-        the first third, at random moments; then until the lookups are done.
+        """Run `duration` seconds with lookups in the first half and tracked adverts in the
+        first third, at random moments; then until the lookups are done.
         """
         window = Window(name, self.now)
         start = self.now
         rng = self.rng
         for _ in range(lookups):
-            self.at(start + rng.uniform(0, duration * 2 / 3), self._measured_lookup, window)
+            self.at(start + rng.uniform(0, duration / 2), self._measured_lookup, window)
         for _ in range(adverts):
             self.at(start + rng.uniform(0, duration / 3), self._tracked_advert, window)
         before = Counter(self.counts)
@@ -1528,6 +1536,9 @@ def window_figures(net: Network, window: Window) -> dict[str, float]:
         p99 = [r[1] for r in rows]
         figures["propagation_ms_p99"] = round(min(max(p99), horizon) * 1000, 1)
         figures["propagation_ms_p99_median"] = round(min(percentile(p99, 0.5), horizon) * 1000, 1)
+        figures["propagation_ms_p99_mean"] = round(
+            sum(min(t, horizon) for t in p99) / len(p99) * 1000, 1
+        )
         figures["propagation_ms_p50"] = round(percentile([r[0] for r in rows], 0.5) * 1000, 1)
         figures["advert_reach"] = round(min(r[2] for r in rows), 4)
         pushes = sum(a.pushes for a in window.adverts) / tracked
@@ -1617,7 +1628,7 @@ def run(cfg: NetConfig) -> dict[str, float]:
         results["servers"] = len(net.servers.keys)
         results.update(network_figures(net))
         results["store_refused"] = net.counts["store_refused"]
-        adverts = cfg.adverts or max(6, min(20, 1_000_000 // cfg.peers))
+        adverts = cfg.adverts or max(6, min(20, 800_000 // cfg.peers))
         steady = net.measure("steady", cfg.duration, cfg.lookups, adverts)
         results.update(window_figures(net, steady))
         wall = time.perf_counter() - wall_start
@@ -1684,14 +1695,14 @@ def parse_config(argv: list[str] | None) -> tuple[NetConfig, bool]:
     add("--join", choices=("oracle", "protocol"), help="how the network is built")
     add("--join-interval", type=float, help="seconds between joins with --join protocol")
     add("--warmup", type=float, help="seconds of churn before measuring (default 0)")
-    add("--duration", type=float, help="steady window, seconds (default 40)")
-    add("--after", type=float, help="window after the mass departure, seconds (default 40)")
+    add("--duration", type=float, help="steady window, seconds (default 30)")
+    add("--after", type=float, help="window after the mass departure, seconds (default 30)")
     add("--leave", type=float, help="share of peers leaving at once (default 0.3)")
     add("--lookups", type=int, help="lookups in the steady window (half as many after)")
     add(
         "--adverts",
         type=int,
-        help="tracked adverts in the steady window, half as many after (default 20; 10 at 100,000)",
+        help="tracked adverts in the steady window, half as many after (default 20; 8 at 100,000)",
     )
     add("--seed", type=int, help="random seed (default 1)")
     # What the issue names for tuning, and what those choices touch; defaults: the runtime's.
