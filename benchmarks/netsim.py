@@ -6,7 +6,9 @@ the project's own pure cores instead — `RoutingTable`, `Lookup` and `RecordSto
 the way `Dht`, `Gossip` and `Peer` drive them: a lookup is polled on each answer and every
 `slow_after`, a failed query drops the peer from the routing table, an identified server is
 added (pinging the oldest entry of a full bucket), a join dials two bootstrap peers, looks up
-its own key and refreshes the farther buckets, buckets are refreshed every `refresh_interval`;
+its own key and refreshes the farther buckets (and retries with backoff when no bootstrap peer
+answers), buckets are refreshed every `refresh_interval`, a Host refuses inbound connections
+past `max_inbound_connections`;
 the mesh grafts on connect and on heartbeats, forwards each new (peer, seq) once, and runs a
 digest exchange on every new connection and every `anti_entropy_interval`; a published advert
 is pushed to the mesh and stored in the DHT under each of its models. Messages are events in
@@ -45,14 +47,18 @@ the per-peer figures.
 By default the network starts in steady state: every routing table holds what a long-lived
 peer's would (up to k random live servers per bucket, refreshed at a random point of the last
 refresh interval), every provider's advert sits on the k closest servers of each of its
-models, and the gossip mesh forms by the real grafting; `--join protocol` builds it by real
-joins instead, one every `--join-interval` seconds. Then:
+models, each peer has grafted up to `degree` peers that accepted (`MeshState.accepts_graft`),
+and peers behind NAT hold their bootstrap connections while the bootstraps have room;
+`--join protocol` builds it by real joins instead, one every `--join-interval` seconds. Then:
 
 1. a steady window of `--duration` seconds with churn: `--lookups` lookups, half for random
    keys and half for live servers' keys, checked against the true k closest servers, and the
    tracked adverts, timed until 99 % of the peers alive all along hold them;
 2. `--leave` of the peers leave at once, without notice;
 3. a window of `--after` seconds measured the same way (figures prefixed ``after_leave_``).
+
+`--no-eviction-ping` and `--no-keep-bootstraps` are what-ifs: they change what the code does
+(see `NetConfig`) to measure what such a change would buy.
 
 Usage: python benchmarks/netsim.py --peers 100000 [--json]
        python benchmarks/netsim.py --profile dht-sim --peers 1000   (dht_sim.py's network)
@@ -442,7 +448,7 @@ class Window:
     peer_seconds: float = 0.0
 
 
-# --- the drivers: what `Dht`, `Gossip` and `Peer` do around the cores ------------------------------
+# --- the drivers: what `Dht`, `Gossip` and `Peer` do around the cores -----------------------------
 
 
 class Caller(Protocol):
@@ -797,7 +803,13 @@ class Network:
                 own = peer.key.to_bytes(32, "big")
                 width = self.cfg.dht.k
                 LookupRun(
-                    self, peer, own, "join", width=width, extra_seeds=tuple(reached), on_finish=found
+                    self,
+                    peer,
+                    own,
+                    "join",
+                    width=width,
+                    extra_seeds=tuple(reached),
+                    on_finish=found,
                 )
             else:
                 retry()
@@ -1586,7 +1598,8 @@ def network_figures(net: Network) -> dict[str, float]:
         alive = sum(net.by_id[p].alive for p in entries)
         live_share.append(alive / len(entries) if entries else 1.0)
         ideal = sum(
-            min(cfg.dht.k, hi - lo) for _, lo, hi in net.servers.buckets(peer.key, server=peer.server)
+            min(cfg.dht.k, hi - lo)
+            for _, lo, hi in net.servers.buckets(peer.key, server=peer.server)
         )
         fill.append(alive / ideal if ideal else 1.0)
     degrees = [len(p.members) for p in live]
@@ -1675,9 +1688,26 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 _NETWORK_OPTIONS = (
-    "peers nat loss session providers latency dial_rtts join join_interval warmup duration "
-    "after leave lookups adverts seed advert_interval eviction_ping keep_bootstraps"
-).split()
+    "peers",
+    "nat",
+    "loss",
+    "session",
+    "providers",
+    "latency",
+    "dial_rtts",
+    "join",
+    "join_interval",
+    "warmup",
+    "duration",
+    "after",
+    "leave",
+    "lookups",
+    "adverts",
+    "seed",
+    "advert_interval",
+    "eviction_ping",
+    "keep_bootstraps",
+)
 
 
 def parse_config(argv: list[str] | None) -> tuple[NetConfig, bool]:
