@@ -80,7 +80,10 @@ def start_gateway(
     gateway_id = keygen(key)
     listen = f"/ip4/127.0.0.1/tcp/{ws_port}/ws"
     http = f"127.0.0.1:{http_port}"
-    args = sdcn("gateway", "--key", str(key), "--listen", listen, "--http", http, *extra)
+    args = sdcn("gateway", "--key", str(key), "--listen", listen, "--http", http)
+    if "--data-dir" not in extra:
+        args += ["--data-dir", str(workdir / "gateway-data")]
+    args += extra
     process = spawn(stack, args, workdir / "gateway.log")
     return process, f"http://127.0.0.1:{http_port}", f"{listen}/p2p/{gateway_id}"
 

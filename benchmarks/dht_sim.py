@@ -20,6 +20,7 @@ Usage: python benchmarks/dht_sim.py --peers 1000 [--churn 0.2] [--lookups 200] [
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import hashlib
 import json
@@ -181,31 +182,34 @@ class Simulation:
             if len(times) >= target and advert.peer_id in reached:
                 reached[advert.peer_id].set()
 
-        for peer in live:
-            peer.adverts.add_listener(on_advert)
-        propagation = []
-        pushes_before = sum(p.gossip.stats.pushes for p in live)
-        for publisher in self.rng.sample(live, self.args.adverts):
-            reached[publisher.peer_id] = trio.Event()
-            advert = Advert(
-                publisher.peer_id,
-                seq=1,
-                issued_at=publisher.wall_clock(),
-                ttl=180,
-                addrs=tuple(publisher.host.advertised_addrs),
-                backend="testcard",
-                models=(ModelInfo(f"model-{publisher.peer_id}"),),
-                speed=5.0,
-            )
-            start = trio.current_time()
-            await publisher.publish_advert(advert)
-            with trio.move_on_after(60):
-                await reached[publisher.peer_id].wait()
-            times = sorted(t for t in arrivals.get(publisher.peer_id, []))
-            propagation.append((times[target - 1] if len(times) >= target else start + 60) - start)
-            await trio.sleep(5)  # let the last duplicates arrive before counting
-        pushes = sum(p.gossip.stats.pushes for p in live) - pushes_before
-        return propagation, pushes / len(live) / self.args.adverts
+        with contextlib.ExitStack() as subscriptions:
+            for peer in live:
+                subscriptions.enter_context(peer.adverts.subscribe(on_advert))
+            propagation = []
+            pushes_before = sum(p.gossip.stats.pushes for p in live)
+            for publisher in self.rng.sample(live, self.args.adverts):
+                reached[publisher.peer_id] = trio.Event()
+                advert = Advert(
+                    publisher.peer_id,
+                    seq=1,
+                    issued_at=publisher.wall_clock(),
+                    ttl=180,
+                    addrs=tuple(publisher.host.advertised_addrs),
+                    backend="testcard",
+                    models=(ModelInfo(f"model-{publisher.peer_id}"),),
+                    speed=5.0,
+                )
+                start = trio.current_time()
+                await publisher.publish_advert(advert)
+                with trio.move_on_after(60):
+                    await reached[publisher.peer_id].wait()
+                times = sorted(t for t in arrivals.get(publisher.peer_id, []))
+                propagation.append(
+                    (times[target - 1] if len(times) >= target else start + 60) - start
+                )
+                await trio.sleep(5)  # let the last duplicates arrive before counting
+            pushes = sum(p.gossip.stats.pushes for p in live) - pushes_before
+            return propagation, pushes / len(live) / self.args.adverts
 
     def kill(self, fraction: float) -> None:
         candidates = list(range(BOOTSTRAPS, len(self.peers)))

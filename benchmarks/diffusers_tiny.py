@@ -1,4 +1,4 @@
-"""Time the diffusers backend on the tiny random SD 1.x pipeline (`sdcn_p2p.backends.tinysd`).
+"""Time the diffusers backend on the tiny random SD 1.x pipeline (`sdcn_p2p.testing.tinysd`).
 
 Builds the tiny models offline in a temporary models dir, opens the real backend and runs real
 jobs through `DiffusersBackend.generate`, reporting:
@@ -113,7 +113,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     results["threads"] = args.threads
     results["rss_after_import_mb"] = rss_mb()
-    from sdcn_p2p.backends.tinysd import write_tiny_models
+    from sdcn_p2p.testing.tinysd import write_tiny_models
 
     with tempfile.TemporaryDirectory() as folder:
         models = Path(folder) / "models"

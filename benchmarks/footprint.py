@@ -207,6 +207,8 @@ def sim_peers_max(sizes: list[int]) -> tuple[int, dict[int, float]]:
         return int(GIB8_MB / (rss / n)), measured
     (small, rss_small), (large, rss_large) = list(measured.items())[-2:]
     per_peer = (rss_large - rss_small) / (large - small)
+    if per_peer <= 0:  # sizes too close for RSS noise: fall back to the mean per peer
+        return int(GIB8_MB / (rss_large / large)), measured
     return large + int((GIB8_MB - rss_large) / per_peer), measured
 
 

@@ -22,8 +22,13 @@ Sequential latency (concurrency 1) alternates a and b request by request, so bac
 hits both alike; added_ms_* are the percentiles of b minus those of a. Requests per second at
 concurrency 8 and 64 run a, b, b, a for --duration seconds each and add up.
 
+The gateway and providers collect their Prometheus metrics as deployed; the gateway's
+``GET /metrics`` is read once at the end (metrics_jobs_ok: the jobs it counted). With
+--no-metrics they collect none (``sdcn ... --no-metrics``): compare the CPU per request of
+runs with and without to see what the metrics cost.
+
 Usage: python benchmarks/overhead.py [--requests 300] [--duration 5] [--providers 4]
-       [--max-queue 64] [--json]
+       [--max-queue 64] [--no-metrics] [--json]
 """
 
 from __future__ import annotations
@@ -76,8 +81,11 @@ class Network:
 
 
 @contextmanager
-def start_network(providers: int, max_queue: int, workdir: Path) -> Iterator[Network]:
+def start_network(
+    providers: int, max_queue: int, workdir: Path, *, metrics: bool = True
+) -> Iterator[Network]:
     """Start the fake webui, a gateway and `providers` webui providers; stop them on exit."""
+    off = () if metrics else ("--no-metrics",)
     with ExitStack() as stack:
         webui_port = free_port()
         webui_url = f"http://127.0.0.1:{webui_port}"
@@ -86,7 +94,7 @@ def start_network(providers: int, max_queue: int, workdir: Path) -> Iterator[Net
             [sys.executable, __file__, "--serve-fake", f"127.0.0.1:{webui_port}"],
             workdir / "fake.log",
         )
-        gateway, gateway_url, seed = start_gateway(stack, workdir, "--default-model", MODEL)
+        gateway, gateway_url, seed = start_gateway(stack, workdir, "--default-model", MODEL, *off)
         wait_http(f"{webui_url}/sdapi/v1/sd-models", fake)
         nodes = [
             spawn(
@@ -103,6 +111,7 @@ def start_network(providers: int, max_queue: int, workdir: Path) -> Iterator[Net
                     seed,
                     "--max-queue",
                     str(max_queue),
+                    *off,
                 ),
                 workdir / f"provider{i}.log",
             )
@@ -118,7 +127,7 @@ def start_network(providers: int, max_queue: int, workdir: Path) -> Iterator[Net
 
 def serve_fake(bind: str) -> None:
     """The fake webui process: one model, a fixed ~400 KB noise PNG per image, no delay."""
-    from sdcn_p2p.fakewebui import FakeWebui, noise_png, open_fake_webui
+    from sdcn_p2p.testing.fakewebui import FakeWebui, noise_png, open_fake_webui
 
     async def run() -> None:
         fake = FakeWebui(models=(MODEL,), png=noise_png())
@@ -236,6 +245,14 @@ async def measure(net: Network, args: argparse.Namespace) -> dict[str, object]:
         result[f"gateway_rps_c{concurrency}"] = round(gateway_rps, 1)
         result[f"rps_ratio_c{concurrency}"] = round(gateway_rps / direct_rps, 3)
         result[f"cpu_ms_per_request_c{concurrency}"] = cpu
+    result["metrics"] = not args.no_metrics
+    if not args.no_metrics:
+        async with httpx.AsyncClient(timeout=30) as client:
+            text = (await client.get(f"{net.gateway_url}/metrics")).text
+        ok = 'sdcn_gateway_jobs_total{status="ok"} '
+        result["metrics_jobs_ok"] = next(
+            int(float(line.removeprefix(ok))) for line in text.splitlines() if line.startswith(ok)
+        )
     result["providers"] = args.providers
     result["requests"] = args.requests
     result["duration_s"] = args.duration
@@ -246,7 +263,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="sdcn-overhead-") as tmp:
         workdir = Path(args.logs) if args.logs else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        with start_network(args.providers, args.max_queue, workdir) as net:
+        with start_network(
+            args.providers, args.max_queue, workdir, metrics=not args.no_metrics
+        ) as net:
             return trio.run(measure, net, args)
 
 
@@ -260,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--providers", type=int, default=4)
     parser.add_argument("--max-queue", type=int, default=64, help="each provider's queue")
     parser.add_argument("--logs", metavar="DIR", help="keep the processes' logs and keys here")
+    parser.add_argument(
+        "--no-metrics", action="store_true", help="run the gateway and providers without metrics"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--serve-fake", metavar="HOST:PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -286,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"CPU ms per gateway request at c={c}: " + ", ".join(f"{k} {v}" for k, v in cpu.items())
         )  # type: ignore[union-attr]
+    if "metrics_jobs_ok" in result:
+        print(f"metrics on: the gateway counted {result['metrics_jobs_ok']} jobs")
+    else:
+        print("metrics off (--no-metrics)")
     python = sys.version.split()[0]
     print(
         f"aim: added p50 <= 3 ms, p99 <= 15 ms, gateway rps at c=64 >= 0.5 of direct "

@@ -42,7 +42,9 @@ import trio
 import trio.testing
 
 from gateway.directory import Candidate, ProviderDirectory
-from gateway.dispatch import Dispatcher, DispatchError, GatewayConfig
+from gateway.dispatch import Dispatcher, GatewayConfig
+from gateway.errors import DispatchError
+from gateway.sdcn import parse_request
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.identity import PeerId
 from sdcn_p2p.jobs import JobRequest
@@ -209,7 +211,7 @@ async def simulate(case: Case, providers: int, seed: int) -> Outcome:
         async def one(index: int, at: float) -> None:
             nonlocal last
             await trio.sleep_until(start + at)
-            job = JobRequest.from_api(
+            job = parse_request(
                 "txt2img",
                 {
                     "model": MODEL,

@@ -1,7 +1,33 @@
 """The gateway role: the HTTP APIs application developers call, and routing jobs to providers.
 
-- `directory`: which providers can run a job, and which will finish it soonest.
-- `dispatch`: send a job to the best provider, failing over when one is busy or dies.
-- `api`, `a1111`: the SDCN HTTP API and the AUTOMATIC1111-compatible one (FastAPI).
+Routing (no HTTP):
+
+- `directory`: which providers can run a job, and which will finish it soonest (pure).
+- `waitqueue`: the line of jobs waiting for a provider with room (pure).
+- `dispatch`: send a job (or a batch) to the best provider, failing over when one is busy or
+  dies; `errors`: the typed outcomes of a job that did not run.
+- `catalog`: the models, LoRAs, samplers and providers on the network, for both APIs.
+
+Jobs (every job, sync or async, is a record with events):
+
+- `jobservice`: `JobService`, `open_job_service`: submit, run, follow, cancel, retention,
+  restart; `admission`: the line of async jobs in front of the dispatcher (pure);
+  `jobstore`: SQLite records and result files in the data dir.
+
+Translating requests (pure):
+
+- `sdcn`: SDCN API bodies to jobs (base64 init images).
+- `a1111`: AUTOMATIC1111 payloads to jobs, and the webui's responses and options.
+
+HTTP (FastAPI):
+
+- `api`: `create_app`, made of `sdcn_api` (``/txt2img``, ``/v1/...``), `jobs_api`
+  (``/v1/jobs``, with server-sent events), `a1111_api` (``/sdapi/v1/...``) and `ops_api`
+  (``/metrics``, ``/v1/status``) over `http` (bodies, responses, and errors to statuses, in one
+  place).
+
+- `metrics`: what the gateway counts for Prometheus and ``/v1/status`` (the dispatcher's jobs
+  and attempts, HTTP requests by API and status, providers by state).
+
 - `node`: `Gateway`, `open_gateway`: the role on a Peer, serving HTTP.
 """

@@ -22,6 +22,9 @@ Translation:
 - images: ``batch_size`` * ``n_iter`` images (at most MAX_IMAGES), image i with seed
   ``seed + i``, sent as jobs of up to MAX_BATCH_SIZE images each (run in parallel).
 - defaults are the webui API's: 50 steps, cfg 7, 512x512, denoising strength 0.75.
+- ``force_task_id`` (A1111 1.6+) names the job, for ``GET /sdapi/v1/progress?id_task=``.
+
+`progress` is ``GET /sdapi/v1/progress``: the webui's answer, for the jobs of one client.
 """
 
 from __future__ import annotations
@@ -35,34 +38,31 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sdcn_p2p._version import __version__
+from gateway.catalog import find_model, model_title
+from gateway.jobservice import JobState
+from gateway.sdcn import parse_request as parse_sdcn_request
+from sdcn_p2p._version import AGENT_VERSION
 from sdcn_p2p.errors import JobError
-from sdcn_p2p.jobs import MAX_BATCH_SIZE, MAX_LORAS, SCHEDULERS, JobRequest, split_sampler
-from sdcn_p2p.provider import PROVIDER_ROLE
-from sdcn_p2p.records import Advert, ModelInfo, normalize_model_name
+from sdcn_p2p.jobs import MAX_BATCH_SIZE, MAX_LORAS, MAX_SEED, SCHEDULERS, JobRequest, split_sampler
+from sdcn_p2p.records import Advert, ModelInfo
 
 __all__ = [
     "DEFAULT_SAMPLER",
     "MAX_IMAGES",
-    "VERSION",
+    "MAX_TASK_ID_CHARS",
     "A1111Request",
-    "find_model",
-    "lora_list",
     "options",
     "parse_options",
     "parse_request",
-    "sampler_list",
-    "scheduler_list",
-    "sd_model_list",
+    "progress",
 ]
 
 #: Most images one request may ask for (batch_size * n_iter).
 MAX_IMAGES = 16
+#: Longest ``force_task_id`` accepted.
+MAX_TASK_ID_CHARS = 128
 #: The sampler of a request that names none (the webui API's default ``sampler_index``).
 DEFAULT_SAMPLER = "Euler"
-#: What ``info.version`` reports instead of the webui's git tag.
-VERSION = f"sdcn-p2p/{__version__}"
-_MAX_SEED = 2**32 - 1
 _DEFAULTS: dict[str, Any] = {
     "prompt": "",
     "negative_prompt": "",
@@ -97,6 +97,7 @@ _USED = frozenset(
         "send_images",
         "include_init_images",
         "disable_extra_networks",
+        "force_task_id",
     }
 )
 
@@ -109,7 +110,6 @@ _IGNORED = frozenset(
         "do_not_save_grid",
         "override_settings_restore_afterwards",
         "comments",
-        "force_task_id",
         # the variation seed, while subseed_strength is 0
         "subseed",
         # hires fix, while enable_hr is false
@@ -252,13 +252,7 @@ _CHECKPOINT = "sd_model_checkpoint"
 
 # The webui's extra network syntax: <lora:name:weight>, <hypernet:name:weight>.
 _EXTRA_NETWORK = re.compile(r"<(?P<kind>\w+):(?P<args>[^>]+)>")
-# " [6ce0161689]" at the end of a webui checkpoint title.
-_TITLE_HASH = re.compile(r"\s*\[(?P<hash>[0-9a-fA-F]+)\]\s*$")
-_EXTENSION = re.compile(r"\.(safetensors|ckpt|pt|pth|bin|gguf|sft)$", re.IGNORECASE)
-
-
-def _bad(name: str, problem: str) -> JobError:
-    return JobError("bad_request", f"{name}: {problem}")
+_bad = JobError.bad_request
 
 
 # --- requests ----------------------------------------------------------------------------------
@@ -282,6 +276,8 @@ class A1111Request:
     send_images: bool
     #: The request as received, minus the init images unless ``include_init_images``.
     parameters: dict[str, Any] = field(repr=False)
+    #: The client's ``force_task_id``, if it sent one.
+    task_id: str | None = None
 
     def job(self) -> JobRequest:
         """Validate the SDCN job, naming fields as the A1111 client knows them.
@@ -290,7 +286,7 @@ class A1111Request:
         JobError("bad_request", ...).
         """
         try:
-            return JobRequest.from_api(self.kind, self.sdcn)
+            return parse_sdcn_request(self.kind, self.sdcn)
         except JobError as exc:
             raise JobError(exc.code, _a1111_names(exc.message)) from None
 
@@ -341,7 +337,7 @@ class A1111Request:
             "Model hash": model_hash,
             "Model": model_name,
             "Denoising strength": denoising,
-            "Version": VERSION,
+            "Version": AGENT_VERSION,
         }
         negative = f"\nNegative prompt: {self.negative_prompt}" if self.negative_prompt else ""
         infotexts = [
@@ -394,7 +390,7 @@ class A1111Request:
             "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(now)),
             "clip_skip": 1,
             "is_using_inpainting_conditioning": False,
-            "version": VERSION,
+            "version": AGENT_VERSION,
             "sdcn": {**summary, "jobs": jobs},
         }
 
@@ -425,12 +421,12 @@ def parse_request(
 
     images, batch_size, n_iter = _image_count(given)
     seed = _int_field(given, "seed", -1)
-    if not -1 <= seed <= _MAX_SEED - (images - 1):
-        raise _bad("seed", f"must be -1 or from 0 to {_MAX_SEED - (images - 1)}, got {seed}")
+    if not -1 <= seed <= MAX_SEED - (images - 1):
+        raise _bad("seed", f"must be -1 or from 0 to {MAX_SEED - (images - 1)}, got {seed}")
     if seed == -1:
-        seed = rng.randrange(_MAX_SEED + 2 - images)
+        seed = rng.randrange(MAX_SEED + 2 - images)
     subseed = given.get("subseed")
-    subseed = subseed if type(subseed) is int and 0 <= subseed <= _MAX_SEED else seed
+    subseed = subseed if type(subseed) is int and 0 <= subseed <= MAX_SEED else seed
 
     prompt = given.get("prompt", "")
     negative_prompt = given.get("negative_prompt", "")
@@ -477,6 +473,7 @@ def parse_request(
         model=model if isinstance(model, ModelInfo) else None,
         send_images=given.get("send_images") is not False,
         parameters=parameters,
+        task_id=_task_id(given),
     )
 
 
@@ -497,6 +494,15 @@ def _check_fields(kind: str, given: Mapping[str, Any]) -> None:
     for name in ("send_images", "include_init_images", "disable_extra_networks"):
         if name in given and type(given[name]) is not bool:
             raise _bad(name, "must be a boolean")
+
+
+def _task_id(given: Mapping[str, Any]) -> str | None:
+    task_id = given.get("force_task_id")
+    if task_id is None or task_id == "":
+        return None
+    if not isinstance(task_id, str) or len(task_id) > MAX_TASK_ID_CHARS:
+        raise _bad("force_task_id", f"must be a string of at most {MAX_TASK_ID_CHARS} characters")
+    return task_id
 
 
 def _check_settings(settings: Mapping[str, Any], prefix: str) -> str | None:
@@ -651,120 +657,7 @@ def _a1111_names(message: str) -> str:
     return message
 
 
-# --- the catalog -------------------------------------------------------------------------------
-
-
-def _providers(adverts: Iterable[Advert], *, online: bool = True) -> list[Advert]:
-    return [a for a in adverts if PROVIDER_ROLE in a.roles and (a.state == "online" or not online)]
-
-
-def find_model(name: str, adverts: Iterable[Advert]) -> ModelInfo | None:
-    """The advertised model `name` means: a model name, a webui title (``"x.safetensors
-    [hash]"``, with or without the hash), a file name, or a short hash; None if none matches.
-
-    Adverts of providers in any state count, as they do for 404 versus 503.
-    """
-    models = [m for a in _providers(adverts, online=False) for m in a.models]
-    wanted = normalize_model_name(name)
-    bare = normalize_model_name(_TITLE_HASH.sub("", name))
-    stem = normalize_model_name(_EXTENSION.sub("", bare))
-    tagged = _TITLE_HASH.search(name)
-    tries: list[Callable[[ModelInfo], bool]] = [
-        lambda m: normalize_model_name(m.name) == wanted,
-        lambda m: bool(m.title) and normalize_model_name(m.title) == wanted,
-        lambda m: normalize_model_name(_TITLE_HASH.sub("", m.title or m.name)) == bare,
-        lambda m: normalize_model_name(m.name) == stem,
-        lambda m: bool(m.hash) and m.hash.lower() == (tagged["hash"] if tagged else name).lower(),
-    ]
-    for matches in tries:
-        for model in models:
-            if matches(model):
-                return model
-    return None
-
-
-def _title(model: ModelInfo) -> str:
-    return model.title or model.name
-
-
-def sd_model_list(adverts: Iterable[Advert]) -> list[dict[str, Any]]:
-    """``GET /sdapi/v1/sd-models``: each model online providers offer, once."""
-    seen: dict[str, ModelInfo] = {}
-    for advert in _providers(adverts):
-        for model in advert.models:
-            seen.setdefault(normalize_model_name(model.name), model)
-    return [
-        {
-            "title": _title(model),
-            "model_name": model.name,
-            "hash": model.hash or None,
-            "sha256": None,
-            "filename": _TITLE_HASH.sub("", _title(model)),
-            "config": None,
-        }
-        for model in seen.values()
-    ]
-
-
-def lora_list(adverts: Iterable[Advert]) -> list[dict[str, Any]]:
-    """``GET /sdapi/v1/loras``: each LoRA online providers offer, once."""
-    names: dict[str, str] = {}
-    for advert in _providers(adverts):
-        for lora in advert.loras:
-            names.setdefault(normalize_model_name(lora.name), lora.name)
-    return [{"name": n, "alias": n, "path": n, "metadata": {}} for n in names.values()]
-
-
-def sampler_list(adverts: Iterable[Advert]) -> list[dict[str, Any]]:
-    """``GET /sdapi/v1/samplers``: each sampler online providers offer, once."""
-    names: dict[str, str] = {}
-    for advert in _providers(adverts):
-        for sampler in advert.samplers:
-            names.setdefault(normalize_model_name(sampler), sampler)
-    return [{"name": n, "aliases": [], "options": {}} for n in names.values()]
-
-
-# name: (default_rho, need_inner_model, aliases), as the webui 1.10 lists them.
-_SCHEDULER_DETAILS: dict[str, tuple[float, bool, list[str] | None]] = {
-    "uniform": (-1.0, True, None),
-    "karras": (7.0, False, None),
-    "exponential": (-1.0, False, None),
-    "polyexponential": (1.0, False, None),
-    "sgm_uniform": (-1.0, True, ["SGMUniform"]),
-    "kl_optimal": (-1.0, False, None),
-    "align_your_steps": (-1.0, False, None),
-    "simple": (-1.0, True, None),
-    "normal": (-1.0, True, None),
-    "ddim": (-1.0, True, None),
-    "beta": (-1.0, True, None),
-}
-
-
-def scheduler_list() -> list[dict[str, Any]]:
-    """``GET /sdapi/v1/schedulers``: "Automatic" (the sampler's own) and each scheduler a
-    sampler name may end with.
-    """
-    entries = [
-        {
-            "name": "automatic",
-            "label": "Automatic",
-            "aliases": None,
-            "default_rho": -1.0,
-            "need_inner_model": False,
-        }
-    ]
-    for label, name in SCHEDULERS.items():
-        rho, inner, aliases = _SCHEDULER_DETAILS.get(name, (-1.0, False, None))
-        entries.append(
-            {
-                "name": name,
-                "label": label,
-                "aliases": aliases,
-                "default_rho": rho,
-                "need_inner_model": inner,
-            }
-        )
-    return entries
+# --- options ---------------------------------------------------------------------------------
 
 
 def options(default_model: str | None, adverts: Iterable[Advert]) -> dict[str, Any]:
@@ -772,7 +665,7 @@ def options(default_model: str | None, adverts: Iterable[Advert]) -> dict[str, A
     providers run with.
     """
     model = find_model(default_model, adverts) if default_model else None
-    checkpoint = _title(model) if model else default_model
+    checkpoint = model_title(model) if model else default_model
     return {
         _CHECKPOINT: checkpoint,
         "sd_checkpoint_hash": model.hash or None if model else None,
@@ -803,3 +696,55 @@ def parse_options(body: Any, adverts: Iterable[Advert]) -> str | None:
     if model is None:
         raise _bad(_CHECKPOINT, f"no provider offers model {checkpoint!r:.80}")
     return model.name
+
+
+# --- progress ----------------------------------------------------------------------------------
+
+
+def progress(jobs: Sequence[JobState], *, interrupted: bool) -> dict[str, Any]:
+    """``GET /sdapi/v1/progress`` for a client whose jobs in flight are `jobs`.
+
+    As the webui: ``progress`` 0 to 1 over all their images, ``eta_relative`` in seconds,
+    ``state`` with ``job_count`` (jobs dispatched: an A1111 request of more than
+    MAX_BATCH_SIZE images makes several), ``job_no`` (those finished), and the steps of the
+    first unfinished one; ``current_image`` is always null (providers send no previews).
+    `interrupted`: whether the client interrupted its jobs since it last started one.
+    """
+    state: dict[str, Any] = {
+        "skipped": False,
+        "interrupted": interrupted,
+        "stopping_generation": False,
+        "job": "",
+        "job_count": 0,
+        "job_timestamp": "0",
+        "job_no": 0,
+        "sampling_step": 0,
+        "sampling_steps": 0,
+    }
+    answer: dict[str, Any] = {
+        "progress": 0.0,
+        "eta_relative": 0.0,
+        "state": state,
+        "current_image": None,
+        "textinfo": None,
+    }
+    parts = [part for job in jobs for part in job.parts]
+    if not parts:
+        return answer
+    finished = [total > 0 and step >= total for step, total in parts]
+    step, total = next(
+        (part for part, done in zip(parts, finished, strict=True) if not done), parts[-1]
+    )
+    first = min(jobs, key=lambda job: job.created_at)
+    state.update(
+        job=first.kind,
+        job_count=len(parts),
+        job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(first.created_at)),
+        job_no=sum(finished),
+        sampling_step=step,
+        sampling_steps=total,
+    )
+    done = sum(min(step / total, 1.0) for step, total in parts if total > 0)
+    answer["progress"] = round(done / len(parts), 4)
+    answer["eta_relative"] = max((job.eta_s or 0.0 for job in jobs), default=0.0)
+    return answer

@@ -15,9 +15,9 @@ believed only until its first jobs come back.
 
 `choose` picks at random among the candidates within 10 % of the best, so that gateways
 reading the same adverts do not all herd onto one provider. A provider with MAX_IN_FLIGHT of
-this gateway's jobs, or held back after answering busy, is no candidate. A provider that fails
-is banned
-for 5 s, doubling with each consecutive failure up to 5 min; a success forgets its failures.
+this gateway's jobs, or as many as its advert says it holds (slots and queue), or held back
+after answering busy, is no candidate. A provider that fails is banned for 5 s, doubling with
+each consecutive failure up to 5 min; a success forgets its failures.
 
 Adverts are claims anyone can make, so the gateway trusts what it has seen: a provider that
 completed a job for it is *proven* (the last MAX_PROVEN are remembered, and their adverts
@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from sdcn_p2p.adverts import AdvertCache
 from sdcn_p2p.identity import PeerId
 from sdcn_p2p.jobs import JobRequest, split_sampler
-from sdcn_p2p.provider import PROVIDER_ROLE
 from sdcn_p2p.records import Advert, normalize_model_name
 
 __all__ = [
@@ -135,7 +134,7 @@ class ProviderDirectory:
 
     def only_full(self, job: JobRequest, now: float, *, exclude: Collection[PeerId] = ()) -> bool:
         """Whether providers could run `job` but every one is full for now (held back after
-        answering busy, or running MAX_IN_FLIGHT of our jobs): a job worth queueing for."""
+        answering busy, or running all of our jobs it takes): a job worth queueing for."""
         capable = list(self._capable(job, now, exclude))
         return bool(capable) and all(self._full(advert, now) for advert in capable)
 
@@ -144,8 +143,7 @@ class ProviderDirectory:
     ) -> Iterator[Advert]:
         for advert in self._offering(job.model, [name for name, _ in job.loras]):
             if (
-                advert.state == "online"
-                and PROVIDER_ROLE in advert.roles
+                advert.is_online_provider
                 and _fits(advert, job)
                 and advert.peer_id not in exclude
                 and not self.is_banned(advert.peer_id, now)
@@ -153,7 +151,10 @@ class ProviderDirectory:
                 yield advert
 
     def _full(self, advert: Advert, now: float) -> bool:
-        return self._held(advert, now) or self._in_flight.get(advert.peer_id, 0) >= MAX_IN_FLIGHT
+        room = MAX_IN_FLIGHT
+        if advert.max_queue is not None:  # more of ours than it holds would meet busy
+            room = min(room, advert.slots + advert.max_queue)
+        return self._held(advert, now) or self._in_flight.get(advert.peer_id, 0) >= room
 
     def choose(
         self,
@@ -197,6 +198,23 @@ class ProviderDirectory:
         # avoids counting them twice while reacting to them before the advert does.
         queue = max(advert.queue, in_flight) / advert.slots
         return Candidate(advert, rtt + queue * run + run, rtt, in_flight, proven)
+
+    def capacity(
+        self, job: JobRequest, now: float, *, exclude: Collection[PeerId] = ()
+    ) -> tuple[float, int]:
+        """What the providers that could run `job` get through, full or not: jobs like it
+        per second (each provider's slots over its run at the speed this gateway measured
+        there, else the advertised one), and the jobs waiting in their own queues beyond
+        their slots. While any of them is proven, only proven ones count: a claim is no
+        capacity.
+        """
+        capable = list(self._capable(job, now, exclude))
+        per_second, queued = 0.0, 0
+        for advert in [a for a in capable if a.peer_id in self._proven] or capable:
+            per_second += advert.slots * self._speed(advert) / job.cost
+            load = max(advert.queue, self._in_flight.get(advert.peer_id, 0))
+            queued += max(load - advert.slots, 0)
+        return per_second, queued
 
     def has_model(self, model: str, loras: Iterable[str] = ()) -> bool:
         """Whether any provider, in any state, banned or not, offers `model` with every LoRA.

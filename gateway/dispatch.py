@@ -8,60 +8,100 @@ no provider for the model (a gateway that just joined), one DHT lookup of the mo
 fills it in (only then: not when every known provider is busy, or every 503 would wait on it).
 
 Busy is back-pressure, not a failure: a provider that answers busy, or resets a new stream
-while we keep it full, is held back (see `ProviderDirectory.hold_busy`) rather than banned.
+while we keep it full, is held back (see `ProviderDirectory.hold_busy`) rather than banned;
+so is one whose advert says its slots and queue are full, without being asked.
 A ban would leave it idle once its queue drains, and under overload that cut what the
 network served by half or more (benchmarks/load.py).
 
 When every provider that could run a job is full (held back after busy, or running as many
 of our jobs as we send one), the job waits in its model's line, first come first served, for
 one to have room: up to `GatewayConfig.queue_wait` seconds (at most half its deadline), with
-at most `GatewayConfig.max_waiting` jobs waiting in all; then, or beyond that, it is a 503. A
-job ending wakes the first in its model's line; an advert of a provider with room wakes as
-many as it has free slots in each line of its models; the first in each line also looks again
-every second, since a busy hold can lapse unseen, and one that finds room wakes the next. (A
-job woken into a provider that turns out busy goes back to its place, but a job behind it may
-have taken the room meanwhile.) Waiting on the gateway spares an overloaded network the storm
-of clients retrying after 503s, which otherwise took most of the gateway's time
-(benchmarks/load.py).
+at most `GatewayConfig.max_waiting` jobs waiting in all; then, or beyond that, it is a 503.
+While jobs of a model wait, a new job of that model joins the line without trying providers
+first: the room a job frees is the line's. A job ending wakes the first in its model's line;
+an advert of a provider with room wakes as many as it has free slots in each line of its
+models; the first in each line also looks again every second, since a busy hold can lapse
+unseen, and one that finds room wakes the next. (A job woken into a provider that turns out
+busy goes back to its place, but a job behind it may have taken the room meanwhile.) Waiting
+on the gateway spares an overloaded network the storm of clients retrying after 503s, which
+otherwise took most of the gateway's time (benchmarks/load.py). But a job that would not
+start within its wait (the jobs ahead of it over the throughput of the capable providers, see
+gateway.backlog) does not wait in vain: it is a 503 at once, with that estimate as
+`retry_after`.
 
 Against providers that advertise what they cannot deliver (or never answer), a request
 makes at most one attempt on an unproven provider (one that has completed no job here) while
 a proven one could take the job, and that attempt gets half the time left, so the proven
 provider still has time to finish when the unproven one fails or hangs.
+
+A job that does not run raises one of the `gateway.errors` types (NoProvider, AllBusy, ...);
+what a caller answers with is its business (the HTTP layer picks statuses). A caller that
+follows a job (a job service) passes `on_event`: it hears `JobWaiting` when the job joins the
+line (and when it goes back to another place in it), `JobAssigned` for each attempt, and
+`JobProgress` for each step the provider reports.
+
+Each job has an id (the caller's, or one drawn here): every log line about the job carries
+it (`sdcn_p2p.logs.log_context`), and so does the job request, so that the provider's lines
+do too. A job that ends logs one line at info: its model, provider, status, attempts, and time
+queued and run (never the prompt). The dispatcher's metrics are `gateway.metrics`'.
 """
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import logging
+import math
 import random
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import trio
 
+from gateway.backlog import start_in
 from gateway.directory import Candidate, ProviderDirectory
-from sdcn_p2p.errors import NETWORK_ERRORS, JobError, RecordError, SdcnError, StreamReset
+from gateway.errors import (
+    AllBusy,
+    DeadlinePassed,
+    DispatchError,
+    NoProvider,
+    ProviderFailed,
+    Rejected,
+)
+from gateway.metrics import DispatchMetrics, job_status
+from gateway.waitqueue import WaitQueue
+from sdcn_p2p._config import require, require_at_least, require_positive
+from sdcn_p2p._util import open_service_nursery
+from sdcn_p2p.errors import (
+    NETWORK_ERRORS,
+    JobError,
+    JobErrorCode,
+    RecordError,
+    SdcnError,
+    StreamReset,
+)
 from sdcn_p2p.identity import PeerId
-from sdcn_p2p.jobs import JobRequest, JobResult, request_job
+from sdcn_p2p.jobs import MAX_SEED, JobRequest, JobResult
+from sdcn_p2p.jobs.protocol import request_job
+from sdcn_p2p.jobs.schema import check_job_id, new_job_id
+from sdcn_p2p.logs import log_context
 from sdcn_p2p.peer import Peer
-from sdcn_p2p.provider import PROVIDER_ROLE
 from sdcn_p2p.records import Advert, Envelope, model_key, normalize_model_name
 
 __all__ = [
     "MAX_ATTEMPTS",
-    "DispatchError",
+    "DispatchEvent",
     "DispatchResult",
     "Dispatcher",
     "GatewayConfig",
+    "JobAssigned",
+    "JobProgress",
+    "JobWaiting",
 ]
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
-_SEEDS = 2**32
 #: A provider that times out having had this many times its estimated run is banned; a
 #: shorter deadline is the client's doing, and must not let one client ban every provider.
 _TIMEOUT_BAN_FACTOR = 2.0
@@ -69,20 +109,11 @@ _TIMEOUT_BAN_FACTOR = 2.0
 _RECHECK = 1.0
 #: Busy answers one request takes before it gives up with a 503.
 _MAX_BUSY = 16
-
-
-class DispatchError(SdcnError):
-    """A job that did not run; `status` is the HTTP status to answer with, `message` why.
-
-    400: a provider found the request invalid. 404: no provider offers the model, a LoRA, or
-    the sampler, size or steps asked for. 502: the last provider tried failed in its backend.
-    503: every capable provider is busy, banned or unreachable. 504: the deadline passed.
-    """
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+#: Longest Retry-After (s) an early 503 gives, however long the line.
+_MAX_RETRY_AFTER = 600.0
+#: The outcome (gateway.metrics.ATTEMPT_OUTCOMES) of an attempt a provider answered with an
+#: error; other codes are "failed".
+_ATTEMPT_OUTCOME = {JobErrorCode.BUSY: "busy", JobErrorCode.TIMEOUT: "timeout"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +122,37 @@ class DispatchResult:
 
     images: list[bytes] = field(repr=False)
     info: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class JobWaiting:
+    """The job waits in the gateway's line for a provider with room, `position` jobs ahead."""
+
+    position: int
+    part: int = 0  # which job of a batch (`Dispatcher.run_batch`)
+
+
+@dataclass(frozen=True, slots=True)
+class JobAssigned:
+    """Attempt `attempt` (counting busy answers) sends the job to `provider`."""
+
+    provider: PeerId
+    attempt: int
+    part: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class JobProgress:
+    """The provider running the job finished `step` of `total` sampling steps."""
+
+    step: int
+    total: int
+    part: int = 0
+
+
+DispatchEvent = JobWaiting | JobAssigned | JobProgress
+#: Called with each event of a job, in the dispatcher's task: it must not block or raise.
+EventCallback = Callable[[DispatchEvent], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,12 +172,19 @@ class GatewayConfig:
     max_waiting: int = 1024
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be at least 1, not {self.max_attempts}")
-        if min(self.deadline_base, self.deadline_cap, self.dht_lookup_timeout) <= 0:
-            raise ValueError("deadline_base, deadline_cap and dht_lookup_timeout must be > 0")
-        if min(self.deadline_per_unit, self.queue_wait, self.max_waiting) < 0:
-            raise ValueError("deadline_per_unit, queue_wait and max_waiting must be ≥ 0")
+        """Raise ConfigError naming the first field out of range."""
+        require_at_least(self, 1, "max_attempts")
+        require_at_least(self, 0, "max_waiting")
+        require_positive(self, "deadline_base", "deadline_cap", "dht_lookup_timeout")
+        for name in ("deadline_per_unit", "queue_wait"):  # 0 is allowed: no wait, no scaling
+            value = getattr(self, name)
+            ok = (
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+                and value >= 0
+            )
+            require(self, name, ok, "must be a finite number ≥ 0")
 
 
 class LocalRunner(Protocol):
@@ -141,24 +210,40 @@ class Dispatcher:
         *,
         rng: random.Random | None = None,
         local: LocalRunner | None = None,
+        metrics: DispatchMetrics | None = None,
     ) -> None:
         """`local`: how to run a job on a provider on this same peer (`Provider.run_job`);
         without it our own peer is never chosen, since a host cannot dial itself.
+        `metrics`: where to record jobs (default: in the peer's registry).
         """
         self.peer = peer
         self.directory = directory
         self.config = config
         self.local = local
+        self.metrics = metrics or DispatchMetrics(peer.metrics)
         self._rng = rng or random.Random()
-        self._lines: dict[str, _WaitQueue] = {}  # normalized model name -> its jobs waiting
+        self._lines: dict[str, WaitQueue] = {}  # normalized model name -> its jobs waiting
         self._tickets = itertools.count()
         self._waiting = 0
-        peer.adverts.add_listener(self._on_advert)
+        self._running = 0  # attempts in flight
+        self._work_held = 0.0  # megapixel-steps of the jobs accepted and not ended
+        # Never closed: a Dispatcher lives as long as its peer's cache.
+        self._advert_subscription = peer.adverts.subscribe(self._on_advert)
 
     @property
     def waiting(self) -> int:
         """Jobs waiting now for a provider to have room."""
         return self._waiting
+
+    @property
+    def running(self) -> int:
+        """Jobs sent to a provider now and not back yet."""
+        return self._running
+
+    @property
+    def queued_megapixel_steps(self) -> float:
+        """The work (megapixel-steps) of the jobs accepted and not ended yet."""
+        return max(self._work_held, 0.0)
 
     def default_deadline(self, job: JobRequest) -> float:
         """Seconds a job may take when the client sets no deadline, scaled by its cost."""
@@ -170,52 +255,137 @@ class Dispatcher:
         job: JobRequest,
         *,
         deadline: float | None = None,
-        on_progress: Callable[[int, int], None] | None = None,
+        on_event: EventCallback | None = None,
+        part: int = 0,
+        job_id: str | None = None,
     ) -> DispatchResult:
         """Run `job` within `deadline` seconds (default: `default_deadline`) and return its
         images, trying up to `config.max_attempts` providers.
 
-        A seed of -1 is replaced by a random one (``info["seed"]`` says which).
-        `on_progress(step, total)` follows the current attempt. Raises DispatchError.
-        Cancelling is safe: the job's stream is reset, which cancels it on the provider.
+        A seed of -1 is replaced by a random one (``info["seed"]`` says which). `on_event`
+        hears the job's events (see `DispatchEvent`), each with `part`. `job_id` names the
+        job in the logs, here and on the provider (default: a fresh id; ValueError if it is
+        not 1 to 64 of ``[A-Za-z0-9._:-]``). Raises a DispatchError subclass
+        (`gateway.errors`). Cancelling is safe: the job's stream is reset, which cancels it
+        on the provider.
         """
+        if job_id is None:  # unique across gateways, so not from `self._rng` (maybe seeded)
+            job_id = new_job_id()
+        else:
+            try:
+                check_job_id(job_id)
+            except JobError as exc:
+                raise ValueError(exc.message) from None
         if job.seed == -1:
-            job = job.with_seed(self._rng.randrange(_SEEDS))
+            job = job.with_seed(self._rng.randrange(MAX_SEED + 1))
         if deadline is None:
             deadline = self.default_deadline(job)
         started = trio.current_time()
-        request = _Request(job, started, started + deadline)
-        try:
-            result = await self._run(request, on_progress)
-        except DispatchError as exc:
-            log.info(
-                "%s %s failed after %d attempt(s), %.0f ms: %d %s",
-                job.kind,
-                job.model,
-                request.attempts,
-                (trio.current_time() - started) * 1000,
-                exc.status,
-                exc.message,
-            )
-            raise
-        info = {**result.info, "attempts": request.attempts}
+        request = _Request(
+            job, started, started + deadline, on_event=on_event, part=part, job_id=job_id
+        )
+        work = job.megapixel_steps
+        self._work_held += work
+        with log_context(job_id=job_id):
+            try:
+                result = await self._run(request)
+            except BaseException as exc:
+                self._ended(request, exc, None)
+                raise
+            finally:
+                self._work_held -= work
+            self._ended(request, None, result)
+        return DispatchResult(result.images, {**result.info, "attempts": request.attempts})
+
+    def _ended(
+        self, request: _Request, error: BaseException | None, result: JobResult | None
+    ) -> None:
+        """Record how `request`'s job ended, in the metrics and in one line at info."""
+        job = request.job
+        now = trio.current_time()
+        status = job_status(error)
+        # Queued: until the provider that ran it started (its own queue included); for a
+        # job that never ran, until it gave up.
+        queue = now - request.started
+        run = None
+        if result is not None and request.sent is not None:
+            provider_queue = result.info.get("queue_ms", 0) / 1000
+            queue = min(request.sent - request.started + provider_queue, queue)
+            run = now - request.started - queue
+        self.metrics.job_ended(job, status, now=now, queue=queue, run=run)
+        provider = str(request.tried[-1]) if request.tried else ""
+        fields = {
+            "model": job.model,
+            "provider": provider,
+            "status": status,
+            "attempts": request.attempts,
+            "queue_s": round(queue, 3),
+            "run_s": None if run is None else round(run, 3),
+        }
+        where = f" on {request.tried[-1].short()}" if request.tried else ""
+        took = f"queue {queue:.3f} s, run {run:.3f} s" if run is not None else f"{queue:.3f} s"
+        why = f": {error.message}" if isinstance(error, DispatchError) else ""
         log.info(
-            "%s %s on %s: %d attempt(s), %.0f ms",
+            "%s %s%s: %s, %d attempt(s), %s%s",
             job.kind,
             job.model,
-            request.tried[-1].short(),
+            where,
+            status,
             request.attempts,
-            (trio.current_time() - started) * 1000,
+            took,
+            why,
+            extra=fields,
         )
-        return DispatchResult(result.images, info)
 
-    async def _run(
-        self, request: _Request, on_progress: Callable[[int, int], None] | None
-    ) -> JobResult:
+    async def check_offered(self, job: JobRequest) -> None:
+        """Raise NoProvider unless some provider (in any state, busy or banned) offers all
+        that `job` needs; when none is known to offer its model, the DHT is asked first.
+        """
+        if not self._known(job):
+            await self._look_up(job.model, trio.current_time() + self.config.dht_lookup_timeout)
+        if not self.directory.can_run(job):
+            raise self._nobody_can(job)
+
+    async def run_batch(
+        self,
+        jobs: Sequence[JobRequest],
+        *,
+        deadline: float | None = None,
+        on_event: EventCallback | None = None,
+        job_id: str | None = None,
+    ) -> list[DispatchResult]:
+        """Run `jobs` in parallel, as `run` runs each (job i's events have ``part=i``), and
+        return their results in order. With `job_id`, part i of several is named
+        ``<job_id>.<i>`` (one job alone, `job_id`); without, each part gets an id of its own.
+
+        The first to fail cancels the others, and its error is raised.
+        """
+        results: list[DispatchResult | None] = [None] * len(jobs)
+
+        async def run(index: int, job: JobRequest) -> None:
+            part_id = job_id if job_id is None or len(jobs) == 1 else f"{job_id}.{index}"
+            results[index] = await self.run(
+                job, deadline=deadline, on_event=on_event, part=index, job_id=part_id
+            )
+
+        try:
+            async with open_service_nursery() as nursery:
+                for index, job in enumerate(jobs):
+                    nursery.start_soon(run, index, job)
+        except BaseExceptionGroup as group:  # several failed at once: report one
+            failures = [exc for exc in group.exceptions if isinstance(exc, SdcnError)]
+            if len(failures) < len(group.exceptions):
+                raise
+            raise failures[0] from None
+        return [result for result in results if result is not None]
+
+    async def _run(self, request: _Request) -> JobResult:
         job = request.job
         looked_up = False
         while len(request.tried) < self.config.max_attempts:
-            candidate = self._choose(request)
+            # A newcomer queues behind the jobs waiting for its model: the room a job frees
+            # is theirs, and racing them for it only meets busy answers.
+            candidate = None if self._behind_line(request) else self._choose(request)
             # Only when nobody is known to offer the model: providers that are all busy or
             # banned are no reason for a lookup, which would hold up every 503 under load.
             if candidate is None and not looked_up and not self._known(job):
@@ -228,8 +398,8 @@ class Dispatcher:
                 break
             left = request.end - trio.current_time()
             if left <= 0:
-                raise DispatchError(504, "the deadline passed before a provider was found")
-            result = await self._attempt(request, candidate, left, on_progress)
+                raise DeadlinePassed("the deadline passed before a provider was found")
+            result = await self._attempt(request, candidate, left)
             if result is not None:
                 return result
         raise self._no_result(request)
@@ -241,16 +411,24 @@ class Dispatcher:
         """
         config = self.config
         now = trio.current_time()
-        if request.busy >= _MAX_BUSY or config.queue_wait <= 0 or not self._only_full(request):
+        if (
+            request.busy >= _MAX_BUSY
+            or config.queue_wait <= 0
+            or not (self._behind_line(request) or self._only_full(request))
+        ):
             return None
+        line = normalize_model_name(request.job.model)
         if request.wait_until == 0.0:  # its first wait
             if self._waiting >= config.max_waiting:
                 return None
-            request.wait_until = now + min(config.queue_wait, (request.end - now) / 2)
+            limit = min(config.queue_wait, (request.end - now) / 2)
+            self._refuse_if_late(request, self._lines.get(line), limit)
+            request.wait_until = now + limit
             request.ticket = next(self._tickets)
         line = normalize_model_name(request.job.model)
-        queue = self._lines.setdefault(line, _WaitQueue())
+        queue = self._lines.setdefault(line, WaitQueue(now))
         event = queue.join(request.ticket)
+        request.waiting_at(queue.position(request.ticket))
         self._waiting += 1
         try:
             while trio.current_time() < request.wait_until:
@@ -259,6 +437,7 @@ class Dispatcher:
                 if event.is_set():  # woken, and so out of line: back to its place
                     queue = self._lines.setdefault(line, queue)
                     event = queue.join(request.ticket)
+                    request.waiting_at(queue.position(request.ticket))
                 elif not queue.is_first(request.ticket):
                     continue  # looking again unwoken is for the first in line
                 candidate = self._choose(request)
@@ -275,13 +454,43 @@ class Dispatcher:
             if not queue and self._lines.get(line) is queue:
                 del self._lines[line]
 
+    def _refuse_if_late(self, request: _Request, queue: WaitQueue | None, limit: float) -> None:
+        """Raise a 503 now if `request`'s job would not start within `limit` seconds of
+        waiting behind `queue` (see gateway.backlog), with that estimate as Retry-After.
+        """
+        now = trio.current_time()
+        job = request.job
+        speed, queued = self.directory.capacity(
+            job, self.peer.wall_clock(), exclude=self._exclude(request)
+        )
+        measured = queue.throughput.rate(now) if queue is not None else None
+        rate = speed if measured is None else measured
+        ahead = len(queue) if queue is not None else 0
+        wait = start_in(ahead, queued, rate)
+        if wait > limit:
+            raise AllBusy(
+                f"every provider of model {job.model!r} is full: {ahead + queued} job(s) ahead "
+                f"at {rate:.1f}/s would start this one in {wait:.0f} s, past its {limit:.0f} s "
+                "wait",
+                retry_after=min(wait, _MAX_RETRY_AFTER),
+            )
+
+    def _behind_line(self, request: _Request) -> bool:
+        """Whether `request` has not waited yet and jobs of its model are waiting."""
+        return request.wait_until == 0.0 and bool(
+            self._lines.get(normalize_model_name(request.job.model))
+        )
+
     def _only_full(self, request: _Request) -> bool:
         return self.directory.only_full(
             request.job, self.peer.wall_clock(), exclude=self._exclude(request)
         )
 
     def _on_advert(self, advert: Advert) -> None:
-        if advert.state != "online" or PROVIDER_ROLE not in advert.roles:
+        if not advert.is_online_provider:
+            return
+        if advert.full:  # it would answer busy: hold it back as if it had, without asking
+            self.directory.hold_busy(advert.peer_id, self.peer.wall_clock(), advert.seq)
             return
         names = {normalize_model_name(n) for m in advert.models for n in (m.name, m.title) if n}
         for name in names:
@@ -315,16 +524,14 @@ class Dispatcher:
         return any(candidate.proven for candidate in found)
 
     async def _attempt(
-        self,
-        request: _Request,
-        candidate: Candidate,
-        left: float,
-        on_progress: Callable[[int, int], None] | None,
+        self, request: _Request, candidate: Candidate, left: float
     ) -> JobResult | None:
         """Run the job on `candidate`; None when it failed in a way worth another provider."""
         peer = candidate.peer_id
         host = self.peer.host
         request.tried.append(peer)
+        request.emit(JobAssigned(peer, request.attempts))
+        on_progress = request.progress_callback()
         shortened = False
         if not candidate.proven:
             request.tried_unproven = True
@@ -334,27 +541,36 @@ class Dispatcher:
             host.peerstore.add_addrs(peer, candidate.advert.addrs)
         log.debug("attempt %d on %s, eta %.1f s", len(request.tried), peer.short(), candidate.eta)
         self.directory.started(peer)
+        self._running += 1
         busy = False
-        sent = trio.current_time()
+        outcome = "cancelled"  # unless it ends otherwise
+        sent = request.sent = trio.current_time()
         try:
             if peer == self.peer.peer_id and self.local is not None:
                 result = await self.local(request.job, deadline=left, on_progress=on_progress)
             else:
                 result = await request_job(
-                    host, peer, request.job, deadline=left, on_progress=on_progress
+                    host,
+                    peer,
+                    request.job,
+                    deadline=left,
+                    on_progress=on_progress,
+                    job_id=request.job_id,
                 )
+            outcome = "ok"
         except JobError as exc:
+            outcome = _ATTEMPT_OUTCOME.get(exc.code, "failed")
             log.debug("%s failed the job: %s", peer.short(), exc)
-            if exc.code == "bad_request":
-                raise DispatchError(400, exc.message) from None
-            if exc.code == "timeout":
+            if exc.code is JobErrorCode.BAD_REQUEST:
+                raise Rejected(exc.message) from None
+            if exc.code is JobErrorCode.TIMEOUT:
                 if left >= _TIMEOUT_BAN_FACTOR * candidate.eta:
                     self.directory.ban(peer, self.peer.wall_clock())
                 if shortened:  # a proven provider has the other half
                     request.last_error = exc
                     return None
-                raise DispatchError(504, f"no result within the deadline: {exc.message}") from None
-            if exc.code == "busy":  # back-pressure, not a failure: no ban
+                raise DeadlinePassed(f"no result within the deadline: {exc.message}") from None
+            if exc.code is JobErrorCode.BUSY:  # back-pressure, not a failure: no ban
                 busy = True
                 request.last_error = exc
                 return None
@@ -362,13 +578,17 @@ class Dispatcher:
             return None
         except NETWORK_ERRORS as exc:
             log.debug("job on %s broke: %r", peer.short(), exc)
+            outcome = "failed"
             if self._refused_stream(peer, candidate, exc):
+                outcome = "busy"
                 busy = True
                 request.last_error = exc
                 return None
             self._failed(request, peer, exc)
             return None
         finally:
+            self._running -= 1
+            self.metrics.attempt(outcome)
             self.directory.finished(peer)
             if busy:  # after `finished`, which lifts holds
                 self.directory.hold_busy(peer, self.peer.wall_clock(), candidate.advert.seq)
@@ -378,6 +598,7 @@ class Dispatcher:
             else:  # room for the job of this model that waited longest
                 queue = self._lines.get(normalize_model_name(request.job.model))
                 if queue is not None:
+                    queue.throughput.record(trio.current_time())
                     queue.wake()
         self.directory.succeeded(peer)
         queued = result.info.get("queue_ms", 0) / 1000
@@ -419,44 +640,38 @@ class Dispatcher:
         job = request.job
         error = request.last_error
         if error is not None:
-            if isinstance(error, JobError) and error.code == "backend_failed":
-                return DispatchError(502, f"provider failed: {error.message}")
+            if isinstance(error, JobError) and error.code is JobErrorCode.BACKEND_FAILED:
+                return ProviderFailed(f"provider failed: {error.message}")
             last = str(error) or type(error).__name__
             waited = ""
             if request.wait_until:
                 waited = f" in {trio.current_time() - request.started:.0f} s"
-            return DispatchError(
-                503,
+            return AllBusy(
                 f"{request.attempts} attempt(s){waited}, no provider could run the job; "
-                f"last: {last}",
+                f"last: {last}"
             )
         return self._nobody_can(job)
 
     def _nobody_can(self, job: JobRequest) -> DispatchError:
-        """Why no provider took `job` at all: 404 if none offers it, else 503."""
+        """Why no provider took `job` at all: NoProvider if none offers it, else AllBusy."""
         directory = self.directory
         model = job.model
         loras = [name for name, _ in job.loras]
         if not directory.has_model(model):
-            return DispatchError(404, f"no provider offers model {model!r}")
+            return NoProvider(f"no provider offers model {model!r}")
         if not directory.has_model(model, loras):
             missing = [name for name in loras if not directory.has_model(model, [name])]
             if missing:
                 names = ", ".join(repr(name) for name in missing)
-                return DispatchError(404, f"no provider of model {model!r} offers LoRA {names}")
+                return NoProvider(f"no provider of model {model!r} offers LoRA {names}")
             names = ", ".join(repr(name) for name in loras)
-            return DispatchError(
-                404, f"no provider of model {model!r} offers LoRAs {names} together"
-            )
+            return NoProvider(f"no provider of model {model!r} offers LoRAs {names} together")
         if not directory.can_run(job):
-            return DispatchError(
-                404,
+            return NoProvider(
                 f"no provider of model {model!r} offers sampler {job.sampler_name!r} "
-                f"at {job.width}x{job.height} with {job.steps} steps",
+                f"at {job.width}x{job.height} with {job.steps} steps"
             )
-        return DispatchError(
-            503, f"every provider of model {model!r} is busy, failing or unavailable"
-        )
+        return AllBusy(f"every provider of model {model!r} is busy, failing or unavailable")
 
 
 @dataclass(slots=True)
@@ -471,40 +686,31 @@ class _Request:
     tried_unproven: bool = False  # an attempt went to a provider not proven yet
     busy: int = 0  # busy answers
     wait_until: float = 0.0  # trio time the wait for room ends; 0.0 before the first wait
-    ticket: int = 0  # its place in line for room (see _WaitQueue), from its first wait
+    ticket: int = 0  # its place in line for room (see WaitQueue), from its first wait
     last_error: BaseException | None = None
+    on_event: EventCallback | None = None
+    part: int = 0  # which job of a batch
+    position: int | None = None  # in line for room, as last reported
+    job_id: str = ""
+    sent: float | None = None  # trio time the latest attempt was sent
 
     @property
     def attempts(self) -> int:
         return len(self.tried) + self.busy
 
+    def emit(self, event: JobWaiting | JobAssigned) -> None:
+        if self.on_event is not None:
+            self.on_event(replace(event, part=self.part))
 
-class _WaitQueue:
-    """The jobs of one model waiting for a provider to have room, in line by their tickets
-    (the order they came)."""
+    def waiting_at(self, position: int) -> None:
+        """Report the job's place in line, if it is not the one reported last."""
+        if position != self.position:
+            self.position = position
+            self.emit(JobWaiting(position))
 
-    def __init__(self) -> None:
-        self._line: list[tuple[int, trio.Event]] = []  # sorted by ticket
-
-    def __len__(self) -> int:
-        return len(self._line)
-
-    def join(self, ticket: int) -> trio.Event:
-        """Take the place `ticket` gives; the event is set when the job is woken."""
-        event = trio.Event()
-        bisect.insort(self._line, (ticket, event))
-        return event
-
-    def leave(self, ticket: int, event: trio.Event) -> None:
-        """Give up a place `join` gave (nothing if it was woken or left already)."""
-        if not event.is_set():
-            self._line.remove((ticket, event))
-            event.set()
-
-    def is_first(self, ticket: int) -> bool:
-        return bool(self._line) and self._line[0][0] == ticket
-
-    def wake(self, count: int = 1) -> None:
-        """Wake the first `count` jobs in line (they leave it)."""
-        for _ in range(min(count, len(self._line))):
-            self._line.pop(0)[1].set()
+    def progress_callback(self) -> Callable[[int, int], None] | None:
+        """What reports the provider's progress as JobProgress events, if anyone listens."""
+        on_event, part = self.on_event, self.part
+        if on_event is None:
+            return None
+        return lambda step, total: on_event(JobProgress(step, total, part))

@@ -12,18 +12,24 @@ import logging
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import trio
 
 from gateway.api import create_app
+from gateway.catalog import Catalog
 from gateway.directory import ProviderDirectory
 from gateway.dispatch import Dispatcher, GatewayConfig, LocalRunner
+from gateway.jobservice import JobsConfig, JobService, open_job_service
+from gateway.metrics import instrument_gateway
 from sdcn_p2p._util import open_service_nursery
+from sdcn_p2p._version import __version__
 from sdcn_p2p.errors import SdcnError
 from sdcn_p2p.httpserver import serve_http
+from sdcn_p2p.identity import PeerId
 from sdcn_p2p.peer import Peer
-from sdcn_p2p.provider import GATEWAY_ROLE, Provider
-from sdcn_p2p.records import Advert
+from sdcn_p2p.provider import Provider
+from sdcn_p2p.records import Advert, Reachability, Role
 
 __all__ = ["ADVERT_INTERVAL", "Gateway", "open_gateway"]
 
@@ -34,7 +40,14 @@ ADVERT_INTERVAL = 60.0
 
 
 class Gateway:
-    """What the HTTP API needs: the peer, the provider directory and the dispatcher."""
+    """The gateway role on `peer`: its provider directory, dispatcher and catalog, and the
+    default model; what the HTTP API serves (`gateway.http.GatewayServices`).
+
+    Its job service, `jobs`, runs while `open_gateway` does (it owns a data dir and tasks).
+    """
+
+    #: Every job, sync or async (set by `open_gateway`).
+    jobs: JobService
 
     def __init__(
         self,
@@ -49,10 +62,43 @@ class Gateway:
         self.config = config
         self.directory = ProviderDirectory(peer.adverts, peer.host.peerstore.rtt, rng=rng)
         self.dispatcher = Dispatcher(peer, self.directory, config, rng=rng, local=local)
+        self.catalog = Catalog(
+            peer.adverts, self.directory, rtt=peer.host.peerstore.rtt, wall_clock=peer.wall_clock
+        )
+        #: The peer's metrics, which ``GET /metrics`` serves.
+        self.metrics = peer.metrics
+        instrument_gateway(self.metrics, self.dispatcher, peer.wall_clock)
+        self._started = trio.current_time()
         #: The model a request that names none runs on (A1111's sd_model_checkpoint option).
         self.default_model = default_model
         #: The HTTP API's base URLs once served (``http://127.0.0.1:8080``).
         self.urls: list[str] = []
+
+    @property
+    def peer_id(self) -> PeerId:
+        return self.peer.peer_id
+
+    def wall_clock(self) -> float:
+        """Unix seconds, from the peer's clock."""
+        return self.peer.wall_clock()
+
+    def status(self) -> dict[str, Any]:
+        """``GET /v1/status``: what this gateway and the providers it sees are doing now."""
+        now = trio.current_time()
+        dispatcher = self.dispatcher
+        images, work = dispatcher.metrics.recent.totals(now)
+        return {
+            "peer_id": str(self.peer_id),
+            "version": __version__,
+            "uptime_s": round(now - self._started, 3),
+            "providers_online": len(self.catalog.online_providers()),
+            "models_online": len(self.peer.adverts.models()),
+            "jobs_waiting": dispatcher.waiting,
+            "jobs_running": dispatcher.running,
+            "megapixel_steps_queued": round(dispatcher.queued_megapixel_steps, 3),
+            "megapixel_steps_last_minute": round(work, 3),
+            "images_last_minute": images,
+        }
 
     async def advertise(self) -> None:
         """Publish our gateway advert now and every ADVERT_INTERVAL seconds."""
@@ -66,8 +112,10 @@ class Gateway:
                 issued_at=now,
                 ttl=3 * ADVERT_INTERVAL,
                 addrs=tuple(self.peer.host.advertised_addrs),
-                reachability="public" if self.peer.reachable else "outbound-only",
-                roles=(GATEWAY_ROLE,),
+                reachability=(
+                    Reachability.PUBLIC if self.peer.reachable else Reachability.OUTBOUND_ONLY
+                ),
+                roles=(Role.GATEWAY,),
             )
             try:
                 await self.peer.publish_advert(advert)
@@ -85,16 +133,23 @@ async def open_gateway(
     default_model: str | None = None,
     provider: Provider | None = None,
     rng: random.Random | None = None,
+    jobs: JobsConfig = JobsConfig(),
 ) -> AsyncIterator[Gateway]:
     """Run the gateway role on `peer`, serving the HTTP API on `http` (``HOST:PORT``) if given.
 
     With `provider` (the peer is a provider too) jobs may run on it in-process, and its
-    advert carries the gateway role, so the gateway publishes none of its own. Raises
-    ConfigError if the HTTP address cannot be bound.
+    advert carries the gateway role, so the gateway publishes none of its own. `jobs` says
+    where the job service keeps jobs (by default a temporary dir, gone on exit). Raises
+    ConfigError if the HTTP address cannot be bound or the data dir cannot be used.
     """
     local = provider.run_job if provider is not None else None
     gateway = Gateway(peer, config, default_model=default_model, rng=rng, local=local)
-    async with open_service_nursery() as nursery:
+    async with (
+        open_job_service(
+            gateway.dispatcher, gateway.directory, jobs, wall_clock=peer.wall_clock, rng=rng
+        ) as gateway.jobs,
+        open_service_nursery() as nursery,
+    ):
         if provider is None:
             nursery.start_soon(gateway.advertise)
         if http is not None:

@@ -2,95 +2,100 @@
 
 Layers, bottom up (each module imports only those above it in this list):
 
+- `errors`: the one exception tree, rooted at SdcnError; `JobErrorCode`.
+- `logs`: text or JSON log lines with the fields of the job they are about (`log_context`).
+- `httpserver`: ASGI apps (FastAPI) on hypercorn's trio worker, in the peer's trio run.
+- `metrics`: a Prometheus registry per peer (`Peer.metrics`) and the server of ``/metrics``.
 - `identity`: Ed25519 keys and libp2p-compatible PeerIds; key files.
-- `records`: signed envelopes (libp2p RFC 0002) and PeerRecords.
+- `records`: signed envelopes (libp2p RFC 0002), PeerRecords (also sealed as libp2p's, RFC 0003)
+  and Adverts (with their `AdvertState`, `Role` and `Reachability`).
 - `multiaddr`: ``/ip4|ip6|dns4|dns6/<host>/tcp/<port>/ws|wss[/p2p/<id>]``.
-- `wire`: pure codecs and state machines: varints, strict msgpack, Noise XX, yamux.
-- `transport`: WebSocket (trio-websocket) and an in-memory network for tests and simulations.
-- `connection`: a Noise-secured yamux session over a transport connection, and its streams.
+- `wire`: pure codecs and state machines: varints, strict msgpack, multistream-select,
+  protobuf and libp2p's messages, binary multiaddrs, Noise XX with its framing, yamux.
+- `transport`: WebSocket (on wsproto) and an in-memory network for tests and simulations.
+- `connection`: a connection upgraded as libp2p does (multistream-select, Noise, yamux) and its
+  streams, each negotiated with multistream-select.
 - `peerstore`: addresses, signed records, identify info and RTT of known peers.
-- `host`: listen, dial, one connection per peer, limits, handlers; `protocols`: ping, identify.
-- `dht`: Kademlia over ``/sdcn/kad/1.0.0``: routing table, lookups, signed record store.
-- `adverts`, `gossip`: the cache of providers' signed adverts and their GossipSub-style spread.
+- `host`: listen, dial, one connection per peer, limits, handlers, subscriptions to connection
+  events; `protocols`: ping (``/ipfs/ping/1.0.0``), identify (``/sdcn/identify/2.0.0``) and
+  libp2p's identify (``/ipfs/id/1.0.0``), which send what the Host snapshots and return what
+  they learned; the Host stores it.
+- `jobs`: the job schema (`jobs.schema`, `jobs.images`: no I/O, what a backend imports) and
+  ``/sdcn/job/2.0.0`` with its client (`jobs.protocol`).
+- `dht`: Kademlia over ``/sdcn/kad/2.0.0``: routing table, lookups, signed record store.
+- `adverts`: the cache of providers' signed adverts, queried by model.
+- `gossip`: their GossipSub-style spread: `messages`, pure `state` (seen cache, mesh, push
+  budget), `config`, and `service`, the only part that awaits.
 - `peer`: Peer = Host + DHT + gossip + adverts; the roles plug into it.
-- `httpserver`: FastAPI apps on hypercorn's trio worker, in the peer's trio run.
-- `testing`: in-memory networks of hosts.
+- `backends`: what runs a provider's jobs: `testcard`, `webui`, `comfyui` (`samplers`,
+  `workflow`, `parse`, `offer`: pure; `scan`, `events`, `backend`) and `diffusers` (`samplers`,
+  `scan`, `backend`); `provider`: the provider role, running jobs on a backend.
+- `devnet`: a whole network on loopback (``sdcn devnet``).
+- `testing`: test support for anyone: in-memory networks of hosts and peers (`network`), a fake
+  AUTOMATIC1111 webui (`fakewebui`), a fake ComfyUI (`fakecomfyui`: `nodes`, `validator`,
+  `execution`, `fake`, `server`), a tiny random Stable Diffusion (`tinysd`).
 - `cli`: the ``sdcn`` command.
 """
 
-from sdcn_p2p._version import __version__
-from sdcn_p2p.adverts import AdvertCache
-from sdcn_p2p.connection import Connection, Stream
-from sdcn_p2p.dht import Dht, DhtConfig, LookupResult
-from sdcn_p2p.errors import (
-    ConfigError,
-    DialError,
-    HandshakeError,
-    JobError,
-    MessageTooLarge,
-    MultiaddrError,
-    ProtocolError,
-    RecordError,
-    ResourceLimitExceeded,
-    SdcnError,
-    StreamReset,
-    UnsupportedProtocol,
-)
-from sdcn_p2p.gossip import Gossip, GossipConfig
-from sdcn_p2p.host import Host, HostConfig, open_host
-from sdcn_p2p.identity import Identity, PeerId, load_or_create_identity
-from sdcn_p2p.multiaddr import Multiaddr
-from sdcn_p2p.peer import Peer, PeerConfig, open_peer
-from sdcn_p2p.peerstore import PeerInfo, PeerStore
-from sdcn_p2p.protocols.identify import IDENTIFY
-from sdcn_p2p.protocols.ping import PING
-from sdcn_p2p.records import Advert, Envelope, LoraInfo, ModelInfo, PeerRecord
-from sdcn_p2p.transport.memory import MemoryNetwork, MemoryTransport
-from sdcn_p2p.transport.websocket import WebSocketTransport, open_websocket_transport
+import importlib as _importlib
 
-__all__ = [
-    "IDENTIFY",
-    "PING",
-    "Advert",
-    "AdvertCache",
-    "ConfigError",
-    "Connection",
-    "Dht",
-    "DhtConfig",
-    "DialError",
-    "Envelope",
-    "Gossip",
-    "GossipConfig",
-    "HandshakeError",
-    "Host",
-    "HostConfig",
-    "Identity",
-    "JobError",
-    "LookupResult",
-    "LoraInfo",
-    "MemoryNetwork",
-    "MemoryTransport",
-    "MessageTooLarge",
-    "ModelInfo",
-    "Multiaddr",
-    "MultiaddrError",
-    "Peer",
-    "PeerConfig",
-    "PeerId",
-    "PeerInfo",
-    "PeerRecord",
-    "PeerStore",
-    "ProtocolError",
-    "RecordError",
-    "ResourceLimitExceeded",
-    "SdcnError",
-    "Stream",
-    "StreamReset",
-    "UnsupportedProtocol",
-    "WebSocketTransport",
-    "__version__",
-    "load_or_create_identity",
-    "open_host",
-    "open_peer",
-    "open_websocket_transport",
-]
+from sdcn_p2p._version import __version__ as __version__
+
+# Public name -> the module defining it. Loaded on first use (PEP 562), so that importing one
+# module (the job schema, say) does not import the whole network stack.
+_EXPORTS = {
+    "sdcn_p2p.adverts": ("AdvertCache",),
+    "sdcn_p2p.connection": ("Connection", "Stream"),
+    "sdcn_p2p.dht": ("Dht", "DhtConfig", "LookupResult"),
+    "sdcn_p2p.errors": (
+        "ConfigError",
+        "DialError",
+        "HandshakeError",
+        "JobError",
+        "JobErrorCode",
+        "MessageTooLarge",
+        "MultiaddrError",
+        "ProtocolError",
+        "RecordError",
+        "ResourceLimitExceeded",
+        "SdcnError",
+        "StreamReset",
+        "UnsupportedProtocol",
+    ),
+    "sdcn_p2p.gossip": ("Gossip", "GossipConfig"),
+    "sdcn_p2p.host": ("Host", "HostConfig", "open_host"),
+    "sdcn_p2p.identity": ("Identity", "PeerId", "load_or_create_identity"),
+    "sdcn_p2p.multiaddr": ("Multiaddr",),
+    "sdcn_p2p.peer": ("Peer", "PeerConfig", "open_peer"),
+    "sdcn_p2p.peerstore": ("PeerInfo", "PeerStore"),
+    "sdcn_p2p.protocols.identify": ("IDENTIFY",),
+    "sdcn_p2p.protocols.ping": ("PING",),
+    "sdcn_p2p.records": (
+        "Advert",
+        "AdvertState",
+        "Envelope",
+        "LoraInfo",
+        "ModelInfo",
+        "PeerRecord",
+        "Reachability",
+        "Role",
+    ),
+    "sdcn_p2p.transport.memory": ("MemoryNetwork", "MemoryTransport"),
+    "sdcn_p2p.transport.websocket": ("WebSocketTransport", "open_websocket_transport"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted([*_MODULE_OF, "__version__"])
+
+
+def __getattr__(name: str) -> object:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module), name)
+    globals()[name] = value  # once loaded, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -15,6 +15,7 @@ import heapq
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+from sdcn_p2p._subscriptions import Callbacks, Subscription
 from sdcn_p2p.errors import RecordError
 from sdcn_p2p.identity import PeerId
 from sdcn_p2p.records import MAX_ENVELOPE_SIZE, Advert, Envelope, normalize_model_name
@@ -51,7 +52,7 @@ class AdvertCache:
         self._by_model: dict[str, dict[PeerId, None]] = {}  # a dict keeps insertion order
         # (expires_at, seq, peer): a min-heap with stale items, skipped when popped.
         self._expiry: list[tuple[float, int, PeerId]] = []
-        self._listeners: list[Callable[[Advert], None]] = []
+        self._on_advert: Callbacks[Advert] = Callbacks()
         self._digest_xor = 0  # XOR of _entry_hash over the entries: an order-free summary
         #: Peers whose adverts are never evicted to make room (they still expire).
         self.protected: set[PeerId] = set()
@@ -65,7 +66,7 @@ class AdvertCache:
         advert that expires before all the unprotected ones of a full cache. Raises
         RecordError when the envelope is forged, malformed, over MAX_ENVELOPE_SIZE, expired or
         issued in the future.
-        Listeners run before this returns.
+        Subscribers run before this returns.
         """
         size = len(envelope.to_bytes())
         if size > MAX_ENVELOPE_SIZE:
@@ -92,8 +93,7 @@ class AdvertCache:
                 return None
             self._unlink(soonest)
         self._link(_Entry(advert, envelope, _model_names(advert)))
-        for listener in self._listeners:
-            listener(advert)
+        self._on_advert.emit(advert)
         return advert
 
     def remove(self, peer_id: PeerId) -> Advert | None:
@@ -108,9 +108,13 @@ class AdvertCache:
         """Drop every advert expired at the current wall time; returns how many."""
         return self._expire(self._wall_clock())
 
-    def add_listener(self, callback: Callable[[Advert], None]) -> None:
-        """Call `callback(advert)` for each advert `add` keeps; it must not raise."""
-        self._listeners.append(callback)
+    def subscribe(self, callback: Callable[[Advert], None]) -> Subscription:
+        """Call `callback(advert)` for each advert `add` keeps, until the subscription closes:
+        use it as ``with cache.subscribe(callback):``, or call its `close()`.
+
+        `callback` runs inside `add`: it must be quick and must not raise.
+        """
+        return self._on_advert.subscribe(callback)
 
     # --- queries ---------------------------------------------------------------------------------
 
@@ -143,15 +147,15 @@ class AdvertCache:
     ) -> list[Advert]:
         """Unexpired adverts offering `model` and every LoRA in `loras`, in arrival order.
 
-        Names match after `normalize_model_name`. Only state ``online`` unless
-        `include_draining`.
+        Names match after `normalize_model_name`. Only online providers
+        (`Advert.is_online_provider`) unless `include_draining`, which takes any state.
         """
         self.expire()
         wanted = list(loras)
         found = []
         for peer in self._by_model.get(normalize_model_name(model), ()):
             advert = self._entries[peer].advert
-            if (include_draining or advert.state == "online") and advert.has_loras(wanted):
+            if (include_draining or advert.is_online_provider) and advert.has_loras(wanted):
                 found.append(advert)
         return found
 
@@ -161,7 +165,7 @@ class AdvertCache:
         catalog: dict[str, ModelSummary] = {}
         for key, peers in self._by_model.items():
             adverts = [self._entries[p].advert for p in peers]
-            online = [a for a in adverts if a.state == "online"]
+            online = [a for a in adverts if a.is_online_provider]
             if not online:
                 continue
             name = next(m.name for m in online[0].models if normalize_model_name(m.name) == key)

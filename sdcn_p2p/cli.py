@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -29,21 +32,24 @@ from sdcn_p2p.errors import ConfigError, MultiaddrError, SdcnError
 from sdcn_p2p.host import HostConfig, open_host
 from sdcn_p2p.httpserver import parse_bind
 from sdcn_p2p.identity import Identity, default_key_path, load_or_create_identity
+from sdcn_p2p.logs import LOG_FORMATS, configure_logging
+from sdcn_p2p.metrics import open_metrics_server
 from sdcn_p2p.multiaddr import Multiaddr
-from sdcn_p2p.peer import PeerConfig, open_peer
-from sdcn_p2p.provider import (
-    GATEWAY_ROLE,
-    PROVIDER_ROLE,
-    ProviderConfig,
-    open_provider,
-    run_until_signalled,
-)
+from sdcn_p2p.peer import Peer, PeerConfig, open_peer
+from sdcn_p2p.provider import ProviderConfig, open_provider, run_until_signalled
+from sdcn_p2p.records import Role
+
+if TYPE_CHECKING:  # the gateway (FastAPI, pydantic) is imported only by commands that run one
+    from gateway.jobservice import JobsConfig
 
 __all__ = [
     "build_parser",
+    "default_data_dir",
+    "jobs_config_from_args",
     "main",
     "node_config_from_args",
     "open_backend_from_args",
+    "open_peer_metrics",
     "peer_config_from_args",
     "ping_peer",
     "run_devnet",
@@ -53,7 +59,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -63,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     Usage errors, ``--help`` and ``--version`` exit through argparse's SystemExit.
     """
     args = build_parser().parse_args(argv)
-    _configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     try:
         return args.run(args)
     except SdcnError as exc:
@@ -85,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="info",
         help="log messages of this level and above (default: %(default)s)",
     )
+    parser.add_argument(
+        "--log-format",
+        type=str.lower,
+        choices=LOG_FORMATS,
+        default="text",
+        help="text lines, or one JSON object per line (time, level, logger, message and "
+        "fields such as job_id) for log shippers (default: %(default)s)",
+    )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for add_command in (
         _add_keygen,
@@ -97,11 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         add_command(commands)
     return parser
-
-
-def _configure_logging(level: str) -> None:
-    """Log to stderr at `level` (a name such as ``"info"``), unless logging is set up already."""
-    logging.basicConfig(level=level.upper(), format=_LOG_FORMAT)
 
 
 def _add_key_option(parser: argparse.ArgumentParser) -> None:
@@ -189,15 +197,99 @@ def _add_peer_options(parser: argparse.ArgumentParser, *, default_listen: str | 
         metavar="MULTIADDR",
         help="bootstrap peer to join through, /.../p2p/<peer id> (repeatable)",
     )
+    parser.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        type=_bind,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics",
+    )
+    parser.add_argument(
+        "--no-metrics",
+        action="store_true",
+        help="collect no metrics at all (a gateway's GET /metrics answers 404)",
+    )
     parser.set_defaults(default_listen=default_listen)
 
 
 def peer_config_from_args(args: argparse.Namespace, *, roles: tuple[str, ...] = ()) -> PeerConfig:
     """The PeerConfig a peer command runs with (also used by tests, to start peers alike)."""
     listen = args.listen or ([Multiaddr.parse(args.default_listen)] if args.default_listen else [])
+    if args.metrics and args.no_metrics:
+        raise ConfigError("--metrics and --no-metrics contradict each other")
     return PeerConfig(
         host=HostConfig(listen=tuple(listen), announce=tuple(args.announce), roles=roles),
         bootstrap=tuple(args.bootstrap),
+        metrics=not args.no_metrics,
+    )
+
+
+@asynccontextmanager
+async def open_peer_metrics(peer: Peer, bind: str | None) -> AsyncIterator[list[str]]:
+    """Serve `peer`'s metrics on `bind` (``--metrics``) while the block runs, if it is given;
+    yields the URLs served (none without `bind`)."""
+    if bind is None:
+        yield []
+        return
+    async with open_metrics_server(peer.metrics, bind) as urls:
+        yield urls
+
+
+def default_data_dir() -> Path:
+    """Where a gateway keeps its jobs unless told (the platform's user data dir for sdcn)."""
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("sdcn"))
+
+
+def _duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``30m``, ``1h`` or ``2d``."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration like 90s, 30m or 1h, got {text!r}"
+        ) from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"the duration must be positive, got {text!r}")
+    return seconds
+
+
+def _add_jobs_options(parser: argparse.ArgumentParser, *, data_dir_default: str) -> None:
+    """The options of a gateway's job service."""
+    group = parser.add_argument_group("jobs (the gateway's records and results)")
+    group.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help=f"where jobs and results are kept (default: {data_dir_default})",
+    )
+    group.add_argument(
+        "--job-retention",
+        type=_duration,
+        default=3600.0,
+        metavar="DURATION",
+        help="how long finished results are kept, e.g. 30m, 1h, 2d (default 1h)",
+    )
+    group.add_argument(
+        "--results-max-mb",
+        type=int,
+        default=2048,
+        metavar="MB",
+        help="most space results take; the oldest go first (default %(default)s)",
+    )
+
+
+def jobs_config_from_args(args: argparse.Namespace, *, default_dir: Path | None) -> JobsConfig:
+    """The job service's configuration from ``--data-dir`` (else `default_dir`; None: a
+    temporary dir), ``--job-retention`` and ``--results-max-mb``."""
+    from gateway.jobservice import JobsConfig
+
+    return JobsConfig(
+        data_dir=args.data_dir or default_dir,
+        retention=args.job_retention,
+        results_max_mb=args.results_max_mb,
     )
 
 
@@ -216,11 +308,35 @@ def _add_node(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="accept no connections even if --listen is given (behind NAT)",
     )
-    parser.add_argument("--backend", choices=("webui", "diffusers", "testcard"), required=True)
+    parser.add_argument(
+        "--backend", choices=("webui", "comfyui", "diffusers", "testcard"), required=True
+    )
     webui = parser.add_argument_group("webui backend (AUTOMATIC1111, Forge, SD.Next)")
     webui.add_argument("--webui-url", metavar="URL", default="http://127.0.0.1:7860")
     webui.add_argument(
         "--webui-auth", metavar="USER:PASS", type=_user_pass, help="the webui's --api-auth"
+    )
+    comfy = parser.add_argument_group("comfyui backend (ComfyUI's own HTTP and WebSocket API)")
+    comfy.add_argument(
+        "--comfyui-url",
+        metavar="URL",
+        default="http://127.0.0.1:8188",
+        help="ComfyUI's address, with a path behind a proxy (default: %(default)s)",
+    )
+    comfy.add_argument(
+        "--comfyui-auth",
+        metavar="USER:PASS|TOKEN",
+        type=_comfyui_auth,
+        default=os.environ.get("SDCN_COMFYUI_AUTH"),
+        help="credentials of a proxy in front of ComfyUI: USER:PASS for HTTP Basic, else a "
+        "bearer token (default: $SDCN_COMFYUI_AUTH)",
+    )
+    comfy.add_argument(
+        "--comfyui-models-dir",
+        metavar="DIR",
+        type=Path,
+        help="ComfyUI's models folder, if this node can read it: checkpoints and LoRAs are "
+        "then advertised with their hashes",
     )
     local = parser.add_argument_group(
         "diffusers backend (runs the models itself; pip install 'sdcn-p2p[diffusers]')"
@@ -255,6 +371,7 @@ def _add_node(commands: argparse._SubParsersAction) -> None:
         type=_bind,
         help="also be a gateway: serve the SDCN and AUTOMATIC1111 HTTP APIs here",
     )
+    _add_jobs_options(parser, data_dir_default=f"{default_data_dir()} (with --http)")
     capacity = parser.add_argument_group("capacity")
     capacity.add_argument("--slots", type=int, default=1, help="jobs run at once (default 1)")
     capacity.add_argument(
@@ -277,6 +394,13 @@ def _user_pass(text: str) -> tuple[str, str]:
     return user, password
 
 
+def _comfyui_auth(text: str) -> tuple[str, str] | str:
+    user, sep, password = text.partition(":")
+    if not text or (sep and not user):
+        raise argparse.ArgumentTypeError("expected USER:PASS or a bearer token")
+    return (user, password) if sep else text
+
+
 def node_config_from_args(args: argparse.Namespace) -> tuple[PeerConfig, ProviderConfig]:
     """The peer and provider configuration `sdcn node` runs with."""
     if args.outbound_only and args.listen:
@@ -286,9 +410,11 @@ def node_config_from_args(args: argparse.Namespace) -> tuple[PeerConfig, Provide
     if args.backend == "webui" and args.slots != 1:
         # Its progress and interrupt calls are global: two jobs at once would mix them up.
         raise ConfigError("a webui runs one job at a time: use --slots 1")
+    if args.backend == "comfyui" and args.slots != 1:
+        raise ConfigError("ComfyUI runs one prompt at a time: use --slots 1")
     if args.backend == "diffusers" and args.slots != 1:
         raise ConfigError("the diffusers backend runs one job at a time: use --slots 1")
-    roles = (PROVIDER_ROLE, GATEWAY_ROLE) if args.http else (PROVIDER_ROLE,)
+    roles = (Role.PROVIDER, Role.GATEWAY) if args.http else (Role.PROVIDER,)
     return (
         peer_config_from_args(args, roles=roles),
         ProviderConfig(slots=args.slots, max_queue=args.max_queue, roles=roles),
@@ -302,6 +428,11 @@ def open_backend_from_args(args: argparse.Namespace) -> AbstractAsyncContextMana
         from sdcn_p2p.backends.webui import open_webui_backend
 
         return open_webui_backend(args.webui_url, auth=args.webui_auth)
+    if args.backend == "comfyui":
+        from sdcn_p2p.backends.comfyui import ComfyuiConfig, open_comfyui_backend
+
+        comfyui_config = ComfyuiConfig(models_dir=args.comfyui_models_dir)
+        return open_comfyui_backend(args.comfyui_url, args.comfyui_auth, config=comfyui_config)
     if args.backend == "diffusers":
         if args.models_dir is None:
             raise ConfigError("--backend diffusers needs --models-dir DIR")
@@ -324,7 +455,19 @@ def _node(args: argparse.Namespace) -> int:
     identity = load_or_create_identity(args.key)
     peer_config, provider_config = node_config_from_args(args)
     backend = open_backend_from_args(args)  # checks the backend options before starting
-    trio.run(partial(run_node, identity, peer_config, backend, provider_config, http=args.http))
+    jobs = jobs_config_from_args(args, default_dir=default_data_dir()) if args.http else None
+    trio.run(
+        partial(
+            run_node,
+            identity,
+            peer_config,
+            backend,
+            provider_config,
+            http=args.http,
+            metrics=args.metrics,
+            jobs=jobs,
+        )
+    )
     return 0
 
 
@@ -335,22 +478,29 @@ async def run_node(
     provider_config: ProviderConfig,
     *,
     http: str | None = None,
+    metrics: str | None = None,
+    jobs: JobsConfig | None = None,
 ) -> None:
     """Run a provider node until signalled (what ``sdcn node`` does); with `http`, it is a
-    gateway too.
+    gateway too, keeping its jobs as `jobs` says (default: in a temporary dir); with `metrics`
+    (``HOST:PORT``), it serves its metrics there.
     """
     async with (
         open_peer(identity, peer_config) as peer,
+        open_peer_metrics(peer, metrics),
         backend as opened,
         open_provider(peer, opened, provider_config) as provider,
         AsyncExitStack() as stack,
     ):
         if http is not None:
             # Imported only here: FastAPI and pydantic cost a provider ~15 MB it does not need.
+            from gateway.jobservice import JobsConfig
             from gateway.node import open_gateway
 
             # Jobs may run on our own provider; its advert carries the gateway role.
-            await stack.enter_async_context(open_gateway(peer, http=http, provider=provider))
+            await stack.enter_async_context(
+                open_gateway(peer, http=http, provider=provider, jobs=jobs or JobsConfig())
+            )
         mode = "reachable" if peer.reachable else "outbound-only"
         log.info("provider %s (%s) on backend %s", peer.peer_id, mode, opened.name)
         await run_until_signalled(provider)
@@ -377,25 +527,47 @@ def _add_gateway(commands: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help="model for A1111 requests that name none (A1111's sd_model_checkpoint)",
     )
+    _add_jobs_options(parser, data_dir_default=str(default_data_dir()))
     parser.set_defaults(run=_gateway)
 
 
 def _gateway(args: argparse.Namespace) -> int:
     identity = load_or_create_identity(args.key)
-    config = peer_config_from_args(args, roles=(GATEWAY_ROLE,))
-    trio.run(partial(run_gateway, identity, config, http=args.http, model=args.default_model))
+    config = peer_config_from_args(args, roles=(Role.GATEWAY,))
+    jobs = jobs_config_from_args(args, default_dir=default_data_dir())
+    trio.run(
+        partial(
+            run_gateway,
+            identity,
+            config,
+            http=args.http,
+            model=args.default_model,
+            metrics=args.metrics,
+            jobs=jobs,
+        )
+    )
     return 0
 
 
 async def run_gateway(
-    identity: Identity, config: PeerConfig, *, http: str, model: str | None = None
+    identity: Identity,
+    config: PeerConfig,
+    *,
+    http: str,
+    model: str | None = None,
+    metrics: str | None = None,
+    jobs: JobsConfig | None = None,
 ) -> None:
-    """Run a gateway until interrupted (what ``sdcn gateway`` does)."""
+    """Run a gateway until interrupted (what ``sdcn gateway`` does), keeping its jobs as
+    `jobs` says (default: in a temporary dir); with `metrics` (``HOST:PORT``), it serves its
+    metrics there too, beside ``GET /metrics`` on `http`."""
+    from gateway.jobservice import JobsConfig
     from gateway.node import open_gateway
 
     async with (
         open_peer(identity, config) as peer,
-        open_gateway(peer, http=http, default_model=model),
+        open_peer_metrics(peer, metrics),
+        open_gateway(peer, http=http, default_model=model, jobs=jobs or JobsConfig()),
     ):
         await trio.sleep_forever()
 
@@ -413,20 +585,27 @@ def _add_devnet(commands: argparse._SubParsersAction) -> None:
         "--http", metavar="HOST:PORT", type=_bind, default="127.0.0.1:8080", help="gateway HTTP"
     )
     parser.add_argument("--demo", metavar="OUT.png", type=Path, help="make one image and exit")
+    _add_jobs_options(parser, data_dir_default="a temporary dir, deleted on exit")
     parser.set_defaults(run=_devnet)
 
 
 def _devnet(args: argparse.Namespace) -> int:
-    trio.run(partial(run_devnet, providers=args.providers, http=args.http, demo=args.demo))
+    jobs = jobs_config_from_args(args, default_dir=None)
+    trio.run(
+        partial(run_devnet, providers=args.providers, http=args.http, demo=args.demo, jobs=jobs)
+    )
     return 0
 
 
-async def run_devnet(*, providers: int, http: str, demo: Path | None) -> None:
-    """Run the devnet until interrupted, or make the demo image and stop."""
+async def run_devnet(
+    *, providers: int, http: str, demo: Path | None, jobs: JobsConfig | None = None
+) -> None:
+    """Run the devnet until interrupted, or make the demo image and stop; its gateway keeps
+    jobs as `jobs` says (default: in a temporary dir)."""
     from sdcn_p2p.devnet import demo_params, describe, open_devnet, run_demo
 
     params = demo_params() if demo is not None else None
-    async with open_devnet(providers=providers, http=http) as devnet:
+    async with open_devnet(providers=providers, http=http, jobs=jobs) as devnet:
         if params is not None and demo is not None:
             for path in await run_demo(devnet.url, demo, params):
                 print(path)
@@ -461,7 +640,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
 
     identity = load_or_create_identity(args.key)
     config = peer_config_from_args(args)
-    trio.run(partial(run_bootstrap, identity, config, http=args.http))
+    trio.run(partial(run_bootstrap, identity, config, http=args.http, metrics=args.metrics))
     return 0
 
 
@@ -470,7 +649,8 @@ def _add_ping(commands: argparse._SubParsersAction) -> None:
         "ping",
         help="dial a peer and print round-trip times",
         description="Dial MULTIADDR (with /p2p/<peer id> to check who answers) with a fresh "
-        "identity and ping it over /sdcn/ping/1.0.0.",
+        "identity and ping it over /ipfs/ping/1.0.0: any libp2p peer listening on /ws or /wss "
+        "answers, not only SDCN peers.",
     )
     parser.add_argument("target", type=_multiaddr, metavar="MULTIADDR")
     parser.add_argument("--count", "-c", type=int, default=4, help="pings to send (default 4)")

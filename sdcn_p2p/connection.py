@@ -1,14 +1,20 @@
-"""A secured, multiplexed connection to one peer: Noise over a transport, yamux over Noise.
+"""A secured, multiplexed connection to one peer, upgraded as libp2p upgrades a byte stream.
 
-`secure_outbound` / `secure_inbound` run the Noise XX handshake (`wire.noise`) over a
-message-oriented `RawConnection`; `Connection` drives a `wire.yamux.YamuxSession` over the
-resulting `SecureChannel` and hands out `Stream` objects, which are trio half-closeable byte
-streams with a length-prefixed msgpack message API on top.
+The transport's messages are read as one byte stream. `secure_outbound` / `secure_inbound`
+agree on ``/noise`` with multistream-select (the dialer lazily: header, protocol and the
+first Noise message go together) and run the Noise XX handshake (`wire.noise`), each message
+behind its 2-byte length. The muxer is ``/yamux/1.0.0``: agreed inside the handshake when
+both sides offer it in their payloads, else selected by multistream-select inside the secure
+channel (again lazily by the dialer, so its first yamux frames follow at once). `Connection`
+drives a `wire.yamux.YamuxSession` over the resulting `SecureChannel` and hands out `Stream`
+objects, which are trio half-closeable byte streams with a length-prefixed msgpack message API
+on top.
 
-Protocol selection: the first bytes an initiator writes on a new stream are
-``varint(len) + protocol id``; the responder answers with one status byte (0 accepted,
-1 unsupported) in front of its first data or its FIN, and the initiator reads it lazily on
-its first receive, so selecting a protocol costs no round trip and no frame of its own.
+Protocol selection on a stream is multistream-select too. The initiator writes the header and
+its protocol as the stream's first bytes and reads the answer lazily, in front of the
+responder's first data, so a stream still costs no round trip of its own. The responder sends
+its answer with its first data or its FIN, or as soon as it would wait to read (an initiator
+that is not lazy waits for the answer before it writes).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import operator
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from typing import Any
 
 import trio
@@ -24,6 +30,7 @@ import trio
 from sdcn_p2p.errors import (
     HandshakeError,
     ProtocolError,
+    RemoteProtocolError,
     ResourceLimitExceeded,
     StreamReset,
     UnsupportedProtocol,
@@ -31,26 +38,35 @@ from sdcn_p2p.errors import (
 from sdcn_p2p.identity import Identity, PeerId
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.transport import RawConnection
-from sdcn_p2p.wire import yamux
+from sdcn_p2p.wire import multistream, noise, yamux
 from sdcn_p2p.wire.messages import MessageDecoder, encode_message
-from sdcn_p2p.wire.noise import MAX_PLAINTEXT, NoiseCredentials, NoiseHandshake, NoiseTransport
-from sdcn_p2p.wire.varint import decode_varint, encode_varint
+from sdcn_p2p.wire.noise import (
+    MAX_PLAINTEXT,
+    FrameDecoder,
+    NoiseCredentials,
+    NoiseHandshake,
+    NoiseTransport,
+    encode_frame,
+)
 
 __all__ = [
     "MAX_PROTOCOL_ID",
+    "YAMUX",
     "Connection",
     "SecureChannel",
     "Stream",
+    "noise_credentials",
     "secure_inbound",
     "secure_outbound",
 ]
 
 log = logging.getLogger(__name__)
 
-MAX_PROTOCOL_ID = 128
+#: The muxer we speak: offered in the Noise handshake, else selected by multistream-select.
+YAMUX = "/yamux/1.0.0"
+#: Longest protocol id a stream may name, in bytes.
+MAX_PROTOCOL_ID = multistream.MAX_TOKEN
 DEFAULT_MAX_MESSAGE = 1024 * 1024
-_STATUS_OK = b"\x00"
-_STATUS_UNSUPPORTED = b"\x01"
 # Outgoing bytes we queue before stream writers wait for the connection writer to catch up.
 _HIGH_WATER = 512 * 1024
 # Control frames (pongs, window updates, resets) queued while the remote does not read:
@@ -61,54 +77,202 @@ DRAIN_GRACE = 5.0
 
 
 class SecureChannel:
-    """Noise transport messages over a RawConnection, seen as a byte stream."""
+    """Noise over the byte stream of a RawConnection: each Noise message behind its length,
+    one per transport message (as go-libp2p writes them; the receiver reads a byte stream).
 
-    def __init__(self, raw: RawConnection, noise: NoiseTransport) -> None:
+    Made by `secure_outbound` / `secure_inbound`, with the bytes they received past the
+    handshake. Until the answer of a lazy muxer selection (`expect_answer`) has arrived and
+    been checked, `receive_some` strips it from what it returns.
+    """
+
+    def __init__(
+        self,
+        raw: RawConnection,
+        noise_transport: NoiseTransport,
+        frames: FrameDecoder | None = None,
+    ) -> None:
+        """`frames`: holds what was received past the handshake, if anything."""
         self.raw = raw
-        self._noise = noise
+        self._noise = noise_transport
+        self._frames = frames or FrameDecoder()
+        self._unread = b""  # plaintext received during the upgrade, for the muxer
+        self._answer: multistream.Dialer | None = None
+
+    def unread(self, data: bytes) -> None:
+        """Return `data` from the next `receive_some` (what the upgrade read too far)."""
+        self._unread = data + self._unread
+
+    def seal(self, data: bytes | bytearray | memoryview) -> bytes:
+        """Encrypt `data` into framed Noise messages (for the caller to send)."""
+        view = memoryview(data).cast("B")
+        return b"".join(
+            encode_frame(self._noise.encrypt(view[start : start + MAX_PLAINTEXT]))
+            for start in range(0, len(view), MAX_PLAINTEXT)
+        )
+
+    def expect_answer(self, select: multistream.Dialer) -> None:
+        """Check the listener's answer to `select` in front of the bytes that follow it."""
+        self._answer = select
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
+        view = memoryview(data).cast("B")
         for start in range(0, len(view), MAX_PLAINTEXT):
-            await self.raw.send_message(self._noise.encrypt(view[start : start + MAX_PLAINTEXT]))
+            frame = encode_frame(self._noise.encrypt(view[start : start + MAX_PLAINTEXT]))
+            await self.raw.send_message(frame)
 
     async def receive_some(self) -> bytes:
-        """Next decrypted chunk. Raises ProtocolError on a bad ciphertext; trio errors on close."""
-        return self._noise.decrypt(await self.raw.receive_message())
+        """Next decrypted bytes (never empty). Raises ProtocolError on a bad ciphertext or a
+        refused muxer; trio errors when the connection ends or breaks.
+        """
+        while True:
+            if self._unread:
+                data, self._unread = self._unread, b""
+            else:
+                data = self._decrypt(self._frames.split(b""))
+                while not data:
+                    data = self._decrypt(self._frames.split(await self.raw.receive_message()))
+            if self._answer is not None:
+                data = self._strip_answer(data)
+            if data:
+                return data
+
+    def _decrypt(self, frames: list[bytes | memoryview]) -> bytes:
+        if len(frames) == 1:
+            return self._noise.decrypt(frames[0])
+        return b"".join([self._noise.decrypt(frame) for frame in frames])
+
+    def _strip_answer(self, data: bytes) -> bytes:
+        select = self._answer
+        assert select is not None
+        select.receive_data(data)
+        event = select.next_event()
+        if event is None:
+            return b""
+        self._answer = None
+        if isinstance(event, multistream.ProtocolRefused):
+            raise RemoteProtocolError(f"the peer does not speak {event.protocol}")
+        return select.unused()
 
     async def aclose(self) -> None:
         await self.raw.aclose()
 
 
-async def _handshake_receive(raw: RawConnection) -> bytes:
-    try:
-        return await raw.receive_message()
-    except trio.EndOfChannel:
-        raise HandshakeError("connection closed during the handshake") from None
+def noise_credentials(identity: Identity) -> NoiseCredentials:
+    """A Host's Noise credentials: a fresh static key, signed, offering yamux in the handshake."""
+    return NoiseCredentials(identity, stream_muxers=(YAMUX,))
+
+
+class _Upgrade:
+    """The raw byte stream while a connection is upgraded.
+
+    What we queue in `outbox` goes out with our next message, or before we wait for the peer,
+    so a peer that waits for every answer (not lazy, as we are) is never kept waiting.
+    """
+
+    def __init__(self, raw: RawConnection) -> None:
+        self.raw = raw
+        self.frames = FrameDecoder()
+        self.outbox = bytearray()
+
+    async def flush(self) -> None:
+        if self.outbox:
+            data, self.outbox = bytes(self.outbox), bytearray()
+            await self.raw.send_message(data)
+
+    async def _receive(self) -> bytes:
+        await self.flush()
+        try:
+            data = await self.raw.receive_message()
+        except trio.EndOfChannel:
+            raise HandshakeError("connection closed during the handshake") from None
+        return data
+
+    async def select(
+        self, machine: multistream.Dialer | multistream.Listener
+    ) -> multistream.ProtocolAccepted | multistream.ProtocolRefused | multistream.ProtocolSelected:
+        """Run a multistream-select negotiation on the raw bytes."""
+        try:
+            while (event := machine.next_event()) is None:
+                self.outbox += machine.data_to_send()
+                machine.receive_data(await self._receive())
+        except RemoteProtocolError as exc:
+            raise HandshakeError(f"protocol negotiation failed: {exc}") from None
+        self.outbox += machine.data_to_send()
+        self.frames.feed(machine.unused())
+        return event
+
+    async def read_noise(self, handshake: NoiseHandshake) -> None:
+        while (frame := self.frames.next_frame()) is None:
+            self.frames.feed(await self._receive())
+        handshake.read_message(frame)
+
+    def write_noise(self, handshake: NoiseHandshake) -> None:
+        self.outbox += encode_frame(handshake.write_message())
+
+    def channel(self, handshake: NoiseHandshake) -> SecureChannel:
+        return SecureChannel(self.raw, handshake.to_transport(), self.frames)
 
 
 async def secure_outbound(
-    raw: RawConnection, identity: Identity | NoiseCredentials, expected_peer: PeerId | None
+    raw: RawConnection, credentials: NoiseCredentials, expected_peer: PeerId | None
 ) -> tuple[SecureChannel, PeerId]:
-    """Run the initiator side of Noise XX. Raises HandshakeError; the caller sets a timeout."""
-    handshake = NoiseHandshake(identity, initiator=True, expected_peer=expected_peer)
-    await raw.send_message(handshake.write_message())
-    handshake.read_message(await _handshake_receive(raw))
-    await raw.send_message(handshake.write_message())
+    """Upgrade a dialled connection: select ``/noise``, run Noise XX as initiator, agree on
+    yamux. Costs one round trip after the transport's. Raises HandshakeError; the caller sets
+    a timeout.
+    """
+    upgrade = _Upgrade(raw)
+    select = multistream.Dialer(noise.PROTOCOL_ID)
+    handshake = NoiseHandshake(credentials, initiator=True, expected_peer=expected_peer)
+    upgrade.outbox += select.data_to_send()
+    upgrade.write_noise(handshake)  # lazily, behind our proposal
+    if isinstance(await upgrade.select(select), multistream.ProtocolRefused):
+        raise HandshakeError(f"the peer does not speak {noise.PROTOCOL_ID}")
+    await upgrade.read_noise(handshake)
+    upgrade.write_noise(handshake)
     assert handshake.complete and handshake.remote_peer_id is not None
-    return SecureChannel(raw, handshake.to_transport()), handshake.remote_peer_id
+    channel = upgrade.channel(handshake)
+    if handshake.agreed_muxer is None:
+        # Not agreed in the handshake: propose yamux in the channel; our first frames follow
+        # without waiting, and the answer is checked in front of the peer's first frames.
+        select_muxer = multistream.Dialer(YAMUX)
+        upgrade.outbox += channel.seal(select_muxer.data_to_send())
+        channel.expect_answer(select_muxer)
+    await upgrade.flush()
+    return channel, handshake.remote_peer_id
 
 
 async def secure_inbound(
-    raw: RawConnection, identity: Identity | NoiseCredentials
+    raw: RawConnection, credentials: NoiseCredentials
 ) -> tuple[SecureChannel, PeerId]:
-    """Run the responder side of Noise XX. Raises HandshakeError; the caller sets a timeout."""
-    handshake = NoiseHandshake(identity, initiator=False)
-    handshake.read_message(await _handshake_receive(raw))
-    await raw.send_message(handshake.write_message())
-    handshake.read_message(await _handshake_receive(raw))
+    """Upgrade an accepted connection: the listener's side of `secure_outbound`. Raises
+    HandshakeError; the caller sets a timeout.
+    """
+    upgrade = _Upgrade(raw)
+    await upgrade.select(multistream.Listener({noise.PROTOCOL_ID}))
+    handshake = NoiseHandshake(credentials, initiator=False)
+    await upgrade.read_noise(handshake)
+    upgrade.write_noise(handshake)  # behind our answer to /noise
+    await upgrade.read_noise(handshake)
     assert handshake.complete and handshake.remote_peer_id is not None
-    return SecureChannel(raw, handshake.to_transport()), handshake.remote_peer_id
+    channel = upgrade.channel(handshake)
+    if handshake.agreed_muxer is None:
+        await _select_muxer_inbound(channel)
+    return channel, handshake.remote_peer_id
+
+
+async def _select_muxer_inbound(channel: SecureChannel) -> None:
+    select = multistream.Listener({YAMUX})
+    try:
+        while select.next_event() is None:
+            if out := select.data_to_send():
+                await channel.send_all(out)
+            select.receive_data(await channel.receive_some())
+    except RemoteProtocolError as exc:
+        raise HandshakeError(f"muxer negotiation failed: {exc}") from None
+    except trio.EndOfChannel:
+        raise HandshakeError("connection closed during the muxer negotiation") from None
+    await channel.send_all(select.data_to_send())
+    channel.unread(select.unused())
 
 
 class Stream(trio.abc.HalfCloseableStream):
@@ -140,8 +304,9 @@ class Stream(trio.abc.HalfCloseableStream):
         self._reset_by_remote = False
         self._local_eof = False
         self._closed = False
-        self._status_pending = outbound
-        self._prefix = b""  # the accept status, sent with our first data or our FIN
+        # Outbound: our lazy proposal, until the answer in front of the responder's data.
+        self._select: multistream.Dialer | None = None
+        self._prefix = b""  # inbound: our answer, sent with our first data or our FIN
         self._decoder: MessageDecoder | None = None
         self._lot = trio.lowlevel.ParkingLot()
         self._sending = False
@@ -155,11 +320,32 @@ class Stream(trio.abc.HalfCloseableStream):
 
     def _on_data(self, data: bytes) -> None:
         if self._closed:
+            if self._select is not None and self._take_late_answer(data):
+                return
             # Nobody will read it: refuse more, as TCP does for a closed socket.
             self._abort()
             return
         self._buf += data
         self._lot.unpark_all()
+
+    def _take_late_answer(self, data: bytes) -> bool:
+        """Take the answer to our proposal on a stream we closed without reading (a push):
+        it belongs to the negotiation, not to anyone's data. False if more than it came.
+        """
+        select = self._select
+        assert select is not None
+        try:
+            select.receive_data(data)
+            event = select.next_event()
+        except RemoteProtocolError:
+            return False
+        if event is None:
+            self._consume(len(data))
+            return True
+        self._select = None
+        rest = select.unused()
+        self._consume(len(data) - len(rest))
+        return not rest
 
     def _on_eof(self) -> None:
         self._remote_eof = True
@@ -247,11 +433,12 @@ class Stream(trio.abc.HalfCloseableStream):
         self.connection._forget_if_done(self)
 
     def _send_prefix(self) -> None:
-        """Queue the pending accept status ahead of whatever we send next (same frame batch)."""
+        """Queue our pending answer ahead of whatever we send next (same frame batch)."""
         if self._prefix and not self._reset and not self._local_eof:
             self.connection._check_alive()
             self.connection._session.send(self.stream_id, self._prefix)  # the window is fresh
             self._prefix = b""
+            self.connection._pump()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if max_bytes is not None and operator.index(max_bytes) < 1:
@@ -260,8 +447,8 @@ class Stream(trio.abc.HalfCloseableStream):
             raise trio.BusyResourceError("another task is receiving on this stream")
         self._receiving = True
         try:
-            if self._status_pending:
-                await self._read_status()
+            if self._select is not None:
+                await self._read_answer(self._select)
             waited = False
             while not self._buf:
                 if self._closed:
@@ -271,6 +458,7 @@ class Stream(trio.abc.HalfCloseableStream):
                 if self._reset:
                     raise StreamReset(self._reset_message())
                 self.connection._check_alive()
+                self._send_prefix()  # an initiator that is not lazy waits for our answer
                 await self._lot.park()
                 waited = True
             n = len(self._buf) if max_bytes is None else min(max_bytes, len(self._buf))
@@ -288,26 +476,30 @@ class Stream(trio.abc.HalfCloseableStream):
             self.connection._session.consume(self.stream_id, n)
             self.connection._pump()
 
-    async def _read_status(self) -> None:
-        while not self._buf:
-            if self._remote_eof or self._reset or self._closed:
-                break
-            self.connection._check_alive()
-            await self._lot.park()
-        if not self._buf:
+    async def _read_answer(self, select: multistream.Dialer) -> None:
+        """Read the responder's answer to our proposal from the front of what it sent."""
+        fed = 0
+        while True:
+            if self._buf:
+                fed += self._feed(select)
+                try:
+                    event = select.next_event()
+                except RemoteProtocolError:
+                    self._abort()
+                    raise
+                if event is not None:
+                    break
             if self._closed:
                 raise trio.ClosedResourceError("stream closed")
-            raise StreamReset(f"stream {self.protocol} closed before the protocol was accepted")
-        status = self._buf[0]
-        del self._buf[:1]
-        self._consume(1)
-        self._status_pending = False
-        if status == _STATUS_UNSUPPORTED[0]:
+            if self._remote_eof or self._reset:
+                raise StreamReset(f"stream {self.protocol} closed before the protocol was accepted")
+            self.connection._check_alive()
+            await self._lot.park()
+        self._select = None
+        self._settle(select, fed)
+        if isinstance(event, multistream.ProtocolRefused):
             self._abort()
             raise UnsupportedProtocol(f"{self.peer_id} does not support {self.protocol}")
-        if status != _STATUS_OK[0]:
-            self._abort()
-            raise ProtocolError(f"bad protocol status byte {status}")
 
     def _abort(self) -> None:
         if not self._reset:
@@ -361,44 +553,58 @@ class Stream(trio.abc.HalfCloseableStream):
             data = await self.receive_some(256 * 1024)
             if not data:
                 if decoder.buffered:
-                    raise ProtocolError("stream ended in the middle of a message")
+                    raise RemoteProtocolError("stream ended in the middle of a message")
                 raise trio.EndOfChannel
             decoder.feed(data)
 
     # --- used when accepting ---------------------------------------------------------------------
 
-    async def _read_protocol_id(self) -> str:
-        """Parse the initiator's protocol header from the front of the receive buffer."""
+    async def _negotiate(self, supported: Container[str]) -> str:
+        """Answer the initiator's proposals; return the first protocol in `supported`.
+
+        Our answer is held back to go with our first data or FIN (`_accept` keeps it), or
+        until we would wait to receive. Raises RemoteProtocolError when the initiator breaks
+        multistream-select or ends the stream first; the caller sets a timeout.
+        """
+        select = multistream.Listener(supported)
+        fed = 0
         while True:
-            decoded = decode_varint(self._buf) if self._buf else None
-            if decoded is not None:
-                length, offset = decoded
-                if length > MAX_PROTOCOL_ID:
-                    raise ProtocolError(f"protocol id longer than {MAX_PROTOCOL_ID} bytes")
-                if len(self._buf) >= offset + length:
-                    raw = bytes(self._buf[offset : offset + length])
-                    del self._buf[: offset + length]
-                    self._consume(offset + length)
-                    try:
-                        return raw.decode("utf-8")
-                    except UnicodeDecodeError:
-                        raise ProtocolError("protocol id is not UTF-8") from None
-            elif len(self._buf) > 9:
-                raise ProtocolError("bad protocol header")
+            fed += self._feed(select)
+            try:
+                event = select.next_event()
+            finally:
+                # Our header or refusals, even when what follows them breaks the protocol: a
+                # lazy initiator's data after a proposal we refused is no proposal.
+                if not select.done and (out := select.data_to_send()):
+                    self.connection._check_alive()
+                    self.connection._session.send(self.stream_id, out)
+                    self.connection._pump()
+            if event is not None:
+                break
             if self._remote_eof or self._reset:
-                raise ProtocolError("stream ended before naming its protocol")
+                raise RemoteProtocolError("stream ended before naming a protocol we speak")
             self.connection._check_alive()
             await self._lot.park()
+        self._settle(select, fed)
+        self._prefix = select.data_to_send()
+        return event.protocol
+
+    def _feed(self, select: multistream.Dialer | multistream.Listener) -> int:
+        """Hand what we received to a negotiation; how much (credited once it is settled)."""
+        fed = len(self._buf)
+        select.receive_data(self._buf)
+        self._buf.clear()
+        return fed
+
+    def _settle(self, select: multistream.Dialer | multistream.Listener, fed: int) -> None:
+        """Put back what came past the negotiation, and credit the window for what it used."""
+        rest = select.unused()
+        self._buf[:0] = rest
+        self._consume(fed - len(rest))
 
     def _accept(self, protocol: str, max_message_size: int) -> None:
-        # The status goes out with the handler's first bytes or FIN: one frame batch fewer.
         self.protocol = protocol
         self.max_message_size = max_message_size
-        self._prefix = _STATUS_OK
-
-    async def _refuse(self) -> None:
-        await self.send_all(_STATUS_UNSUPPORTED)
-        await self.aclose()
 
     def __repr__(self) -> str:
         direction = "out" if self.outbound else "in"
@@ -470,14 +676,16 @@ class Connection:
         if self.draining or self._session.went_away:
             raise ResourceLimitExceeded(f"connection to {self.peer_id} is closing")
         encoded = protocol.encode("utf-8")
-        if not encoded or len(encoded) > MAX_PROTOCOL_ID:
+        if not encoded or len(encoded) > MAX_PROTOCOL_ID or "\n" in protocol:
             raise ValueError(f"bad protocol id {protocol!r}")
+        select = multistream.Dialer(protocol)
         stream_id = self._session.open_stream()
         stream = Stream(self, stream_id, protocol, outbound=True, max_message_size=max_message_size)
+        stream._select = select
         self._streams[stream_id] = stream
         self._touch()
         try:
-            await stream.send_all(encode_varint(len(encoded)) + encoded)
+            await stream.send_all(select.data_to_send())
         except BaseException:
             # Cancelled (or failed) before the caller got the stream: nobody else can close
             # it, and a stream left open here would stay in `_streams` for good.
@@ -516,7 +724,7 @@ class Connection:
                 self._dispatch(event)
             self._pump()
             if len(self._outbuf) > _CONTROL_LIMIT + _HIGH_WATER:
-                raise ProtocolError("remote peer does not read what it asks for")
+                raise RemoteProtocolError("remote peer does not read what it asks for")
 
     def _dispatch(self, event: yamux.Event) -> None:
         if isinstance(event, yamux.DataReceived):
@@ -645,9 +853,12 @@ class Connection:
             self._idle_lot.unpark_all()
 
     async def aclose(self, reason: str = "closed locally") -> None:
-        """Close at once: pending streams see BrokenResourceError. Idempotent."""
+        """Close at once: the connection counts as closed from the first moment (no new
+        stream goes over it), and pending streams see BrokenResourceError. Idempotent.
+        """
         if self.close_reason is None:
             self.close_reason = reason
+        self.closed = True
         try:
             # The reader keeps draining meanwhile, so the transport's closing handshake can
             # complete instead of waiting behind unread messages.

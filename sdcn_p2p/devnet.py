@@ -21,6 +21,7 @@ import httpx
 import trio
 
 from bootstrap.node import open_bootstrap
+from gateway.jobservice import JobsConfig
 from gateway.node import Gateway, open_gateway
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.errors import ConfigError
@@ -29,7 +30,7 @@ from sdcn_p2p.identity import Identity
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.peer import Peer, PeerConfig, open_peer
 from sdcn_p2p.provider import Provider, ProviderConfig, open_provider
-from sdcn_p2p.records import normalize_model_name
+from sdcn_p2p.records import AdvertState, normalize_model_name
 
 __all__ = ["DEMO_PARAMS", "Devnet", "demo_params", "open_devnet", "provider_cards", "run_demo"]
 
@@ -68,8 +69,11 @@ class Devnet:
 
 
 @asynccontextmanager
-async def open_devnet(*, providers: int = 3, http: str = "127.0.0.1:8080") -> AsyncIterator[Devnet]:
-    """Start the devnet; returns once the gateway sees every provider's advert."""
+async def open_devnet(
+    *, providers: int = 3, http: str = "127.0.0.1:8080", jobs: JobsConfig | None = None
+) -> AsyncIterator[Devnet]:
+    """Start the devnet; returns once the gateway sees every provider's advert. Its gateway
+    keeps jobs as `jobs` says (default: in a temporary dir, deleted on exit)."""
     if not 1 <= providers <= 32:
         raise ConfigError("--providers must be from 1 to 32")
     async with AsyncExitStack() as stack:
@@ -79,7 +83,9 @@ async def open_devnet(*, providers: int = 3, http: str = "127.0.0.1:8080") -> As
         joined = PeerConfig(host=HostConfig(listen=(LOOPBACK,)), bootstrap=(seed,))
         gateway_peer = await stack.enter_async_context(open_peer(Identity.generate(), joined))
         gateway = await stack.enter_async_context(
-            open_gateway(gateway_peer, http=http, default_model="sd-v1-5")
+            open_gateway(
+                gateway_peer, http=http, default_model="sd-v1-5", jobs=jobs or JobsConfig()
+            )
         )
         devnet = Devnet(boot.peer, gateway)
         for index, card in enumerate(provider_cards(providers)):
@@ -100,10 +106,10 @@ async def open_devnet(*, providers: int = 3, http: str = "127.0.0.1:8080") -> As
 
 async def _wait_for_providers(peer: Peer, providers: list) -> None:  # type: ignore[type-arg]
     arrived = trio.lowlevel.ParkingLot()
-    peer.adverts.add_listener(lambda advert: arrived.unpark_all())
-    with trio.fail_after(30):
+    with peer.adverts.subscribe(lambda advert: arrived.unpark_all()), trio.fail_after(30):
         while any(
-            (advert := peer.adverts.get(p)) is None or advert.state != "online" for p in providers
+            (advert := peer.adverts.get(p)) is None or advert.state is not AdvertState.ONLINE
+            for p in providers
         ):
             await arrived.park()
 

@@ -3,9 +3,11 @@
 ::
 
     SdcnError
-    ├── ProtocolError          a peer's bytes broke the spec (codecs raise this)
-    │   ├── HandshakeError     Noise failed, or the peer id is not the one dialled
-    │   └── MessageTooLarge    a frame or message over its cap
+    ├── ProtocolError              a protocol was broken (catch it for either side)
+    │   ├── LocalProtocolError     we were about to break it; nothing was sent
+    │   └── RemoteProtocolError    the peer's bytes broke it (codecs raise this)
+    │       ├── HandshakeError     Noise failed, or the peer id is not the one dialled
+    │       └── MessageTooLarge    a frame or message over its cap
     ├── RecordError            a signed record failed verification or is stale
     ├── MultiaddrError         a multiaddr we cannot parse or do not support
     ├── DialError              no address of the peer answered
@@ -16,11 +18,15 @@
     ├── BackendUnavailable     a provider's backend (a webui) cannot be reached or answers nonsense
     └── ConfigError            bad local configuration (key file, flags)
 
-Errors raised because of what a remote peer sent carry ``remote=True``; errors we caused
-ourselves carry ``remote=False``.
+As in h11 and httpx, whose fault a protocol error was is its type: a `RemoteProtocolError`
+means the other side sent bytes that break the spec (that stream or connection is over); a
+`LocalProtocolError` means we were about to (our caller's bug, or a message over the cap we
+send), and nothing went out.
 """
 
 from __future__ import annotations
+
+import enum
 
 import trio
 
@@ -31,10 +37,13 @@ __all__ = [
     "DialError",
     "HandshakeError",
     "JobError",
+    "JobErrorCode",
+    "LocalProtocolError",
     "MessageTooLarge",
     "MultiaddrError",
     "ProtocolError",
     "RecordError",
+    "RemoteProtocolError",
     "ResourceLimitExceeded",
     "SdcnError",
     "StreamReset",
@@ -47,22 +56,26 @@ class SdcnError(Exception):
 
 
 class ProtocolError(SdcnError):
-    """The bytes we received (or were about to send) break the protocol.
+    """A protocol was broken; the subclass says by whom."""
 
-    `remote` is True when the other side sent them.
+
+class LocalProtocolError(ProtocolError):
+    """We were about to break the protocol (a message over its cap, a call out of turn).
+
+    Nothing was sent; the connection is as it was.
     """
 
-    def __init__(self, message: str, *, remote: bool = True) -> None:
-        super().__init__(message)
-        self.remote = remote
+
+class RemoteProtocolError(ProtocolError):
+    """The bytes the other side sent break the protocol."""
 
 
-class HandshakeError(ProtocolError):
+class HandshakeError(RemoteProtocolError):
     """The secure-channel handshake failed, or authenticated an unexpected peer."""
 
 
-class MessageTooLarge(ProtocolError):
-    """A frame or message is larger than the cap for its protocol."""
+class MessageTooLarge(RemoteProtocolError):
+    """A frame or message the other side sent is larger than the cap for its protocol."""
 
 
 class RecordError(SdcnError):
@@ -92,19 +105,37 @@ class ResourceLimitExceeded(SdcnError):
     """A connection or stream limit refused the operation."""
 
 
+class JobErrorCode(enum.StrEnum):
+    """How a job failed, as the job protocol sends it (the values are the wire strings)."""
+
+    BAD_REQUEST = "bad_request"  # the request is invalid: no provider will run it
+    BUSY = "busy"  # no room now (or draining): try another provider, or later
+    UNSUPPORTED = "unsupported"  # the model, a LoRA, the sampler or the size is not offered
+    BACKEND_FAILED = "backend_failed"  # the backend broke running it
+    TIMEOUT = "timeout"  # the deadline passed
+    CANCELLED = "cancelled"
+
+
 class JobError(SdcnError):
-    """A job failed; `code` says how, for the gateway to decide whether to retry."""
+    """A job failed; `code` says how, for the gateway to decide whether to retry.
 
-    CODES = frozenset(
-        {"bad_request", "busy", "unsupported", "backend_failed", "timeout", "cancelled"}
-    )
+    Raises ValueError for a code that is not a JobErrorCode.
+    """
 
-    def __init__(self, code: str, message: str) -> None:
+    CODES = frozenset(JobErrorCode)
+
+    def __init__(self, code: JobErrorCode | str, message: str) -> None:
         if code not in self.CODES:
             raise ValueError(f"unknown job error code {code!r}")
+        code = JobErrorCode(code)
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+    @classmethod
+    def bad_request(cls, field: str, problem: str) -> JobError:
+        """A ``bad_request`` error naming the field at fault: ``"<field>: <problem>"``."""
+        return cls(JobErrorCode.BAD_REQUEST, f"{field}: {problem}")
 
 
 class BackendUnavailable(SdcnError):

@@ -3,8 +3,9 @@
 One connection per peer: concurrent local dials to a peer share one attempt, and when two
 peers dial each other at once both keep the connection dialled by the smaller peer id and
 drain the other. Connections without streams close after `idle_timeout` unless the peer is
-kept alive. `/sdcn/ping/1.0.0` and `/sdcn/identify/1.0.0` are served by every Host, and
-identify runs on every new connection.
+kept alive. Every Host serves `/ipfs/ping/1.0.0`, `/sdcn/identify/2.0.0` and libp2p's
+`/ipfs/id/1.0.0`; identify runs on every connection we dial (libp2p's, with a peer that does
+not speak ours).
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ from dataclasses import dataclass, replace
 
 import trio
 
+from sdcn_p2p._config import require, require_at_least, require_positive
+from sdcn_p2p._subscriptions import Callbacks, Subscription
 from sdcn_p2p._util import open_service_nursery
-from sdcn_p2p._version import __version__
+from sdcn_p2p._version import AGENT_VERSION
 from sdcn_p2p.connection import (
     DEFAULT_MAX_MESSAGE,
     Connection,
     Stream,
+    noise_credentials,
     secure_inbound,
     secure_outbound,
 )
@@ -33,24 +37,26 @@ from sdcn_p2p.errors import (
     DialError,
     HandshakeError,
     ProtocolError,
+    RecordError,
     ResourceLimitExceeded,
+    UnsupportedProtocol,
 )
 from sdcn_p2p.identity import Identity, PeerId
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.peerstore import PeerStore
-from sdcn_p2p.protocols import identify, ping
+from sdcn_p2p.protocols import identify, libp2p_identify, ping
 from sdcn_p2p.records import Envelope, PeerRecord
 from sdcn_p2p.transport import RawConnection, Transport
-from sdcn_p2p.wire.noise import NoiseCredentials
 
 __all__ = ["AGENT_VERSION", "Handler", "Host", "HostConfig", "local_ips", "open_host"]
 
 log = logging.getLogger(__name__)
 
-AGENT_VERSION = f"sdcn-p2p/{__version__}"
 PROTOCOL_HEADER_TIMEOUT = 10.0
 #: Seconds a closing Host gives its connections to close cleanly before cutting them.
 CLOSE_GRACE = 1.0
+# The addresses peers saw us at, newest first.
+_MAX_OBSERVED_ADDRS = 8
 
 Handler = Callable[[Stream], Awaitable[None]]
 
@@ -76,6 +82,32 @@ class HostConfig:
     idle_timeout: float = 120.0
     roles: tuple[str, ...] = ()
     agent_version: str = AGENT_VERSION
+
+    def __post_init__(self) -> None:
+        for name in ("listen", "announce"):
+            addrs = getattr(self, name)
+            ok = isinstance(addrs, tuple) and all(isinstance(a, Multiaddr) for a in addrs)
+            require(self, name, ok, "must be a tuple of Multiaddr")
+        require_at_least(
+            self,
+            1,
+            "max_connections",
+            "max_inbound_connections",
+            "max_inbound_per_ip",
+            "max_pending_inbound",
+            "max_inbound_streams",
+        )
+        require_positive(self, "dial_timeout", "handshake_timeout", "idle_timeout")
+        ok = isinstance(self.roles, tuple) and all(
+            isinstance(r, str) and 0 < len(r) <= identify.MAX_TEXT for r in self.roles
+        )
+        require(
+            self, "roles", ok, f"must be a tuple of names of 1 to {identify.MAX_TEXT} characters"
+        )
+        ok = (
+            isinstance(self.agent_version, str) and 0 < len(self.agent_version) <= identify.MAX_TEXT
+        )
+        require(self, "agent_version", ok, f"must be 1 to {identify.MAX_TEXT} characters")
 
 
 @dataclass(slots=True)
@@ -112,7 +144,7 @@ class Host:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.identity = identity
-        self._noise = NoiseCredentials(identity)  # one static key per Host, signed once
+        self._noise = noise_credentials(identity)  # one static key per Host, signed once
         self.config = config
         self.transport = transport
         self.peerstore = PeerStore()
@@ -128,17 +160,23 @@ class Host:
         self._inbound = 0  # inbound connections registered
         self._inbound_by_ip: dict[str, int] = {}  # pending and registered, loopback not counted
         self._keep_alive: dict[PeerId, int] = {}  # peer -> how many asked to keep it
-        self._on_connected: list[Callable[[Connection], None]] = []
-        self._on_disconnected: list[Callable[[PeerId], None]] = []
-        self._on_identified: list[Callable[[PeerId], None]] = []
+        self._on_connected: Callbacks[Connection] = Callbacks()
+        self._on_disconnected: Callbacks[PeerId] = Callbacks()
+        self._on_identified: Callbacks[PeerId] = Callbacks()
         self._identify_ext: dict[str, Callable[[], bytes]] = {}
         self._record: PeerRecord | None = None
         self._record_envelope: Envelope | None = None
+        self._libp2p_record: tuple[Envelope, Envelope] | None = None  # (ours, libp2p's)
         self._local_ip_cache: dict[str, list[str]] = {}
         self._advertised: tuple[tuple[Multiaddr, ...], list[Multiaddr]] | None = None
         self.set_handler(ping.PING, ping.handle_ping, max_message_size=ping.MAX_MESSAGE)
         self.set_handler(
             identify.IDENTIFY, self._handle_identify, max_message_size=identify.MAX_MESSAGE
+        )
+        self.set_handler(
+            libp2p_identify.LIBP2P_IDENTIFY,
+            self._handle_libp2p_identify,
+            max_message_size=libp2p_identify.MAX_MESSAGE,
         )
 
     # --- identity and addresses ------------------------------------------------------------------
@@ -189,6 +227,15 @@ class Host:
             self._record_envelope = self._record.seal(self.identity)
         return self._record_envelope
 
+    @property
+    def libp2p_signed_record(self) -> Envelope:
+        """The same record sealed as libp2p seals one (RFC 0003), for ``/ipfs/id/1.0.0``."""
+        ours = self.signed_record  # re-sealed first if our addresses changed
+        if self._libp2p_record is None or self._libp2p_record[0] is not ours:
+            assert self._record is not None
+            self._libp2p_record = (ours, self._record.seal_libp2p(self.identity))
+        return self._libp2p_record[1]
+
     # --- handlers and notifications --------------------------------------------------------------
 
     def set_handler(
@@ -215,25 +262,41 @@ class Host:
             raise ValueError(f"at most {identify.MAX_EXTENSIONS} identify extensions")
         self._identify_ext[name] = value
 
-    def identify_extensions(self) -> dict[str, bytes]:
-        return {name: value() for name, value in self._identify_ext.items()}
+    def identify_snapshot(self) -> identify.IdentifySnapshot:
+        """What identify announces about us right now (called as each message goes out)."""
+        return identify.IdentifySnapshot(
+            envelope=self.signed_record,
+            libp2p_record=self.libp2p_signed_record,
+            listen_addrs=tuple(self.advertised_addrs),
+            protocols=tuple(self.protocols),
+            roles=self.config.roles,
+            agent_version=self.config.agent_version,
+            extensions={name: value() for name, value in self._identify_ext.items()},
+        )
 
-    def add_listener(
+    def subscribe(
         self,
         *,
         on_connected: Callable[[Connection], None] | None = None,
         on_disconnected: Callable[[PeerId], None] | None = None,
         on_identified: Callable[[PeerId], None] | None = None,
-    ) -> None:
-        """Register synchronous callbacks; a listener that needs to await starts a task in a
+    ) -> Subscription:
+        """Call these synchronous callbacks on connection events until the subscription
+        closes: use it as ``with host.subscribe(...):``, or call its `close()`.
+
+        `on_connected(conn)` runs once a connection is registered, `on_identified(peer)` once
+        identify has filled the peerstore, `on_disconnected(peer)` once the last connection
+        to `peer` closed. They must not raise; one that needs to await starts a task in a
         nursery of its own.
         """
+        subscriptions = []
         if on_connected:
-            self._on_connected.append(on_connected)
+            subscriptions.append(self._on_connected.subscribe(on_connected))
         if on_disconnected:
-            self._on_disconnected.append(on_disconnected)
+            subscriptions.append(self._on_disconnected.subscribe(on_disconnected))
         if on_identified:
-            self._on_identified.append(on_identified)
+            subscriptions.append(self._on_identified.subscribe(on_identified))
+        return Subscription.joined(subscriptions)
 
     # --- connections -----------------------------------------------------------------------------
 
@@ -254,6 +317,16 @@ class Host:
     @property
     def num_connections(self) -> int:
         return sum(len(conns) for conns in self._conns.values())
+
+    @property
+    def num_inbound_connections(self) -> int:
+        """Open connections the remote side dialled."""
+        return self._inbound
+
+    @property
+    def num_streams(self) -> int:
+        """Open streams over all connections."""
+        return sum(conn.num_streams for conns in self._conns.values() for conn in conns)
 
     def keep_alive(self, peer: PeerId, keep: bool = True) -> None:
         """Exempt connections to `peer` from idle close (bootstrap peers, gateways, mesh
@@ -407,15 +480,13 @@ class Host:
                 nursery.start_soon(self._close_when_idle, conn)
                 if conn.outbound:  # the dialler starts the identify exchange
                     nursery.start_soon(self._identify, conn)
-                for callback in self._on_connected:
-                    callback(conn)
+                self._on_connected.emit(conn)
         finally:
             with trio.CancelScope(shield=True):
                 await conn.aclose()
             self._unregister(conn)
             if self.connection(peer) is None and not self._conns.get(peer):
-                for on_disconnected in self._on_disconnected:
-                    on_disconnected(peer)
+                self._on_disconnected.emit(peer)
 
     def _register(self, conn: Connection) -> None:
         peer = conn.peer_id
@@ -474,9 +545,12 @@ class Host:
         return False
 
     async def disconnect(self, peer: PeerId) -> None:
-        """Close every connection to `peer` at once."""
-        for conn in list(self._conns.get(peer, ())):
-            await conn.aclose("disconnected locally")
+        """Close every connection to `peer` at once; returns when they are closed, so a
+        `new_stream` to `peer` right after dials afresh.
+        """
+        async with trio.open_nursery() as nursery:
+            for conn in list(self._conns.get(peer, ())):
+                nursery.start_soon(conn.aclose, "disconnected locally")
 
     # --- streams ---------------------------------------------------------------------------------
 
@@ -501,12 +575,8 @@ class Host:
     async def _handle_stream(self, stream: Stream) -> None:
         try:
             with trio.fail_after(PROTOCOL_HEADER_TIMEOUT):
-                protocol = await stream._read_protocol_id()
-            entry = self._handlers.get(protocol)
-            if entry is None:
-                log.debug("%s asked for unsupported protocol %r", stream.peer_id.short(), protocol)
-                await stream._refuse()
-                return
+                protocol = await stream._negotiate(self._handlers)
+            entry = self._handlers[protocol]  # no checkpoint since it was selected
             stream._accept(protocol, entry.max_message_size)
             await entry.handler(stream)
         except NETWORK_ERRORS as exc:
@@ -523,22 +593,51 @@ class Host:
 
     async def _handle_identify(self, stream: Stream) -> None:
         with trio.fail_after(self.config.handshake_timeout):
-            info = await identify.answer(self, stream)
+            info = await identify.answer(stream, self.identify_snapshot)
         self._identified(stream.connection, info)
 
+    async def _handle_libp2p_identify(self, stream: Stream) -> None:
+        await libp2p_identify.answer(stream, self.identify_snapshot)
+
     async def _identify(self, conn: Connection) -> None:
+        info: identify.IdentifyInfo | libp2p_identify.Libp2pIdentifyInfo
         try:
             with trio.fail_after(self.config.handshake_timeout):
-                info = await identify.exchange(self, conn)
+                try:
+                    info = await identify.exchange(conn, self.identify_snapshot)
+                except UnsupportedProtocol:  # a libp2p peer that is no SDCN peer
+                    info = await libp2p_identify.query(conn)
         except NETWORK_ERRORS as exc:
             log.debug("identify with %s failed: %r", conn.peer_id.short(), exc)
             return
         self._identified(conn, info)
 
-    def _identified(self, conn: Connection, info: identify.IdentifyInfo) -> None:
-        identify.apply(self, conn, info)
-        for callback in self._on_identified:
-            callback(conn.peer_id)
+    def _identified(
+        self,
+        conn: Connection,
+        info: identify.IdentifyInfo | libp2p_identify.Libp2pIdentifyInfo,
+    ) -> None:
+        """Store what identify told us in the peerstore, then tell the subscribers."""
+        store = self.peerstore
+        if isinstance(info, identify.IdentifyInfo):
+            with contextlib.suppress(RecordError):  # we hold this record or a newer one
+                store.add_record(info.record, info.envelope)
+            roles, extensions = info.roles, info.extensions
+        else:
+            record = info.record
+            store.add_addrs(conn.peer_id, record.addrs if record else info.listen_addrs)
+            roles, extensions = (), {}
+        store.set_identify(
+            conn.peer_id,
+            protocols=info.protocols,
+            roles=roles,
+            agent_version=info.agent_version,
+            extensions=extensions,
+        )
+        observed = info.observed_addr
+        if observed is not None and observed not in self.observed_addrs:
+            self.observed_addrs = [observed, *self.observed_addrs][:_MAX_OBSERVED_ADDRS]
+        self._on_identified.emit(conn.peer_id)
 
     async def ping(self, peer: PeerId | Multiaddr) -> float:
         """Round-trip time to `peer` in seconds, folded into the peerstore's RTT EWMA."""

@@ -9,8 +9,10 @@ written with mode 0600.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 import platformdirs
@@ -18,7 +20,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from sdcn_p2p.errors import ConfigError, ProtocolError
+from sdcn_p2p.errors import ConfigError, ProtocolError, RemoteProtocolError
 from sdcn_p2p.wire.varint import decode_varint, encode_varint
 
 __all__ = [
@@ -75,14 +77,14 @@ def _protobuf_key(key_type: int, data: bytes) -> bytes:
 def _parse_protobuf_key(blob: bytes) -> tuple[int, bytes]:
     """Parse a libp2p PublicKey/PrivateKey protobuf (canonical encoding only)."""
     if len(blob) < 4 or blob[0] != 0x08 or blob[2] != 0x12:
-        raise ProtocolError("malformed libp2p key protobuf")
+        raise RemoteProtocolError("malformed libp2p key protobuf")
     key_type = blob[1]
     decoded = decode_varint(blob, 3)
     if decoded is None:
-        raise ProtocolError("truncated libp2p key protobuf")
+        raise RemoteProtocolError("truncated libp2p key protobuf")
     length, offset = decoded
     if offset + length != len(blob):
-        raise ProtocolError("libp2p key protobuf has the wrong length")
+        raise RemoteProtocolError("libp2p key protobuf has the wrong length")
     return key_type, blob[offset:]
 
 
@@ -99,7 +101,7 @@ def decode_public_key(blob: bytes) -> Ed25519PublicKey:
     """
     key_type, data = _parse_protobuf_key(blob)
     if key_type != _KEY_TYPE_ED25519 or len(data) != 32:
-        raise ProtocolError(f"unsupported public key type {key_type} ({len(data)} bytes)")
+        raise RemoteProtocolError(f"unsupported public key type {key_type} ({len(data)} bytes)")
     return Ed25519PublicKey.from_public_bytes(data)
 
 
@@ -237,10 +239,10 @@ class Identity:
         """Import a libp2p protobuf PrivateKey (Ed25519: 64 bytes of seed + public key)."""
         key_type, data = _parse_protobuf_key(blob)
         if key_type != _KEY_TYPE_ED25519 or len(data) not in (32, 64):
-            raise ProtocolError(f"unsupported private key type {key_type}")
+            raise RemoteProtocolError(f"unsupported private key type {key_type}")
         identity = cls.from_seed(data[:32])
         if len(data) == 64 and data[32:] != identity.public_key_bytes[4:]:
-            raise ProtocolError("libp2p private key holds a mismatched public key")
+            raise RemoteProtocolError("libp2p private key holds a mismatched public key")
         return identity
 
     def sign(self, data: bytes) -> bytes:
@@ -285,8 +287,10 @@ def default_key_path() -> Path:
 def load_or_create_identity(path: Path | None = None, *, create: bool = True) -> Identity:
     """Load the key at `path` (default `default_key_path()`), creating it if missing.
 
-    A created file has mode 0600. Raises ConfigError when the file is unreadable or not a key,
-    or when it is missing and `create` is False.
+    A created file has mode 0600 and appears whole or not at all (see `_create_key_file`):
+    processes creating it at once all end up with the one that got there first. Raises
+    ConfigError when the file is unreadable or not a key, or when it is missing and `create`
+    is False.
     """
     path = Path(path) if path is not None else default_key_path()
     try:
@@ -303,13 +307,47 @@ def load_or_create_identity(path: Path | None = None, *, create: bool = True) ->
             raise ConfigError(f"bad key file {path}: {exc}") from None
     identity = Identity.generate()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        # Another process created it between our read and our write: use theirs.
-        return load_or_create_identity(path, create=False)
+        created = _create_key_file(path, identity.private_bytes_pem())
     except OSError as exc:
         raise ConfigError(f"cannot create key file {path}: {exc}") from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(identity.private_bytes_pem())
+    if not created:
+        # Another process created it between our read and our link: use theirs.
+        return load_or_create_identity(path, create=False)
     return identity
+
+
+def _create_key_file(path: Path, pem: bytes) -> bool:
+    """Write `pem` to `path` unless a file is already there; return whether we wrote it.
+
+    The key goes to a temporary file (mode 0600) in the same folder, is fsynced, then
+    hard-linked to `path`: a link is atomic and never replaces an existing file, so a reader
+    sees a whole key or none, and a crash leaves at most a stray ``.<name>.*.tmp`` file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            return False
+    finally:
+        os.unlink(temp)
+    _fsync_directory(path.parent)
+    return True
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Make a new directory entry durable (POSIX; elsewhere a no-op)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -5,11 +5,16 @@ background: while none answers it retries with exponential backoff (1 s doubling
 with jitter) and the peer keeps working with the peers it already knows. A peer that cannot
 accept connections (no advertised address) runs the DHT in client mode and keeps its
 connections to the bootstrap peers alive, since nobody can dial it back.
+
+Each Peer has its own metrics (`Peer.metrics`, see `sdcn_p2p.metrics`); the peer's own are
+its connections and streams, ping round trips, its DHT routing table and records, and the
+adverts it gossips and holds. Its roles add theirs.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -17,7 +22,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
+from sdcn_p2p._config import require
 from sdcn_p2p._util import open_service_nursery
 from sdcn_p2p.adverts import AdvertCache
 from sdcn_p2p.dht.service import Dht, DhtConfig
@@ -25,6 +32,7 @@ from sdcn_p2p.errors import SdcnError
 from sdcn_p2p.gossip import Gossip, GossipConfig
 from sdcn_p2p.host import Host, HostConfig, open_host
 from sdcn_p2p.identity import Identity, PeerId
+from sdcn_p2p.metrics import RTT_BUCKETS, Metrics
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.records import Advert, Envelope
 from sdcn_p2p.transport import Transport
@@ -45,6 +53,22 @@ class PeerConfig:
     bootstrap: tuple[Multiaddr, ...] = ()
     #: First and longest wait between bootstrap attempts while none answers (seconds).
     bootstrap_backoff: tuple[float, float] = (1.0, 300.0)
+    #: Collect Prometheus metrics (`Peer.metrics`); off, every instrument does nothing.
+    metrics: bool = True
+
+    def __post_init__(self) -> None:
+        ok = isinstance(self.bootstrap, tuple) and all(
+            isinstance(a, Multiaddr) for a in self.bootstrap
+        )
+        require(self, "bootstrap", ok, "must be a tuple of Multiaddr")
+        backoff = self.bootstrap_backoff
+        ok = (
+            isinstance(backoff, tuple)
+            and len(backoff) == 2
+            and all(isinstance(b, int | float) and math.isfinite(b) for b in backoff)
+            and 0 < backoff[0] <= backoff[1]
+        )
+        require(self, "bootstrap_backoff", ok, "must be (first, longest) with 0 < first ≤ longest")
 
 
 class Peer:
@@ -60,6 +84,7 @@ class Peer:
         nursery: trio.Nursery,
         *,
         wall_clock: Callable[[], float],
+        metrics: Metrics | None = None,
     ) -> None:
         self.host = host
         self.dht = dht
@@ -67,6 +92,8 @@ class Peer:
         self.adverts = adverts
         self.config = config
         self.wall_clock = wall_clock
+        #: This peer's metrics registry, which its roles add to.
+        self.metrics = metrics or Metrics.off()
         self.bootstrapped = trio.Event()
         self._nursery = nursery
         self._rng = random.Random()
@@ -137,6 +164,53 @@ class Peer:
         return f"<Peer {self.peer_id}>"
 
 
+def _instrument(peer: Peer) -> None:
+    """Add the peer's own metrics to `peer.metrics`: gauges and counts read at each scrape,
+    and the RTT histogram, fed by the peerstore (its subscription lives as long as the peer).
+    """
+    metrics, host = peer.metrics, peer.host
+    if not metrics.enabled:
+        return
+    connections = metrics.gauge(
+        "sdcn_peer_connections", "Open connections, by who dialled", ["direction"]
+    )
+    connections.labels("inbound").set_function(lambda: host.num_inbound_connections)
+    connections.labels("outbound").set_function(
+        lambda: host.num_connections - host.num_inbound_connections
+    )
+    metrics.gauge("sdcn_peer_streams", "Open streams over all connections").set_function(
+        lambda: host.num_streams
+    )
+    rtt = metrics.histogram(
+        "sdcn_peer_rtt_seconds", "Ping round trips to other peers", buckets=RTT_BUCKETS
+    )
+    host.peerstore.subscribe_rtt(rtt.observe)
+    metrics.gauge("sdcn_dht_routing_table_peers", "Peers in the DHT routing table").set_function(
+        lambda: len(peer.dht.routing_table)
+    )
+    metrics.gauge("sdcn_dht_records", "Records this peer stores for the DHT").set_function(
+        lambda: len(peer.dht.store)
+    )
+    metrics.gauge("sdcn_adverts_cached", "Unexpired adverts in the advert cache").set_function(
+        lambda: len(peer.adverts)
+    )
+
+    def gossip() -> list[Metric]:
+        stats = peer.gossip.stats
+        family = CounterMetricFamily(
+            "sdcn_gossip_adverts",
+            "Adverts received by gossip: new to the cache, already held, or refused (forged, "
+            "malformed, expired)",
+            labels=["result"],
+        )
+        family.add_metric(["accepted"], stats.adverts_accepted)
+        family.add_metric(["duplicate"], stats.duplicates)
+        family.add_metric(["rejected"], stats.rejected)
+        return [family]
+
+    metrics.add_collector("gossip", gossip)
+
+
 @asynccontextmanager
 async def open_peer(
     identity: Identity,
@@ -159,7 +233,11 @@ async def open_peer(
         gossip = Gossip(host, adverts, config.gossip, wall_clock=wall_clock)
         await nursery.start(dht.run)
         await nursery.start(gossip.run)
-        peer = Peer(host, dht, gossip, adverts, config, nursery, wall_clock=wall_clock)
+        metrics = Metrics.for_peer() if config.metrics else Metrics.off()
+        peer = Peer(
+            host, dht, gossip, adverts, config, nursery, wall_clock=wall_clock, metrics=metrics
+        )
+        _instrument(peer)
         nursery.start_soon(peer._join)
         try:
             yield peer

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from sdcn_p2p._subscriptions import Callbacks, Subscription
 from sdcn_p2p.identity import PeerId
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.records import Envelope, PeerRecord, check_newer
@@ -40,6 +42,7 @@ class PeerStore:
         self.max_peers = max_peers
         self._peers: OrderedDict[PeerId, PeerInfo] = OrderedDict()
         self.pinned: set[PeerId] = set()
+        self._on_rtt: Callbacks[float] = Callbacks()
 
     def __contains__(self, peer_id: object) -> bool:
         return peer_id in self._peers
@@ -115,7 +118,13 @@ class PeerStore:
         """Fold an RTT sample (seconds) into the peer's EWMA (alpha 0.2); return the new value."""
         info = self._entry(peer_id)
         info.rtt = sample if info.rtt is None else (1 - RTT_ALPHA) * info.rtt + RTT_ALPHA * sample
+        self._on_rtt.emit(sample)
         return info.rtt
+
+    def subscribe_rtt(self, callback: Callable[[float], None]) -> Subscription:
+        """Call `callback(sample)` with each RTT sample (seconds) until the subscription
+        closes; it must be quick and must not raise."""
+        return self._on_rtt.subscribe(callback)
 
     def rtt(self, peer_id: PeerId) -> float | None:
         info = self._peers.get(peer_id)

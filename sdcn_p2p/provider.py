@@ -1,6 +1,6 @@
 """The provider role: advertise what a backend can run, and run jobs for other peers.
 
-A Provider serves ``/sdcn/job/1.0.0`` on a Peer. It runs at most `slots` jobs at once and
+A Provider serves ``/sdcn/job/2.0.0`` on a Peer. It runs at most `slots` jobs at once and
 keeps at most `max_queue` more waiting; beyond that it refuses with ``busy``. It checks every
 job against the capabilities it advertised (a webui would silently run another model) and
 refuses with ``unsupported``. Closing or resetting the job stream cancels the job.
@@ -13,6 +13,11 @@ refuses new jobs and returns once the running ones are done.
 A provider that cannot accept connections (no advertised address) dials every gateway it
 learns of from their adverts and keeps those connections alive: gateways send it jobs over
 the connections it opened.
+
+Each job's log lines carry its id (the one in the job request, else one of our own), and a
+job that was not refused ends with one line at info: its model, outcome, and time queued and
+run (never the prompt). The provider's metrics (``sdcn_provider_...``) count jobs by outcome,
+time their runs, and read its queue, busy slots, speed and VRAM at each scrape.
 """
 
 from __future__ import annotations
@@ -28,28 +33,29 @@ from typing import Any
 
 import trio
 
+from sdcn_p2p._config import require, require_at_least, require_positive
 from sdcn_p2p._util import open_service_nursery
 from sdcn_p2p.backends import Backend, Capabilities
 from sdcn_p2p.connection import Stream
-from sdcn_p2p.errors import NETWORK_ERRORS, BackendUnavailable, JobError, SdcnError
+from sdcn_p2p.errors import NETWORK_ERRORS, BackendUnavailable, JobError, JobErrorCode, SdcnError
 from sdcn_p2p.identity import PeerId
-from sdcn_p2p.jobs import (
+from sdcn_p2p.jobs import JobRequest, JobResult
+from sdcn_p2p.jobs.protocol import (
     JOB,
     MAX_JOB_MESSAGE,
-    JobRequest,
-    JobResult,
     error_message,
+    parse_job_id,
     parse_job_message,
     progress_message,
     queued_message,
     result_message,
 )
+from sdcn_p2p.jobs.schema import new_job_id
+from sdcn_p2p.logs import log_context
 from sdcn_p2p.peer import Peer
-from sdcn_p2p.records import Advert
+from sdcn_p2p.records import Advert, AdvertState, Reachability, Role
 
 __all__ = [
-    "GATEWAY_ROLE",
-    "PROVIDER_ROLE",
     "Provider",
     "ProviderConfig",
     "open_provider",
@@ -58,14 +64,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PROVIDER_ROLE = "provider"
-GATEWAY_ROLE = "gateway"
 #: Seconds a job stream has to deliver its request.
 REQUEST_TIMEOUT = 30.0
 #: it/s at 512x512 advertised before any job is measured, when the backend has no estimate.
 DEFAULT_SPEED = 1.0
 #: Weight of the newest job in the measured speed (an EWMA).
 SPEED_ALPHA = 0.3
+#: Bytes in the MiB that backends report VRAM in.
+_MIB = 2**20
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,11 +90,29 @@ class ProviderConfig:
     #: it/s at 512x512 advertised until a job has been measured (None: the backend's own guess).
     initial_speed: float | None = None
     #: Extra roles to advertise (a provider that is also a gateway).
-    roles: tuple[str, ...] = field(default=(PROVIDER_ROLE,))
+    roles: tuple[str, ...] = field(default=(Role.PROVIDER,))
 
     def __post_init__(self) -> None:
-        if self.slots < 1 or self.max_queue < 0:
-            raise ValueError("slots must be ≥ 1 and max_queue ≥ 0")
+        require_at_least(self, 1, "slots")
+        require_at_least(self, 0, "max_queue")
+        require_positive(
+            self,
+            "advert_interval",
+            "advert_ttl",
+            "min_advert_gap",
+            "capability_interval",
+            "max_job_seconds",
+        )
+        require(
+            self,
+            "advert_ttl",
+            self.advert_ttl > self.advert_interval,
+            "must exceed advert_interval, or adverts expire before they are renewed",
+        )
+        if self.initial_speed is not None:
+            require_positive(self, "initial_speed")
+        ok = isinstance(self.roles, tuple) and all(isinstance(r, str) and r for r in self.roles)
+        require(self, "roles", ok, "must be a tuple of role names")
 
 
 class Provider:
@@ -99,7 +123,7 @@ class Provider:
         self.backend = backend
         self.config = config
         self.capabilities: Capabilities | None = None
-        self.state = "unavailable"  # until the backend has answered once
+        self.state: AdvertState = AdvertState.UNAVAILABLE  # until the backend has answered once
         self.running = 0
         self.waiting = 0
         self.jobs_done = 0
@@ -113,11 +137,51 @@ class Provider:
         self._nursery: trio.Nursery | None = None
         self._gateways: set[PeerId] = set()
         self.advert: Advert | None = None
+        self._instrument()
 
     @property
     def load(self) -> int:
         """Jobs running or waiting for a slot."""
         return self.running + self.waiting
+
+    @property
+    def advertised_speed(self) -> float:
+        """The speed (it/s at 512x512) our advert gives: measured, else the backend's
+        estimate, else DEFAULT_SPEED."""
+        if self.speed is not None:
+            return self.speed
+        caps = self.capabilities
+        return caps.speed if caps is not None and caps.speed else DEFAULT_SPEED
+
+    def _instrument(self) -> None:
+        metrics = self.peer.metrics
+        self._jobs_total = metrics.counter(
+            "sdcn_provider_jobs_total",
+            "Job requests by outcome: ok, or the error code answered (busy, unsupported, "
+            "bad_request, backend_failed, timeout, cancelled)",
+            ["outcome"],
+        )
+        self._run_seconds = metrics.histogram(
+            "sdcn_provider_job_run_seconds",
+            "Time the backend ran each job that got a slot (ending in any outcome)",
+        )
+        for name, what, read in (
+            ("sdcn_provider_queue_length", "Jobs waiting for a slot", lambda: self.waiting),
+            ("sdcn_provider_slots_busy", "Slots running a job", lambda: self.running),
+            (
+                "sdcn_provider_speed_its",
+                "Speed in iterations per second at 512x512, as advertised",
+                lambda: self.advertised_speed,
+            ),
+        ):
+            metrics.gauge(name, what).set_function(read)
+        vram = metrics.gauge("sdcn_provider_vram_bytes", "The backend's GPU memory", ["kind"])
+        vram.labels("total").set_function(
+            lambda: _MIB * self.capabilities.vram_total_mb if self.capabilities else 0
+        )
+        vram.labels("free").set_function(
+            lambda: _MIB * self.capabilities.vram_free_mb if self.capabilities else 0
+        )
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -127,19 +191,23 @@ class Provider:
             self._nursery = nursery
             await self._refresh_capabilities()
             self.peer.host.set_handler(JOB, self._handle_job, max_message_size=MAX_JOB_MESSAGE)
-            if not self.peer.reachable:
-                self.peer.adverts.add_listener(self._on_advert)
-                self.peer.host.add_listener(on_disconnected=self._on_disconnected)
-                for advert in self.peer.adverts:
-                    self._on_advert(advert)
-            nursery.start_soon(self._capabilities_loop)
-            nursery.start_soon(self._advert_loop)
-            task_status.started()
-            try:
-                await trio.sleep_forever()
-            finally:
-                self.peer.host.remove_handler(JOB)
-                self._nursery = None
+            with contextlib.ExitStack() as subscriptions:
+                if not self.peer.reachable:
+                    # Dial every gateway we learn of, and again when its connection drops.
+                    subscriptions.enter_context(self.peer.adverts.subscribe(self._on_advert))
+                    subscriptions.enter_context(
+                        self.peer.host.subscribe(on_disconnected=self._on_disconnected)
+                    )
+                    for advert in self.peer.adverts:
+                        self._on_advert(advert)
+                nursery.start_soon(self._capabilities_loop)
+                nursery.start_soon(self._advert_loop)
+                task_status.started()
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    self.peer.host.remove_handler(JOB)
+                    self._nursery = None
 
     async def wait_idle(self) -> None:
         """Return once no job is running or waiting here."""
@@ -148,9 +216,9 @@ class Provider:
 
     async def drain(self) -> None:
         """Advertise ``draining``, refuse new jobs and wait for the running ones to finish."""
-        if self.state != "draining":
+        if self.state is not AdvertState.DRAINING:
             log.info("draining: %d job(s) to finish", self.load)
-            self.state = "draining"
+            self.state = AdvertState.DRAINING
             await self._publish()
         await self.wait_idle()
 
@@ -165,9 +233,9 @@ class Provider:
         try:
             capabilities = await self.backend.capabilities()
         except BackendUnavailable as exc:
-            if self.state == "online":
+            if self.state is AdvertState.ONLINE:
                 log.warning("backend unavailable: %s", exc)
-                self.state = "unavailable"
+                self.state = AdvertState.UNAVAILABLE
                 self._mark_changed()
             return
         # Free VRAM moves all the time: it goes out with the next periodic advert, but alone it
@@ -176,15 +244,15 @@ class Provider:
         held = self.capabilities
         changed = held is None or steady != dataclasses.replace(held, vram_free_mb=0)
         self.capabilities = capabilities
-        if changed or self.state == "unavailable":
-            if self.state == "unavailable":
+        if changed or self.state is AdvertState.UNAVAILABLE:
+            if self.state is AdvertState.UNAVAILABLE:
                 log.info(
                     "backend %s ready: %d model(s), %d LoRA(s)",
                     capabilities.backend,
                     len(capabilities.models),
                     len(capabilities.loras),
                 )
-                self.state = "online"
+                self.state = AdvertState.ONLINE
             self._mark_changed()
 
     def _mark_changed(self) -> None:
@@ -210,9 +278,6 @@ class Provider:
         caps = self.capabilities
         now = self.peer.wall_clock()
         self._seq = max(self._seq + 1, int(now * 1000))
-        speed = self.speed
-        if speed is None:
-            speed = caps.speed if caps is not None and caps.speed else DEFAULT_SPEED
         host = self.peer.host
         return Advert(
             peer_id=self.peer.peer_id,
@@ -220,7 +285,9 @@ class Provider:
             issued_at=now,
             ttl=self.config.advert_ttl,
             addrs=tuple(host.advertised_addrs),
-            reachability="public" if self.peer.reachable else "outbound-only",
+            reachability=(
+                Reachability.PUBLIC if self.peer.reachable else Reachability.OUTBOUND_ONLY
+            ),
             backend=caps.backend if caps else getattr(self.backend, "name", ""),
             models=caps.models if caps else (),
             loras=caps.loras if caps else (),
@@ -231,7 +298,8 @@ class Provider:
             max_steps=caps.max_steps if caps else 0,
             slots=self.config.slots,
             queue=min(self.load, 10**6),
-            speed=min(speed, 1e4),
+            max_queue=min(self.config.max_queue, 10**6),
+            speed=min(self.advertised_speed, 1e4),
             state=self.state,
             roles=self.config.roles,
         )
@@ -240,7 +308,7 @@ class Provider:
 
     def _on_advert(self, advert: Advert) -> None:
         if (
-            GATEWAY_ROLE in advert.roles
+            Role.GATEWAY in advert.roles
             and advert.peer_id != self.peer.peer_id
             and advert.addrs
             and advert.peer_id not in self._gateways
@@ -289,27 +357,66 @@ class Provider:
         `on_queued(position)` is called when the job has to wait for a slot. Raises JobError
         (busy, unsupported, backend_failed, timeout); cancelling cancels the job.
         """
-        received = trio.current_time()
-        self._check_supported(job)
-        deadline = min(deadline, self.config.max_job_seconds)
-        with trio.move_on_at(received + deadline):
-            return await self._queue_and_run(job, received, on_progress, on_queued)
-        raise JobError("timeout", f"job did not finish within {deadline:.0f} s")
+        clock = _JobClock(trio.current_time())
+        outcome = str(JobErrorCode.BACKEND_FAILED)  # unless it ends otherwise
+        try:
+            self._check_supported(job)
+            clock.accepted = True
+            deadline = min(deadline, self.config.max_job_seconds)
+            with trio.move_on_at(clock.received + deadline):
+                result = await self._queue_and_run(job, clock, on_progress, on_queued)
+                outcome = "ok"
+                return result
+            raise JobError(JobErrorCode.TIMEOUT, f"job did not finish within {deadline:.0f} s")
+        except JobError as exc:
+            outcome = str(exc.code)
+            raise
+        except trio.Cancelled:
+            outcome = str(JobErrorCode.CANCELLED)
+            raise
+        finally:
+            self._ended(job, outcome, clock)
+
+    def _ended(self, job: JobRequest, outcome: str, clock: _JobClock) -> None:
+        """Count a job that ended in `outcome`, and log it if it was not refused."""
+        self._jobs_total.labels(outcome).inc()
+        now = trio.current_time()
+        started = clock.started if clock.started is not None else now
+        queue, run = started - clock.received, now - started
+        if clock.started is not None:
+            self._run_seconds.observe(run)
+        if not clock.accepted:
+            log.debug("refused a %s job of %s: %s", job.kind, job.model, outcome)
+            return
+        log.info(
+            "ran a %s job of %s: %s, queue %.3f s, run %.3f s",
+            job.kind,
+            job.model,
+            outcome,
+            queue,
+            run,
+            extra={
+                "model": job.model,
+                "status": outcome,
+                "queue_s": round(queue, 3),
+                "run_s": round(run, 3),
+            },
+        )
 
     def _check_supported(self, job: JobRequest) -> None:
         """Refuse what this provider cannot run right now (busy) or at all (unsupported)."""
-        if self.state == "draining":
-            raise JobError("busy", "provider is draining")
-        if self.state == "unavailable" or self.capabilities is None:
-            raise JobError("busy", "provider's backend is unavailable")
-        self.capabilities.resolve(job)  # JobError("unsupported") naming what is missing
+        if self.state is AdvertState.DRAINING:
+            raise JobError(JobErrorCode.BUSY, "provider is draining")
+        if self.state is AdvertState.UNAVAILABLE or self.capabilities is None:
+            raise JobError(JobErrorCode.BUSY, "provider's backend is unavailable")
+        self.capabilities.resolve(job)  # JobError(JobErrorCode.UNSUPPORTED) naming what is missing
         if self.load >= self.config.slots + self.config.max_queue:
-            raise JobError("busy", f"{self.load} job(s) running or queued")
+            raise JobError(JobErrorCode.BUSY, f"{self.load} job(s) running or queued")
 
     async def _queue_and_run(
         self,
         job: JobRequest,
-        received: float,
+        clock: _JobClock,
         on_progress: Callable[[int, int], None] | None,
         on_queued: Callable[[int], None] | None,
     ) -> JobResult:
@@ -325,7 +432,7 @@ class Provider:
                 self.waiting -= 1
                 self.running += 1
                 running = True
-                return await self._generate(job, received, on_progress or _ignore_progress)
+                return await self._generate(job, clock, on_progress or _ignore_progress)
         finally:
             if running:
                 self.running -= 1
@@ -336,13 +443,13 @@ class Provider:
                 self._idle.set()
 
     async def _generate(
-        self, job: JobRequest, received: float, on_progress: Callable[[int, int], None]
+        self, job: JobRequest, clock: _JobClock, on_progress: Callable[[int, int], None]
     ) -> JobResult:
-        started = trio.current_time()
+        started = clock.started = trio.current_time()
         try:
             output = await self.backend.generate(job, on_progress)
         except JobError as exc:
-            if exc.code == "backend_failed" and self._nursery is not None:
+            if exc.code is JobErrorCode.BACKEND_FAILED and self._nursery is not None:
                 # Is the backend gone? Find out now rather than at the next refresh.
                 self._nursery.start_soon(self._refresh_capabilities)
             raise
@@ -359,34 +466,47 @@ class Provider:
             "height": job.height,
             "provider": str(self.peer.peer_id),
             "backend": self.capabilities.backend if self.capabilities else "",
-            "queue_ms": round((started - received) * 1000),
+            "queue_ms": round((started - clock.received) * 1000),
             "run_ms": round(run_s * 1000),
         }
         return JobResult(output.images, info)
 
     async def _handle_job(self, stream: Stream) -> None:
-        """``/sdcn/job/1.0.0``: one job per stream; closing the stream cancels it."""
+        """``/sdcn/job/2.0.0``: one job per stream; closing the stream cancels it."""
         try:
             with trio.fail_after(REQUEST_TIMEOUT):
                 message = await stream.receive_message()
-            job, deadline = await _parse_job(message)
-            replies = _Replies()
-            result: JobResult | None = None
-            async with open_service_nursery() as nursery:
-                nursery.start_soon(_cancel_when_closed, stream, nursery.cancel_scope)
-                nursery.start_soon(replies.forward, stream)
-                result = await self.run_job(
-                    job, deadline=deadline, on_progress=replies.progress, on_queued=replies.queued
-                )
-                nursery.cancel_scope.cancel()
-            if result is None:  # the client closed the stream: the job was cancelled
-                self.jobs_cancelled += 1
-                return
-            await stream.send_message(result_message(result.images, result.info))
+            try:
+                job, deadline = await _parse_job(message)
+            except JobError as exc:
+                self._jobs_total.labels(str(exc.code)).inc()
+                log.debug("refused a job request from %s: %s", stream.peer_id.short(), exc)
+                raise
+            with log_context(job_id=parse_job_id(message) or new_job_id()):
+                await self._serve_job(stream, job, deadline)
         except JobError as exc:
             await _send_quietly(stream, error_message(exc.code, exc.message))
         except trio.TooSlowError:
-            await _send_quietly(stream, error_message("timeout", "no job request arrived"))
+            await _send_quietly(
+                stream, error_message(JobErrorCode.TIMEOUT, "no job request arrived")
+            )
+
+    async def _serve_job(self, stream: Stream, job: JobRequest, deadline: float) -> None:
+        """Run `job`, telling the client its place in the queue and its progress, and send
+        the result."""
+        replies = _Replies()
+        result: JobResult | None = None
+        async with open_service_nursery() as nursery:
+            nursery.start_soon(_cancel_when_closed, stream, nursery.cancel_scope)
+            nursery.start_soon(replies.forward, stream)
+            result = await self.run_job(
+                job, deadline=deadline, on_progress=replies.progress, on_queued=replies.queued
+            )
+            nursery.cancel_scope.cancel()
+        if result is None:  # the client closed the stream: the job was cancelled
+            self.jobs_cancelled += 1
+            return
+        await stream.send_message(result_message(result.images, result.info))
 
     def _measure(self, job: JobRequest, run_s: float) -> None:
         """Fold the job's speed (it/s at 512x512) into the advertised EWMA."""
@@ -406,6 +526,15 @@ async def _parse_job(message: Any) -> tuple[JobRequest, float]:
     if isinstance(job, dict) and job.get("init_image") is not None:
         return await trio.to_thread.run_sync(parse_job_message, message)
     return parse_job_message(message)
+
+
+@dataclass(slots=True)
+class _JobClock:
+    """When a job arrived and started running (trio time), and whether it was accepted."""
+
+    received: float
+    accepted: bool = False
+    started: float | None = None
 
 
 class _Replies:

@@ -5,7 +5,9 @@ An `Envelope` carries a payload signed by a peer's identity key over RFC 0002's 
     varint(len(domain)) domain varint(len(payload_type)) payload_type varint(len(payload)) payload
 
 The domain separates record kinds (``sdcn-peer-record``, ``sdcn-advert``) so a signature made
-for one can never be replayed as another. Envelopes and payloads are msgpack, not protobuf.
+for one can never be replayed as another. Our envelopes and payloads are msgpack; a
+`PeerRecord` is also sealed as libp2p seals one (RFC 0003: protobuf envelope and payload,
+domain ``libp2p-peer-record``), for ``/ipfs/id/1.0.0``.
 Receivers verify an envelope before decoding its payload (`open_signed`), check that the signing
 key is the peer id the payload names, and accept a record only if its ``seq`` is above the one
 they hold (`check_newer`).
@@ -13,27 +15,36 @@ they hold (`check_newer`).
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import reprlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from sdcn_p2p.errors import ProtocolError, RecordError
+from sdcn_p2p.errors import MultiaddrError, ProtocolError, RecordError
 from sdcn_p2p.identity import Identity, PeerId, decode_public_key, verify_signature
 from sdcn_p2p.multiaddr import Multiaddr
+from sdcn_p2p.wire.libp2p import (
+    PEER_RECORD_DOMAIN,
+    PEER_RECORD_PAYLOAD_TYPE,
+    EnvelopeMessage,
+    PeerRecordMessage,
+)
 from sdcn_p2p.wire.messages import pack, unpack
+from sdcn_p2p.wire.multiaddr import decode_multiaddr, encode_multiaddr
 from sdcn_p2p.wire.varint import encode_varint
 
 __all__ = [
     "MAX_ENVELOPE_SIZE",
-    "REACHABILITY",
-    "STATES",
     "Advert",
+    "AdvertState",
     "Envelope",
     "LoraInfo",
     "ModelInfo",
     "PeerRecord",
+    "Reachability",
+    "Role",
     "check_newer",
     "model_key",
     "normalize_model_name",
@@ -125,7 +136,34 @@ class Envelope:
             raise RecordError("envelope is not a msgpack array of 4 fields")
         if not all(type(field) is bytes for field in fields):
             raise RecordError("envelope fields must all be msgpack bin")
-        public_key, payload_type, payload, signature = fields
+        return cls._checked(*fields)
+
+    def to_protobuf(self) -> bytes:
+        """libp2p's encoding: the protobuf ``Envelope`` (as identify's signedPeerRecord)."""
+        return EnvelopeMessage(
+            self.public_key, self.payload_type, self.payload, self.signature
+        ).encode()
+
+    @classmethod
+    def from_protobuf(cls, data: bytes, *, max_size: int = MAX_ENVELOPE_SIZE) -> Envelope:
+        """Decode `to_protobuf` output of at most `max_size` bytes, without verifying it.
+
+        Raises RecordError, and only RecordError, for any other input.
+        """
+        if len(data) > max_size:
+            raise RecordError(f"envelope of {len(data)} bytes is over the {max_size}-byte cap")
+        try:
+            message = EnvelopeMessage.decode(data)
+        except ProtocolError as exc:
+            raise RecordError(f"malformed envelope: {exc}") from None
+        return cls._checked(
+            message.public_key, message.payload_type, message.payload, message.signature
+        )
+
+    @classmethod
+    def _checked(
+        cls, public_key: bytes, payload_type: bytes, payload: bytes, signature: bytes
+    ) -> Envelope:
         if len(public_key) > _MAX_KEY_SIZE:
             raise RecordError(f"envelope public key of {len(public_key)} bytes is too long")
         if len(payload_type) > _MAX_PAYLOAD_TYPE_SIZE:
@@ -225,6 +263,42 @@ class PeerRecord:
         )
         return Envelope.seal(identity, self.DOMAIN, self.PAYLOAD_TYPE, payload)
 
+    def seal_libp2p(self, identity: Identity) -> Envelope:
+        """Sign the record as libp2p does (RFC 0003): a protobuf ``PeerRecord`` with binary
+        addresses, domain ``libp2p-peer-record``; raises ValueError for another identity.
+        """
+        if identity.peer_id != self.peer_id:
+            raise ValueError(f"cannot seal a record of {self.peer_id} with the key of {identity}")
+        addrs = tuple(encode_multiaddr(addr) for addr in self.addrs)
+        payload = PeerRecordMessage(self.peer_id.bytes, self.seq, addrs).encode()
+        return Envelope.seal(identity, PEER_RECORD_DOMAIN, PEER_RECORD_PAYLOAD_TYPE, payload)
+
+    @classmethod
+    def from_libp2p_envelope(cls, envelope: Envelope) -> PeerRecord:
+        """Verify and decode a record sealed as libp2p seals one (any libp2p peer's).
+
+        Addresses of shapes SDCN cannot dial (TCP without WebSocket, QUIC, relays) are left
+        out, and past MAX_ADDRS. Raises RecordError when the envelope does not verify, the
+        payload is malformed, or it names another peer than the signer.
+        """
+        signer = envelope.open(PEER_RECORD_DOMAIN, PEER_RECORD_PAYLOAD_TYPE)
+        try:
+            message = PeerRecordMessage.decode(envelope.payload)
+            peer_id = PeerId(message.peer_id)
+        except (ProtocolError, ValueError) as exc:
+            raise RecordError(f"malformed libp2p peer record: {exc}") from None
+        if peer_id != signer:
+            raise RecordError(f"libp2p peer record of {peer_id} is signed by another key")
+        addrs: list[Multiaddr] = []
+        for data in message.addrs:
+            try:
+                addr = decode_multiaddr(data)
+            except (ProtocolError, MultiaddrError):
+                continue
+            if addr.peer_id in (None, peer_id) and len(addrs) < cls.MAX_ADDRS:
+                addrs.append(addr)
+        return cls(peer_id, message.seq, tuple(addrs))
+
     @classmethod
     def from_envelope(cls, envelope: Envelope) -> PeerRecord:
         """Verify and decode a sealed record; raises RecordError if it is invalid."""
@@ -282,10 +356,38 @@ class LoraInfo:
     hash: str = ""
 
 
-REACHABILITY = ("public", "outbound-only")
-#: online: taking jobs; draining: finishing its jobs before leaving; unavailable: its backend
-#: cannot run jobs now (a webui that went away).
-STATES = ("online", "draining", "unavailable")
+class Reachability(enum.StrEnum):
+    """Whether others can dial a peer (the values are the advert's wire strings)."""
+
+    PUBLIC = "public"
+    OUTBOUND_ONLY = "outbound-only"  # behind NAT: it dials out, and takes jobs over those
+
+
+class AdvertState(enum.StrEnum):
+    """What a provider does with new jobs (the values are the advert's wire strings)."""
+
+    ONLINE = "online"  # taking jobs
+    DRAINING = "draining"  # finishing its jobs before leaving
+    UNAVAILABLE = "unavailable"  # its backend cannot run jobs now (a webui that went away)
+
+
+class Role(enum.StrEnum):
+    """What a peer does, in its advert and its identify info (the values are the wire strings).
+
+    Peers may announce roles this version does not know; they are kept as plain strings.
+    """
+
+    PROVIDER = "provider"  # runs jobs
+    GATEWAY = "gateway"  # takes HTTP requests (providers behind NAT dial the ones they learn of)
+    BOOTSTRAP = "bootstrap"  # a well-known DHT server, the door into the network
+
+
+def _member(enum_type: type[enum.StrEnum], name: str, value: object) -> Any:
+    """`value` as a member of `enum_type`; ValueError naming the field if it is none."""
+    try:
+        return enum_type(value)
+    except ValueError:
+        raise ValueError(f"{name} must be one of {tuple(map(str, enum_type))}") from None
 
 
 def _check_text(name: str, value: object, limit: int, *, empty: bool = True) -> str:
@@ -321,7 +423,7 @@ class Advert:
     issued_at: float
     ttl: float
     addrs: tuple[Multiaddr, ...] = ()
-    reachability: str = "public"
+    reachability: Reachability = Reachability.PUBLIC
     backend: str = ""
     models: tuple[ModelInfo, ...] = ()
     loras: tuple[LoraInfo, ...] = ()
@@ -331,12 +433,13 @@ class Advert:
     max_pixels: int = 0
     max_steps: int = 0
     slots: int = 1
-    queue: int = 0
+    queue: int = 0  # jobs running or waiting there
+    #: Jobs that may wait for a slot before the provider answers busy; None: not advertised.
+    max_queue: int | None = None
     speed: float = 0.0  # iterations per second at 512x512
-    state: str = "online"
-    #: What the peer does: "provider" runs jobs, "gateway" takes HTTP requests (providers
-    #: behind NAT dial the gateways they learn of this way).
-    roles: tuple[str, ...] = ("provider",)
+    state: AdvertState = AdvertState.ONLINE
+    #: What the peer does (`Role`; unknown roles are kept as strings).
+    roles: tuple[str, ...] = (Role.PROVIDER,)
 
     DOMAIN: ClassVar[str] = "sdcn-advert"
     PAYLOAD_TYPE: ClassVar[bytes] = b"/sdcn/advert/1"
@@ -362,10 +465,9 @@ class Advert:
             if addr.peer_id not in (None, self.peer_id):
                 raise ValueError(f"address {addr} names another peer than {self.peer_id}")
         object.__setattr__(self, "addrs", tuple(a.without_peer_id() for a in addrs))
-        if self.reachability not in REACHABILITY:
-            raise ValueError(f"reachability must be one of {REACHABILITY}")
-        if self.state not in STATES:
-            raise ValueError(f"state must be one of {STATES}")
+        reachability = _member(Reachability, "reachability", self.reachability)
+        object.__setattr__(self, "reachability", reachability)
+        object.__setattr__(self, "state", _member(AdvertState, "state", self.state))
         roles = tuple(self.roles)
         if len(roles) > self.MAX_ROLES:
             raise ValueError(f"at most {self.MAX_ROLES} roles")
@@ -399,11 +501,25 @@ class Advert:
         _check_int("max_steps", self.max_steps, 0, 10_000)
         _check_int("slots", self.slots, 1, 1024)
         _check_int("queue", self.queue, 0, 10**6)
+        if self.max_queue is not None:
+            _check_int("max_queue", self.max_queue, 0, 10**6)
         object.__setattr__(self, "speed", _check_number("speed", self.speed, 0, 1e4))
 
     @property
     def expires_at(self) -> float:
         return self.issued_at + self.ttl
+
+    @property
+    def is_online_provider(self) -> bool:
+        """Whether the peer runs jobs and takes new ones now (role provider, state online)."""
+        return self.state is AdvertState.ONLINE and Role.PROVIDER in self.roles
+
+    @property
+    def full(self) -> bool:
+        """Whether the provider was answering busy when it signed this: `slots` running and
+        `max_queue` waiting. (Its busy answer is the authority; this may be a second old.)
+        """
+        return self.max_queue is not None and self.queue >= self.slots + self.max_queue
 
     def check_fresh(self, now: float) -> None:
         """Raise RecordError if the advert has expired at wall time `now` or is from the future."""
@@ -429,6 +545,9 @@ class Advert:
         """Sign the advert; raises ValueError if `identity` is not the advert's peer."""
         if identity.peer_id != self.peer_id:
             raise ValueError(f"cannot seal an advert of {self.peer_id} with the key of {identity}")
+        load = [self.slots, self.queue]
+        if self.max_queue is not None:
+            load.append(self.max_queue)
         payload = {
             "peer_id": self.peer_id.bytes,
             "seq": self.seq,
@@ -442,7 +561,7 @@ class Advert:
             "samplers": list(self.samplers),
             "vram": [self.vram_total_mb, self.vram_free_mb],
             "limits": [self.max_pixels, self.max_steps],
-            "load": [self.slots, self.queue],
+            "load": load,
             "speed": self.speed,
             "state": self.state,
             "roles": list(self.roles),
@@ -485,7 +604,7 @@ class Advert:
             loras = tuple(LoraInfo(*_strings(lo, 2)) for lo in p["loras"])
             vram_total, vram_free = _pair(p["vram"])
             max_pixels, max_steps = _pair(p["limits"])
-            slots, queue = _pair(p["load"])
+            slots, queue, max_queue = _load(p["load"])
             return cls(
                 peer_id=peer_id,
                 seq=p["seq"],
@@ -503,6 +622,7 @@ class Advert:
                 max_steps=max_steps,
                 slots=slots,
                 queue=queue,
+                max_queue=max_queue,
                 speed=p["speed"],
                 state=p["state"],
                 roles=tuple(p["roles"][: cls.MAX_ROLES + 1]),
@@ -515,6 +635,13 @@ def _strings(value: object, count: int) -> list[str]:
     if type(value) is not list or len(value) != count:
         raise ValueError(f"expected a list of {count} strings")
     return value
+
+
+def _load(value: object) -> tuple[int, int, int | None]:
+    """``[slots, queue]``, or ``[slots, queue, max_queue]`` from providers that say it."""
+    if type(value) is list and len(value) == 3:
+        return value[0], value[1], value[2]
+    return (*_pair(value), None)
 
 
 def _pair(value: object) -> tuple[int, int]:

@@ -125,8 +125,7 @@ def test_a_duplicate_is_recognised_without_verifying_again(monkeypatch) -> None:
 def test_bad_adverts_raise_and_are_not_kept(make, message: str) -> None:
     cache = new_cache()
     listened: list[Advert] = []
-    cache.add_listener(listened.append)
-    with pytest.raises(RecordError, match=message):
+    with cache.subscribe(listened.append), pytest.raises(RecordError, match=message):
         cache.add(make())
     assert len(cache) == 0 and listened == []
 
@@ -216,16 +215,31 @@ def test_a_model_listed_twice_counts_its_provider_once() -> None:
     assert cache.models() == {}
 
 
-def test_listeners_hear_of_each_new_advert_once() -> None:
+def test_subscribers_hear_of_each_new_advert_once() -> None:
     cache = new_cache()
     heard: list[tuple[str, int]] = []
-    cache.add_listener(lambda advert: heard.append((advert.models[0].name, advert.seq)))
-    cache.add(sealed(PEERS[0], 1, models=("a",)))
-    cache.add(sealed(PEERS[0], 1, models=("a",)))
-    cache.add(sealed(PEERS[0], 0, models=("b",)))
-    cache.add(sealed(PEERS[0], 2, models=("c",)))
-    cache.add(sealed(PEERS[1], 1, models=("d",)))
+    with cache.subscribe(lambda advert: heard.append((advert.models[0].name, advert.seq))):
+        cache.add(sealed(PEERS[0], 1, models=("a",)))
+        cache.add(sealed(PEERS[0], 1, models=("a",)))
+        cache.add(sealed(PEERS[0], 0, models=("b",)))
+        cache.add(sealed(PEERS[0], 2, models=("c",)))
+        cache.add(sealed(PEERS[1], 1, models=("d",)))
     assert heard == [("a", 1), ("c", 2), ("d", 1)]
+
+
+def test_a_subscription_ends_with_its_block() -> None:
+    cache = new_cache()
+    heard: list[tuple[str, int]] = []
+    outer = cache.subscribe(lambda advert: heard.append(("outer", advert.seq)))
+    with cache.subscribe(lambda advert: heard.append(("inner", advert.seq))) as inner:
+        cache.add(sealed(PEERS[0], 1))
+        assert not inner.closed
+    assert inner.closed
+    cache.add(sealed(PEERS[0], 2))
+    outer.close()
+    outer.close()  # closing twice does nothing
+    cache.add(sealed(PEERS[0], 3))
+    assert heard == [("outer", 1), ("inner", 1), ("outer", 2)]
 
 
 def test_a_full_cache_evicts_the_advert_that_expires_soonest() -> None:

@@ -18,15 +18,23 @@ import trio
 import trio.testing
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from sdcn_p2p.connection import MAX_PROTOCOL_ID, SecureChannel, Stream, secure_outbound
+from sdcn_p2p.connection import (
+    MAX_PROTOCOL_ID,
+    SecureChannel,
+    Stream,
+    noise_credentials,
+    secure_outbound,
+)
 from sdcn_p2p.errors import DialError, StreamReset
 from sdcn_p2p.host import PROTOCOL_HEADER_TIMEOUT, Host, HostConfig, open_host
 from sdcn_p2p.identity import Identity
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.protocols.ping import PING
 from sdcn_p2p.testing import TamperingTransport, all_tasks, open_memory_hosts, test_identity
+from sdcn_p2p.transport import RawConnection
 from sdcn_p2p.transport.memory import MemoryNetwork
-from sdcn_p2p.wire import noise, yamux
+from sdcn_p2p.wire import multistream, noise, yamux
+from sdcn_p2p.wire.libp2p import NoiseHandshakePayload
 from sdcn_p2p.wire.varint import encode_varint
 
 ACCEPT = "/test/accept/1.0.0"
@@ -49,8 +57,14 @@ def dial_addr(host: Host) -> Multiaddr:
     return host.listen_addrs[0].with_peer_id(host.peer_id)
 
 
+def multistream_message(token: bytes) -> bytes:
+    return encode_varint(len(token) + 1) + token + b"\n"
+
+
 def protocol_header(protocol: bytes) -> bytes:
-    return encode_varint(len(protocol)) + protocol
+    """What a lazy dialer writes first, and a listener answers when it accepts: the
+    multistream-select header and the protocol."""
+    return multistream_message(multistream.PROTOCOL_ID.encode()) + multistream_message(protocol)
 
 
 async def echo_handler(stream: Stream) -> None:
@@ -112,11 +126,12 @@ class RawPeer:
         self.session.send(stream_id, protocol_header(PING.encode()) + payload)
         await self.flush()
         received = b""
-        while len(received) < 1 + len(payload):
+        accepted = protocol_header(PING.encode())
+        while len(received) < len(accepted) + len(payload):
             for event in await self.next_events():
                 if isinstance(event, yamux.DataReceived) and event.stream_id == stream_id:
                     received += event.data
-        assert received == b"\x00" + payload  # status "accepted", then the echo
+        assert received == accepted + payload  # the answer "accepted", then the echo
 
 
 @asynccontextmanager
@@ -124,7 +139,7 @@ async def open_raw_peer(network: MemoryNetwork, victim: Host) -> AsyncIterator[R
     identity = test_identity(0, seed=99)
     raw = await network.transport().dial(victim.listen_addrs[0])
     try:
-        channel, remote = await secure_outbound(raw, identity, victim.peer_id)
+        channel, remote = await secure_outbound(raw, noise_credentials(identity), victim.peer_id)
         assert remote == victim.peer_id
         yield RawPeer(channel, identity)
     finally:
@@ -150,11 +165,12 @@ async def test_streams_pass_trios_half_closeable_stream_checks(autojump_clock) -
                 return initiator, await accepted.receive()
 
             async def clogged_stream_maker() -> tuple[Stream, Stream]:
-                # Fill both send windows: the initiator's header and the status byte count.
+                # Fill both send windows: the multistream-select proposal and its answer
+                # (the same bytes: header and protocol) count.
                 initiator, responder = await stream_maker()
-                header = len(protocol_header(ACCEPT.encode()))
+                header = len(multistream.Dialer(ACCEPT).data_to_send())
                 await initiator.send_all(b"\0" * (yamux.DEFAULT_WINDOW - header))
-                await responder.send_all(b"\0" * (yamux.DEFAULT_WINDOW - 1))
+                await responder.send_all(b"\0" * (yamux.DEFAULT_WINDOW - header))
                 return initiator, responder
 
             await trio.testing.check_half_closeable_stream(stream_maker, clogged_stream_maker)
@@ -279,13 +295,22 @@ async def test_a_forged_identity_signature_is_refused(autojump_clock, caplog, fo
                 identity, initiator=True, expected_peer=victim.peer_id, static_key=static_key
             )
             # The payload carries our key with a signature that does not bind it to static_key.
-            handshake._payload = noise._encode_payload(
+            handshake._payload = NoiseHandshakePayload(
                 identity.public_key_bytes, forge(identity, static_key)
-            )
+            ).encode()
             raw = await network.transport().dial(victim.listen_addrs[0])
-            await raw.send_message(handshake.write_message())
-            handshake.read_message(await raw.receive_message())
-            await raw.send_message(handshake.write_message())
+            select = multistream.Dialer(noise.PROTOCOL_ID)
+            await raw.send_message(
+                select.data_to_send() + noise.encode_frame(handshake.write_message())
+            )
+            while select.next_event() is None:
+                select.receive_data(await raw.receive_message())
+            frames = noise.FrameDecoder()
+            frames.feed(select.unused())
+            while (frame := frames.next_frame()) is None:
+                frames.feed(await raw.receive_message())
+            handshake.read_message(frame)
+            await raw.send_message(noise.encode_frame(handshake.write_message()))
             with pytest.raises(trio.EndOfChannel):
                 await raw.receive_message()
             await raw.aclose()
@@ -446,3 +471,95 @@ async def test_half_open_dials_beyond_the_pending_limit_are_refused_until_they_t
             await trio.testing.wait_all_tasks_blocked()
             assert victim.num_connections == 0
             assert all_tasks() == idle
+
+
+# --- 13. the upgrade, as libp2p does it ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("offers_muxer", [True, False], ids=["muxer-in-handshake", "multistream"])
+async def test_a_new_connection_costs_three_round_trips_to_the_first_answer(
+    autojump_clock, offers_muxer: bool
+) -> None:
+    """Dial (one round trip, as TCP), /noise with Noise message 1 -> answer with message 2,
+    message 3 with the first stream's proposal and data -> its answer: as before libp2p's
+    framing, with the muxer agreed in the handshake or lazily selected after it.
+    """
+    latency = 0.01
+    network = MemoryNetwork(latency=latency)
+    with no_task_left_behind():
+        async with open_memory_hosts(2, network=network) as (a, b):
+            if not offers_muxer:  # as py-libp2p: yamux is selected in the secure channel
+                b._noise = noise.NoiseCredentials(b.identity)
+            b.set_handler(ECHO, echo_handler)
+            start = trio.current_time()
+            stream = await a.new_stream(dial_addr(b), ECHO)
+            await stream.send_all(b"first")
+            assert await stream.receive_some() == b"first"
+            assert trio.current_time() - start == pytest.approx(3 * 2 * latency)
+            await stream.aclose()
+            await trio.testing.wait_all_tasks_blocked()
+            assert a.peerstore.get(b.peer_id).protocols == tuple(b.protocols)  # identified
+
+
+async def test_a_dialler_offering_no_muxer_selects_yamux_in_the_channel(autojump_clock) -> None:
+    with no_task_left_behind():
+        async with open_memory_hosts(2) as (a, b):
+            a._noise = noise.NoiseCredentials(a.identity)
+            b.set_handler(ECHO, echo_handler)
+            stream = await a.new_stream(dial_addr(b), ECHO)
+            await stream.send_all(b"hello")
+            assert await stream.receive_some() == b"hello"
+            await b.ping(dial_addr(a))  # the same connection, the other way
+
+
+async def test_a_listener_that_refuses_noise_fails_the_dial(autojump_clock) -> None:
+    network = MemoryNetwork()
+
+    async def no_noise(raw: RawConnection) -> None:
+        await raw.receive_message()  # the header, /noise and Noise message 1
+        refusal = multistream.encode_token(multistream.PROTOCOL_ID)
+        await raw.send_message(refusal + multistream.encode_token(multistream.NA))
+        with suppress(trio.EndOfChannel):
+            await raw.receive_message()
+
+    with no_task_left_behind():
+        async with open_memory_hosts(1, network=network) as (a,), trio.open_nursery() as nursery:
+            transport = network.transport()
+            [addr] = await nursery.start(
+                transport.serve, Multiaddr.parse(f"/ip4/{transport.host}/tcp/1/ws"), no_noise
+            )
+            with pytest.raises(DialError, match="does not speak /noise"):
+                await a.connect(addr)
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_push_closed_before_its_answer_arrives_is_not_reset(autojump_clock) -> None:
+    """The opener writes and closes without reading (a push); the responder answers as soon as
+    it waits for more data, so its answer reaches a stream already closed. The answer belongs
+    to the negotiation: the stream is not reset for it under a responder still using it."""
+    sink = "/test/sink/1.0.0"
+    outcome: list[object] = []
+    done = trio.Event()
+
+    async def read_then_linger(stream: Stream) -> None:
+        size = 0
+        while chunk := await stream.receive_some():  # waits once between the two parts
+            size += len(chunk)
+        await trio.sleep(1)  # a reset for the answer would have arrived by now
+        try:
+            await stream.send_all(b"still here")
+        except StreamReset as exc:
+            outcome.append(exc)
+        outcome.append(size)
+        done.set()
+
+    with no_task_left_behind():
+        async with open_memory_hosts(2, network=MemoryNetwork(latency=0.05)) as (a, b):
+            b.set_handler(sink, read_then_linger)
+            stream = await a.new_stream(dial_addr(b), sink)
+            await stream.send_all(bytes(10_000))
+            await trio.sleep(0.02)
+            await stream.send_all(bytes(10_000))
+            await stream.aclose()
+            await done.wait()
+    assert outcome == [20_000]

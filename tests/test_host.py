@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from contextlib import AsyncExitStack
 from dataclasses import replace
 
 import pytest
@@ -17,6 +19,7 @@ from sdcn_p2p.protocols import identify
 from sdcn_p2p.records import PeerRecord
 from sdcn_p2p.testing import all_tasks, open_memory_hosts, test_identity
 from sdcn_p2p.transport.memory import MemoryNetwork
+from sdcn_p2p.wire import multistream, noise
 
 ECHO = "/test/echo/1.0.0"
 SUM = "/test/sum/1.0.0"
@@ -173,31 +176,32 @@ async def test_simultaneous_dials_collapse_to_one_connection(autojump_clock) -> 
         a.peerstore.add_addrs(b.peer_id, b.listen_addrs)
         b.peerstore.add_addrs(a.peer_id, a.listen_addrs)
         both_seen = {a: trio.Event(), b: trio.Event()}
-        for host in (a, b):
-            seen: list[object] = []
+        with contextlib.ExitStack() as subscriptions:
+            for host in (a, b):
+                seen: list[object] = []
 
-            def on_connected(conn: object, seen: list = seen, host: Host = host) -> None:
-                seen.append(conn)
-                if len(seen) == 2:
-                    both_seen[host].set()
+                def on_connected(conn: object, seen: list = seen, host: Host = host) -> None:
+                    seen.append(conn)
+                    if len(seen) == 2:
+                        both_seen[host].set()
 
-            host.add_listener(on_connected=on_connected)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(a.connect, b.peer_id)
-            nursery.start_soon(b.connect, a.peer_id)
-        await both_seen[a].wait()
-        await both_seen[b].wait()
-        # Both sides now use the connection dialled by the smaller peer id.
-        smaller = min(a, b, key=lambda h: h.peer_id)
-        for host, other in ((a, b), (b, a)):
-            conn = host.connection(other.peer_id)
-            assert conn is not None
-            assert conn.outbound == (host is smaller)
-        await a.ping(b.peer_id)
-        await b.ping(a.peer_id)
-        # The drained duplicate closes once its identify streams are done.
-        await trio.sleep(a.config.handshake_timeout)
-        assert a.num_connections == b.num_connections == 1
+                subscriptions.enter_context(host.subscribe(on_connected=on_connected))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(a.connect, b.peer_id)
+                nursery.start_soon(b.connect, a.peer_id)
+            await both_seen[a].wait()
+            await both_seen[b].wait()
+            # Both sides now use the connection dialled by the smaller peer id.
+            smaller = min(a, b, key=lambda h: h.peer_id)
+            for host, other in ((a, b), (b, a)):
+                conn = host.connection(other.peer_id)
+                assert conn is not None
+                assert conn.outbound == (host is smaller)
+            await a.ping(b.peer_id)
+            await b.ping(a.peer_id)
+            # The drained duplicate closes once its identify streams are done.
+            await trio.sleep(a.config.handshake_timeout)
+            assert a.num_connections == b.num_connections == 1
 
 
 async def test_concurrent_local_dials_share_one_attempt(autojump_clock) -> None:
@@ -218,9 +222,9 @@ async def test_concurrent_local_dials_share_one_attempt(autojump_clock) -> None:
 async def test_identify_fills_the_peerstore_with_the_signed_record(autojump_clock) -> None:
     async with open_memory_hosts(2, config=HostConfig(roles=("provider",))) as (a, b):
         identified = trio.Event()
-        a.add_listener(on_identified=lambda peer: identified.set())
-        await a.connect(dial_addr(b))
-        await identified.wait()
+        with a.subscribe(on_identified=lambda peer: identified.set()):
+            await a.connect(dial_addr(b))
+            await identified.wait()
         info = a.peerstore.get(b.peer_id)
         assert info is not None and info.record is not None
         assert info.record.peer_id == b.peer_id
@@ -229,6 +233,31 @@ async def test_identify_fills_the_peerstore_with_the_signed_record(autojump_cloc
         assert info.roles == ("provider",)
         assert info.agent_version.startswith("sdcn-p2p/")
         assert a.observed_addrs  # b told a the address it saw
+
+
+async def test_a_subscription_ends_with_its_block(autojump_clock) -> None:
+    async with open_memory_hosts(3) as (a, b, c):
+        events: list[tuple[str, object]] = []
+        with a.subscribe(
+            on_connected=lambda conn: events.append(("connected", conn.peer_id)),
+            on_identified=lambda peer: events.append(("identified", peer)),
+            on_disconnected=lambda peer: events.append(("disconnected", peer)),
+        ) as subscription:
+            await a.connect(dial_addr(b))
+            await trio.testing.wait_all_tasks_blocked()
+            await a.disconnect(b.peer_id)
+            await trio.testing.wait_all_tasks_blocked()
+        assert subscription.closed
+        assert events == [
+            ("connected", b.peer_id),
+            ("identified", b.peer_id),
+            ("disconnected", b.peer_id),
+        ]
+        await a.connect(dial_addr(c))
+        await trio.testing.wait_all_tasks_blocked()
+        await a.disconnect(c.peer_id)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(events) == 3  # nothing heard after the block
 
 
 async def test_rtt_ewma_follows_pings(autojump_clock) -> None:
@@ -280,9 +309,9 @@ async def test_stream_limit_resets_streams_beyond_it(autojump_clock) -> None:
 
         b.set_handler("/test/hold/1.0.0", hold_open)
         identified = trio.Event()
-        a.add_listener(on_identified=lambda peer: identified.set())
-        await a.connect(dial_addr(b))
-        await identified.wait()  # a's identify stream to b is closed
+        with a.subscribe(on_identified=lambda peer: identified.set()):
+            await a.connect(dial_addr(b))
+            await identified.wait()  # a's identify stream to b is closed
         streams = [await a.new_stream(b.peer_id, "/test/hold/1.0.0") for _ in range(5)]
         for stream in streams[:4]:
             assert await stream.receive_some() == b"!"
@@ -325,15 +354,22 @@ async def test_closing_hosts_leaves_no_task_behind(autojump_clock) -> None:
 async def test_host_survives_garbage_from_a_raw_client(autojump_clock) -> None:
     network = MemoryNetwork()
     async with open_memory_hosts(2, network=network) as (a, b):
+        select_noise = multistream.Dialer(noise.PROTOCOL_ID).data_to_send()
         raw = await network.transport().dial(b.listen_addrs[0])
-        await raw.send_message(b"\x00" * 32)  # a low-order ephemeral key
+        await raw.send_message(b"\x00" * 32)  # not multistream-select
         with pytest.raises(trio.EndOfChannel):
             await raw.receive_message()  # b hung up
         await raw.aclose()
         raw = await network.transport().dial(b.listen_addrs[0])
-        await raw.send_message(os.urandom(32))
+        await raw.send_message(select_noise + noise.encode_frame(b"\x00" * 32))  # low-order key
+        with pytest.raises(trio.EndOfChannel):
+            while True:
+                await raw.receive_message()  # b's answer to /noise, then b hung up
+        await raw.aclose()
+        raw = await network.transport().dial(b.listen_addrs[0])
+        await raw.send_message(select_noise + noise.encode_frame(os.urandom(32)))
         await raw.receive_message()  # b's reply, whatever it is
-        await raw.send_message(b"not noise at all")
+        await raw.send_message(noise.encode_frame(b"not noise at all"))
         with pytest.raises(trio.EndOfChannel):
             await raw.receive_message()
         await raw.aclose()
@@ -395,11 +431,36 @@ async def test_identify_extensions_reach_the_other_side(autojump_clock) -> None:
         state = {"value": b"v1"}
         b.set_identify_extension("test/state", lambda: state["value"])
         identified = trio.Event()
-        a.add_listener(on_identified=lambda peer: identified.set())
-        await a.connect(dial_addr(b))
-        await identified.wait()
+        with a.subscribe(on_identified=lambda peer: identified.set()):
+            await a.connect(dial_addr(b))
+            await identified.wait()
         assert a.peerstore.get(b.peer_id).extensions == {"test/state": b"v1"}
         for name in range(7):
             b.set_identify_extension(f"n{name}", lambda: b"")
         with pytest.raises(ValueError, match="at most 8"):
             b.set_identify_extension("one too many", lambda: b"")
+
+
+@pytest.mark.parametrize("transport", ["memory", "websocket"])
+async def test_a_new_stream_right_after_disconnect_dials_afresh(transport: str) -> None:
+    """Once `disconnect` returns the old connection is closed: the next stream to the same
+    peer goes over a new connection instead of failing on the dying one.
+    """
+    async with AsyncExitStack() as stack:
+        if transport == "memory":
+            a, b = await stack.enter_async_context(open_memory_hosts(2))
+        else:
+            a, b = [
+                await stack.enter_async_context(open_host(test_identity(i), HostConfig(LOOPBACK)))
+                for i in range(2)
+            ]
+        add_test_handlers(b)
+        a.peerstore.add_addrs(b.peer_id, b.listen_addrs)
+        old = await a.connect(b.peer_id)
+        await a.disconnect(b.peer_id)
+        assert old.closed and a.connection(b.peer_id) is None
+        stream = await a.new_stream(b.peer_id, SUM)
+        async with stream:
+            await stream.send_message([1, 2, 3])
+            assert await stream.receive_message() == {"sum": 6}
+        assert a.connection(b.peer_id) not in (None, old)

@@ -1,7 +1,12 @@
 from __future__ import annotations
 
 import base64
+import os
+import select
+import signal
 import stat
+import subprocess
+import sys
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -176,6 +181,71 @@ def test_key_file_is_created_0600_and_reloaded(tmp_path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert load_or_create_identity(path).peer_id == created.peer_id
     assert load_or_create_identity(path, create=False).peer_id == created.peer_id
+
+
+# A process creating the key file, with `os.link` (the step that publishes the written,
+# fsynced temporary file) replaced by what the test needs.
+KILLED_BEFORE_LINK = """
+import os, signal, sys
+from sdcn_p2p.identity import load_or_create_identity
+os.link = lambda source, target: os.kill(os.getpid(), signal.SIGKILL)
+load_or_create_identity(sys.argv[1])
+"""
+LINK_TOGETHER = """
+import os, sys
+from sdcn_p2p.identity import load_or_create_identity
+ready, go = int(sys.argv[2]), int(sys.argv[3])
+link = os.link
+def link_together(source, target):
+    os.write(ready, b"x")  # our key is written: wait until every process has written its own
+    os.read(go, 1)
+    link(source, target)
+os.link = link_together
+print(load_or_create_identity(sys.argv[1]).peer_id)
+"""
+
+
+def test_a_writer_killed_before_the_link_leaves_no_key_file(tmp_path) -> None:
+    path = tmp_path / "identity.key"
+    killed = subprocess.run([sys.executable, "-c", KILLED_BEFORE_LINK, str(path)], check=False)
+    assert killed.returncode == -signal.SIGKILL
+    assert not path.exists()
+    (stray,) = tmp_path.iterdir()  # what it wrote, whole, under a name nobody loads
+    assert stray.name.startswith(".identity.key.") and stray.name.endswith(".tmp")
+    assert stat.S_IMODE(stray.stat().st_mode) == 0o600
+    assert Identity.from_pem(stray.read_bytes())
+    created = load_or_create_identity(path)
+    assert load_or_create_identity(path, create=False).peer_id == created.peer_id
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_processes_creating_the_key_at_once_all_use_one_key(tmp_path) -> None:
+    """Four processes each write a key of their own and then link at the same moment:
+    one link wins, and every process uses the key it put there.
+    """
+    path = tmp_path / "sdcn" / "identity.key"
+    ready_read, ready_write = os.pipe()
+    go_read, go_write = os.pipe()
+    fds = (ready_write, go_read)
+    command = [sys.executable, "-c", LINK_TOGETHER, str(path), *map(str, fds)]
+    processes = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, text=True, pass_fds=fds) for _ in range(4)
+    ]
+    try:
+        for _ in processes:
+            assert select.select([ready_read], [], [], 60)[0], "a process never reached link"
+            assert os.read(ready_read, 1) == b"x"
+        os.write(go_write, b"x" * len(processes))
+        outputs = [process.communicate(timeout=60)[0].strip() for process in processes]
+    finally:
+        for fd in (ready_read, ready_write, go_read, go_write):
+            os.close(fd)
+        for process in processes:
+            process.kill()
+            process.wait()
+    assert all(process.returncode == 0 for process in processes)
+    assert set(outputs) == {str(load_or_create_identity(path, create=False).peer_id)}
+    assert [p.name for p in path.parent.iterdir()] == ["identity.key"]
 
 
 def test_missing_key_file_without_create_is_a_config_error(tmp_path) -> None:

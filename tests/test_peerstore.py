@@ -59,6 +59,16 @@ def test_rtt_is_an_ewma_with_alpha_one_fifth() -> None:
     assert store.record_rtt(ALICE.peer_id, 0.200) == pytest.approx(0.120)
 
 
+def test_rtt_subscribers_hear_each_sample_until_they_unsubscribe() -> None:
+    store = PeerStore()
+    samples: list[float] = []
+    with store.subscribe_rtt(samples.append):
+        store.record_rtt(ALICE.peer_id, 0.100)
+        store.record_rtt(ALICE.peer_id, 0.200)
+    store.record_rtt(ALICE.peer_id, 0.300)
+    assert samples == [0.100, 0.200]
+
+
 def test_least_recently_updated_peers_are_evicted_but_pinned_ones_stay() -> None:
     store = PeerStore(max_peers=3)
     ids = [test_identity(i).peer_id for i in range(10, 15)]

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 from contextlib import asynccontextmanager
 from functools import partial
@@ -12,9 +13,11 @@ from PIL import Image
 from sdcn_p2p.backends import Capabilities, JobOutput
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.errors import BackendUnavailable, JobError
-from sdcn_p2p.jobs import JOB, MAX_JOB_MESSAGE, JobRequest, request_job
-from sdcn_p2p.provider import GATEWAY_ROLE, ProviderConfig, open_provider
-from sdcn_p2p.records import Advert
+from sdcn_p2p.jobs import JobRequest
+from sdcn_p2p.jobs.protocol import JOB, MAX_JOB_MESSAGE, request_job
+from sdcn_p2p.logs import ContextFilter
+from sdcn_p2p.provider import ProviderConfig, open_provider
+from sdcn_p2p.records import Advert, Role
 from sdcn_p2p.testing import open_memory_peers, small_job, wait_advert
 from sdcn_p2p.transport.memory import MemoryNetwork
 
@@ -120,6 +123,33 @@ async def test_invalid_parameters_are_refused_naming_the_field(autojump_clock) -
                 reply = await stream.receive_message()
             assert reply["type"] == "error" and reply["code"] == "bad_request"
             assert field in reply["message"]
+
+
+async def test_each_job_logs_one_line_with_its_id_and_a_bad_id_is_refused(
+    autojump_clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="sdcn_p2p.provider")
+    caplog.handler.addFilter(ContextFilter())
+    async with provider_network() as (client, node, provider):
+        await request_job(client.host, node.peer_id, job(), deadline=30, job_id="gw-1.0")
+        await request_job(client.host, node.peer_id, job(), deadline=30)  # an id of its own
+        with pytest.raises(JobError) as info:
+            await request_job(client.host, node.peer_id, job(model="card-z"), deadline=30)
+        assert info.value.code == "unsupported"
+        stream = await client.host.new_stream(node.peer_id, JOB, max_message_size=MAX_JOB_MESSAGE)
+        async with stream:
+            message = {"type": "job", "job": job().to_wire(), "deadline": 30.0, "job_id": "a b"}
+            await stream.send_message(message)
+            reply = await stream.receive_message()
+        assert reply["code"] == "bad_request" and reply["message"].startswith("job_id:")
+        body, _ = provider.peer.metrics.exposition()
+    ran = [r for r in caplog.records if r.getMessage().startswith("ran a txt2img job")]
+    ids = [getattr(r, "job_id", None) for r in ran]
+    assert ids[0] == "gw-1.0" and len(ids[1]) == 16
+    assert [getattr(r, "status", None) for r in ran] == ["ok", "ok"]
+    assert b'sdcn_provider_jobs_total{outcome="ok"} 2.0' in body
+    assert b'sdcn_provider_jobs_total{outcome="unsupported"} 1.0' in body
+    assert b'sdcn_provider_jobs_total{outcome="bad_request"} 1.0' in body
 
 
 async def test_busy_when_slots_and_queue_are_full(autojump_clock) -> None:
@@ -245,26 +275,26 @@ async def test_outbound_only_provider_dials_the_gateways_it_learns_of(autojump_c
         open_provider(node, TestcardBackend(CARD)) as provider,
     ):
         connected = trio.Event()
-        node.host.add_listener(
+        with node.host.subscribe(
             on_connected=lambda conn: conn.peer_id == gateway.peer_id and connected.set()
-        )
-        await gateway.publish_advert(
-            Advert(
-                gateway.peer_id,
-                seq=1,
-                issued_at=gateway.wall_clock(),
-                ttl=180,
-                addrs=tuple(gateway.host.advertised_addrs),
-                roles=(GATEWAY_ROLE,),
+        ):
+            await gateway.publish_advert(
+                Advert(
+                    gateway.peer_id,
+                    seq=1,
+                    issued_at=gateway.wall_clock(),
+                    ttl=180,
+                    addrs=tuple(gateway.host.advertised_addrs),
+                    roles=(Role.GATEWAY,),
+                )
             )
-        )
-        await wait_advert(node, gateway, lambda a: GATEWAY_ROLE in a.roles)
-        assert gateway.peer_id in provider._gateways
-        if not node.host.is_connected(gateway.peer_id):
-            await connected.wait()
-        await trio.sleep(900)  # idle: the connection to a gateway is kept alive
-        assert node.host.is_connected(gateway.peer_id)
-        await request_job(gateway.host, node.peer_id, job(), deadline=60)
+            await wait_advert(node, gateway, lambda a: Role.GATEWAY in a.roles)
+            assert gateway.peer_id in provider._gateways
+            if not node.host.is_connected(gateway.peer_id):
+                await connected.wait()
+            await trio.sleep(900)  # idle: the connection to a gateway is kept alive
+            assert node.host.is_connected(gateway.peer_id)
+            await request_job(gateway.host, node.peer_id, job(), deadline=60)
 
 
 async def test_ten_megabyte_init_image_accepted_and_sixty_refused() -> None:

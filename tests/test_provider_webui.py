@@ -10,10 +10,11 @@ import trio
 
 from sdcn_p2p.backends.webui import WebuiConfig, open_webui_backend
 from sdcn_p2p.errors import JobError
-from sdcn_p2p.fakewebui import FakeWebui, open_fake_webui
-from sdcn_p2p.jobs import JobRequest, request_job
+from sdcn_p2p.jobs import JobRequest
+from sdcn_p2p.jobs.protocol import request_job
 from sdcn_p2p.provider import ProviderConfig, open_provider
 from sdcn_p2p.testing import open_memory_peers, wait_advert
+from sdcn_p2p.testing.fakewebui import FakeWebui, open_fake_webui
 
 FAST = WebuiConfig(timeout=5.0, progress_interval=0.02)
 PROVIDER = ProviderConfig(capability_interval=0.2, min_advert_gap=0.05)

@@ -13,8 +13,8 @@ from sdcn_p2p.identity import Identity, verify_signature
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.records import (
     MAX_ENVELOPE_SIZE,
-    STATES,
     Advert,
+    AdvertState,
     Envelope,
     LoraInfo,
     ModelInfo,
@@ -24,6 +24,9 @@ from sdcn_p2p.records import (
     normalize_model_name,
     open_signed,
 )
+from sdcn_p2p.wire.libp2p import PeerRecordMessage
+from sdcn_p2p.wire.multiaddr import encode_multiaddr
+from sdcn_p2p.wire.varint import encode_varint
 
 ALICE = Identity.from_seed(b"\x01" * 32)
 BOB = Identity.from_seed(b"\x02" * 32)
@@ -344,6 +347,69 @@ def test_is_newer_than() -> None:
         PeerRecord(BOB.peer_id, 6, ()).is_newer_than(held)
 
 
+# PeerRecord sealed as libp2p seals one (RFC 0003)
+
+
+def libp2p_record_payload(peer: bytes, seq: int, addrs: tuple[bytes, ...]) -> bytes:
+    return PeerRecordMessage(peer, seq, addrs).encode()
+
+
+def test_libp2p_sealed_record_round_trips_through_protobuf() -> None:
+    record = PeerRecord(ALICE.peer_id, 2**63 + 5, ADDRS)
+    envelope = record.seal_libp2p(ALICE)
+    assert envelope.payload_type == b"\x03\x01"
+    assert verify_signature(
+        ALICE.public_key,
+        envelope.signature,
+        b"\x12libp2p-peer-record\x02\x03\x01"
+        + encode_varint(len(envelope.payload))
+        + envelope.payload,
+    )
+    decoded = Envelope.from_protobuf(envelope.to_protobuf())
+    assert decoded == envelope
+    assert PeerRecord.from_libp2p_envelope(decoded) == record
+
+
+def test_libp2p_record_does_not_open_as_ours_nor_ours_as_libp2p() -> None:
+    record = PeerRecord(ALICE.peer_id, 1, ADDRS)
+    with pytest.raises(RecordError):
+        PeerRecord.from_envelope(record.seal_libp2p(ALICE))
+    with pytest.raises(RecordError):
+        PeerRecord.from_libp2p_envelope(record.seal(ALICE))
+
+
+def test_libp2p_record_keeps_only_addresses_we_can_dial() -> None:
+    quic = bytes.fromhex("040102030491020fa1cd03")  # /ip4/1.2.3.4/udp/4001/quic-v1
+    ws = encode_multiaddr(ADDRS[0])
+    ws_with_id = encode_multiaddr(ADDRS[1].with_peer_id(ALICE.peer_id))
+    payload = libp2p_record_payload(ALICE.peer_id.bytes, 3, (quic, ws, ws_with_id))
+    envelope = Envelope.seal(ALICE, "libp2p-peer-record", b"\x03\x01", payload)
+    assert PeerRecord.from_libp2p_envelope(envelope).addrs == ADDRS
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (libp2p_record_payload(BOB.peer_id.bytes, 1, ()), "signed by another key"),
+        (libp2p_record_payload(b"not a peer id", 1, ()), "malformed"),
+        (b"\x0a\x05short", "malformed"),
+    ],
+)
+def test_bad_libp2p_records_are_rejected(payload: bytes, message: str) -> None:
+    envelope = Envelope.seal(ALICE, "libp2p-peer-record", b"\x03\x01", payload)
+    with pytest.raises(RecordError, match=message):
+        PeerRecord.from_libp2p_envelope(envelope)
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_arbitrary_protobuf_envelopes_only_raise_record_error(data: bytes) -> None:
+    with contextlib.suppress(RecordError):
+        envelope = Envelope.from_protobuf(data)
+        with contextlib.suppress(RecordError):
+            PeerRecord.from_libp2p_envelope(envelope)
+
+
 # Advert
 
 NOW = 1_700_000_000.0
@@ -448,6 +514,22 @@ def test_advert_payload_is_the_documented_map() -> None:
         "state": "draining",
         "roles": ["provider"],
     }
+
+
+def test_an_advert_may_carry_the_queue_limit_and_says_when_it_is_full() -> None:
+    advert = dataclasses.replace(FULL_ADVERT, state="online", max_queue=4)
+    envelope = advert.seal(ALICE)
+    assert msgpack.unpackb(envelope.payload)["load"] == [2, 3, 4]
+    assert Advert.from_envelope(envelope) == advert
+    assert not advert.full
+    assert dataclasses.replace(advert, queue=6).full
+    assert dataclasses.replace(advert, queue=2, max_queue=0).full
+    # Without a limit (an older provider) it never says so: only a busy answer tells.
+    assert FULL_ADVERT.max_queue is None and not dataclasses.replace(FULL_ADVERT, queue=99).full
+    with pytest.raises(ValueError, match="max_queue"):
+        dataclasses.replace(advert, max_queue=-1)
+    with pytest.raises(RecordError, match="max_queue"):
+        Advert.from_envelope(seal_advert_payload(ALICE, advert_payload(load=[1, 0, True])))
 
 
 def test_advert_roles_round_trip_and_are_bounded() -> None:
@@ -727,7 +809,7 @@ def test_signed_garbage_advert_payloads_only_raise_record_error(payload: bytes) 
     st.lists(st.text(min_size=1, max_size=20).filter(str.strip), max_size=5),
     st.lists(st.text(min_size=1, max_size=20).filter(str.strip), max_size=5),
     st.floats(0, 1e4),
-    st.sampled_from(STATES),
+    st.sampled_from(AdvertState),
 )
 def test_any_valid_advert_round_trips(seq, issued_at, ttl, models, loras, speed, state) -> None:
     advert = Advert(

@@ -4,23 +4,27 @@
   the provider) and `JobOutput` (what a job returns).
 - `testcard`: no GPU; a deterministic picture of the job's parameters, for demos and tests.
 - `webui`: an AUTOMATIC1111 / Forge / SD.Next server driven over its HTTP API.
+- `comfyui`: a ComfyUI server driven over its HTTP and WebSocket API, a workflow per image
+  (`samplers`, `workflow`, `parse`, `offer`, `scan`, `events`, `backend`).
 - `diffusers`: Stable Diffusion run in this process by Hugging Face diffusers (the optional
-  ``diffusers`` extra); `tinysd` builds a tiny random pipeline for its tests and benchmarks.
+  ``diffusers`` extra); `sdcn_p2p.testing.tinysd` builds a tiny random pipeline for its tests
+  and benchmarks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from sdcn_p2p.errors import JobError
+from sdcn_p2p.errors import JobError, JobErrorCode
 from sdcn_p2p.jobs import JobRequest, split_sampler
 from sdcn_p2p.records import LoraInfo, ModelInfo, normalize_model_name
 
-__all__ = ["Backend", "Capabilities", "JobOutput", "ResolvedJob"]
+__all__ = ["Backend", "Capabilities", "JobOutput", "ResolvedJob", "resolve_or_rescan"]
 
 _T = TypeVar("_T")
+_Offer = TypeVar("_Offer")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,20 +66,21 @@ class Capabilities:
         """
         model = _find(self.models, job.model, lambda m: (m.name, m.title))
         if model is None:
-            raise JobError("unsupported", f"model {job.model!r} is not offered here")
+            raise JobError(JobErrorCode.UNSUPPORTED, f"model {job.model!r} is not offered here")
         loras = []
         for name, weight in job.loras:
             lora = _find(self.loras, name, lambda lo: (lo.name,))
             if lora is None:
-                raise JobError("unsupported", f"LoRA {name!r} is not offered here")
+                raise JobError(JobErrorCode.UNSUPPORTED, f"LoRA {name!r} is not offered here")
             loras.append((lora, weight))
         sampler, scheduler = self._resolve_sampler(job.sampler_name)
         if job.width * job.height > self.max_pixels:
             raise JobError(
-                "unsupported", f"{job.width}x{job.height} is over {self.max_pixels} pixels"
+                JobErrorCode.UNSUPPORTED,
+                f"{job.width}x{job.height} is over {self.max_pixels} pixels",
             )
         if job.steps > self.max_steps:
-            raise JobError("unsupported", f"{job.steps} steps is over {self.max_steps}")
+            raise JobError(JobErrorCode.UNSUPPORTED, f"{job.steps} steps is over {self.max_steps}")
         return ResolvedJob(model, tuple(loras), sampler, scheduler)
 
     def _resolve_sampler(self, name: str) -> tuple[str, str | None]:
@@ -88,7 +93,7 @@ class Capabilities:
             known = _find(self.schedulers, scheduler, lambda s: (s,))
             if known is not None:
                 return sampler, known
-        raise JobError("unsupported", f"sampler {name!r} is not offered here")
+        raise JobError(JobErrorCode.UNSUPPORTED, f"sampler {name!r} is not offered here")
 
 
 def _find(items: tuple[_T, ...], wanted: str, names: Callable[[_T], tuple[str, ...]]) -> _T | None:
@@ -97,6 +102,23 @@ def _find(items: tuple[_T, ...], wanted: str, names: Callable[[_T], tuple[str, .
         if any(n and normalize_model_name(n) == key for n in names(item)):
             return item
     return None
+
+
+async def resolve_or_rescan(
+    known: _Offer | None, resolve: Callable[[_Offer], _T], rescan: Callable[[], Awaitable[_Offer]]
+) -> _T:
+    """`resolve` a job against what a backend is `known` to offer, or, when nothing is known
+    yet or `resolve` refuses the job (JobError), against what `rescan` reads now: a model,
+    LoRA or sampler may have been added to the backend since it was last read.
+
+    Raises what `resolve` or `rescan` raise.
+    """
+    if known is not None:
+        try:
+            return resolve(known)
+        except JobError:
+            pass  # it may have been added since: look again
+    return resolve(await rescan())
 
 
 @dataclass(frozen=True, slots=True)

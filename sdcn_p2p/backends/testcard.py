@@ -22,7 +22,7 @@ import trio
 from PIL import Image, ImageDraw, ImageFont
 
 from sdcn_p2p.backends import Capabilities, JobOutput, ResolvedJob
-from sdcn_p2p.errors import ConfigError, JobError
+from sdcn_p2p.errors import ConfigError, JobError, JobErrorCode
 from sdcn_p2p.jobs import SCHEDULERS, JobRequest
 from sdcn_p2p.records import LoraInfo, ModelInfo
 
@@ -172,7 +172,9 @@ def _render_job(job: JobRequest, resolved: ResolvedJob, seeds: list[int]) -> lis
                 )
             )
         except _IMAGE_ERRORS as exc:
-            raise JobError("backend_failed", f"cannot decode the init image: {exc}") from exc
+            raise JobError(
+                JobErrorCode.BACKEND_FAILED, f"cannot decode the init image: {exc}"
+            ) from exc
     return images
 
 

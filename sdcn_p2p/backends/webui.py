@@ -29,9 +29,11 @@ import httpx
 import trio
 from PIL import Image
 
+from sdcn_p2p._config import require_at_least, require_positive
 from sdcn_p2p._util import open_service_nursery
-from sdcn_p2p.backends import Capabilities, JobOutput, ResolvedJob
-from sdcn_p2p.errors import BackendUnavailable, ConfigError, JobError
+from sdcn_p2p.backends import Capabilities, JobOutput, ResolvedJob, resolve_or_rescan
+from sdcn_p2p.backends._http import HttpFailure, check_url, request_capped
+from sdcn_p2p.errors import BackendUnavailable, JobError, JobErrorCode
 from sdcn_p2p.jobs import JobRequest
 from sdcn_p2p.records import Advert, LoraInfo, ModelInfo
 
@@ -61,6 +63,10 @@ class WebuiConfig:
     progress_interval: float = 0.5
     #: Cap on one answer's size, in bytes (four 2048x2048 PNGs in base64 fit well within).
     max_response_bytes: int = 256 * _MIB
+
+    def __post_init__(self) -> None:
+        require_positive(self, "timeout", "job_timeout", "interrupt_timeout", "progress_interval")
+        require_at_least(self, 1, "max_response_bytes")
 
 
 class _WebuiError(Exception):
@@ -123,7 +129,7 @@ class WebuiBackend:
                 images, info = _decode_result(body, job.batch_size)
             _check_checkpoint(resolved.model, info)
         except _WebuiError as exc:
-            raise JobError("backend_failed", f"webui at {self.url}: {exc}") from exc
+            raise JobError(JobErrorCode.BACKEND_FAILED, f"webui at {self.url}: {exc}") from exc
         reporter.finish()
         return JobOutput(images, _result_info(info, job))
 
@@ -149,12 +155,9 @@ class WebuiBackend:
         return self._capabilities
 
     async def _resolve(self, job: JobRequest) -> ResolvedJob:
-        if self._capabilities is not None:
-            try:
-                return self._capabilities.resolve(job)
-            except JobError:
-                pass  # it may have been added to the webui since: look again
-        return (await self._fetch_capabilities()).resolve(job)
+        return await resolve_or_rescan(
+            self._capabilities, lambda offer: offer.resolve(job), self._fetch_capabilities
+        )
 
     async def _get_json(self, name: str, *, missing_ok: bool = False) -> Any:
         path = f"{_API}/{name}"
@@ -224,19 +227,17 @@ class WebuiBackend:
         headers = {"Content-Type": "application/json"} if content is not None else None
         limit = self.config.max_response_bytes
         try:
-            async with self._client.stream(
-                method, path, content=content, headers=headers, timeout=timeouts
-            ) as response:
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > limit:
-                        raise _WebuiError(f"{path} answered more than {limit} bytes")
-                return response.status_code, bytes(body)
-        except httpx.TimeoutException as exc:
-            raise _WebuiError(f"{path} did not answer in time ({type(exc).__name__})") from exc
-        except httpx.HTTPError as exc:
-            raise _WebuiError(f"cannot reach it: {exc or type(exc).__name__}") from exc
+            return await request_capped(
+                self._client,
+                method,
+                path,
+                limit=limit,
+                timeouts=timeouts,
+                content=content,
+                headers=headers,
+            )
+        except HttpFailure as exc:
+            raise _WebuiError(str(exc)) from exc.__cause__
 
 
 @asynccontextmanager
@@ -253,12 +254,7 @@ async def open_webui_backend(
     Does not contact the webui: call `capabilities()` for that. Raises ConfigError for a URL
     that is not http(s).
     """
-    try:
-        parsed = httpx.URL(url)
-    except httpx.InvalidURL as exc:
-        raise ConfigError(f"bad webui URL {url!r}: {exc}") from exc
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ConfigError(f"the webui URL must be http(s)://HOST[:PORT], got {url!r}")
+    check_url(url, "webui")
     async with httpx.AsyncClient(
         base_url=url,
         auth=httpx.BasicAuth(*auth) if auth else None,

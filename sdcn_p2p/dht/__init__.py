@@ -1,4 +1,4 @@
-"""Kademlia DHT over ``/sdcn/kad/1.0.0``: find peers, store and fetch signed records.
+"""Kademlia DHT over ``/sdcn/kad/2.0.0``: find peers, store and fetch signed records.
 
 - `keys`: 256-bit keys, XOR distance, bucket indices.
 - `routing`: the routing table of server peers (k-buckets), pure.

@@ -1,4 +1,4 @@
-"""The wire format of ``/sdcn/kad/1.0.0``: one msgpack request and one response per stream.
+"""The wire format of ``/sdcn/kad/2.0.0``: one msgpack request and one response per stream.
 
 ::
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdcn_p2p.dht.keys import KEY_SIZE
-from sdcn_p2p.errors import ProtocolError
+from sdcn_p2p.errors import RemoteProtocolError
 from sdcn_p2p.identity import PeerId
 from sdcn_p2p.multiaddr import MAX_MULTIADDR_LEN, Multiaddr
 from sdcn_p2p.records import MAX_ENVELOPE_SIZE
@@ -46,7 +46,7 @@ __all__ = [
     "values_response",
 ]
 
-KAD = "/sdcn/kad/1.0.0"
+KAD = "/sdcn/kad/2.0.0"
 MAX_MESSAGE_SIZE = 4 * 1024 * 1024
 #: Most contacts in one answer, and most addresses per contact.
 MAX_CLOSER = 20
@@ -93,7 +93,7 @@ def encode_request(request: Request) -> dict[str, Any]:
 def _key(message: dict[str, Any]) -> bytes:
     key = message["key"]
     if len(key) != KEY_SIZE:
-        raise ProtocolError(f"a DHT key must be {KEY_SIZE} bytes, not {len(key)}")
+        raise RemoteProtocolError(f"a DHT key must be {KEY_SIZE} bytes, not {len(key)}")
     return key
 
 
@@ -109,9 +109,9 @@ def decode_request(message: Any, *, max_value_size: int = MAX_ENVELOPE_SIZE) -> 
         expect_map(message, {"value": bytes})
         value = message["value"]
         if len(value) > max_value_size:
-            raise ProtocolError(f"value of {len(value)} bytes is over {max_value_size}")
+            raise RemoteProtocolError(f"value of {len(value)} bytes is over {max_value_size}")
         return PutValue(_key(message), value)
-    raise ProtocolError(f"unknown DHT request type {kind[:32]!r}")
+    raise RemoteProtocolError(f"unknown DHT request type {kind[:32]!r}")
 
 
 def _encode_contacts(contacts: list[Contact]) -> list[list[Any]]:
@@ -145,26 +145,26 @@ def _multiaddr(text: str) -> Multiaddr:
 
 def _contact(item: object) -> Contact:
     if type(item) is not list or len(item) != 2:
-        raise ProtocolError("a contact must be [peer id, [addresses]]")
+        raise RemoteProtocolError("a contact must be [peer id, [addresses]]")
     peer_bytes, addr_texts = item
     if type(peer_bytes) is not bytes or len(peer_bytes) > _MAX_PEER_ID:
-        raise ProtocolError("a contact's peer id must be at most 64 bytes")
+        raise RemoteProtocolError("a contact's peer id must be at most 64 bytes")
     if type(addr_texts) is not list or len(addr_texts) > MAX_ADDRS:
-        raise ProtocolError(f"a contact must list at most {MAX_ADDRS} addresses")
+        raise RemoteProtocolError(f"a contact must list at most {MAX_ADDRS} addresses")
     try:
         peer_id = _peer_id(peer_bytes)
         addrs = []
         for text in addr_texts:
             if type(text) is not str or len(text) > MAX_MULTIADDR_LEN:
-                raise ProtocolError("a contact address must be multiaddr text")
+                raise RemoteProtocolError("a contact address must be multiaddr text")
             addr = _multiaddr(text)
             if addr.peer_id is not None:
                 if addr.peer_id != peer_id:
-                    raise ProtocolError(f"contact address {addr} names another peer")
+                    raise RemoteProtocolError(f"contact address {addr} names another peer")
                 addr = addr.without_peer_id()
             addrs.append(addr)
     except ValueError as exc:  # MultiaddrError is a ValueError
-        raise ProtocolError(f"bad contact: {exc}") from None
+        raise RemoteProtocolError(f"bad contact: {exc}") from None
     return Contact(peer_id, tuple(addrs))
 
 
@@ -173,7 +173,7 @@ def decode_nodes(message: Any) -> list[Contact]:
     message = expect_map(message, {"closer": list})
     closer = message["closer"]
     if len(closer) > MAX_CLOSER:
-        raise ProtocolError(f"{len(closer)} contacts in one answer, at most {MAX_CLOSER}")
+        raise RemoteProtocolError(f"{len(closer)} contacts in one answer, at most {MAX_CLOSER}")
     return [_contact(item) for item in closer]
 
 
@@ -184,10 +184,12 @@ def decode_values(
     message = expect_map(message, {"values": list})
     values = message["values"]
     if len(values) > max_values:
-        raise ProtocolError(f"{len(values)} values in one answer, at most {max_values}")
+        raise RemoteProtocolError(f"{len(values)} values in one answer, at most {max_values}")
     for value in values:
         if type(value) is not bytes or len(value) > max_value_size:
-            raise ProtocolError(f"a value must be an envelope of at most {max_value_size} bytes")
+            raise RemoteProtocolError(
+                f"a value must be an envelope of at most {max_value_size} bytes"
+            )
     return values, decode_nodes(message)
 
 
@@ -196,5 +198,5 @@ def decode_put(message: Any) -> tuple[bool, str | None]:
     message = expect_map(message, {"ok": bool}, {"error": str})
     error = message.get("error")
     if error is not None and len(error) > MAX_ERROR_LEN:
-        raise ProtocolError(f"error text longer than {MAX_ERROR_LEN} characters")
+        raise RemoteProtocolError(f"error text longer than {MAX_ERROR_LEN} characters")
     return message["ok"], error

@@ -1,4 +1,4 @@
-"""The DHT service: serves ``/sdcn/kad/1.0.0`` and drives lookups, puts and gets over a Host.
+"""The DHT service: serves ``/sdcn/kad/2.0.0`` and drives lookups, puts and gets over a Host.
 
 Only server-mode peers (reachable: they advertise addresses and serve KAD) enter routing
 tables; a client-mode Dht looks up, puts and gets, but serves nothing and is never added.
@@ -17,6 +17,7 @@ from typing import Any
 
 import trio
 
+from sdcn_p2p._config import require, require_at_least, require_positive
 from sdcn_p2p.connection import Stream
 from sdcn_p2p.dht.keys import KEY_BITS, key_int, node_key, node_key_int
 from sdcn_p2p.dht.lookup import Lookup
@@ -38,7 +39,7 @@ from sdcn_p2p.dht.messages import (
     values_response,
 )
 from sdcn_p2p.dht.routing import AddStatus, RoutingTable
-from sdcn_p2p.dht.store import RecordStore, StoredValue, validate
+from sdcn_p2p.dht.store import RecordStore, Source, StoredValue, validate
 from sdcn_p2p.errors import NETWORK_ERRORS, DialError, RecordError, ResourceLimitExceeded, SdcnError
 from sdcn_p2p.host import Host
 from sdcn_p2p.identity import PeerId
@@ -76,9 +77,30 @@ class DhtConfig:
     server: bool | None = None
     max_record_size: int = MAX_ENVELOPE_SIZE
     max_per_publisher: int = 256
+    #: Values one connected peer, and all the peers on one IP address (IPv6: one /64;
+    #: loopback exempt), may have stored here, whatever identities signed them.
+    max_per_sender: int = 1024
+    max_per_address: int = 4096
     max_records: int = 20_000
     max_values_per_key: int = 256
     max_message_size: int = MAX_MESSAGE_SIZE
+
+    def __post_init__(self) -> None:
+        require_at_least(
+            self,
+            1,
+            "k",
+            "alpha",
+            "max_record_size",
+            "max_per_publisher",
+            "max_per_sender",
+            "max_per_address",
+            "max_records",
+            "max_values_per_key",
+            "max_message_size",
+        )
+        require_positive(self, "rpc_timeout", "slow_after", "refresh_interval")
+        require(self, "server", self.server in (None, True, False), "must be None, True or False")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +158,8 @@ class Dht:
         self.store = RecordStore(
             max_record_size=config.max_record_size,
             max_per_publisher=config.max_per_publisher,
+            max_per_sender=config.max_per_sender,
+            max_per_address=config.max_per_address,
             max_records=config.max_records,
             max_values_per_key=config.max_values_per_key,
         )
@@ -143,7 +167,6 @@ class Dht:
         self._nursery: trio.Nursery | None = None
         self._pinging: set[int] = set()  # buckets with an eviction ping in flight
         self._correction_batches = 0
-        host.add_listener(on_identified=self._on_identified)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -154,16 +177,17 @@ class Dht:
         if self._nursery is not None:
             raise RuntimeError("this Dht is already running")
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                if self.server:
-                    self.host.set_handler(
-                        KAD, self._handle, max_message_size=self.config.max_message_size
-                    )
-                for peer in self.host.connected_peers:
-                    self._on_identified(peer)
-                task_status.started()
-                await self._maintain()
+            with self.host.subscribe(on_identified=self._on_identified):
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    if self.server:
+                        self.host.set_handler(
+                            KAD, self._handle, max_message_size=self.config.max_message_size
+                        )
+                    for peer in self.host.connected_peers:
+                        self._on_identified(peer)
+                    task_status.started()
+                    await self._maintain()
         finally:
             self._nursery = None
             if self.server:
@@ -235,7 +259,7 @@ class Dht:
     # --- routing table ---------------------------------------------------------------------------
 
     def _on_identified(self, peer: PeerId) -> None:
-        """Host listener: add an identified server peer; ping the oldest of a full bucket."""
+        """Host subscriber: add an identified server peer; ping the oldest of a full bucket."""
         if self._nursery is None:
             return
         info = self.host.peerstore.get(peer)
@@ -288,9 +312,10 @@ class Dht:
             message = await stream.receive_message()
             request = decode_request(message, max_value_size=self.config.max_record_size)
             self.routing_table.touch(stream.peer_id, trio.current_time())
-            await stream.send_message(self._answer(request, stream.peer_id))
+            source = Source.of(stream.peer_id, stream.connection.remote_addr)
+            await stream.send_message(self._answer(request, stream.peer_id, source))
 
-    def _answer(self, request: Request, requester: PeerId) -> dict[str, Any]:
+    def _answer(self, request: Request, requester: PeerId, source: Source) -> dict[str, Any]:
         if isinstance(request, FindNode):
             return nodes_response(self._contacts(request.key, requester))
         if isinstance(request, GetValue):
@@ -304,7 +329,7 @@ class Dht:
             return values_response(values, self._contacts(request.key, requester))
         try:
             envelope = Envelope.from_bytes(request.value, max_size=self.config.max_record_size)
-            self.store.put(request.key, envelope, self.wall_clock())
+            self.store.put(request.key, envelope, self.wall_clock(), source)
         except (RecordError, ResourceLimitExceeded) as exc:
             log.debug("refused a record from %s: %s", requester.short(), exc)
             return put_response(False, str(exc))

@@ -5,6 +5,11 @@ providers of a model are the adverts under its model key, one per provider, each
 expiry; a peer's PeerRecord is the dictionary of one publisher under its peer key. Pure: times
 are wall-clock seconds passed in, since record expiry is agreed between peers.
 
+Every value is charged to its `Source`: the connected peer that sent it and the address group
+it sent from (its IPv4 address, or its IPv6 /64; a loopback or unknown address groups nothing).
+Counting only publishers is not enough: one peer can sign records with as many identities as
+it likes.
+
 What `put` refuses, and how:
 
 - invalid records (oversized, forged, tampered, of another kind, stored under a key the record
@@ -12,26 +17,69 @@ What `put` refuses, and how:
 - a lower seq than the one held for (key, publisher): RecordError; the same seq: `put` returns
   False and keeps the held value (re-publishing is harmless);
 - quotas: ResourceLimitExceeded when the publisher already holds `max_per_publisher` entries,
-  or when the key's dictionary or the whole store is full of values that expire later than the
-  new one; otherwise the value expiring soonest is evicted to make room. The store never holds
-  more than its bounds.
+  the sender `max_per_sender`, or the senders of its address group `max_per_address` (our own
+  puts are exempt from the last two).
+
+When the key's dictionary or the whole store is full, a value leaves to make room: the one
+expiring soonest among those of the heaviest sources (the address groups holding the most,
+then the senders in them holding the most, the newcomer's own source counting the newcomer).
+If that is the newcomer itself, it is refused with ResourceLimitExceeded and nothing changes.
+So a flood from one machine, however many identities sign it, only ever displaces its own
+records once the store is full; honest records are displaced only by a fair share. Expired
+values always go first. The store never holds more than its bounds.
 """
 
 from __future__ import annotations
 
 import functools
 import heapq
+import ipaddress
 import itertools
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from sdcn_p2p.errors import ProtocolError, RecordError, ResourceLimitExceeded
 from sdcn_p2p.identity import PeerId, decode_public_key
+from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.records import MAX_ENVELOPE_SIZE, Advert, Envelope, PeerRecord
 
-__all__ = ["PEER_RECORD_TTL", "RecordStore", "StoredValue", "validate"]
+__all__ = ["LOCAL", "PEER_RECORD_TTL", "RecordStore", "Source", "StoredValue", "validate"]
 
 #: Seconds a PeerRecord is kept after it is received.
 PEER_RECORD_TTL = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Who had a value stored: the sending peer (None: ourselves) and its address group."""
+
+    peer: PeerId | None = None
+    address: str | None = None
+
+    @classmethod
+    def of(cls, peer: PeerId, addr: Multiaddr | None) -> Source:
+        """The source of what `peer` sends over a connection from `addr`.
+
+        IPv4 senders group by address and IPv6 senders by /64 (what one host is usually
+        given); loopback and unknown addresses group nothing, so that peers on one machine
+        (a devnet) do not share a quota.
+        """
+        if addr is None or addr.family not in ("ip4", "ip6") or addr.is_loopback:
+            return cls(peer)
+        if addr.family == "ip6":
+            return cls(peer, str(ipaddress.ip_network(f"{addr.host}/64", strict=False)))
+        return cls(peer, addr.host)
+
+    @property
+    def group(self) -> Hashable:
+        """What this source's stores count against together: its address, else itself."""
+        return ("ip", self.address) if self.address is not None else ("peer", self.peer)
+
+
+#: The source of what we store ourselves.
+LOCAL = Source()
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +91,7 @@ class StoredValue:
     expires_at: float  # wall seconds
     envelope: Envelope
     data: bytes
+    source: Source = LOCAL
 
 
 def validate(
@@ -83,6 +132,33 @@ def _signer(envelope: Envelope) -> PeerId:
     return _signer_of_key(envelope.public_key)
 
 
+# (expires_at, tiebreak, key, value): entries whose value was replaced or removed are skipped
+# when met, and a heap is rebuilt when they outnumber live ones.
+_Entry = tuple[float, int, bytes, StoredValue]
+
+
+@dataclass(slots=True)
+class _Account:
+    """What one source holds: how much, and its values by expiry."""
+
+    count: int = 0
+    bytes: int = 0
+    heap: list[_Entry] = field(default_factory=list)
+
+
+def _heaviest(usage: Mapping[Source, int]) -> set[Source]:
+    """The sources to take room from: those holding the most within the address groups
+    holding the most. `usage` must not be empty.
+    """
+    groups: Counter[Hashable] = Counter()
+    for source, amount in usage.items():
+        groups[source.group] += amount
+    top = max(groups.values())
+    candidates = {s: amount for s, amount in usage.items() if groups[s.group] == top}
+    top = max(candidates.values())
+    return {s for s, amount in candidates.items() if amount == top}
+
+
 class RecordStore:
     """Validated records by key and publisher, within size and count bounds.
 
@@ -94,22 +170,26 @@ class RecordStore:
         *,
         max_record_size: int = MAX_ENVELOPE_SIZE,
         max_per_publisher: int = 256,
+        max_per_sender: int = 1024,
+        max_per_address: int = 4096,
         max_records: int = 20_000,
         max_values_per_key: int = 256,
         max_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.max_record_size = max_record_size
         self.max_per_publisher = max_per_publisher
+        self.max_per_sender = max_per_sender
+        self.max_per_address = max_per_address
         self.max_records = max_records
         self.max_values_per_key = max_values_per_key
         self.max_bytes = max_bytes
         self._keys: dict[bytes, dict[PeerId, StoredValue]] = {}
         self._per_publisher: dict[PeerId, int] = {}
+        self._accounts: dict[Source, _Account] = {}
+        self._per_address: dict[str, int] = {}
         self._count = 0
         self._bytes = 0
-        # (expires_at, tiebreak, key, value): entries whose value was replaced or removed are
-        # skipped when popped, and the heap is rebuilt when they outnumber live ones.
-        self._expiry: list[tuple[float, int, bytes, StoredValue]] = []
+        self._expiry: list[_Entry] = []
         self._tiebreak = itertools.count()
 
     def __len__(self) -> int:
@@ -119,25 +199,31 @@ class RecordStore:
     def size_bytes(self) -> int:
         return self._bytes
 
-    def put(self, key: bytes, envelope: Envelope, now: float) -> bool:
-        """Validate and store `envelope` under `key` at wall time `now`.
+    def held_by(self, source: Source) -> int:
+        """How many values `source` has stored here."""
+        account = self._accounts.get(source)
+        return account.count if account is not None else 0
+
+    def held_by_address(self, address: str) -> int:
+        """How many values the senders in address group `address` have stored here."""
+        return self._per_address.get(address, 0)
+
+    def put(self, key: bytes, envelope: Envelope, now: float, source: Source = LOCAL) -> bool:
+        """Validate and store `envelope`, sent by `source`, under `key` at wall time `now`.
 
         Returns True if stored, False if its seq is already held. Raises RecordError for an
         invalid or stale record and ResourceLimitExceeded for a quota refusal (see the module).
-        The publisher's quota is checked first, so a flood costs no signature checks.
+        The quotas are checked first, so a flood costs no signature checks.
         """
         values = self._keys.get(key, {})
         signer = _signer(envelope)
-        if signer not in values and self._per_publisher.get(signer, 0) >= self.max_per_publisher:
-            raise ResourceLimitExceeded(
-                f"{signer} already has {self.max_per_publisher} records stored"
-            )
-        value = validate(key, envelope, now, max_size=self.max_record_size)
+        self._check_quotas(values.get(signer), signer, source)
+        value = replace(validate(key, envelope, now, max_size=self.max_record_size), source=source)
         held = values.get(value.publisher)
         if held is not None and held.expires_at <= now:
             self._remove(key, held)
             held = None
-        freed: list[StoredValue] = []  # values under `key` that the new one pushes out
+        freed: list[tuple[bytes, StoredValue]] = []  # values under `key` the new one pushes out
         if held is not None:
             if value.seq == held.seq:
                 return False
@@ -146,75 +232,171 @@ class RecordStore:
                     f"stale record: seq {value.seq} is below held seq {held.seq} "
                     f"of {value.publisher}"
                 )
-            freed.append(held)
+            freed.append((key, held))
         elif len(values) >= self.max_values_per_key:
-            soonest = min(values.values(), key=lambda v: v.expires_at)
-            if soonest.expires_at > now and soonest.expires_at >= value.expires_at:
-                raise ResourceLimitExceeded(
-                    f"the key already holds {self.max_values_per_key} values expiring later"
-                )
-            freed.append(soonest)
-        victims = self._evictions(value, freed, now)
-        for old in freed:
-            self._remove(key, old)
-        for victim_key, victim in victims:
-            self._remove(victim_key, victim, in_heap=False)
-        self._keys.setdefault(key, {})[value.publisher] = value
-        self._per_publisher[value.publisher] = self._per_publisher.get(value.publisher, 0) + 1
-        self._count += 1
-        self._bytes += len(value.data)
-        heapq.heappush(self._expiry, (value.expires_at, next(self._tiebreak), key, value))
+            unexpired = self.values(key, now)
+            if len(unexpired) >= self.max_values_per_key:
+                freed.append((key, self._key_victim(unexpired, value)))
+        if self._count + 1 > self.max_records or self._bytes + len(value.data) > self.max_bytes:
+            self.expire(now)
+        for victim_key, victim in freed + self._evictions(value, [v for _, v in freed]):
+            self._remove(victim_key, victim)
+        self._insert(key, value)
         return True
 
-    def _evictions(
-        self, value: StoredValue, freed: list[StoredValue], now: float
-    ) -> list[tuple[bytes, StoredValue]]:
-        """The soonest-expiring values to evict (taken off the expiry heap) so that `value`
-        fits once `freed` are gone. Raises ResourceLimitExceeded, changing nothing, if only
-        values expiring later than `value` could make room.
+    def _check_quotas(self, held: StoredValue | None, signer: PeerId, source: Source) -> None:
+        if held is None and self._per_publisher.get(signer, 0) >= self.max_per_publisher:
+            raise ResourceLimitExceeded(
+                f"{signer} already has {self.max_per_publisher} records stored"
+            )
+        if source.peer is None or (held is not None and held.source == source):
+            return  # ours, or an update of what this source stored: nothing grows
+        if self.held_by(source) >= self.max_per_sender:
+            raise ResourceLimitExceeded(
+                f"{source.peer} already stored {self.max_per_sender} records here"
+            )
+        if (
+            source.address is not None
+            and self.held_by_address(source.address) >= self.max_per_address
+        ):
+            raise ResourceLimitExceeded(
+                f"peers at {source.address} already stored {self.max_per_address} records here"
+            )
+
+    def _key_victim(self, values: Iterable[StoredValue], value: StoredValue) -> StoredValue:
+        """The value that leaves a full dictionary of unexpired `values` to make room for
+        `value`. Raises ResourceLimitExceeded if that is `value` itself.
         """
+        values = list(values)
+        usage = Counter(v.source for v in values)
+        usage[value.source] += 1
+        heavy = _heaviest(usage)
+        victim = min(
+            (v for v in values if v.source in heavy), key=lambda v: v.expires_at, default=None
+        )
+        if value.source in heavy and (victim is None or victim.expires_at >= value.expires_at):
+            raise ResourceLimitExceeded(
+                f"the key already holds {self.max_values_per_key} values, and those of the "
+                "senders holding the most are expiring later"
+            )
+        assert victim is not None
+        return victim
+
+    def _evictions(
+        self, value: StoredValue, freed: list[StoredValue]
+    ) -> list[tuple[bytes, StoredValue]]:
+        """The values to evict so that `value` fits once `freed` are gone, chosen as the
+        module says. Raises ResourceLimitExceeded, changing nothing, if `value` itself would
+        have to go. Expects no expired value in the store.
+        """
+        leaving = list(freed)  # and the victims, as they are chosen
         count = self._count - len(freed) + 1
         size = self._bytes - sum(len(v.data) for v in freed) + len(value.data)
-        popped: list[tuple[float, int, bytes, StoredValue]] = []
+        popped: list[tuple[_Account, _Entry]] = []  # taken off their heaps: back if refused
         victims: list[tuple[bytes, StoredValue]] = []
-        while count > self.max_records or size > self.max_bytes:
-            entry = self._pop_live()
-            if entry is not None:
-                popped.append(entry)
-                expires_at, _, key, victim = entry
-                if any(victim is old for old in freed):
-                    continue
-            if entry is None or (expires_at > now and expires_at >= value.expires_at):
-                for item in popped:
-                    heapq.heappush(self._expiry, item)
-                raise ResourceLimitExceeded("the record store is full of values expiring later")
-            victims.append((key, victim))
-            count -= 1
-            size -= len(victim.data)
+        try:
+            while count > self.max_records or size > self.max_bytes:
+                by_count = count > self.max_records
+                heavy = _heaviest(self._usage_after(value, leaving, by_count))
+                soonest = [
+                    (entry, account)
+                    for source in heavy
+                    if (account := self._accounts.get(source)) is not None
+                    and (entry := self._soonest(account, leaving, popped)) is not None
+                ]
+                entry, account = min(soonest, key=lambda pair: pair[0], default=(None, None))
+                if value.source in heavy and (entry is None or entry[0] >= value.expires_at):
+                    raise ResourceLimitExceeded(
+                        "the record store is full, and the values of the senders holding the "
+                        "most are expiring later"
+                    )
+                assert entry is not None and account is not None
+                popped.append((account, heapq.heappop(account.heap)))
+                victims.append((entry[2], entry[3]))
+                leaving.append(entry[3])
+                count -= 1
+                size -= len(entry[3].data)
+        except ResourceLimitExceeded:
+            for account, entry in popped:
+                heapq.heappush(account.heap, entry)
+            raise
         return victims
 
-    def _pop_live(self) -> tuple[float, int, bytes, StoredValue] | None:
-        while self._expiry:
-            entry = heapq.heappop(self._expiry)
-            if self._is_live(entry[2], entry[3]):
+    def _usage_after(
+        self, value: StoredValue, leaving: list[StoredValue], by_count: bool
+    ) -> dict[Source, int]:
+        """What each source would hold (values, or bytes) once `value` is in and `leaving`
+        are out.
+        """
+
+        def size(v: StoredValue) -> int:
+            return 1 if by_count else len(v.data)
+
+        usage = {s: a.count if by_count else a.bytes for s, a in self._accounts.items()}
+        usage[value.source] = usage.get(value.source, 0) + size(value)
+        for v in leaving:
+            usage[v.source] -= size(v)
+        return usage
+
+    def _soonest(
+        self,
+        account: _Account,
+        leaving: list[StoredValue],
+        popped: list[tuple[_Account, _Entry]],
+    ) -> _Entry | None:
+        """The entry of `account` expiring soonest that is live and not `leaving`; dead
+        entries are dropped, leaving ones are moved to `popped`.
+        """
+        heap = account.heap
+        while heap:
+            entry = heap[0]
+            if not self._is_live(entry[2], entry[3]):
+                heapq.heappop(heap)
+            elif any(entry[3] is v for v in leaving):
+                popped.append((account, heapq.heappop(heap)))
+            else:
                 return entry
         return None
 
-    def _remove(self, key: bytes, value: StoredValue, *, in_heap: bool = True) -> None:
+    def _insert(self, key: bytes, value: StoredValue) -> None:
+        self._keys.setdefault(key, {})[value.publisher] = value
+        self._per_publisher[value.publisher] = self._per_publisher.get(value.publisher, 0) + 1
+        account = self._accounts.setdefault(value.source, _Account())
+        account.count += 1
+        account.bytes += len(value.data)
+        if value.source.address is not None:
+            address = value.source.address
+            self._per_address[address] = self._per_address.get(address, 0) + 1
+        self._count += 1
+        self._bytes += len(value.data)
+        entry = (value.expires_at, next(self._tiebreak), key, value)
+        heapq.heappush(self._expiry, entry)
+        heapq.heappush(account.heap, entry)
+
+    def _remove(self, key: bytes, value: StoredValue, *, compact: bool = True) -> None:
         values = self._keys[key]
         del values[value.publisher]
         if not values:
             del self._keys[key]
-        remaining = self._per_publisher[value.publisher] - 1
-        if remaining:
-            self._per_publisher[value.publisher] = remaining
-        else:
-            del self._per_publisher[value.publisher]
+        _decrement(self._per_publisher, value.publisher)
+        if value.source.address is not None:
+            _decrement(self._per_address, value.source.address)
+        account = self._accounts[value.source]
+        account.count -= 1
+        account.bytes -= len(value.data)
+        if not account.count:
+            del self._accounts[value.source]
+        elif len(account.heap) > 2 * account.count + 64:
+            account.heap = self._compacted(account.heap)
         self._count -= 1
         self._bytes -= len(value.data)
-        if in_heap and len(self._expiry) > 2 * self._count + 64:
-            self._expiry = [e for e in self._expiry if self._is_live(e[2], e[3])]
-            heapq.heapify(self._expiry)
+        if compact and len(self._expiry) > 2 * self._count + 64:
+            self._expiry = self._compacted(self._expiry)
+
+    def _compacted(self, heap: list[_Entry]) -> list[_Entry]:
+        live = [e for e in heap if self._is_live(e[2], e[3])]
+        heapq.heapify(live)
+        return live
 
     def _is_live(self, key: bytes, value: StoredValue) -> bool:
         return self._keys.get(key, {}).get(value.publisher) is value
@@ -239,9 +421,17 @@ class RecordStore:
         while self._expiry and self._expiry[0][0] <= now:
             _, _, key, value = heapq.heappop(self._expiry)
             if self._is_live(key, value):
-                self._remove(key, value, in_heap=False)
+                self._remove(key, value, compact=False)
                 dropped += 1
         return dropped
 
     def __repr__(self) -> str:
         return f"<RecordStore {self._count} values under {len(self._keys)} keys>"
+
+
+def _decrement(counts: dict[Any, int], key: Any) -> None:
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]

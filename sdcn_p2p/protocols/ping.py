@@ -1,4 +1,5 @@
-"""``/sdcn/ping/1.0.0``: the initiator writes 32 random bytes, the responder echoes them."""
+"""``/ipfs/ping/1.0.0``, libp2p's ping: the initiator writes 32 random bytes, the responder
+echoes them, as often as the initiator likes on one stream."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 import trio
 
 from sdcn_p2p.connection import Stream
-from sdcn_p2p.errors import ProtocolError
+from sdcn_p2p.errors import ProtocolError, RemoteProtocolError
 
 __all__ = [
     "MAX_MESSAGE",
@@ -18,7 +19,7 @@ __all__ = [
     "ping_once",
 ]
 
-PING = "/sdcn/ping/1.0.0"
+PING = "/ipfs/ping/1.0.0"
 PAYLOAD_SIZE = 32
 MAX_MESSAGE = PAYLOAD_SIZE
 MAX_PINGS_PER_STREAM = 1000
@@ -29,7 +30,7 @@ async def _receive_exactly(stream: Stream, n: int) -> bytes:
     while len(data) < n:
         chunk = await stream.receive_some(n - len(data))
         if not chunk:
-            raise ProtocolError(f"ping stream ended after {len(data)} of {n} bytes")
+            raise RemoteProtocolError(f"ping stream ended after {len(data)} of {n} bytes")
         data += chunk
     return bytes(data)
 
@@ -50,5 +51,5 @@ async def ping_once(stream: Stream) -> float:
     start = trio.current_time()
     await stream.send_all(payload)
     if await _receive_exactly(stream, PAYLOAD_SIZE) != payload:
-        raise ProtocolError("ping answered with the wrong bytes")
+        raise RemoteProtocolError("ping answered with the wrong bytes")
     return trio.current_time() - start

@@ -4,9 +4,10 @@
 - `memory` — an in-process network with latency, loss, partitions and hosts going down, for
   tests and simulations under `trio.testing.MockClock`: `MemoryNetwork`.
 
-A transport carries whole messages, reliably and in order: each `send_message` is one message
-(one binary WebSocket message) of at most `MAX_TRANSPORT_MESSAGE` bytes, which is the longest
-Noise message. Connections keep trio's stream contract: `trio.ClosedResourceError` once we
+A transport carries messages, reliably and in order: each `send_message` is one message (one
+binary WebSocket message) of at most `MAX_TRANSPORT_MESSAGE` bytes. As in libp2p, what runs over
+it reads the messages as one byte stream: where one message ends says nothing. Connections keep
+trio's stream contract: `trio.ClosedResourceError` once we
 closed, `trio.BrokenResourceError` when the peer or the network broke the connection, and
 `trio.EndOfChannel` from `receive_message` after the peer closed cleanly and every message it sent
 was delivered.
@@ -25,9 +26,10 @@ from sdcn_p2p.multiaddr import Multiaddr
 
 __all__ = ["MAX_TRANSPORT_MESSAGE", "ConnectionHandler", "RawConnection", "Transport"]
 
-#: Largest message a transport carries, in bytes: the Noise protocol's maximum message length.
-#: Sending more raises MessageTooLarge (remote=False); receiving more breaks the connection.
-MAX_TRANSPORT_MESSAGE = 65535
+#: Largest message a transport carries, in bytes (trio-websocket's default cap). We send one
+#: framed Noise message (at most 65,537 bytes) per message; sending more raises
+#: LocalProtocolError, receiving more breaks the connection.
+MAX_TRANSPORT_MESSAGE = 1024 * 1024
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ class RawConnection(Protocol):
     async def send_message(self, data: bytes | bytearray | memoryview) -> None:
         """Send `data` as one message.
 
-        Raises MessageTooLarge (remote=False) past `MAX_TRANSPORT_MESSAGE`,
+        Raises LocalProtocolError past `MAX_TRANSPORT_MESSAGE`,
         trio.BrokenResourceError if the connection broke or the peer closed it, and
         trio.ClosedResourceError if we closed it. Cancelling a send may leave the connection
         unusable; close it then.

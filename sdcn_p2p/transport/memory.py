@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import trio
 from trio.lowlevel import ParkingLot
 
-from sdcn_p2p.errors import ConfigError, DialError, MessageTooLarge
+from sdcn_p2p.errors import ConfigError, DialError, LocalProtocolError
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.transport import (
     MAX_TRANSPORT_MESSAGE,
@@ -364,8 +364,8 @@ class _MemoryConnection:
 
     async def send_message(self, data: bytes | bytearray | memoryview) -> None:
         if len(data) > MAX_TRANSPORT_MESSAGE:
-            raise MessageTooLarge(
-                f"message of {len(data)} bytes exceeds {MAX_TRANSPORT_MESSAGE}", remote=False
+            raise LocalProtocolError(
+                f"message of {len(data)} bytes exceeds {MAX_TRANSPORT_MESSAGE}"
             )
         await trio.lowlevel.checkpoint_if_cancelled()
         pipe = self._out

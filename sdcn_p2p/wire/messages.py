@@ -14,7 +14,7 @@ from typing import Any, TypeAlias
 
 import msgpack
 
-from sdcn_p2p.errors import MessageTooLarge, ProtocolError
+from sdcn_p2p.errors import LocalProtocolError, MessageTooLarge, ProtocolError, RemoteProtocolError
 from sdcn_p2p.wire.varint import decode_varint, encode_varint
 
 __all__ = [
@@ -70,7 +70,7 @@ def unpack(data: bytes | bytearray | memoryview, *, max_size: int) -> Any:
     except (ValueError, TypeError, RecursionError) as exc:
         # msgpack's own errors (FormatError, StackError, ExtraData, ...) and invalid UTF-8
         # (UnicodeDecodeError) are ValueErrors; the others are defensive.
-        raise ProtocolError(f"bad msgpack: {exc or type(exc).__name__}") from exc
+        raise RemoteProtocolError(f"bad msgpack: {exc or type(exc).__name__}") from exc
     _check_tree(obj)
     return obj
 
@@ -78,16 +78,14 @@ def unpack(data: bytes | bytearray | memoryview, *, max_size: int) -> Any:
 def encode_message(obj: object, *, max_size: int) -> bytes:
     """Return `obj` packed, behind its varint length.
 
-    Raises MessageTooLarge(remote=False) if the packed body is over `max_size` bytes, and
+    Raises LocalProtocolError if the packed body is over `max_size` bytes, and
     ValueError for None (see `MessageDecoder.next_message`).
     """
     if obj is None:
         raise ValueError("None cannot be a message: MessageDecoder reserves it for 'no message'")
     body = pack(obj)
     if len(body) > max_size:
-        raise MessageTooLarge(
-            f"message of {len(body)} bytes exceeds the cap of {max_size}", remote=False
-        )
+        raise LocalProtocolError(f"message of {len(body)} bytes exceeds the cap of {max_size}")
     return encode_varint(len(body)) + body
 
 
@@ -129,7 +127,7 @@ class MessageDecoder:
         finally:
             body.release()  # a traceback holding it would pin _buf, and feed() would fail
         if obj is None:
-            raise ProtocolError("a message may not be nil")
+            raise RemoteProtocolError("a message may not be nil")
         del self._buf[:end]  # cheap: CPython drops a bytearray's head without moving the rest
         return obj
 
@@ -145,10 +143,10 @@ def expect_map(
     not accepted where int is asked for.
     """
     if not isinstance(obj, dict):
-        raise ProtocolError(f"expected a map, got {type(obj).__name__}")
+        raise RemoteProtocolError(f"expected a map, got {type(obj).__name__}")
     for name, types in required.items():
         if name not in obj:
-            raise ProtocolError(f"field {name!r} is missing")
+            raise RemoteProtocolError(f"field {name!r} is missing")
         _check_field(name, obj[name], types)
     for name, types in (optional or {}).items():
         if name in obj:
@@ -161,17 +159,17 @@ def _check_field(name: str, value: object, types: _TypeSpec) -> None:
     # bool is an int subclass, but a flag where a count belongs is a bug on the remote side.
     if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
         names = " or ".join(t.__name__ for t in allowed)
-        raise ProtocolError(f"field {name!r} must be {names}")
+        raise RemoteProtocolError(f"field {name!r} must be {names}")
 
 
 def _refuse_ext(code: int, data: bytes) -> object:
-    raise ProtocolError(f"msgpack ext type {code} is not allowed")
+    raise RemoteProtocolError(f"msgpack ext type {code} is not allowed")
 
 
 def _unique_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
     result = dict(pairs)
     if len(result) != len(pairs):
-        raise ProtocolError("msgpack map has a duplicate key")
+        raise RemoteProtocolError("msgpack map has a duplicate key")
     return result
 
 
@@ -186,11 +184,11 @@ def _check_tree(obj: object) -> None:
         elif kind is dict:
             children = item.values()  # keys are str or bytes (strict_map_key)
         elif kind is msgpack.Timestamp:
-            raise ProtocolError("msgpack timestamps are not allowed")
+            raise RemoteProtocolError("msgpack timestamps are not allowed")
         else:
             continue
         if depth >= MAX_DEPTH:
-            raise ProtocolError(f"msgpack nesting deeper than {MAX_DEPTH}")
+            raise RemoteProtocolError(f"msgpack nesting deeper than {MAX_DEPTH}")
         for child in children:
             if type(child) in (list, dict, msgpack.Timestamp):
                 stack.append((child, depth + 1))

@@ -1,24 +1,25 @@
 """The secure channel: ``Noise_XX_25519_ChaChaPoly_SHA256`` with the libp2p handshake payload.
 
-Sans-IO (bytes in, bytes out). Every handshake message and every transport message is one
-message of the underlying message-oriented transport (one WebSocket binary message), so there
-is no length prefix. The XX pattern (Noise rev 34, empty prologue)::
+Sans-IO (bytes in, bytes out). As libp2p frames Noise over a byte stream, every handshake and
+transport message travels behind a 2-byte big-endian length (`encode_frame`, `FrameDecoder`).
+The XX pattern (Noise rev 34, empty prologue)::
 
     -> e
     <- e, ee, s, es, payload        the responder's identity
     -> s, se, payload               the initiator's identity
 
-A payload is the libp2p ``NoiseHandshakePayload`` protobuf: the peer's libp2p public key
-and its Ed25519 signature over ``b"noise-libp2p-static-key:" + <its X25519 static key>``,
-which binds the Noise static key to the peer id. Static Noise keys are fresh per handshake
-unless one is passed in.
+A payload is the libp2p ``NoiseHandshakePayload`` protobuf (`wire.libp2p`): the peer's libp2p
+public key, its Ed25519 signature over ``b"noise-libp2p-static-key:" + <its X25519 static
+key>``, which binds the Noise static key to the peer id, and ``extensions.stream_muxers``, the
+muxers it offers: where both sides offer one, the first of the initiator's that the responder
+also offers is used without a multistream-select round (`NoiseHandshake.agreed_muxer`).
 
 Driving it (initiator; the responder reads first)::
 
-    hs = NoiseHandshake(identity, initiator=True, expected_peer=peer)
-    await ws.send_message(hs.write_message())
-    hs.read_message(await ws.get_message())
-    await ws.send_message(hs.write_message())
+    hs = NoiseHandshake(credentials, initiator=True, expected_peer=peer)
+    send(encode_frame(hs.write_message()))
+    hs.read_message(<next frame>)
+    send(encode_frame(hs.write_message()))
     channel = hs.to_transport()          # hs.complete is now True
 """
 
@@ -33,29 +34,38 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from sdcn_p2p.errors import HandshakeError, ProtocolError
+from sdcn_p2p.errors import HandshakeError, LocalProtocolError, ProtocolError, RemoteProtocolError
 from sdcn_p2p.identity import (
     Identity,
     PeerId,
     decode_public_key,
     verify_signature,
 )
-from sdcn_p2p.wire.varint import decode_varint, encode_varint
+from sdcn_p2p.wire.libp2p import NoiseHandshakePayload
 
 __all__ = [
+    "FRAME_HEADER",
     "MAX_MESSAGE",
     "MAX_PLAINTEXT",
+    "PROTOCOL_ID",
     "PROTOCOL_NAME",
+    "FrameDecoder",
     "NoiseCredentials",
     "NoiseHandshake",
     "NoiseTransport",
+    "encode_frame",
 ]
+
+#: The multistream-select protocol id of libp2p's Noise channel.
+PROTOCOL_ID = "/noise"
 
 PROTOCOL_NAME = b"Noise_XX_25519_ChaChaPoly_SHA256"
 #: Noise caps every message, handshake or transport, at 65535 bytes.
 MAX_MESSAGE = 65535
 _TAG_LEN = 16
 MAX_PLAINTEXT = MAX_MESSAGE - _TAG_LEN
+#: Bytes of the big-endian length in front of every Noise message on the wire.
+FRAME_HEADER = 2
 
 _DH_LEN = 32
 _HASH_LEN = 32
@@ -66,10 +76,7 @@ _STATIC_KEY_PREFIX = b"noise-libp2p-static-key:"
 # Handshake pattern XX, one tuple per message; initiator writes the even ones.
 _XX = (("e",), ("e", "ee", "s", "es"), ("s", "se"))
 
-# NoiseHandshakePayload field numbers (libp2p noise spec).
-_FIELD_IDENTITY_KEY = 1
-_FIELD_IDENTITY_SIG = 2
-_WIRE_VARINT, _WIRE_I64, _WIRE_LEN, _WIRE_I32 = 0, 1, 2, 5
+_FRAME = struct.Struct(">H")
 
 
 def _hkdf(chaining_key: bytes, ikm: bytes, outputs: int) -> list[bytes]:
@@ -109,7 +116,7 @@ class _CipherState:
         if self._aead is None:
             return bytes(plaintext)
         if self.nonce == _MAX_NONCE:
-            raise ProtocolError("Noise nonce exhausted: open a new connection", remote=False)
+            raise LocalProtocolError("Noise nonce exhausted: open a new connection")
         ciphertext = self._aead.encrypt(_NONCE.pack(self.nonce), plaintext, ad)
         self.nonce += 1
         return ciphertext
@@ -119,7 +126,7 @@ class _CipherState:
         if self._aead is None:
             return bytes(ciphertext)
         if self.nonce == _MAX_NONCE:
-            raise ProtocolError("Noise nonce exhausted")
+            raise RemoteProtocolError("Noise nonce exhausted")
         plaintext = self._aead.decrypt(_NONCE.pack(self.nonce), ciphertext, ad)
         self.nonce += 1
         return plaintext
@@ -199,7 +206,7 @@ class _HandshakeState:
 
     def write_message(self, payload: bytes) -> bytes:
         if not self._our_turn():
-            raise HandshakeError("not our turn to write a handshake message", remote=False)
+            raise LocalProtocolError("not our turn to write a handshake message")
         sym = self._symmetric
         out = bytearray()
         for token in _XX[self.message_index]:
@@ -220,7 +227,7 @@ class _HandshakeState:
     def read_message(self, message: bytes) -> bytes:
         """Process the peer's next message and return its payload."""
         if self._our_turn() or self.finished:
-            raise HandshakeError("not our turn to read a handshake message", remote=False)
+            raise LocalProtocolError("not our turn to read a handshake message")
         if len(message) > MAX_MESSAGE:
             raise HandshakeError(f"handshake message of {len(message)} bytes exceeds {MAX_MESSAGE}")
         sym = self._symmetric
@@ -262,75 +269,93 @@ class _HandshakeState:
         return (c1, c2) if self.initiator else (c2, c1)
 
 
-def _encode_payload(identity_key: bytes, identity_sig: bytes) -> bytes:
-    out = bytearray()
-    for field, value in ((_FIELD_IDENTITY_KEY, identity_key), (_FIELD_IDENTITY_SIG, identity_sig)):
-        out += encode_varint(field << 3 | _WIRE_LEN) + encode_varint(len(value)) + value
-    return bytes(out)
+def encode_frame(message: bytes | bytearray | memoryview) -> bytes:
+    """`message` behind its 2-byte big-endian length; ValueError past MAX_MESSAGE bytes."""
+    size = memoryview(message).nbytes
+    if size > MAX_MESSAGE:
+        raise ValueError(f"Noise message of {size} bytes exceeds {MAX_MESSAGE}")
+    return _FRAME.pack(size) + message
 
 
-def _read_varint(data: bytes, offset: int) -> tuple[int, int]:
-    try:
-        decoded = decode_varint(data, offset)
-    except ProtocolError as exc:
-        raise HandshakeError(f"malformed handshake payload: {exc}") from None
-    if decoded is None:
-        raise HandshakeError("truncated handshake payload")
-    return decoded
+class FrameDecoder:
+    """Split the byte stream from the peer into Noise messages (each at most MAX_MESSAGE)."""
 
+    __slots__ = ("_buf",)
 
-def _decode_payload(data: bytes) -> tuple[bytes, bytes]:
-    """Return (identity_key, identity_sig), skipping other fields (extensions)."""
-    fields: dict[int, bytes] = {}
-    offset = 0
-    while offset < len(data):
-        tag, offset = _read_varint(data, offset)
-        field, wire_type = tag >> 3, tag & 7
-        if field == 0:
-            raise HandshakeError("handshake payload has field number 0")
-        if wire_type == _WIRE_VARINT:
-            _, end = _read_varint(data, offset)
-        elif wire_type == _WIRE_I64:
-            end = offset + 8
-        elif wire_type == _WIRE_I32:
-            end = offset + 4
-        elif wire_type == _WIRE_LEN:
-            length, offset = _read_varint(data, offset)
-            end = offset + length
-        else:
-            raise HandshakeError(f"handshake payload uses protobuf wire type {wire_type}")
-        if end > len(data):
-            raise HandshakeError("truncated handshake payload")
-        if field in (_FIELD_IDENTITY_KEY, _FIELD_IDENTITY_SIG):
-            if wire_type != _WIRE_LEN:
-                raise HandshakeError(f"handshake payload field {field} is not bytes")
-            fields[field] = data[offset:end]  # repeated: the last one wins, as in protobuf
-        offset = end
-    if _FIELD_IDENTITY_KEY not in fields or _FIELD_IDENTITY_SIG not in fields:
-        raise HandshakeError("handshake payload lacks the identity key or signature")
-    return fields[_FIELD_IDENTITY_KEY], fields[_FIELD_IDENTITY_SIG]
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned in a frame."""
+        return len(self._buf)
+
+    def split(self, data: bytes) -> list[bytes | memoryview]:
+        """Feed `data` and return every whole message now received, in order.
+
+        When nothing was buffered, the messages are slices of `data`, not copies.
+        """
+        if self._buf:
+            self._buf += data
+            return list(iter(self.next_frame, None))
+        view = memoryview(data)
+        frames: list[bytes | memoryview] = []
+        offset, end = 0, len(view)
+        while end - offset >= FRAME_HEADER:
+            stop = offset + FRAME_HEADER + (view[offset] << 8 | view[offset + 1])
+            if stop > end:
+                break
+            frames.append(view[offset + FRAME_HEADER : stop])
+            offset = stop
+        if offset < end:
+            self._buf += view[offset:]
+        return frames
+
+    def next_frame(self) -> bytes | None:
+        """The next whole message, or None while more bytes are needed."""
+        if len(self._buf) < FRAME_HEADER:
+            return None
+        (size,) = _FRAME.unpack_from(self._buf)
+        end = FRAME_HEADER + size
+        if len(self._buf) < end:
+            return None
+        frame = bytes(self._buf[FRAME_HEADER:end])
+        del self._buf[:end]
+        return frame
 
 
 class NoiseCredentials:
-    """A Noise static key and the identity's signature over it.
+    """A Noise static key, the identity's signature over it, and the muxers we offer.
 
     libp2p keeps one static key per process: build this once per Host and hand it to every
     handshake, which then neither generates a key nor signs anything.
     """
 
-    __slots__ = ("identity", "payload", "static_key")
+    __slots__ = ("identity", "payload", "static_key", "stream_muxers")
 
-    def __init__(self, identity: Identity, static_key: X25519PrivateKey | None = None) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        static_key: X25519PrivateKey | None = None,
+        *,
+        stream_muxers: tuple[str, ...] = (),
+    ) -> None:
         self.identity = identity
         self.static_key = static_key or X25519PrivateKey.generate()
+        self.stream_muxers = stream_muxers
         signature = identity.sign(_STATIC_KEY_PREFIX + _public_bytes(self.static_key))
-        self.payload = _encode_payload(identity.public_key_bytes, signature)
+        self.payload = NoiseHandshakePayload(
+            identity.public_key_bytes, signature, stream_muxers
+        ).encode()
 
 
 class NoiseHandshake:
     """One side of a Noise XX handshake that authenticates the peers' libp2p identities.
 
-    Any error leaves the handshake dead: every later call raises HandshakeError.
+    Any error leaves the handshake dead: every later call raises LocalProtocolError.
     """
 
     def __init__(
@@ -351,11 +376,14 @@ class NoiseHandshake:
         else:
             credentials = NoiseCredentials(identity, static_key)
         self._payload = credentials.payload
+        self._initiator = initiator
+        self._muxers = credentials.stream_muxers
+        self._remote_muxers: tuple[str, ...] = ()
         self._expected_peer = expected_peer
         self._state: _HandshakeState | None = _HandshakeState(
             initiator=initiator, static_key=credentials.static_key
         )
-        self._failure: HandshakeError | None = None
+        self._failure: ProtocolError | None = None
         self._remote_peer_id: PeerId | None = None
 
     @property
@@ -368,17 +396,28 @@ class NoiseHandshake:
         """The peer's authenticated id, once its payload has been verified."""
         return self._remote_peer_id
 
+    @property
+    def agreed_muxer(self) -> str | None:
+        """The muxer both sides offered in their payloads (the first of the initiator's that
+        the responder offers too), or None: then they select one with multistream-select.
+        """
+        if self._initiator:
+            preferred, other = self._muxers, self._remote_muxers
+        else:
+            preferred, other = self._remote_muxers, self._muxers
+        return next((muxer for muxer in preferred if muxer in other), None)
+
     def write_message(self) -> bytes:
         """The next handshake message to send.
 
-        Raises HandshakeError (remote=False) when it is the peer's turn.
+        Raises LocalProtocolError when it is the peer's turn.
         """
         state = self._live_state()
         # The first message travels in clear before any key exists: it carries no identity.
         payload = self._payload if state.message_index > 0 else b""
         try:
             return state.write_message(payload)
-        except HandshakeError as exc:
+        except ProtocolError as exc:
             self._failure = exc
             raise
 
@@ -393,7 +432,7 @@ class NoiseHandshake:
             payload = state.read_message(bytes(message))
             if state.message_index > 1:  # the peer's identity rides in messages 2 and 3
                 self._remote_peer_id = self._verify(payload, state.remote_static)
-        except HandshakeError as exc:
+        except ProtocolError as exc:
             self._failure = exc
             raise
 
@@ -401,22 +440,27 @@ class NoiseHandshake:
         """The encrypted channel; once the handshake is complete, and only once."""
         state = self._live_state()
         if not state.finished:
-            raise HandshakeError("the handshake is not complete", remote=False)
+            raise LocalProtocolError("the handshake is not complete")
         self._state = None  # the cipher states must never be shared by two transports
         return NoiseTransport(*state.split())
 
     def _live_state(self) -> _HandshakeState:
         if self._failure is not None:
-            raise HandshakeError(f"the handshake already failed: {self._failure}", remote=False)
+            raise LocalProtocolError(f"the handshake already failed: {self._failure}")
         if self._state is None:
-            raise HandshakeError("the handshake was already turned into a transport", remote=False)
+            raise LocalProtocolError("the handshake was already turned into a transport")
         return self._state
 
     def _verify(self, payload: bytes, remote_static: bytes | None) -> PeerId:
         assert remote_static is not None  # "s" precedes the payload in messages 2 and 3
-        key_bytes, signature = _decode_payload(payload)
         try:
-            key = decode_public_key(key_bytes)
+            decoded = NoiseHandshakePayload.decode(payload)
+        except RemoteProtocolError as exc:
+            raise HandshakeError(f"malformed handshake payload: {exc}") from None
+        signature = decoded.identity_sig
+        self._remote_muxers = decoded.stream_muxers
+        try:
+            key = decode_public_key(decoded.identity_key)
         except ProtocolError as exc:
             raise HandshakeError(f"unusable identity key: {exc}") from None
         if not verify_signature(key, signature, _STATIC_KEY_PREFIX + remote_static):
@@ -428,7 +472,7 @@ class NoiseHandshake:
 
 
 class NoiseTransport:
-    """The encrypted channel after the handshake: one ciphertext per transport message.
+    """The encrypted channel after the handshake: one ciphertext per Noise message.
 
     Messages must be decrypted in the order they were encrypted: a lost, replayed or
     reordered message fails decryption, and the caller should end the connection.
@@ -456,10 +500,10 @@ class NoiseTransport:
         """
         size = memoryview(ciphertext).nbytes
         if not _TAG_LEN <= size <= MAX_MESSAGE:
-            raise ProtocolError(
+            raise RemoteProtocolError(
                 f"Noise message of {size} bytes (must be {_TAG_LEN} to {MAX_MESSAGE})"
             )
         try:
             return self._receive.decrypt(None, ciphertext)
         except InvalidTag:
-            raise ProtocolError("decryption failed") from None
+            raise RemoteProtocolError("decryption failed") from None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sdcn_p2p.errors import ProtocolError
+from sdcn_p2p.errors import RemoteProtocolError
 
 __all__ = ["MAX_VARINT_LEN", "decode_varint", "encode_varint"]
 
@@ -39,6 +39,6 @@ def decode_varint(data: bytes | bytearray | memoryview, offset: int = 0) -> tupl
         value |= (byte & 0x7F) << (7 * i)
         if not byte & 0x80:
             if byte == 0 and i > 0:
-                raise ProtocolError("varint is not minimally encoded")
+                raise RemoteProtocolError("varint is not minimally encoded")
             return value, pos + 1
-    raise ProtocolError("varint longer than 9 bytes")
+    raise RemoteProtocolError("varint longer than 9 bytes")

@@ -21,7 +21,13 @@ import struct
 from dataclasses import dataclass
 from typing import TypeAlias
 
-from sdcn_p2p.errors import ProtocolError, ResourceLimitExceeded, StreamReset
+from sdcn_p2p.errors import (
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    ResourceLimitExceeded,
+    StreamReset,
+)
 
 __all__ = [
     "DEFAULT_WINDOW",
@@ -215,7 +221,9 @@ class YamuxSession:
 
     `is_client` is True on the dialling side (it opens odd stream ids). `window` is the receive
     window of each stream (at least `DEFAULT_WINDOW`; the excess is announced with SYN/ACK);
-    `max_window` caps the send window the remote may grant us.
+    `max_window` caps the send window the remote may grant us: by default the field's whole
+    range, as go-yamux and py-libp2p grow windows to 16 MiB by auto-tuning, and their
+    accounting can grant a little more.
     """
 
     def __init__(
@@ -224,7 +232,7 @@ class YamuxSession:
         is_client: bool,
         window: int = DEFAULT_WINDOW,
         max_inbound_streams: int = 256,
-        max_window: int = 16 * 1024 * 1024,
+        max_window: int = _MAX_U32,
     ) -> None:
         if not DEFAULT_WINDOW <= window <= max_window <= _MAX_U32:
             raise ValueError("need DEFAULT_WINDOW <= window <= max_window < 2**32")
@@ -306,11 +314,11 @@ class YamuxSession:
         while end - offset >= _HEADER_LEN:
             version, ftype, flags, stream_id, length = unpack_header(view, offset)
             if version != _VERSION:
-                raise ProtocolError(f"unsupported yamux version {version}")
+                raise RemoteProtocolError(f"unsupported yamux version {version}")
             if ftype == _DATA:
                 # No stream ever has a larger receive window: refuse before buffering the body.
                 if length > self._window:
-                    raise ProtocolError(f"data frame of {length} bytes exceeds the window")
+                    raise RemoteProtocolError(f"data frame of {length} bytes exceeds the window")
                 start = offset + _HEADER_LEN
                 if end - start < length:
                     break
@@ -324,27 +332,27 @@ class YamuxSession:
                 self._on_ping(stream_id, flags, length, events)
             elif ftype == _GO_AWAY:
                 if stream_id != 0:
-                    raise ProtocolError("go away on a stream other than 0")
+                    raise RemoteProtocolError("go away on a stream other than 0")
                 self._went_away = True
                 events.append(GoAwayReceived(length))
             else:
-                raise ProtocolError(f"unknown yamux frame type {ftype}")
+                raise RemoteProtocolError(f"unknown yamux frame type {ftype}")
         return offset
 
     def _on_data(
         self, stream_id: int, flags: int, payload: memoryview, events: list[Event]
     ) -> None:
         if stream_id == 0:
-            raise ProtocolError("data frame on stream 0")
+            raise RemoteProtocolError("data frame on stream 0")
         stream = self._on_open_flags(stream_id, flags, events)
         if stream is None:
             return
         size = len(payload)
         if size:
             if stream.state not in _REMOTE_MAY_SEND:
-                raise ProtocolError(f"data on stream {stream_id} after FIN")
+                raise RemoteProtocolError(f"data on stream {stream_id} after FIN")
             if size > stream.recv_window:
-                raise ProtocolError(f"data on stream {stream_id} exceeds its receive window")
+                raise RemoteProtocolError(f"data on stream {stream_id} exceeds its receive window")
             stream.recv_window -= size
             stream.unconsumed += size
             events.append(DataReceived(stream_id, bytes(payload)))
@@ -354,14 +362,16 @@ class YamuxSession:
         self, stream_id: int, flags: int, delta: int, events: list[Event]
     ) -> None:
         if stream_id == 0:
-            raise ProtocolError("window update on stream 0")
+            raise RemoteProtocolError("window update on stream 0")
         stream = self._on_open_flags(stream_id, flags, events)
         if stream is None:
             return
         if delta:
             stream.send_window += delta
             if stream.send_window > self._max_window:
-                raise ProtocolError(f"send window of stream {stream_id} grew past the maximum")
+                raise RemoteProtocolError(
+                    f"send window of stream {stream_id} grew past the maximum"
+                )
             # Nobody can be waiting on a stream that this very frame opened.
             if stream.state in _WE_MAY_SEND and not flags & _SYN:
                 events.append(WindowUpdated(stream_id))
@@ -369,14 +379,14 @@ class YamuxSession:
 
     def _on_ping(self, stream_id: int, flags: int, opaque: int, events: list[Event]) -> None:
         if stream_id != 0:
-            raise ProtocolError("ping on a stream other than 0")
+            raise RemoteProtocolError("ping on a stream other than 0")
         if flags & _SYN:
             self._out.append(_HEADER.pack(_VERSION, _PING, _ACK, 0, opaque))
             events.append(PingReceived(opaque))
         elif flags & _ACK:
             events.append(PongReceived(opaque))
         else:
-            raise ProtocolError("ping with neither SYN nor ACK")
+            raise RemoteProtocolError("ping with neither SYN nor ACK")
 
     def _on_open_flags(self, stream_id: int, flags: int, events: list[Event]) -> _Stream | None:
         """Apply SYN/ACK; return the stream the frame is for, or None to ignore the frame."""
@@ -390,9 +400,9 @@ class YamuxSession:
 
     def _accept(self, stream_id: int, events: list[Event]) -> _Stream | None:
         if (stream_id & 1 == 1) == self._is_client:
-            raise ProtocolError(f"remote opened stream {stream_id}, an id of our parity")
+            raise RemoteProtocolError(f"remote opened stream {stream_id}, an id of our parity")
         if stream_id in self._streams:
-            raise ProtocolError(f"SYN for stream {stream_id}, which is in use")
+            raise RemoteProtocolError(f"SYN for stream {stream_id}, which is in use")
         if self._going_away or self._num_inbound >= self._max_inbound:
             # Refusing a stream is not an error: reset it and ignore what follows.
             self._out.append(_HEADER.pack(_VERSION, _WINDOW_UPDATE, _RST, stream_id, 0))
@@ -419,11 +429,9 @@ class YamuxSession:
     def _transition(self, stream_id: int, stream: _Stream, event: _Input) -> None:
         new_state = _TRANSITIONS[stream.state].get(event)
         if new_state is None:
-            remote = event in (_Input.RECV_ACK, _Input.RECV_FIN, _Input.RECV_RST)
-            raise ProtocolError(
-                f"{event.value} on stream {stream_id} in state {stream.state.value}",
-                remote=remote,
-            )
+            received = event in (_Input.RECV_ACK, _Input.RECV_FIN, _Input.RECV_RST)
+            error = RemoteProtocolError if received else LocalProtocolError
+            raise error(f"{event.value} on stream {stream_id} in state {stream.state.value}")
         stream.state = new_state
         if new_state in _FORGOTTEN:
             del self._streams[stream_id]
@@ -452,11 +460,11 @@ class YamuxSession:
     def open_stream(self) -> int:
         """Open an outbound stream and return its id; the SYN is queued at once.
 
-        Raises ProtocolError(remote=False) once either side sent GoAway or the session is
+        Raises LocalProtocolError once either side sent GoAway or the session is
         closed, and ResourceLimitExceeded when stream ids are exhausted.
         """
         if self._closed or self._going_away or self._went_away:
-            raise ProtocolError("the session is closed or going away", remote=False)
+            raise LocalProtocolError("the session is closed or going away")
         stream_id = self._next_id
         if stream_id > _MAX_U32:
             raise ResourceLimitExceeded("yamux stream ids exhausted")
@@ -478,14 +486,14 @@ class YamuxSession:
         """Queue as much of `data` as the send window allows; return how many bytes that was.
 
         0 for non-empty `data` means the window is shut: wait for a WindowUpdated event.
-        Raises StreamReset if the stream was reset (or is unknown), ProtocolError(remote=False)
+        Raises StreamReset if the stream was reset (or is unknown), LocalProtocolError
         if we already sent FIN.
         """
         stream = self._streams.get(stream_id)
         if stream is None:
             raise StreamReset(f"stream {stream_id} was reset")
         if stream.state not in _WE_MAY_SEND:
-            raise ProtocolError(f"send on stream {stream_id} after FIN", remote=False)
+            raise LocalProtocolError(f"send on stream {stream_id} after FIN")
         view = memoryview(data).cast("B")
         size = min(len(view), stream.send_window)
         if not size:

@@ -15,18 +15,19 @@ import trio
 import trio.testing
 from PIL import Image
 
-from sdcn_p2p.backends import diffusers as backend_module
 from sdcn_p2p.backends.diffusers import (
     SAMPLERS,
     DiffusersBackend,
     DiffusersConfig,
     open_diffusers_backend,
 )
-from sdcn_p2p.backends.tinysd import write_tiny_models
+from sdcn_p2p.backends.diffusers import scan as scan_module
 from sdcn_p2p.errors import JobError
-from sdcn_p2p.jobs import JobRequest, request_job
+from sdcn_p2p.jobs import JobRequest
+from sdcn_p2p.jobs.protocol import request_job
 from sdcn_p2p.provider import ProviderConfig, open_provider
 from sdcn_p2p.testing import open_memory_peers, small_job, wait_advert
+from sdcn_p2p.testing.tinysd import write_tiny_models
 
 torch = pytest.importorskip("torch")
 np = pytest.importorskip("numpy")
@@ -124,7 +125,7 @@ async def test_hashes_are_cached_between_opens(config: DiffusersConfig, monkeypa
     def no_hashing(path: Path) -> str:
         raise AssertionError(f"hashed {path} again")
 
-    monkeypatch.setattr(backend_module, "_sha256_file", no_hashing)
+    monkeypatch.setattr(scan_module, "_sha256_file", no_hashing)
     async with open_diffusers_backend(config) as backend:
         assert await backend.capabilities() == first
         assert backend.hashes_computed == 0

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from sdcn_p2p.backends.diffusers import DiffusersConfig, open_diffusers_backend
-from sdcn_p2p.backends.tinysd import write_tiny_models
 from sdcn_p2p.errors import JobError
 from sdcn_p2p.jobs import JobRequest
 from sdcn_p2p.testing import small_job
+from sdcn_p2p.testing.tinysd import write_tiny_models
 
 torch = pytest.importorskip("torch")
 for _name in ("diffusers", "transformers", "safetensors", "peft", "torchsde"):

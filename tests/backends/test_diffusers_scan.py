@@ -172,6 +172,27 @@ def test_config_is_checked(tmp_path: Path) -> None:
         DiffusersConfig(tmp_path, vram_budget_mb=0)
 
 
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"models_dir": "missing"}, "models_dir"),
+        ({"loras_dir": "missing"}, "loras_dir"),
+        ({"device": "tpu"}, "device"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"vram_budget_mb": 0}, "vram_budget_mb"),
+        ({"max_pixels": 63 * 64}, "max_pixels"),
+        ({"max_steps": 0}, "max_steps"),
+    ],
+)
+def test_config_errors_name_the_field(tmp_path: Path, changes: dict, field: str) -> None:
+    values = {"models_dir": tmp_path, **changes}
+    for name in ("models_dir", "loras_dir"):
+        if values.get(name) == "missing":
+            values[name] = tmp_path / "missing"
+    with pytest.raises(ConfigError, match=rf"\b{field}\b"):
+        DiffusersConfig(**values)
+
+
 def test_missing_packages_give_the_install_command(monkeypatch) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(

@@ -14,10 +14,10 @@ from PIL import Image
 from sdcn_p2p.backends import Capabilities
 from sdcn_p2p.backends.webui import WebuiBackend, WebuiConfig, open_webui_backend
 from sdcn_p2p.errors import BackendUnavailable, ConfigError, JobError
-from sdcn_p2p.fakewebui import FakeWebui, open_fake_webui
 from sdcn_p2p.identity import Identity
 from sdcn_p2p.jobs import JobRequest
 from sdcn_p2p.records import Advert, LoraInfo, ModelInfo
+from sdcn_p2p.testing.fakewebui import FakeWebui, open_fake_webui
 
 FAST = WebuiConfig(timeout=5.0, progress_interval=0.005, interrupt_timeout=5.0)
 TXT2IMG = "/sdapi/v1/txt2img"

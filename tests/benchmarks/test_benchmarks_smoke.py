@@ -41,6 +41,13 @@ def test_overhead(load, capsys) -> None:  # type: ignore[no-untyped-def]
     assert result["gateway_ms_p50"] > 0 and result["direct_ms_p50"] > 0
     assert {"added_ms_p50", "added_ms_p99"} <= result.keys()
     assert result["gateway_rps_c4"] > 0 and result["direct_rps_c4"] > 0
+    assert result["metrics"] and result["metrics_jobs_ok"] > 0
+
+
+def test_metrics_cost(load, capsys) -> None:  # type: ignore[no-untyped-def]
+    result = run_json(load("metrics_cost"), ["--jobs", "3", "--rounds", "2"], capsys)
+    assert result["cpu_ms_per_request_metrics"] > 0 and result["cpu_ms_per_request_no_metrics"] > 0
+    assert len(result["spread_ms"]) == 2 and result["scrape_bytes"] > 1000
 
 
 def test_scheduling(load, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -79,3 +86,20 @@ def test_netsim(load, capsys) -> None:  # type: ignore[no-untyped-def]
     # The key cache and the signature check it swapped out are back in the cores.
     assert routing.node_key_int is keys.node_key_int
     assert store.validate.__module__ == "sdcn_p2p.dht.store"
+
+
+def test_comfyui_overhead(load, capsys) -> None:  # type: ignore[no-untyped-def]
+    result = run_json(load("comfyui_overhead"), ["--jobs", "2", "--batch", "2"], capsys)
+    assert result["raw_cpu_ms"] > 0 and result["backend_cpu_ms"] > 0
+    assert {"added_cpu_ms", "batch2_cpu_ms_per_image", "capabilities_cpu_ms"} <= result.keys()
+
+
+def test_jobs(load, capsys) -> None:  # type: ignore[no-untyped-def]
+    argv = ["--jobs", "70", "--lag-jobs", "2", "--steps", "3", "--restarts", "1"]
+    result = run_json(load("jobs"), argv, capsys)
+    assert result["event_lag_samples"] > 0 and result["event_lag_ms_p99"] > 0
+    assert result["submit_ms_p50"] > 0 and result["queued_jobs"] == 70
+    assert result["sync_job_cpu_ms"] > 0
+    assert result["queued_after_restart"] is True
+    assert result["restart_s"] > 0 and result["start_empty_s"] > 0
+    assert "gateway_rss_growth_mb_queued" in result

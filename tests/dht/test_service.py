@@ -230,9 +230,9 @@ async def check_rejections(hostile: Host, dhts: list[Dht], servers: list[PeerId]
 async def connect_identified(host: Host, target: Host) -> None:
     """Connect and wait until `host` has identified `target` (and its Dht has seen it)."""
     identified = trio.Event()
-    host.add_listener(on_identified=lambda peer: peer == target.peer_id and identified.set())
-    await host.connect(address(target))
-    await identified.wait()
+    with host.subscribe(on_identified=lambda peer: peer == target.peer_id and identified.set()):
+        await host.connect(address(target))
+        await identified.wait()
 
 
 async def test_a_full_bucket_evicts_its_oldest_entry_only_if_it_is_down(autojump_clock) -> None:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdcn_p2p.dht.store import PEER_RECORD_TTL, RecordStore, validate
+from sdcn_p2p.dht.store import LOCAL, PEER_RECORD_TTL, RecordStore, Source, validate
 from sdcn_p2p.errors import RecordError, ResourceLimitExceeded
 from sdcn_p2p.identity import Identity
 from sdcn_p2p.multiaddr import Multiaddr
@@ -197,6 +197,100 @@ def test_the_store_never_exceeds_its_total_bounds() -> None:
     assert len(small) == 3
 
 
+def source(index: int, ip: str) -> Source:
+    return Source(test_identity(index, seed=7).peer_id, ip)
+
+
+HONEST = [test_identity(400 + i) for i in range(50)]
+HOSTILE = [test_identity(500 + i, seed=5) for i in range(500)]
+
+
+@pytest.mark.parametrize("senders", [1, 500], ids=["one-sender", "500-senders-on-one-ip"])
+def test_one_peer_with_500_identities_cannot_displace_50_honest_publishers(senders: int) -> None:
+    """50 honest publishers, each on its own address, store a PeerRecord and an advert; then
+    one machine stores the same, signed by 500 identities, expiring later than the honest
+    adverts, as one peer or as 500 peers on one IP address. Store and key are full long
+    before the flood ends: only the flood's own records give way, and honest publishers still
+    update and join afterwards. (By expiry alone, the flood displaced every honest advert.)
+    """
+    store = RecordStore(max_records=600, max_values_per_key=128)
+    sd15 = model_key("sd-1.5")
+
+    def honest_put(i: int, identity: Identity, seq: int = 1) -> None:
+        sender = Source(identity.peer_id, f"10.0.1.{i}")
+        assert store.put(peer_key(identity.peer_id), record(identity, seq), NOW, sender)
+        assert store.put(sd15, advert(identity, seq, ttl=180), NOW, sender)
+
+    for i, identity in enumerate(HONEST):
+        honest_put(i, identity)
+    flood = [source(i % senders, "10.6.6.6") for i in range(len(HOSTILE))]
+    stored = 0
+    for identity, sender in zip(HOSTILE, flood, strict=True):
+        for key, envelope in [
+            (peer_key(identity.peer_id), record(identity)),
+            (sd15, advert(identity, ttl=3600)),
+        ]:
+            with contextlib.suppress(ResourceLimitExceeded):
+                stored += store.put(key, envelope, NOW, sender)
+    assert stored >= 500  # it filled the store, then could only churn in its own share
+    assert len(store) == 600 and store.held_by_address("10.6.6.6") == 500
+    assert len(store.values(sd15, NOW)) == 128
+    honest_ids = {identity.peer_id for identity in HONEST}
+    assert honest_ids <= {v.publisher for v in store.values(sd15, NOW)}
+    assert all(store.get(peer_key(identity.peer_id), NOW) for identity in HONEST)
+    # Honest publishers keep updating, and a newcomer takes the flood's room.
+    for i, identity in enumerate(HONEST):
+        honest_put(i, identity, seq=2)
+    honest_put(99, test_identity(499))
+    assert store.held_by_address("10.6.6.6") == 498
+    assert len(store) == 600
+
+
+def test_quotas_per_sender_and_per_address() -> None:
+    store = RecordStore(max_per_sender=4, max_per_address=10)
+    mallory = source(0, "10.6.6.6")
+    publishers = [test_identity(600 + i) for i in range(20)]
+
+    def put(identity: Identity, sender: Source, seq: int = 1) -> bool:
+        return store.put(peer_key(identity.peer_id), record(identity, seq), NOW, sender)
+
+    for identity in publishers[:4]:
+        assert put(identity, mallory)
+    with pytest.raises(ResourceLimitExceeded, match="already stored 4 records here"):
+        put(publishers[4], mallory)
+    assert put(publishers[0], mallory, seq=2)  # an update of its own is no more
+    # Peers on one address share its quota; another address, and our own puts, do not.
+    for index, identity in enumerate(publishers[4:10]):
+        assert put(identity, source(1 + index % 2, "10.6.6.6"))
+    with pytest.raises(ResourceLimitExceeded, match=r"peers at 10\.6\.6\.6 already stored 10"):
+        put(publishers[10], source(3, "10.6.6.6"))
+    assert store.held_by(mallory) == 4 and store.held_by_address("10.6.6.6") == 10
+    assert put(publishers[10], source(3, "10.7.7.7"))
+    assert put(publishers[11], LOCAL) and put(publishers[12], Source(HONEST[0].peer_id))
+    assert len(store) == 13
+    # Another sender replacing a record moves it to that sender's account.
+    assert put(publishers[1], source(4, "10.8.8.8"), seq=2)
+    assert store.held_by(mallory) == 3 and store.held_by_address("10.6.6.6") == 9
+
+
+@pytest.mark.parametrize(
+    ("addr", "address"),
+    [
+        ("/ip4/10.1.2.3/tcp/4001/ws", "10.1.2.3"),
+        ("/ip6/2001:db8:1:2:3:4:5:6/tcp/4001/ws", "2001:db8:1:2::/64"),
+        ("/ip4/127.0.0.1/tcp/4001/ws", None),
+        ("/ip6/::1/tcp/4001/ws", None),
+        ("/dns4/example.com/tcp/443/wss", None),
+        (None, None),
+    ],
+)
+def test_a_source_groups_by_ip_address_or_ipv6_prefix(addr: str | None, address: str | None):
+    multiaddr = Multiaddr.parse(addr) if addr else None
+    sender = Source.of(ALICE.peer_id, multiaddr)
+    assert sender == Source(ALICE.peer_id, address)
+    assert sender.group == (("ip", address) if address else ("peer", ALICE.peer_id))
+
+
 # Random operations never break the bounds.
 
 POOL_IDS = [test_identity(300 + i) for i in range(5)]
@@ -237,3 +331,37 @@ def test_random_puts_respect_every_bound(ops: list[tuple[int, float]]) -> None:
         assert max(per_publisher) <= 3
         assert len(values) == len(store) and sum(len(v.data) for v in values) == store.size_bytes
         store.expire(now)
+
+
+SOURCES = [LOCAL, source(0, "10.6.6.6"), source(1, "10.6.6.6"), source(2, "10.7.7.7")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(range(len(POOL))),
+            st.sampled_from(range(len(SOURCES))),
+            st.floats(0, 200),
+        ),
+        max_size=40,
+    )
+)
+def test_random_puts_from_several_senders_respect_every_quota(
+    ops: list[tuple[int, int, float]],
+) -> None:
+    store = RecordStore(
+        max_per_sender=3, max_per_address=4, max_records=6, max_values_per_key=3, max_bytes=4000
+    )
+    now = NOW
+    keys = {key for key, _ in POOL}
+    for index, sender, step in ops:
+        now += step
+        key, envelope = POOL[index]
+        with contextlib.suppress(RecordError, ResourceLimitExceeded):
+            store.put(key, envelope, now, SOURCES[sender])
+        values = [v for key in keys for v in store.values(key, now)]
+        assert len(values) == len(store) <= 6 and store.size_bytes <= 4000
+        held = {s: sum(v.source == s for v in values) for s in SOURCES}
+        assert all(held[s] == store.held_by(s) <= 3 for s in SOURCES[1:])
+        assert held[SOURCES[1]] + held[SOURCES[2]] == store.held_by_address("10.6.6.6") <= 4

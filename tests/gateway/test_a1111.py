@@ -14,17 +14,13 @@ from PIL import Image
 from gateway.a1111 import (
     DEFAULT_SAMPLER,
     MAX_IMAGES,
-    VERSION,
     A1111Request,
-    find_model,
-    lora_list,
     options,
     parse_options,
     parse_request,
-    sampler_list,
-    scheduler_list,
-    sd_model_list,
 )
+from gateway.catalog import find_model
+from sdcn_p2p._version import AGENT_VERSION
 from sdcn_p2p.errors import JobError
 from sdcn_p2p.records import Advert, LoraInfo, ModelInfo
 from sdcn_p2p.testing import MOCK_EPOCH, test_identity
@@ -446,11 +442,6 @@ def test_an_unknown_checkpoint_is_passed_on_for_the_dispatcher_to_refuse() -> No
     assert request.job().model == "dreamshaper_8.safetensors [879db523c3]"
 
 
-def test_a_draining_providers_model_is_still_found_but_not_listed() -> None:
-    assert find_model("card-a", ADVERTS) == CARD
-    assert "card-a" not in [m["model_name"] for m in sd_model_list(ADVERTS)]
-
-
 def test_lora_tags_become_loras_and_leave_the_prompt() -> None:
     prompt = "a cat, <lora:pixel-art:0.7> <LyCORIS:ink>, <lora:watercolor:-1.5:-1.5>"
     prompt = prompt.replace("LyCORIS", "lyco")
@@ -575,7 +566,7 @@ def test_the_response_has_the_webuis_shape() -> None:
     assert info["sampler_name"] == "DPM++ 2M" and info["batch_size"] == 2
     assert info["sd_model_name"] == "v1-5-pruned-emaonly"
     assert info["sd_model_hash"] == "6ce0161689"
-    assert info["denoising_strength"] is None and info["version"] == VERSION
+    assert info["denoising_strength"] is None and info["version"] == AGENT_VERSION
     assert len(info["job_timestamp"]) == 14 and info["job_timestamp"].isdigit()
     assert len(info["infotexts"]) == 6
     assert info["infotexts"][1].startswith(f"{prompt}\nNegative prompt: blurry\nSteps: 20, ")
@@ -612,51 +603,7 @@ def test_send_images_false_returns_no_images() -> None:
     assert response["images"] == [] and json.loads(response["info"])["all_seeds"] == [1]
 
 
-# --- the catalog -------------------------------------------------------------------------------
-
-
-def test_sd_models_lists_each_online_model_once_as_the_webui_does() -> None:
-    assert sd_model_list(ADVERTS) == [
-        {
-            "title": V15.title,
-            "model_name": V15.name,
-            "hash": "6ce0161689",
-            "sha256": None,
-            "filename": "v1-5-pruned-emaonly.safetensors",
-            "config": None,
-        },
-        {
-            "title": XL.title,
-            "model_name": XL.name,
-            "hash": "31e35c80fc",
-            "sha256": None,
-            "filename": "sd_xl_base_1.0.safetensors",
-            "config": None,
-        },
-    ]
-
-
-def test_loras_samplers_and_schedulers() -> None:
-    assert [lo["name"] for lo in lora_list(ADVERTS)] == ["pixel-art", "ink", "watercolor"]
-    assert lora_list(ADVERTS)[0] == {
-        "name": "pixel-art",
-        "alias": "pixel-art",
-        "path": "pixel-art",
-        "metadata": {},
-    }
-    assert sampler_list(ADVERTS) == [
-        {"name": name, "aliases": [], "options": {}} for name in ("Euler a", "DPM++ 2M", "DDIM")
-    ]
-    schedulers = {s["name"]: s for s in scheduler_list()}
-    assert schedulers["automatic"]["label"] == "Automatic"
-    assert schedulers["karras"] == {
-        "name": "karras",
-        "label": "Karras",
-        "aliases": None,
-        "default_rho": 7.0,
-        "need_inner_model": False,
-    }
-    assert schedulers["sgm_uniform"]["aliases"] == ["SGMUniform"]
+# --- options ---------------------------------------------------------------------------------
 
 
 def test_options_report_the_default_model_as_its_title() -> None:

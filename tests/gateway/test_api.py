@@ -21,8 +21,9 @@ from fastapi import FastAPI
 from PIL import Image
 
 from gateway.api import MAX_BODY, create_app
-from gateway.dispatch import DispatchError, DispatchResult
-from gateway.node import Gateway
+from gateway.dispatch import DispatchResult
+from gateway.errors import AllBusy, DeadlinePassed, DispatchError, ProviderFailed, Rejected
+from gateway.node import Gateway, open_gateway
 from sdcn_p2p.backends import JobOutput
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.jobs import JobRequest
@@ -78,7 +79,7 @@ async def gateway_network(
         ]
         for node in nodes:
             await wait_advert(peer, node)
-        gateway = Gateway(peer, default_model=default_model)
+        gateway = await stack.enter_async_context(open_gateway(peer, default_model=default_model))
         app = create_app(gateway)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
@@ -281,35 +282,47 @@ async def test_a_model_or_lora_nobody_has_is_404(net: Net) -> None:
     assert_error(response, 404, "pixel", "ink")
 
 
+class FakeDispatcher:
+    """Stands in for the Dispatcher: `run_batch` runs the jobs through `run` one by one."""
+
+    async def run(self, job: JobRequest, **kwargs: Any) -> DispatchResult:
+        raise NotImplementedError
+
+    async def run_batch(self, jobs: list[JobRequest], **kwargs: Any) -> list[DispatchResult]:
+        return [await self.run(job) for job in jobs]
+
+
 @pytest.mark.parametrize(
-    ("status", "message"),
+    ("error", "status", "message"),
     [
-        (400, "steps: the provider says no"),
-        (502, "provider failed: out of VRAM"),
-        (503, "every provider of model 'card-a' is busy"),
-        (504, "no result within the deadline"),
+        (Rejected, 400, "steps: the provider says no"),
+        (ProviderFailed, 502, "provider failed: out of VRAM"),
+        (AllBusy, 503, "every provider of model 'card-a' is busy"),
+        (DeadlinePassed, 504, "no result within the deadline"),
     ],
 )
-async def test_dispatch_errors_become_their_status(net: Net, status: int, message: str) -> None:
-    class Failing:
+async def test_dispatch_errors_become_their_status(
+    net: Net, error: type[DispatchError], status: int, message: str
+) -> None:
+    class Failing(FakeDispatcher):
         async def run(self, job: JobRequest, **kwargs: Any) -> DispatchResult:
             await trio.lowlevel.checkpoint()
-            raise DispatchError(status, message)
+            raise error(message)
 
-    net.gateway.dispatcher = Failing()  # type: ignore[assignment]
+    net.gateway.jobs.dispatcher = Failing()  # type: ignore[assignment]
     assert assert_error(await net.http.post("/txt2img", json=sdcn()), status) == message
     response = await net.http.post("/sdapi/v1/txt2img", json=a1111(n_iter=3, batch_size=4))
     assert assert_error(response, status) == message
 
 
 async def test_info_a_provider_sends_is_made_json_safe(net: Net) -> None:
-    class Odd:
+    class Odd(FakeDispatcher):
         async def run(self, job: JobRequest, **kwargs: Any) -> DispatchResult:
             await trio.lowlevel.checkpoint()
             info = {"seed": 1, "blob": b"\x00", "nan": float("nan"), "list": [1.5, b"x"]}
             return DispatchResult([png()], info)
 
-    net.gateway.dispatcher = Odd()  # type: ignore[assignment]
+    net.gateway.jobs.dispatcher = Odd()  # type: ignore[assignment]
     response = await net.http.post("/txt2img", json=sdcn())
     assert response.json()["info"] == {"seed": 1, "blob": None, "nan": None, "list": [1.5, None]}
 
@@ -566,6 +579,7 @@ async def test_models_providers_and_health(net: Net) -> None:
     assert [m["name"] for m in entry["models"]] == ["card-a", "card-b"]
     assert entry["loras"] == ["pixel"] and "Euler a" in entry["samplers"]
     assert entry["in_flight"] == 0 and entry["banned_until"] > net.gateway.peer.wall_clock()
+    assert (entry["slots"], entry["queue"], entry["max_queue"]) == (1, 0, 8)
     assert entry["rtt_ms"] is None or entry["rtt_ms"] >= 0
     assert providers[str(net.nodes[1].peer_id)]["banned_until"] is None
     assert (await net.http.get("/healthz")).json() == {

@@ -33,6 +33,7 @@ def advert(
     speed: float = 2.0,
     slots: int = 1,
     queue: int = 0,
+    max_queue: int | None = None,
     max_pixels: int = 0,
     max_steps: int = 0,
     state: str = "online",
@@ -49,6 +50,7 @@ def advert(
         speed=speed,
         slots=slots,
         queue=queue,
+        max_queue=max_queue,
         max_pixels=max_pixels,
         max_steps=max_steps,
         state=state,
@@ -284,6 +286,16 @@ def test_a_provider_with_max_in_flight_of_our_jobs_is_no_candidate() -> None:
     assert PEERS[0] in chosen(found, job())
 
 
+def test_a_provider_holding_all_it_advertises_of_our_jobs_is_full() -> None:
+    found = directory(advert(0, slots=2, max_queue=1), advert(1, speed=0.1))
+    for _ in range(3):  # its two slots and its queue
+        found.started(PEERS[0])
+    assert chosen(found, job()) == [PEERS[1]]
+    assert found.only_full(job(), NOW, exclude=[PEERS[1]])
+    found.finished(PEERS[0])
+    assert PEERS[0] in chosen(found, job())
+
+
 def test_one_of_our_jobs_ending_lifts_a_busy_hold() -> None:
     found = directory(advert(0))
     found.started(PEERS[0])
@@ -330,3 +342,23 @@ def test_only_the_latest_proven_providers_are_remembered_and_protected(monkeypat
         found.succeeded(PEERS[index])
     assert found.adverts.protected == {PEERS[1], PEERS[2]}
     assert [c.proven for c in found.candidates(job(), NOW)].count(True) == 2
+
+
+def test_capacity_counts_what_capable_providers_get_through_and_their_queues() -> None:
+    found = directory(
+        advert(0, speed=2.0, slots=2, queue=5),  # 2 slots of 10 s: 0.2 jobs/s, 3 queued
+        advert(1, speed=4.0),  # 0.2 jobs/s, idle
+        advert(2, speed=8.0, models=(ModelInfo("sdxl"),)),  # another model
+        advert(3, speed=8.0, state="draining"),
+    )
+    assert found.capacity(job(), NOW) == (pytest.approx(0.4), 3)
+    for _ in range(4):  # our jobs count where the advert lags behind
+        found.started(PEERS[1])
+    assert found.capacity(job(), NOW) == (pytest.approx(0.4), 6)
+    found.ban(PEERS[0], NOW)
+    assert found.capacity(job(), NOW) == (pytest.approx(0.2), 3)
+    assert found.capacity(job(), NOW, exclude=[PEERS[1]]) == (0.0, 0)
+    # Measured speed replaces a claim; while one is proven, claims are no capacity.
+    found.observe(PEERS[1], 20.0, 20.0)
+    found.succeeded(PEERS[1])
+    assert found.capacity(job(), NOW + BAN_MAX * 2) == (pytest.approx(0.05), 3)

@@ -12,11 +12,21 @@ import pytest
 import trio
 
 from gateway.directory import ProviderDirectory
-from gateway.dispatch import Dispatcher, DispatchError, DispatchResult, GatewayConfig
+from gateway.dispatch import (
+    Dispatcher,
+    DispatchEvent,
+    DispatchResult,
+    GatewayConfig,
+    JobAssigned,
+    JobProgress,
+    JobWaiting,
+)
+from gateway.errors import AllBusy, DeadlinePassed, DispatchError, NoProvider, ProviderFailed
 from sdcn_p2p.backends import Backend, JobOutput
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
-from sdcn_p2p.errors import JobError
-from sdcn_p2p.jobs import JobRequest, request_job
+from sdcn_p2p.errors import ConfigError, JobError
+from sdcn_p2p.jobs import JobRequest
+from sdcn_p2p.jobs.protocol import request_job
 from sdcn_p2p.peer import Peer
 from sdcn_p2p.provider import Provider, ProviderConfig, open_provider
 from sdcn_p2p.records import model_key
@@ -159,13 +169,13 @@ async def test_nobody_has_the_model_or_the_lora_is_404(autojump_clock) -> None:
     async with gateway_network(TestcardBackend(TestcardConfig(models=("card-a",)))) as net:
         with pytest.raises(DispatchError) as info:
             await net.dispatcher.run(job(loras=(("nope", 1.0),)))
-        assert info.value.status == 404 and "'nope'" in info.value.message
+        assert isinstance(info.value, NoProvider) and "'nope'" in info.value.message
         with pytest.raises(DispatchError) as info:
             await net.dispatcher.run(job(model="sdxl"))
-        assert info.value.status == 404 and "'sdxl'" in info.value.message
+        assert isinstance(info.value, NoProvider) and "'sdxl'" in info.value.message
         with pytest.raises(DispatchError) as info:
             await net.dispatcher.run(job(sampler_name="Made Up"))
-        assert info.value.status == 404 and "'Made Up'" in info.value.message
+        assert isinstance(info.value, NoProvider) and "'Made Up'" in info.value.message
         assert not net.banned(0)
 
 
@@ -204,12 +214,12 @@ async def test_all_busy_is_503_at_once_without_a_queue(autojump_clock) -> None:
         await occupy(net, 1, nursery)
         with pytest.raises(DispatchError) as info:
             await net.dispatcher.run(job())
-        assert info.value.status == 503 and "busy" in info.value.message
+        assert isinstance(info.value, AllBusy) and "busy" in info.value.message
         assert all(net.directory.is_busy(n.peer_id, mock_wall_clock()) for n in net.nodes)
         # Both held back: no provider to try at all, though both offer the model.
         with pytest.raises(DispatchError) as info:
             await net.dispatcher.run(job())
-        assert info.value.status == 503
+        assert isinstance(info.value, AllBusy)
         assert [len(b.seeds) for b in backends] == [1, 1]
 
 
@@ -242,6 +252,25 @@ async def test_when_all_are_busy_jobs_wait_for_room(
         assert net.dispatcher.waiting == 0
 
 
+async def test_a_provider_advertising_a_full_queue_is_not_asked(autojump_clock) -> None:
+    """Its advert says it would answer busy: the job waits for room without asking it, and
+    runs there once its next advert shows room.
+    """
+    backends = [WatchedBackend()]
+    config = ProviderConfig(slots=1, max_queue=0)
+    async with (
+        gateway_network(*backends, configs=[config]) as net,
+        trio.open_nursery() as nursery,
+    ):
+        await occupy(net, 0, nursery)
+        advert = await wait_advert(net.gateway, net.nodes[0], lambda a: a.queue == 1)
+        assert advert.max_queue == 0 and advert.full
+        assert net.directory.is_busy(net.nodes[0].peer_id, mock_wall_clock())
+        result = await net.dispatcher.run(job(seed=5))
+        assert result.info["attempts"] == 1  # no busy answer on the way
+        assert backends[0].seeds[1:] == [5]
+
+
 async def test_a_full_queue_and_a_long_wait_are_503(autojump_clock) -> None:
     backends = [WatchedBackend()]
     config = GatewayConfig(queue_wait=2.0, max_waiting=1)
@@ -262,11 +291,45 @@ async def test_a_full_queue_and_a_long_wait_are_503(autojump_clock) -> None:
             jobs.start_soon(one)
             await waiting(net, 1)
             await one()  # the queue is full: turned away at once
-            assert trio.current_time() - started < 0.5 and errors[0].status == 503
+            assert trio.current_time() - started < 0.5 and isinstance(errors[0], AllBusy)
         # The one that waited gave up after queue_wait, well before its deadline.
-        assert errors[1].status == 503
+        assert isinstance(errors[1], AllBusy)
         assert 2.0 <= trio.current_time() - started < 2.5
         assert backends[0].seeds == [backends[0].seeds[0]]  # only the job that occupied it
+
+
+async def test_a_job_that_could_not_start_in_its_wait_is_503_at_once(autojump_clock) -> None:
+    """One provider, 4.7 s a job; a job may wait 17.3 s (half its deadline). Of nine jobs at
+    once, one runs and three can start within their wait (4.7, 9.4 and 14.1 s in): they wait
+    and run. The other five would start 18.8 s in: a 503 at once, saying when.
+    """
+    backends = [WatchedBackend()]
+    config = ProviderConfig(slots=1, max_queue=0)
+    async with gateway_network(*backends, configs=[config]) as net:
+        started = trio.current_time()
+        outcomes: dict[int, tuple[float, DispatchResult | DispatchError]] = {}
+
+        async def one(seed: int) -> None:
+            try:
+                outcome: DispatchResult | DispatchError = await net.dispatcher.run(
+                    long_job(seed=seed)
+                )
+            except DispatchError as exc:
+                outcome = exc
+            outcomes[seed] = (trio.current_time() - started, outcome)
+
+        async with trio.open_nursery() as nursery:
+            for seed in range(9):
+                nursery.start_soon(one, seed)
+                await trio.sleep(0.01)
+        done = {seed for seed, (_, o) in outcomes.items() if isinstance(o, DispatchResult)}
+        assert done == {0, 1, 2, 3}
+        assert backends[0].seeds == [0, 1, 2, 3]
+        for seed in range(4, 9):
+            took, error = outcomes[seed]
+            assert isinstance(error, AllBusy)
+            assert took < 0.1 and "past its 17 s wait" in error.message
+            assert error.retry_after == pytest.approx(4 * 4.6875)  # when the four are done
 
 
 async def test_a_provider_killed_mid_job_fails_over_and_each_job_runs_once(
@@ -326,7 +389,7 @@ async def test_the_only_provider_failing_is_502(autojump_clock) -> None:
     async with gateway_network(WatchedBackend(fail=True)) as net:
         with pytest.raises(DispatchError) as info:
             await net.dispatcher.run(job())
-        assert info.value.status == 502 and "out of VRAM" in info.value.message
+        assert isinstance(info.value, ProviderFailed) and "out of VRAM" in info.value.message
 
 
 async def test_a_random_seed_is_drawn_once_and_kept_on_retry(autojump_clock) -> None:
@@ -347,7 +410,7 @@ async def test_deadline_passed_is_504_and_the_job_stops(autojump_clock) -> None:
         start = trio.current_time()
         with pytest.raises(DispatchError) as info:
             await net.dispatcher.run(long_job(), deadline=1.0)
-        assert info.value.status == 504
+        assert isinstance(info.value, DeadlinePassed)
         assert trio.current_time() - start == pytest.approx(1.0, abs=0.1)
         # A deadline shorter than the job needs is not the provider's fault.
         assert not net.banned(0)
@@ -362,7 +425,7 @@ async def test_a_provider_far_slower_than_it_claims_is_banned_at_the_deadline(
     async with gateway_network(WatchedBackend(), configs=speeds(10.0)) as net:
         with pytest.raises(DispatchError) as info:
             await net.dispatcher.run(long_job(), deadline=2.0)
-        assert info.value.status == 504 and net.banned(0)
+        assert isinstance(info.value, DeadlinePassed) and net.banned(0)
 
 
 async def test_default_deadline_scales_with_the_job_and_is_capped(autojump_clock) -> None:
@@ -449,3 +512,72 @@ async def test_each_model_has_its_own_line(autojump_clock) -> None:
             await waiting(net, 2)
         # card-b ran once its provider's busy hold lapsed, while card-a still waited.
         assert finished["card-b"] - started < 8 < finished["card-a"] - started
+
+
+# --- events and batches ------------------------------------------------------------------------
+
+
+async def test_a_followed_job_hears_its_wait_each_attempt_and_its_progress(autojump_clock) -> None:
+    backends = [WatchedBackend()]
+    async with (
+        gateway_network(*backends, configs=[STALE]) as net,
+        trio.open_nursery() as nursery,
+    ):
+        await occupy(net, 0, nursery)
+        events: list[DispatchEvent] = []
+        result = await net.dispatcher.run(job(steps=4), on_event=events.append)
+    provider = net.nodes[0].peer_id
+    # Busy at first (its advert is stale), so the job waits first in line, then runs there.
+    waits = [e for e in events if isinstance(e, JobWaiting)]
+    assigned = [e for e in events if isinstance(e, JobAssigned)]
+    steps = [e for e in events if isinstance(e, JobProgress)]
+    assert waits and all(e == JobWaiting(0) for e in waits)
+    assert assigned == [JobAssigned(provider, 1), JobAssigned(provider, 2)]
+    assert result.info["attempts"] == 2
+    assert steps[-1] == JobProgress(4, 4)
+    assert events.index(waits[0]) < events.index(assigned[1]) < events.index(steps[0])
+
+
+async def test_run_batch_returns_results_in_order_and_tags_events_with_the_part(
+    autojump_clock,
+) -> None:
+    async with gateway_network(WatchedBackend(), WatchedBackend()) as net:
+        events: list[DispatchEvent] = []
+        jobs = [job(seed=seed, steps=2 + seed) for seed in (5, 1, 3)]
+        results = await net.dispatcher.run_batch(jobs, on_event=events.append)
+    assert [r.info["seed"] for r in results] == [5, 1, 3]
+    for part, one in enumerate(jobs):
+        assert JobProgress(one.steps, one.steps, part) in events
+        assert any(isinstance(e, JobAssigned) and e.part == part for e in events)
+
+
+async def test_run_batch_stops_the_others_when_one_fails(autojump_clock) -> None:
+    backend = WatchedBackend()
+    async with gateway_network(backend) as net:
+        with pytest.raises(NoProvider):
+            await net.dispatcher.run_batch([long_job(), job(model="nobody-has-it")])
+        await backend.ended.wait()
+        await wait_idle(net, 0)
+        assert net.providers[0].jobs_done == 0
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_attempts", 0),
+        ("max_attempts", 1.5),
+        ("max_waiting", -1),
+        ("max_waiting", True),
+        ("deadline_base", 0),
+        ("deadline_cap", -1.0),
+        ("dht_lookup_timeout", float("nan")),
+        ("deadline_per_unit", -0.5),
+        ("queue_wait", float("inf")),
+        ("queue_wait", "30"),
+    ],
+)
+def test_a_gateway_config_out_of_range_is_refused_naming_the_field(
+    field: str, value: object
+) -> None:
+    with pytest.raises(ConfigError, match=rf"^GatewayConfig\.{field} "):
+        GatewayConfig(**{field: value})  # type: ignore[arg-type]

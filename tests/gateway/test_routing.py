@@ -50,7 +50,7 @@ async def network(
             )
         for node in nodes:
             await wait_advert(peer, node)
-        gateway = Gateway(peer)
+        gateway = await stack.enter_async_context(open_gateway(peer))
         transport = httpx.ASGITransport(app=create_app(gateway))
         async with httpx.AsyncClient(
             transport=transport, base_url="http://gateway", timeout=None

@@ -1,3 +1,6 @@
+import ast
+from pathlib import Path
+
 import pytest
 
 from sdcn_p2p.errors import ProtocolError
@@ -7,7 +10,7 @@ from sdcn_p2p.testing import open_memory_hosts
 
 async def info_from(a, b) -> dict:
     conn = await a.connect(b.listen_addrs[0].with_peer_id(b.peer_id))
-    return identify.build_info(b, conn), conn
+    return identify.build_info(b.identify_snapshot(), conn), conn
 
 
 async def test_build_and_parse_round_trip(autojump_clock) -> None:
@@ -43,3 +46,11 @@ async def test_a_record_of_another_peer_is_rejected(autojump_clock) -> None:
         message["record"] = c.signed_record.to_bytes()
         with pytest.raises(ProtocolError, match="another peer"):
             identify.parse_info(message, conn)
+
+
+def test_identify_does_not_import_the_host() -> None:
+    # It sends what the Host snapshots and returns what it learned: the Host applies it.
+    nodes = list(ast.walk(ast.parse(Path(identify.__file__).read_text())))
+    imported = {n.module for n in nodes if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in nodes if isinstance(n, ast.Import) for a in n.names}
+    assert "sdcn_p2p.host" not in imported

@@ -1,6 +1,6 @@
 """Bad input at the edges: the HTTP API checked from its own OpenAPI spec (schemathesis),
 img2img init images that are truncated, decompression bombs or not images, and garbage
-through wire decoders not covered elsewhere (tests/wire, tests/dht, tests/test_gossip.py and
+through wire decoders not covered elsewhere (tests/wire, tests/dht, tests/gossip and
 tests/test_jobs.py cover the rest).
 """
 
@@ -31,13 +31,17 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from gateway.api import create_app
-from gateway.node import Gateway
-from sdcn_p2p.errors import HandshakeError, JobError, ProtocolError
-from sdcn_p2p.jobs import JobRequest, check_result_images, decode_reply, parse_job_message
+from gateway.node import Gateway, open_gateway
+from gateway.sdcn import parse_request as parse_sdcn_request
+from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
+from sdcn_p2p.errors import HandshakeError, JobError, LocalProtocolError, ProtocolError
+from sdcn_p2p.jobs.images import check_result_images
+from sdcn_p2p.jobs.protocol import decode_reply, parse_job_message
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.protocols.identify import parse_info
+from sdcn_p2p.provider import ProviderConfig, open_provider
 from sdcn_p2p.records import PeerRecord
-from sdcn_p2p.testing import open_memory_peers, test_identity
+from sdcn_p2p.testing import open_memory_peers, test_identity, wait_advert
 from sdcn_p2p.wire.noise import NoiseHandshake
 from sdcn_p2p.wire.varint import decode_varint, encode_varint
 
@@ -62,8 +66,11 @@ CHECKS = [
 
 
 async def _call(case: Any) -> httpx.Response:
-    async with open_memory_peers(1) as (peer,):
-        app = create_app(Gateway(peer, default_model="card"))
+    async with (
+        open_memory_peers(1) as (peer,),
+        open_gateway(peer, default_model="card") as gateway,
+    ):
+        app = create_app(gateway)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
             kwargs = case.as_transport_kwargs(base_url="http://gw")
@@ -97,6 +104,47 @@ def test_every_operation_answers_per_its_schema_and_errors_are_msg(operation: An
             assert set(body) == {"msg"} and isinstance(body["msg"], str) and body["msg"]
 
     check()
+
+
+async def test_the_job_operations_answer_per_their_schema_for_jobs_that_exist(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The async job routes on real jobs (the examples above only find unknown ids): a
+    submit, its state once done, its events, its deletion, and the 410 after it."""
+    card = TestcardBackend(TestcardConfig(models=("card",)))
+    async with (
+        open_memory_peers(2) as (peer, node),
+        open_provider(node, card, ProviderConfig()),
+        open_gateway(peer) as gateway,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_app(gateway)), base_url="http://gw"
+        ) as http,
+    ):
+        await wait_advert(peer, node)
+
+        async def check(method: str, path: str, job_id: str | None = None) -> httpx.Response:
+            post = method == "POST"
+            url = path.replace("{job_id}", job_id or "")
+            response = await http.request(method, url, json=body if post else None)
+            case = SCHEMA[path][method].Case(
+                path_parameters={"job_id": job_id} if job_id else {},
+                **({"body": body, "media_type": "application/json"} if post else {}),
+            )
+            case.validate_response(response, checks=CHECKS)
+            return response
+
+        body = {"kind": "txt2img", "model": "card", "prompt": "a cat", "width": 64, "height": 64}
+        job_id = (await check("POST", "/v1/jobs")).json()["id"]
+        feed = await gateway.jobs.events(job_id)
+        async for event in feed:
+            if event is not None and event.terminal:
+                break
+        feed.close()
+        assert (await check("GET", "/v1/jobs/{job_id}", job_id)).json()["status"] == "done"
+        events = await check("GET", "/v1/jobs/{job_id}/events", job_id)
+        assert events.text.count("event: done") == 1
+        assert (await check("DELETE", "/v1/jobs/{job_id}", job_id)).json()["result_deleted"]
+        assert (await check("GET", "/v1/jobs/{job_id}", job_id)).status_code == 410
 
 
 # --- img2img init images -----------------------------------------------------------------------
@@ -151,7 +199,7 @@ def img2img(image: bytes) -> dict[str, Any]:
 )
 def test_bad_init_images_are_refused_before_decoding_pixels(image: bytes, says: str) -> None:
     with pytest.raises(JobError) as info:
-        JobRequest.from_api("img2img", img2img(image))
+        parse_sdcn_request("img2img", img2img(image))
     assert info.value.code == "bad_request" and says in info.value.message
     assert info.value.message.startswith("init_image:")
 
@@ -161,12 +209,12 @@ def test_a_bomb_is_refused_by_its_header_without_allocating_the_canvas() -> None
     bomb = png_claiming(60_000, 60_000)
     assert len(bomb) < 100_000
     with pytest.raises(JobError, match="at most 4096x4096"):
-        JobRequest.from_api("img2img", img2img(bomb))
+        parse_sdcn_request("img2img", img2img(bomb))
 
 
 async def test_bad_init_images_through_the_api_are_400_with_msg() -> None:
-    async with open_memory_peers(1) as (peer,):
-        app = create_app(Gateway(peer))
+    async with open_memory_peers(1) as (peer,), open_gateway(peer) as gateway:
+        app = create_app(gateway)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
             for image in (png(64, 64)[:60], png_claiming(100_000, 100_000), b"not an image"):
@@ -183,7 +231,7 @@ async def test_bad_init_images_through_the_api_are_400_with_msg() -> None:
 def test_garbage_init_images_only_raise_bad_request(data: bytes) -> None:
     for image in (data, b"\x89PNG\r\n\x1a\n" + data, b"\xff\xd8\xff" + data):
         try:
-            JobRequest.from_api("img2img", img2img(image))
+            parse_sdcn_request("img2img", img2img(image))
         except JobError as exc:
             assert exc.code == "bad_request"
 
@@ -264,18 +312,18 @@ def test_varint_decoding_returns_a_value_none_or_protocol_error(data: bytes, off
 
 @settings(max_examples=100, deadline=None)
 @given(st.binary(max_size=400), st.sampled_from(["ops", "third"]))
-def test_responder_only_raises_handshake_error_at_any_step(message: bytes, step: str) -> None:
+def test_responder_raises_only_protocol_errors_at_any_step(message: bytes, step: str) -> None:
     """A responder given garbage as the initiator's last message, or driven out of turn."""
     initiator = NoiseHandshake(ALICE, initiator=True)
     responder = NoiseHandshake(BOB, initiator=False)
     responder.read_message(initiator.write_message())
     initiator.read_message(responder.write_message())
-    with pytest.raises(HandshakeError):
+    with pytest.raises(HandshakeError if step == "third" else LocalProtocolError):
         if step == "third":
             responder.read_message(message)
         else:
             responder.write_message()  # the initiator's turn
-    with pytest.raises(HandshakeError):
+    with pytest.raises(LocalProtocolError, match="already failed"):
         responder.to_transport()  # dead after any error
 
 

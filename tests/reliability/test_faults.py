@@ -19,13 +19,15 @@ import trio
 
 from bootstrap.node import open_bootstrap
 from gateway.api import create_app
-from gateway.dispatch import Dispatcher, DispatchError, DispatchResult, GatewayConfig
-from gateway.node import Gateway
+from gateway.dispatch import Dispatcher, DispatchResult, GatewayConfig
+from gateway.errors import AllBusy, DeadlinePassed, DispatchError
+from gateway.node import Gateway, open_gateway
 from sdcn_p2p.backends import Backend, JobOutput
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.connection import Stream
 from sdcn_p2p.host import HostConfig
-from sdcn_p2p.jobs import JOB, MAX_JOB_MESSAGE, JobRequest, result_message
+from sdcn_p2p.jobs import JobRequest
+from sdcn_p2p.jobs.protocol import JOB, MAX_JOB_MESSAGE, result_message
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.peer import Peer, PeerConfig, open_peer
 from sdcn_p2p.provider import Provider, ProviderConfig, open_provider
@@ -247,7 +249,7 @@ async def test_a_provider_that_hangs_ends_in_504_at_the_deadline(autojump_clock)
         backend = Hanging()
         await net.start(1, backend)
         outcome, took = await run_timed(net.dispatcher, job(), deadline=20)
-        assert isinstance(outcome, DispatchError) and outcome.status == 504, outcome
+        assert isinstance(outcome, DeadlinePassed), outcome
         assert "deadline" in outcome.message
         assert 20 <= took <= 20.5
         with trio.fail_after(1):
@@ -313,7 +315,7 @@ async def test_only_a_garbage_provider_is_a_clear_503(autojump_clock) -> None:
     async with open_net() as net:
         await net.start(1, handler=send_garbage_png)
         outcome, _ = await run_timed(net.dispatcher, job(), deadline=30)
-        assert isinstance(outcome, DispatchError) and outcome.status == 503
+        assert isinstance(outcome, AllBusy)
         assert "not a valid PNG" in outcome.message
 
 
@@ -332,7 +334,7 @@ async def test_a_provider_answering_a_byte_a_second_is_cut_at_the_deadline(autoj
     async with open_net() as net:
         await net.start(1, handler=trickle)
         outcome, took = await run_timed(net.dispatcher, job(), deadline=25)
-        assert isinstance(outcome, DispatchError) and outcome.status == 504
+        assert isinstance(outcome, DeadlinePassed)
         assert 25 <= took <= 25.5
 
 
@@ -437,6 +439,31 @@ async def test_killing_a_provider_while_it_joins_leaves_no_task_behind(
 # --- back-pressure -----------------------------------------------------------------------------
 
 
+async def post_at_once(
+    app: object, *, count: int, steps: int, stagger: float = 0.0
+) -> list[tuple[int, float, dict, httpx.Headers]]:
+    """POST `count` txt2img jobs of model "card" (seeds 0, 1, ...), `stagger` seconds apart;
+    returns (status, seconds taken, body, headers) of each, in the order they were answered.
+    """
+    answers: list[tuple[int, float, dict, httpx.Headers]] = []
+    transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+
+        async def one(seed: int) -> None:
+            start = trio.current_time()
+            body = {"model": "card", "prompt": "x", "seed": seed, "steps": steps}
+            response = await http.post("/txt2img", json=body | {"width": 64, "height": 64})
+            took = trio.current_time() - start
+            answers.append((response.status_code, took, response.json(), response.headers))
+
+        async with trio.open_nursery() as nursery:
+            for seed in range(count):
+                nursery.start_soon(one, seed)
+                if stagger:
+                    await trio.sleep(stagger)
+    return answers
+
+
 async def test_all_providers_full_queues_then_is_a_quick_503_with_retry_after_and_no_ban(
     autojump_clock,
 ) -> None:
@@ -458,22 +485,9 @@ async def test_all_providers_full_queues_then_is_a_quick_503_with_retry_after_an
             return await real_get(key)
 
         net.gateway.dht.get = counted_get  # type: ignore[method-assign]
-        gateway = Gateway(net.gateway, GatewayConfig(max_waiting=2), rng=random.Random(4))
-        app = create_app(gateway)
-        statuses: list[tuple[int, float, dict, httpx.Headers]] = []
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
-
-            async def one(seed: int) -> None:
-                start = trio.current_time()
-                body = {"model": "card", "prompt": "x", "seed": seed, "steps": 40}
-                response = await http.post("/txt2img", json=body | {"width": 64, "height": 64})
-                took = trio.current_time() - start
-                statuses.append((response.status_code, took, response.json(), response.headers))
-
-            async with trio.open_nursery() as nursery:
-                for seed in range(12):
-                    nursery.start_soon(one, seed)
+        config = GatewayConfig(max_waiting=2)
+        async with open_gateway(net.gateway, config, rng=random.Random(4)) as gateway:
+            statuses = await post_at_once(create_app(gateway), count=12, steps=40)
         codes = sorted(code for code, *_ in statuses)
         assert codes == [200] * 6 + [503] * 6
         for code, took, body, headers in statuses:
@@ -482,6 +496,23 @@ async def test_all_providers_full_queues_then_is_a_quick_503_with_retry_after_an
         assert lookups == 0
         now = mock_wall_clock()
         assert not any(gateway.directory.is_banned(n.peer.peer_id, now) for n in nodes)
+
+
+async def test_a_job_that_could_not_start_in_its_wait_is_a_503_at_once_saying_when(
+    autojump_clock,
+) -> None:
+    """One provider, 4.7 s a job, jobs that may wait 17.3 s: of six requests at once through
+    the HTTP API, four get images (one at once, three after waiting) and two a 503 at once
+    whose Retry-After is when the four will be through (18.75 s).
+    """
+    slow = TestcardConfig(models=("card",), speed=0.5)
+    async with open_net() as net:
+        await net.start(1, TestcardBackend(slow), config=ProviderConfig(slots=1, max_queue=0))
+        async with open_gateway(net.gateway, rng=random.Random(4)) as gateway:
+            answers = await post_at_once(create_app(gateway), count=6, steps=150, stagger=0.01)
+        assert sorted(code for code, *_ in answers) == [200] * 4 + [503] * 2
+        refusals = [(took, headers) for code, took, _, headers in answers if code == 503]
+        assert all(took < 0.1 and headers["retry-after"] == "19" for took, headers in refusals)
 
 
 async def test_streams_refused_at_a_providers_stream_limit_are_back_pressure(
@@ -516,7 +547,7 @@ async def test_streams_refused_at_a_providers_stream_limit_are_back_pressure(
             for seed in range(10):
                 nursery.start_soon(one, seed)
         refused = [o for o in outcomes if isinstance(o, DispatchError)]
-        assert refused and all(o.status == 503 for o in refused)
+        assert refused and all(isinstance(o, AllBusy) for o in refused)
         assert "closed before the protocol was accepted" in refused[0].message
         assert not any(banned)
         result = await net.dispatcher.run(job(seed=99), deadline=30)

@@ -1,7 +1,7 @@
 """Hostile peers: a Sybil burst of fresh identities, a provider whose adverts lie, floods of
 connections, streams and DHT stores from one peer, and a peer answering for another's id.
 In-memory network under MockClock. (Forged, replayed, expired and oversized adverts and
-records one at a time are in tests/test_gossip.py, tests/dht and tests/test_records.py.)
+records one at a time are in tests/gossip, tests/dht and tests/test_records.py.)
 """
 
 from __future__ import annotations
@@ -16,21 +16,23 @@ from functools import partial
 import pytest
 import trio
 
-from gateway.dispatch import Dispatcher, DispatchError
+from gateway.dispatch import Dispatcher
+from gateway.errors import DispatchError
 from gateway.node import Gateway
 from sdcn_p2p.adverts import AdvertCache
 from sdcn_p2p.backends import JobOutput
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
+from sdcn_p2p.dht import Dht, DhtConfig
 from sdcn_p2p.dht.messages import KAD, PutValue, encode_request
 from sdcn_p2p.errors import DialError, JobError
-from sdcn_p2p.gossip import GOSSIP, AdvertBatch, PushBudget
-from sdcn_p2p.host import HostConfig, open_host
+from sdcn_p2p.gossip import GOSSIP, AdvertBatch
+from sdcn_p2p.host import Host, HostConfig, open_host
 from sdcn_p2p.identity import Identity
 from sdcn_p2p.jobs import JobRequest
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.peer import Peer, PeerConfig
 from sdcn_p2p.provider import Provider, ProviderConfig, open_provider
-from sdcn_p2p.records import Advert, ModelInfo, model_key
+from sdcn_p2p.records import Advert, ModelInfo, PeerRecord, model_key
 from sdcn_p2p.testing import (
     all_tasks,
     mock_wall_clock,
@@ -290,6 +292,58 @@ async def test_a_dht_store_flood_from_one_peer_stays_within_the_store_bounds(
         assert net.gateway.adverts.get(honest) is not None
 
 
+async def test_a_peer_with_500_identities_cannot_displace_50_honest_publishers_in_the_dht(
+    autojump_clock,
+) -> None:
+    """50 publishers, each on its own address, store their PeerRecord and an advert at a DHT
+    server; then one peer stores the same for 500 identities, over KAD, with adverts that
+    outlive the honest ones. The server's store fills up, but what the flood displaces is
+    its own: every honest record can still be fetched, and an honest newcomer still gets in.
+    """
+    network = MemoryNetwork(latency=0.005)
+    config = DhtConfig(max_records=300, max_values_per_key=100)
+    async with (
+        open_memory_hosts(52, network=network) as (server_host, *honest),
+        open_memory_hosts(1, network=network, seed=8) as (attacker,),
+        trio.open_nursery() as nursery,
+    ):
+        server = Dht(server_host, config, wall_clock=mock_wall_clock)
+        await nursery.start(server.run)
+        addr = server_host.listen_addrs[0].with_peer_id(server_host.peer_id)
+        key = model_key("card")
+
+        async def put(host: Host, identity: Identity, *, ttl: float) -> list[bool]:
+            now = mock_wall_clock()
+            record = PeerRecord(identity.peer_id, 1, (addr.without_peer_id(),))
+            advert = dataclasses.replace(sybil_advert(identity, now), ttl=ttl)
+            answers = []
+            for put_key, envelope in [
+                (record.dht_key, record.seal(identity)),
+                (key, advert.seal(identity)),
+            ]:
+                stream = await host.new_stream(addr, KAD, max_message_size=4 * 1024 * 1024)
+                async with stream:
+                    request = PutValue(put_key, envelope.to_bytes())
+                    await stream.send_message(encode_request(request))
+                    answers.append((await stream.receive_message())["ok"])
+            return answers
+
+        for host in honest[:50]:
+            assert await put(host, host.identity, ttl=180) == [True, True]
+        flood = [await put(attacker, identity, ttl=3600) for identity in sybils(500, seed=5)]
+        assert sum(ok for answers in flood for ok in answers) >= 200
+        store, now = server.store, mock_wall_clock()
+        assert len(store) == 300 and len(store.values(key, now)) == 100
+        assert store.held_by_address(attacker.transport.host) == 200
+        held = {value.publisher for value in store.values(key, now)}
+        for host in honest[:50]:
+            assert host.peer_id in held
+            assert store.get(PeerRecord(host.peer_id, 1, ()).dht_key, now)
+        assert await put(honest[50], honest[50].identity, ttl=180) == [True, True]
+        assert store.held_by_address(attacker.transport.host) == 198
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_peer_answering_at_another_peers_address_is_not_taken_for_it(
     autojump_clock,
 ) -> None:
@@ -362,12 +416,3 @@ async def test_a_gossip_flood_from_one_peer_is_cut_at_its_push_budget(autojump_c
         await trio.sleep(10)
         await gossip_flood(attacker, net.gateway, flood[:100], per_message=100)
         assert stats.rate_limited - before.rate_limited == limited
-
-
-def test_push_budget_refills_at_its_rate_up_to_its_burst() -> None:
-    budget = PushBudget(rate=10.0, burst=50)
-    peer = test_identity(1).peer_id
-    assert budget.take(peer, 80, now=0.0) == 50
-    assert budget.take(peer, 80, now=1.0) == 10
-    assert budget.take(peer, 80, now=100.0) == 50  # never more than the burst
-    assert budget.take(test_identity(2).peer_id, 5, now=100.0) == 5

@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from sdcn_p2p.errors import ConfigError, DialError, MessageTooLarge
+from sdcn_p2p.errors import ConfigError, DialError, LocalProtocolError
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.transport import MAX_TRANSPORT_MESSAGE, RawConnection
 from sdcn_p2p.transport.memory import MemoryNetwork, MemoryTransport
@@ -356,7 +356,7 @@ async def test_dial_errors_take_a_round_trip(autojump_clock: trio.testing.MockCl
 
 async def test_oversize_send_is_refused(autojump_clock: trio.testing.MockClock) -> None:
     async with connected_pair(MemoryNetwork()) as (near, far):
-        with pytest.raises(MessageTooLarge):
+        with pytest.raises(LocalProtocolError):
             await near.send_message(bytes(MAX_TRANSPORT_MESSAGE + 1))
         await near.send_message(bytes(MAX_TRANSPORT_MESSAGE))
         assert len(await far.receive_message()) == MAX_TRANSPORT_MESSAGE

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdcn_p2p.errors import MessageTooLarge, ProtocolError
+from sdcn_p2p.errors import LocalProtocolError, MessageTooLarge, ProtocolError, RemoteProtocolError
 from sdcn_p2p.wire.messages import (
     MAX_DEPTH,
     MessageDecoder,
@@ -107,7 +107,7 @@ def test_unpack_enforces_max_size() -> None:
     assert unpack(data, max_size=len(data)) == b"x" * 100
     with pytest.raises(MessageTooLarge) as excinfo:
         unpack(data, max_size=len(data) - 1)
-    assert excinfo.value.remote
+    assert isinstance(excinfo.value, RemoteProtocolError)
 
 
 @settings(max_examples=300, deadline=None)
@@ -137,9 +137,9 @@ def test_encode_message_is_varint_length_then_body() -> None:
 
 
 def test_encode_message_refuses_oversize_and_nil() -> None:
-    with pytest.raises(MessageTooLarge) as excinfo:
+    with pytest.raises(LocalProtocolError) as excinfo:
         encode_message(b"x" * 100, max_size=50)
-    assert not excinfo.value.remote
+    assert isinstance(excinfo.value, LocalProtocolError)
     with pytest.raises(ValueError):
         encode_message(None, max_size=CAP)
 
@@ -173,7 +173,7 @@ def test_oversize_prefix_is_refused_before_the_body_arrives() -> None:
     decoder.feed(encode_varint(1001))
     with pytest.raises(MessageTooLarge) as excinfo:
         decoder.next_message()
-    assert excinfo.value.remote
+    assert isinstance(excinfo.value, RemoteProtocolError)
 
 
 def test_message_of_exactly_max_size_is_accepted() -> None:

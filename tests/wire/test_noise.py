@@ -11,27 +11,33 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdcn_p2p.errors import HandshakeError, ProtocolError
+from sdcn_p2p.errors import HandshakeError, LocalProtocolError, ProtocolError, RemoteProtocolError
 from sdcn_p2p.identity import Identity, PeerId
+from sdcn_p2p.wire.libp2p import NoiseHandshakePayload
 from sdcn_p2p.wire.noise import (
     MAX_MESSAGE,
     MAX_PLAINTEXT,
     PROTOCOL_NAME,
+    FrameDecoder,
     NoiseCredentials,
     NoiseHandshake,
     NoiseTransport,
     _CipherState,
-    _decode_payload,
-    _encode_payload,
     _HandshakeState,
     _hkdf,
     _public_bytes,
+    encode_frame,
 )
 
 ALICE = Identity.from_seed(bytes(range(32)))
 BOB = Identity.from_seed(bytes(range(1, 33)))
 MALLORY = Identity.from_seed(bytes(range(2, 34)))
 SIG_PREFIX = b"noise-libp2p-static-key:"
+
+
+def _encode_payload(identity_key: bytes, identity_sig: bytes) -> bytes:
+    return NoiseHandshakePayload(identity_key, identity_sig).encode()
+
 
 Tamper = Callable[[int, bytes], bytes]
 
@@ -244,7 +250,7 @@ def test_nonce_two_to_the_64_minus_one_is_never_used() -> None:
     assert server.decrypt(client.encrypt(b"last")) == b"last"
     with pytest.raises(ProtocolError) as info:
         client.encrypt(b"one too many")
-    assert info.value.remote is False
+    assert isinstance(info.value, LocalProtocolError)
     with pytest.raises(ProtocolError):
         server.decrypt(bytes(32))
 
@@ -258,9 +264,9 @@ def test_reaching_another_peer_than_the_one_dialled_fails() -> None:
     with pytest.raises(HandshakeError) as info:
         initiator.read_message(responder.write_message())
     assert str(info.value) == f"dialled {MALLORY.peer_id} but reached {BOB.peer_id}"
-    assert info.value.remote is True
+    assert isinstance(info.value, RemoteProtocolError)
     assert not initiator.complete and initiator.remote_peer_id is None
-    with pytest.raises(HandshakeError):
+    with pytest.raises(LocalProtocolError, match="already failed"):
         initiator.write_message()
 
 
@@ -349,7 +355,7 @@ def test_flipped_byte_in_any_handshake_message_fails(index: int, where: str) -> 
 
     with pytest.raises(HandshakeError) as info:
         run_handshake(*pair(), tamper=tamper)
-    assert info.value.remote is True
+    assert isinstance(info.value, RemoteProtocolError)
 
 
 @pytest.mark.parametrize("size", [0, 31, 95])
@@ -381,7 +387,7 @@ def test_flipped_byte_in_transport_message_fails() -> None:
     for position in (0, 3, -1):
         with pytest.raises(ProtocolError, match="decryption failed") as info:
             server.decrypt(flip(ciphertext, position))
-        assert info.value.remote is True
+        assert isinstance(info.value, RemoteProtocolError)
     assert server.decrypt(ciphertext) == b"payload"  # a rejected forgery does not desync
 
 
@@ -411,7 +417,7 @@ def test_transport_message_of_impossible_size_fails(size: int) -> None:
     _client, server = run_handshake(*pair())
     with pytest.raises(ProtocolError) as info:
         server.decrypt(bytes(size))
-    assert info.value.remote is True
+    assert isinstance(info.value, RemoteProtocolError)
 
 
 # --- misuse ---------------------------------------------------------------------------------
@@ -419,24 +425,24 @@ def test_transport_message_of_impossible_size_fails(size: int) -> None:
 
 def test_reading_out_of_turn_fails_locally() -> None:
     initiator = NoiseHandshake(ALICE, initiator=True)
-    with pytest.raises(HandshakeError) as info:
+    with pytest.raises(LocalProtocolError) as info:
         initiator.read_message(bytes(32))
-    assert info.value.remote is False
+    assert isinstance(info.value, LocalProtocolError)
 
 
 def test_writing_out_of_turn_fails_locally() -> None:
     responder = NoiseHandshake(BOB, initiator=False)
-    with pytest.raises(HandshakeError) as info:
+    with pytest.raises(LocalProtocolError) as info:
         responder.write_message()
-    assert info.value.remote is False
+    assert isinstance(info.value, LocalProtocolError)
 
 
 def test_writing_twice_in_a_row_fails_locally() -> None:
     initiator = NoiseHandshake(ALICE, initiator=True)
     initiator.write_message()
-    with pytest.raises(HandshakeError) as info:
+    with pytest.raises(LocalProtocolError) as info:
         initiator.write_message()
-    assert info.value.remote is False
+    assert isinstance(info.value, LocalProtocolError)
 
 
 def test_failed_handshake_stays_dead() -> None:
@@ -449,21 +455,21 @@ def test_failed_handshake_stays_dead() -> None:
         initiator.to_transport,
         lambda: initiator.read_message(b""),
     ):
-        with pytest.raises(HandshakeError, match="already failed") as info:
+        with pytest.raises(LocalProtocolError, match="already failed") as info:
             call()
-        assert info.value.remote is False
+        assert isinstance(info.value, LocalProtocolError)
     assert not initiator.complete
 
 
 def test_transport_only_when_complete_and_only_once() -> None:
     initiator, responder = pair()
-    with pytest.raises(HandshakeError, match="not complete"):
+    with pytest.raises(LocalProtocolError, match="not complete"):
         initiator.to_transport()
     run_handshake(initiator, responder)
     assert initiator.complete
-    with pytest.raises(HandshakeError, match="already"):
+    with pytest.raises(LocalProtocolError, match="already"):
         initiator.to_transport()  # a second transport would reuse nonces
-    with pytest.raises(HandshakeError):
+    with pytest.raises(LocalProtocolError):
         initiator.write_message()
 
 
@@ -490,9 +496,9 @@ def test_initiator_rejects_arbitrary_second_messages(message: bytes) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=200))
-def test_payload_decoder_only_raises_handshake_error(data: bytes) -> None:
-    with contextlib.suppress(HandshakeError):
-        _decode_payload(data)
+def test_payload_decoder_only_raises_remote_protocol_error(data: bytes) -> None:
+    with contextlib.suppress(RemoteProtocolError):
+        NoiseHandshakePayload.decode(data)
 
 
 @settings(max_examples=50, deadline=None)
@@ -502,3 +508,48 @@ def test_transport_round_trips_any_sequence(messages: list[tuple[bool, bytes]]) 
     for to_server, data in messages:
         sender, receiver = (client, server) if to_server else (server, client)
         assert receiver.decrypt(sender.encrypt(data)) == data
+
+
+# --- framing and the muxers offered in the handshake ---------------------------------------------
+
+
+def test_frames_carry_a_two_byte_big_endian_length() -> None:
+    assert encode_frame(b"abc") == b"\x00\x03abc"
+    assert encode_frame(bytes(MAX_MESSAGE))[:2] == b"\xff\xff"
+    with pytest.raises(ValueError):
+        encode_frame(bytes(MAX_MESSAGE + 1))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.binary(max_size=300), max_size=8), st.integers(1, 50))
+def test_frames_round_trip_in_any_pieces(messages: list[bytes], piece: int) -> None:
+    stream = b"".join(encode_frame(m) for m in messages)
+    decoder = FrameDecoder()
+    out = []
+    for start in range(0, len(stream), piece):
+        decoder.feed(stream[start : start + piece])
+        while (frame := decoder.next_frame()) is not None:
+            out.append(frame)
+    assert out == messages
+    assert decoder.buffered == 0
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs", "agreed"),
+    [
+        (("/yamux/1.0.0",), ("/yamux/1.0.0",), "/yamux/1.0.0"),
+        (("/mplex/6.7.0", "/yamux/1.0.0"), ("/yamux/1.0.0", "/mplex/6.7.0"), "/mplex/6.7.0"),
+        (("/yamux/1.0.0",), (), None),
+        ((), ("/yamux/1.0.0",), None),
+        (("/yamux/1.0.0",), ("/mplex/6.7.0",), None),
+    ],
+)
+def test_the_muxer_is_the_initiators_first_choice_both_offered(
+    ours: tuple[str, ...], theirs: tuple[str, ...], agreed: str | None
+) -> None:
+    initiator = NoiseHandshake(NoiseCredentials(ALICE, stream_muxers=ours), initiator=True)
+    responder = NoiseHandshake(NoiseCredentials(BOB, stream_muxers=theirs), initiator=False)
+    responder.read_message(initiator.write_message())
+    initiator.read_message(responder.write_message())
+    responder.read_message(initiator.write_message())
+    assert initiator.agreed_muxer == responder.agreed_muxer == agreed

@@ -7,7 +7,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sdcn_p2p.errors import ProtocolError, ResourceLimitExceeded, StreamReset
+from sdcn_p2p.errors import (
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    ResourceLimitExceeded,
+    StreamReset,
+)
 from sdcn_p2p.wire.yamux import (
     DEFAULT_WINDOW,
     GO_AWAY_NORMAL,
@@ -174,7 +180,7 @@ def test_half_close_then_full_close_forgets_the_stream() -> None:
     assert pair.send(pair.client) == [StreamEnded(stream_id)]
     with pytest.raises(ProtocolError) as excinfo:
         pair.client.send(stream_id, b"late")
-    assert not excinfo.value.remote
+    assert isinstance(excinfo.value, LocalProtocolError)
     # The other direction is still open.
     assert pair.server.send(stream_id, b"reply") == 5
     pair.server.close_stream(stream_id)
@@ -321,7 +327,7 @@ def test_data_beyond_the_receive_window_is_a_protocol_error() -> None:
     pair.server.receive_data(data_frame(stream_id, chunk) + data_frame(stream_id, chunk))
     with pytest.raises(ProtocolError) as excinfo:
         pair.server.receive_data(data_frame(stream_id, b"!"))
-    assert excinfo.value.remote
+    assert isinstance(excinfo.value, RemoteProtocolError)
     assert pair.server.is_closed
     assert pair.server.num_streams == 0
     assert parse_frames(pair.server.data_to_send()) == [(0, GO_AWAY, 0, 0, GO_AWAY_PROTOCOL_ERROR)]
@@ -395,7 +401,7 @@ def test_go_away() -> None:
     for session in (pair.client, pair.server):
         with pytest.raises(ProtocolError) as excinfo:
             session.open_stream()
-        assert not excinfo.value.remote
+        assert isinstance(excinfo.value, LocalProtocolError)
     # Existing streams carry on.
     pair.server.send(stream_id, b"still here")
     assert pair.send(pair.server) == [DataReceived(stream_id, b"still here")]
@@ -433,7 +439,7 @@ def test_protocol_violations(data: bytes, reason: str) -> None:
     server = YamuxSession(is_client=False)
     with pytest.raises(ProtocolError, match=reason) as excinfo:
         server.receive_data(data)
-    assert excinfo.value.remote
+    assert isinstance(excinfo.value, RemoteProtocolError)
     assert server.is_closed
     assert server.data_to_send().endswith(frame(GO_AWAY, 0, 0, GO_AWAY_PROTOCOL_ERROR))
 

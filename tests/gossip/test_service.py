@@ -1,4 +1,4 @@
-"""Advert gossip: the wire messages and pure state alone, then swarms of in-memory hosts.
+"""Advert gossip: swarms of in-memory hosts running the Gossip service.
 
 Swarms run under MockClock (`autojump_clock`) with one-way latencies of 10 to 100 ms; the hosts
 are connected by hand, as there is no DHT here.
@@ -15,12 +15,10 @@ from dataclasses import dataclass
 import msgpack
 import pytest
 import trio
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from sdcn_p2p.adverts import AdvertCache
 from sdcn_p2p.connection import Stream
-from sdcn_p2p.errors import ConfigError, ProtocolError, RecordError, StreamReset
+from sdcn_p2p.errors import RecordError, StreamReset
 from sdcn_p2p.gossip import (
     GOSSIP,
     AdvertBatch,
@@ -28,9 +26,7 @@ from sdcn_p2p.gossip import (
     Gossip,
     GossipConfig,
     Graft,
-    MeshState,
     Prune,
-    SeenCache,
     max_entries,
     parse_message,
 )
@@ -43,216 +39,8 @@ from sdcn_p2p.transport import RawConnection, Transport
 from sdcn_p2p.transport.memory import MemoryNetwork
 from sdcn_p2p.wire.varint import encode_varint
 
-PEER_IDS = [test_identity(i, seed=3).peer_id for i in range(12)]
 ENTRIES = max_entries(4 * 1024 * 1024)
-
-
-# --- messages ------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "message",
-    [
-        AdvertBatch((b"a", b"bb")),
-        AdvertBatch(()),
-        AdvertBatch((b"a",), want=(PEER_IDS[0], PEER_IDS[1])),
-        AdvertBatch((), want=()),
-        Digest({PEER_IDS[0]: 0, PEER_IDS[1]: 2**64 - 1}),
-        Digest({}),
-        Graft(),
-        Prune(),
-    ],
-)
-def test_messages_round_trip(message) -> None:
-    wire = msgpack.unpackb(msgpack.packb(message.to_wire(), use_bin_type=True))
-    assert parse_message(wire, max_entries=ENTRIES) == message
-
-
-def test_message_wire_format() -> None:
-    assert Graft().to_wire() == {"type": "GRAFT"}
-    assert Prune().to_wire() == {"type": "PRUNE"}
-    assert AdvertBatch((b"e",)).to_wire() == {"type": "ADVERTS", "adverts": [b"e"]}
-    assert AdvertBatch((), (PEER_IDS[0],)).to_wire() == {
-        "type": "ADVERTS",
-        "adverts": [],
-        "want": [PEER_IDS[0].bytes],
-    }
-    assert Digest({PEER_IDS[0]: 7}).to_wire() == {
-        "type": "DIGEST",
-        "digest": [[PEER_IDS[0].bytes, 7]],
-    }
-
-
-@pytest.mark.parametrize(
-    ("obj", "message"),
-    [
-        ([], "must be a map"),
-        ({}, "unknown gossip message type None"),
-        ({"type": "IHAVE"}, "unknown gossip message type"),
-        ({"type": b"GRAFT"}, "unknown gossip message type"),
-        ({"type": "ADVERTS"}, "list of bin"),
-        ({"type": "ADVERTS", "adverts": b"x"}, "list of bin"),
-        ({"type": "ADVERTS", "adverts": ["x"]}, "list of bin"),
-        ({"type": "ADVERTS", "adverts": [b"x", 1]}, "list of bin"),
-        ({"type": "ADVERTS", "adverts": [], "want": b""}, "'want' must be a list"),
-        ({"type": "ADVERTS", "adverts": [], "want": [b"\x00\x05abc"]}, "invalid peer id"),
-        ({"type": "ADVERTS", "adverts": [], "want": ["peer"]}, "peer id must be bin"),
-        (
-            {"type": "ADVERTS", "adverts": [], "want": [PEER_IDS[0].bytes] * 2},
-            "names a peer twice",
-        ),
-        ({"type": "ADVERTS", "adverts": [], "want": [PEER_IDS[0].bytes] * 5}, "at most 4"),
-        ({"type": "DIGEST"}, "'digest' must be a list"),
-        ({"type": "DIGEST", "digest": {}}, "'digest' must be a list"),
-        ({"type": "DIGEST", "digest": [[PEER_IDS[0].bytes] * 2] * 5}, "at most 4"),
-        ({"type": "DIGEST", "digest": [PEER_IDS[0].bytes]}, r"\[peer id, seq\]"),
-        ({"type": "DIGEST", "digest": [[PEER_IDS[0].bytes, 1, 2]]}, r"\[peer id, seq\]"),
-        ({"type": "DIGEST", "digest": [[PEER_IDS[0].bytes, -1]]}, "seq must be an int"),
-        ({"type": "DIGEST", "digest": [[PEER_IDS[0].bytes, 2**64]]}, "seq must be an int"),
-        ({"type": "DIGEST", "digest": [[PEER_IDS[0].bytes, True]]}, "seq must be an int"),
-        ({"type": "DIGEST", "digest": [[PEER_IDS[0].bytes, 1.0]]}, "seq must be an int"),
-        ({"type": "DIGEST", "digest": [[b"junk", 1]]}, "invalid peer id"),
-        (
-            {"type": "DIGEST", "digest": [[PEER_IDS[0].bytes, 1], [PEER_IDS[0].bytes, 2]]},
-            "twice",
-        ),
-    ],
-)
-def test_malformed_messages_are_refused(obj: object, message: str) -> None:
-    with pytest.raises(ProtocolError, match=message):
-        parse_message(obj, max_entries=4)
-
-
-_ANY_VALUE = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**63), 2**64 - 1)
-    | st.floats()
-    | st.text(max_size=8)
-    | st.binary(max_size=40)
-    | st.sampled_from([PEER_IDS[0].bytes, "ADVERTS", "DIGEST", "GRAFT", "PRUNE"]),
-    lambda children: (
-        st.lists(children, max_size=4)
-        | st.dictionaries(st.sampled_from(["type", "adverts", "digest", "want", "x"]), children)
-    ),
-    max_leaves=12,
-)
-
-
-@settings(max_examples=200, deadline=None)
-@given(_ANY_VALUE)
-def test_arbitrary_messages_only_raise_protocol_error(obj: object) -> None:
-    try:
-        message = parse_message(obj, max_entries=4)
-    except ProtocolError:
-        return
-    assert parse_message(message.to_wire(), max_entries=4) == message
-
-
-def test_max_entries_fit_in_a_message() -> None:
-    size = 128 * 1024
-    count = max_entries(size)
-    # The largest peer ids the PeerId type accepts, with the largest seqs.
-    peers = [PeerId(b"\x00\x2a" + i.to_bytes(4, "big") + bytes(38)) for i in range(count)]
-    digest = Digest(dict.fromkeys(peers, 2**64 - 1)).to_wire()
-    assert len(msgpack.packb(digest, use_bin_type=True)) <= size
-    want = AdvertBatch((), tuple(peers)).to_wire()
-    assert len(msgpack.packb(want, use_bin_type=True)) <= size
-
-
-# --- pure state ----------------------------------------------------------------------------------
-
-
-def test_seen_cache_remembers_each_key_once_within_its_bound() -> None:
-    seen = SeenCache(3)
-    assert seen.add((PEER_IDS[0], 1), 100.0)
-    assert not seen.add((PEER_IDS[0], 1), 100.0)
-    assert seen.add((PEER_IDS[0], 2), 100.0)
-    for seq in range(3, 50):
-        assert seen.add((PEER_IDS[1], seq), 200.0)
-        assert len(seen) <= 3
-    assert (PEER_IDS[0], 1) not in seen  # the oldest went first
-    assert (PEER_IDS[1], 49) in seen
-
-
-def test_seen_cache_forgets_keys_whose_advert_expired() -> None:
-    seen = SeenCache(10)
-    seen.add((PEER_IDS[0], 1), 100.0)
-    seen.add((PEER_IDS[1], 1), 110.0)
-    seen.add((PEER_IDS[2], 1), 105.0)
-    assert seen.expire(99.0) == 0
-    assert seen.expire(100.0) == 1
-    assert seen.expire(120.0) == 2
-    assert len(seen) == 0
-
-
 CONFIG = GossipConfig()
-
-
-def test_mesh_state_tops_up_below_degree_low_from_the_best_candidates() -> None:
-    mesh = MeshState(CONFIG)
-    members = PEER_IDS[:2]
-    graft, prune = mesh.heartbeat(members, PEER_IDS, 0.0, random.Random(1))
-    assert graft == PEER_IDS[2:4] and prune == []
-    assert mesh.pending == set(PEER_IDS[2:4])
-    # Pending grafts count: nothing more is asked until they are answered.
-    assert mesh.heartbeat(members, PEER_IDS, 1.0, random.Random(1)) == ([], [])
-    mesh.pending.clear()
-    assert mesh.heartbeat(PEER_IDS[:3], PEER_IDS, 2.0, random.Random(1)) == ([], [])
-
-
-def test_mesh_state_prunes_down_to_degree_above_degree_high() -> None:
-    mesh = MeshState(CONFIG)
-    high = CONFIG.degree_high
-    graft, prune = mesh.heartbeat(PEER_IDS[: high + 1], PEER_IDS, 0.0, random.Random(1))
-    assert graft == [] and len(prune) == high + 1 - CONFIG.degree
-    assert set(prune) <= set(PEER_IDS[: high + 1])
-    assert mesh.heartbeat(PEER_IDS[:high], PEER_IDS, 0.0, random.Random(1)) == ([], [])
-
-
-def test_mesh_state_backoff_keeps_a_peer_out_for_a_while() -> None:
-    mesh = MeshState(CONFIG)
-    mesh.backoff(PEER_IDS[0], 10.0)
-    assert mesh.backed_off(PEER_IDS[0], 69.9)
-    assert not mesh.accepts_graft(PEER_IDS[0], [], 69.9)
-    assert not mesh.wants(PEER_IDS[0], [], 69.9)
-    graft, _ = mesh.heartbeat([], PEER_IDS[:2], 20.0, random.Random(1))
-    assert graft == [PEER_IDS[1]]
-    assert not mesh.backed_off(PEER_IDS[0], 70.0)
-    assert mesh.accepts_graft(PEER_IDS[0], [], 70.0)
-
-
-def test_mesh_state_accepts_grafts_up_to_degree_high() -> None:
-    mesh = MeshState(CONFIG)
-    high = CONFIG.degree_high
-    newcomer = PEER_IDS[-1]
-    assert mesh.accepts_graft(newcomer, PEER_IDS[: high - 1], 0.0)
-    assert not mesh.accepts_graft(newcomer, PEER_IDS[:high], 0.0)
-    assert mesh.accepts_graft(PEER_IDS[0], PEER_IDS[:high], 0.0)  # already a member
-    assert mesh.wants(newcomer, PEER_IDS[:3], 0.0)
-    assert not mesh.wants(newcomer, PEER_IDS[:4], 0.0)
-
-
-@pytest.mark.parametrize(
-    "changes",
-    [
-        {"degree_low": 0},
-        {"degree_low": 5},
-        {"degree_high": 3},
-        {"heartbeat": 0},
-        {"rpc_timeout": -1},
-        {"queue_size": 0},
-        {"seen_size": 0},
-        {"max_message_size": 1000},
-        {"prune_backoff": -1},
-    ],
-)
-def test_bad_config_is_refused(changes: dict) -> None:
-    with pytest.raises(ConfigError):
-        GossipConfig(**changes)
-
-
-# --- swarms --------------------------------------------------------------------------------------
 
 
 def random_latency(seed: int) -> Callable[[str, str], float]:
@@ -415,7 +203,7 @@ async def open_swarm(
         caches, gossips = [], []
         for index, host in enumerate(hosts):
             cache = AdvertCache(wall_clock=mock_wall_clock)
-            cache.add_listener(lambda advert: changed.unpark_all())
+            stack.enter_context(cache.subscribe(lambda advert: changed.unpark_all()))
             gossip = Gossip(
                 host, cache, config, wall_clock=mock_wall_clock, rng=random.Random(index)
             )

@@ -9,7 +9,7 @@ import pytest
 import trio
 from PIL import Image
 
-from sdcn_p2p.fakewebui import FakeWebui, noise_png, open_fake_webui
+from sdcn_p2p.testing.fakewebui import FakeWebui, noise_png, open_fake_webui
 
 API = "/sdapi/v1"
 

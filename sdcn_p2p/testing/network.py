@@ -1,7 +1,8 @@
-"""In-memory networks of Hosts for tests and simulations (use under MockClock).
+"""In-memory networks of Hosts and Peers for tests and simulations (use under MockClock).
 
 `TamperingTransport` corrupts, drops or replays what a transport's connections send, to test
-how a Host copes with a hostile or broken peer.
+how a Host copes with a hostile or broken peer. `open_loopback_providers` is the real thing:
+providers dialling a peer over WebSockets on 127.0.0.1 (real time).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from dataclasses import replace
 
 import trio
 
+from sdcn_p2p.backends import Backend
 from sdcn_p2p.host import Host, HostConfig, open_host
 from sdcn_p2p.identity import Identity
 from sdcn_p2p.jobs import JobRequest
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.peer import Peer, PeerConfig, open_peer
-from sdcn_p2p.records import Advert
+from sdcn_p2p.provider import Provider, ProviderConfig, open_provider
+from sdcn_p2p.records import Advert, AdvertState
 from sdcn_p2p.transport import ConnectionHandler, RawConnection, Transport
 from sdcn_p2p.transport.memory import MemoryNetwork
 
@@ -28,6 +31,7 @@ __all__ = [
     "TamperingTransport",
     "all_tasks",
     "mock_wall_clock",
+    "open_loopback_providers",
     "open_memory_hosts",
     "open_memory_peers",
     "small_job",
@@ -136,6 +140,29 @@ async def open_memory_peers(
         yield peers
 
 
+@asynccontextmanager
+async def open_loopback_providers(
+    *backends: Backend, config: ProviderConfig = ProviderConfig()
+) -> AsyncIterator[tuple[Peer, list[Provider]]]:
+    """A peer listening on 127.0.0.1 over real WebSockets, and a provider per backend (with
+    `config`) that dials it, as one behind NAT would; returns once the peer holds every
+    provider's advert. Run a gateway on the peer to route jobs to them. All stop on exit.
+    """
+    loopback = Multiaddr.parse("/ip4/127.0.0.1/tcp/0/ws")
+    async with AsyncExitStack() as stack:
+        listen = PeerConfig(host=HostConfig(listen=(loopback,)))
+        peer = await stack.enter_async_context(open_peer(Identity.generate(), listen))
+        seed = peer.host.listen_addrs[0].with_peer_id(peer.peer_id)
+        providers = []
+        for backend in backends:
+            node = await stack.enter_async_context(
+                open_peer(Identity.generate(), PeerConfig(bootstrap=(seed,)))
+            )
+            providers.append(await stack.enter_async_context(open_provider(node, backend, config)))
+            await wait_advert(peer, node)
+        yield peer, providers
+
+
 class TamperingTransport:
     """Wraps a Transport: each connection it dials sends its messages through `tamper`.
 
@@ -213,15 +240,14 @@ def all_tasks() -> set[trio.lowlevel.Task]:
 async def wait_advert(
     peer: Peer,
     of: Peer,
-    check: Callable[[Advert], bool] = lambda advert: advert.state == "online",
+    check: Callable[[Advert], bool] = lambda advert: advert.state is AdvertState.ONLINE,
 ) -> Advert:
     """Wait until `peer`'s cache holds an advert of `of` that passes `check` (default: online).
 
     Raises trio.TooSlowError after WAIT_TIMEOUT seconds.
     """
     arrived = trio.lowlevel.ParkingLot()
-    peer.adverts.add_listener(lambda advert: arrived.unpark_all())
-    with trio.fail_after(WAIT_TIMEOUT):
+    with peer.adverts.subscribe(lambda advert: arrived.unpark_all()), trio.fail_after(WAIT_TIMEOUT):
         while (held := peer.adverts.get(of.peer_id)) is None or not check(held):
             await arrived.park()
     return held

@@ -31,6 +31,16 @@ __all__ = [
 #: The text model's and the UNet's cross-attention width.
 _WIDTH = 32
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
+#: The UNet's shape in both toys: two levels, attention in the lower one.
+_UNET_SHAPE: dict[str, Any] = {
+    "block_out_channels": (32, 64),
+    "layers_per_block": 2,
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+}
 # Pairs merged by the toy tokenizer: enough to show that merges work, no more.
 _MERGES = ("t h", "th e</w>", "a n", "i n", "o n</w>", "e r", "a t</w>")
 
@@ -56,13 +66,7 @@ def build_tiny_pipeline(seed: int = 0) -> Any:
         tokenizer = CLIPTokenizer.from_pretrained(folder)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **_UNET_SHAPE,
         cross_attention_dim=_WIDTH,
         attention_head_dim=8,
     )
@@ -124,13 +128,7 @@ def build_tiny_xl_pipeline(seed: int = 0) -> Any:
     base = build_tiny_pipeline(seed)
     torch.manual_seed(seed + 1)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **_UNET_SHAPE,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",

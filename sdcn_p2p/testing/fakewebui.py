@@ -1,6 +1,6 @@
 """A fake AUTOMATIC1111 webui: its HTTP API's shapes and quirks, drawing test cards.
 
-For the webui backend's tests, the provider's, benchmarks and ``sdcn devnet``. It serves
+For the webui backend's tests, the provider's, and the overhead benchmark. It serves
 ``/sdapi/v1/``: sd-models, loras, samplers, schedulers (absent when `schedulers` is None, like
 a webui older than 1.9), memory, progress, interrupt, txt2img and img2img, with optional HTTP
 Basic auth (``--api-auth``). Like the real one it runs one job at a time, answers errors as

@@ -1,43 +1,29 @@
-"""The diffusers backend: Stable Diffusion run in this process by Hugging Face diffusers.
+"""The diffusers backend: Stable Diffusion run in this process, one job at a time.
 
-Models are the entries of a models dir: each diffusers folder (one with a ``model_index.json``)
-and each single-file ``.safetensors`` or ``.ckpt`` checkpoint, named by folder or file stem.
-LoRAs are the ``.safetensors`` files of a LoRAs dir, named by stem. The architecture ("sd1",
-"sd2", "sdxl") comes from a folder's configs or a checkpoint's key names; anything else in the
-dirs is skipped with a warning. Content hashes (SHA-256; advertised as the first 10 hex digits,
-like A1111's) are computed once per file and kept in a JSON cache keyed by path, size and mtime.
+Jobs run on the device in a worker thread, so the peer keeps answering while they run.
+Image i of a job is made with ``torch.Generator(cpu)`` seeded ``seed + i``, as A1111's batches
+are, so a seed gives the same pixels on the same device and thread count. LoRAs are loaded for
+the job with their weights and unloaded after it. Pipelines are kept per model, least recently
+used evicted first, within the VRAM budget. Progress is reported after each step; cancelling
+stops the job at the next step. A CUDA out-of-memory error fails the job with
+"backend_failed" and frees the cached pipelines.
 
 A single-file checkpoint takes its component configs (tokenizer, scheduler, layer shapes) from
 a diffusers folder of the same architecture in the models dir when there is one, offline;
 without one, diffusers fetches the standard configs of its architecture from the Hugging Face
 hub (once; they are cached).
 
-A job's sampler is an A1111 name mapped to a diffusers scheduler (`SAMPLERS`), with an optional
-scheduler suffix ("DPM++ 2M Karras"). Image i of a job is made with ``torch.Generator(cpu)``
-seeded ``seed + i``, as A1111's batches are, so a seed gives the same pixels on the same device
-and thread count. LoRAs are loaded for the job with their weights and unloaded after it.
-Pipelines are kept per model, least recently used evicted first, within the VRAM budget.
-
-Jobs run one at a time on the device, in a worker thread, so the peer keeps answering while
-they run. Progress is reported after each step; cancelling stops the job at the next step. A
-CUDA out-of-memory error fails the job with "backend_failed" and frees the cached pipelines.
-
-torch and diffusers are imported by `open_diffusers_backend`, not with this module: the rest of
-SDCN runs without them (``pip install 'sdcn-p2p[diffusers]'`` brings them).
+torch and diffusers are imported by `open_diffusers_backend`, not with this module.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import importlib
 import importlib.util
 import io
-import json
 import logging
-import os
-import struct
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -46,31 +32,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import platformdirs
 import trio
 from PIL import Image
 
-from sdcn_p2p.backends import Capabilities, JobOutput, ResolvedJob
-from sdcn_p2p.errors import BackendUnavailable, ConfigError, JobError
+from sdcn_p2p.backends import Capabilities, JobOutput, ResolvedJob, resolve_or_rescan
+from sdcn_p2p.backends.diffusers.samplers import (
+    SAMPLERS,
+    SCHEDULER_TYPES,
+    SEEDED_SCHEDULERS,
+    scheduler_for,
+)
+from sdcn_p2p.backends.diffusers.scan import (
+    HashCache,
+    ModelEntry,
+    default_hash_cache,
+    scan_loras,
+    scan_models,
+)
+from sdcn_p2p.errors import BackendUnavailable, ConfigError, JobError, JobErrorCode
 from sdcn_p2p.jobs import JobRequest
-from sdcn_p2p.records import Advert, LoraInfo, ModelInfo
+from sdcn_p2p.records import LoraInfo
 
 __all__ = [
     "DEVICES",
     "DTYPES",
-    "SAMPLERS",
-    "SCHEDULER_TYPES",
     "DiffusersBackend",
     "DiffusersConfig",
-    "HashCache",
-    "ModelEntry",
-    "checkpoint_architecture",
-    "folder_architecture",
     "open_diffusers_backend",
     "require_diffusers",
-    "scan_loras",
-    "scan_models",
-    "scheduler_for",
 ]
 
 log = logging.getLogger(__name__)
@@ -83,71 +72,12 @@ DTYPES = ("auto", "float16", "bfloat16", "float32")
 _REQUIRED = ("torch", "diffusers", "transformers", "safetensors", "peft", "torchsde")
 _INSTALL_HINT = "install them with: pip install 'sdcn-p2p[diffusers]'"
 
-#: A1111 sampler names and the diffusers scheduler class (with settings) that each stands for.
-SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "Euler": ("EulerDiscreteScheduler", {}),
-    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
-    "DDIM": ("DDIMScheduler", {}),
-    "DPM++ 2M": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-    "DPM++ SDE": ("DPMSolverSDEScheduler", {}),
-    "DPM2": ("KDPM2DiscreteScheduler", {}),
-    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "LMS": ("LMSDiscreteScheduler", {}),
-    "Heun": ("HeunDiscreteScheduler", {}),
-    "UniPC": ("UniPCMultistepScheduler", {}),
-    "PLMS": ("PNDMScheduler", {"skip_prk_steps": True}),
-}
-#: Scheduler names (as in "DPM++ 2M Karras") and the scheduler settings each stands for.
-SCHEDULER_TYPES: dict[str, dict[str, Any]] = {
-    "karras": {"use_karras_sigmas": True},
-    "exponential": {"use_exponential_sigmas": True},
-    "sgm_uniform": {"timestep_spacing": "trailing"},
-}
-# The samplers whose schedulers take a sigma schedule (karras, exponential).
-_SIGMA_SAMPLERS = frozenset(
-    {"Euler", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ SDE", "DPM2", "DPM2 a", "LMS", "Heun", "UniPC"}
-)
-# Schedulers that draw their own noise from a seed rather than from the job's generators.
-_SEEDED_SCHEDULERS = frozenset({"DPMSolverSDEScheduler"})
-
 _MIB = 2**20
-_HASH_CHARS = 10
-_CHUNK = 4 * _MIB
-_CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 _IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 # Kept free of the VRAM budget by default, for activations (MiB).
 _VRAM_HEADROOM_MB = 2048
 # The default budget where torch reports no device memory (CPU, MPS), in MiB.
 _DEFAULT_BUDGET_MB = 8192
-
-
-def scheduler_for(sampler: str, scheduler: str | None) -> tuple[str, dict[str, Any]]:
-    """The diffusers scheduler class name and settings for an A1111 sampler and scheduler name.
-
-    Raises JobError("unsupported") for a sampler or combination not in `SAMPLERS`.
-    """
-    try:
-        class_name, settings = SAMPLERS[sampler]
-    except KeyError:
-        raise JobError("unsupported", f"sampler {sampler!r} is not offered here") from None
-    settings = dict(settings)
-    if scheduler is not None:
-        extra = SCHEDULER_TYPES.get(scheduler)
-        sigmas = scheduler in ("karras", "exponential")
-        if extra is None or (sigmas and sampler not in _SIGMA_SAMPLERS):
-            raise JobError(
-                "unsupported", f"sampler {sampler!r} with scheduler {scheduler!r} is not offered"
-            )
-        settings.update(extra)
-    return class_name, settings
-
-
-# --- configuration ---------------------------------------------------------------------------
-
-
-def _default_hash_cache() -> Path:
-    return Path(platformdirs.user_cache_dir("sdcn")) / "model-hashes.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,17 +100,26 @@ class DiffusersConfig:
 
     def __post_init__(self) -> None:
         if not Path(self.models_dir).is_dir():
-            raise ConfigError(f"the models dir {str(self.models_dir)!r} is not a directory")
+            raise ConfigError(
+                f"the models dir (models_dir) {str(self.models_dir)!r} is not a directory"
+            )
         if self.loras_dir is not None and not Path(self.loras_dir).is_dir():
-            raise ConfigError(f"the LoRAs dir {str(self.loras_dir)!r} is not a directory")
+            raise ConfigError(
+                f"the LoRAs dir (loras_dir) {str(self.loras_dir)!r} is not a directory"
+            )
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.vram_budget_mb is not None and self.vram_budget_mb < 1:
-            raise ConfigError("the VRAM budget must be at least 1 MiB")
-        if self.max_pixels < 64 * 64 or self.max_steps < 1:
-            raise ConfigError("max_pixels must be at least 64x64 and max_steps at least 1")
+            raise ConfigError(
+                "the VRAM budget (vram_budget_mb) must be at least 1 MiB, "
+                f"not {self.vram_budget_mb}"
+            )
+        if self.max_pixels < 64 * 64:
+            raise ConfigError(f"max_pixels must be at least 64x64, not {self.max_pixels}")
+        if self.max_steps < 1:
+            raise ConfigError(f"max_steps must be at least 1, not {self.max_steps}")
 
 
 def require_diffusers() -> None:
@@ -196,246 +135,19 @@ def require_diffusers() -> None:
         )
 
 
-# --- models and LoRAs on disk ----------------------------------------------------------------
+class _Interrupted(Exception):
+    """Raised in the worker thread at a step once the job was cancelled."""
 
 
 @dataclass(frozen=True, slots=True)
-class ModelEntry:
-    """A model found in the models dir: a diffusers folder or a single-file checkpoint."""
+class _Work:
+    """A job as the worker thread runs it: resolved to a model, a scheduler and LoRA files."""
 
-    info: ModelInfo
-    path: Path
-    single_file: bool
-
-
-class HashCache:
-    """SHA-256 and architecture of files, kept in a JSON file keyed by path, size and mtime.
-
-    An entry whose file changed size or mtime is computed again. Not thread-safe: one scan at
-    a time.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        #: How many entries were computed rather than found, since this cache was opened.
-        self.computed = 0
-        self._entries: dict[str, dict[str, Any]] = {}
-        self._dirty = False
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            data = {}
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring the unreadable hash cache %s: %s", path, exc)
-            data = {}
-        if isinstance(data, dict):
-            self._entries = {k: v for k, v in data.items() if isinstance(v, dict)}
-
-    def get(
-        self, path: Path, stamp: tuple[int, int], compute: Callable[[], dict[str, Any]]
-    ) -> dict[str, Any]:
-        """The entry of `path` as of `stamp` (size, mtime in ns), computed when not known."""
-        key = str(path.resolve())
-        entry = self._entries.get(key)
-        if entry is not None and entry.get("stamp") == list(stamp):
-            return entry
-        entry = {"stamp": list(stamp), **compute()}
-        self.computed += 1
-        self._entries[key] = entry
-        self._dirty = True
-        return entry
-
-    def save(self) -> None:
-        """Write the cache if it changed (atomically); a failure is logged, not raised."""
-        if not self._dirty:
-            return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = self.path.with_name(self.path.name + ".tmp")
-            temporary.write_text(json.dumps(self._entries, indent=0), encoding="utf-8")
-            os.replace(temporary, self.path)
-            self._dirty = False
-        except OSError as exc:
-            log.warning("cannot write the hash cache %s: %s", self.path, exc)
-
-
-def scan_models(models_dir: Path, cache: HashCache) -> list[ModelEntry]:
-    """The diffusers folders and single-file checkpoints directly in `models_dir`, by name.
-
-    Blocking: hashes new or changed files (seconds per GB).
-    """
-    entries: dict[str, ModelEntry] = {}
-    for path in sorted(models_dir.iterdir()):
-        if path.name.startswith("."):
-            continue
-        try:
-            if path.is_dir() and (path / "model_index.json").is_file():
-                entry = _folder_entry(path, cache)
-            elif path.is_file() and path.suffix.lower() in _CHECKPOINT_SUFFIXES:
-                entry = _file_entry(path, cache)
-            else:
-                continue
-        except (OSError, ValueError) as exc:
-            log.warning("skipping model %s: %s", path, exc)
-            continue
-        if entry is None:
-            continue
-        key = entry.info.name.casefold()
-        if key in entries:
-            log.warning("skipping %s: a model named %r is already offered", path, entry.info.name)
-            continue
-        entries[key] = entry
-    models = list(entries.values())
-    if len(models) > Advert.MAX_MODELS:
-        log.warning("%d models; offering the first %d", len(models), Advert.MAX_MODELS)
-    return models[: Advert.MAX_MODELS]
-
-
-def scan_loras(loras_dir: Path, cache: HashCache) -> dict[str, tuple[LoraInfo, Path]]:
-    """The ``.safetensors`` LoRAs directly in `loras_dir`, by case-folded name. Blocking."""
-    loras: dict[str, tuple[LoraInfo, Path]] = {}
-    for path in sorted(loras_dir.iterdir()):
-        if not path.is_file() or path.suffix.lower() != ".safetensors" or len(path.stem) > 256:
-            continue
-        try:
-            entry = cache.get(path, _stamp(path), lambda p=path: {"sha256": _sha256_file(p)})
-        except OSError as exc:
-            log.warning("skipping LoRA %s: %s", path, exc)
-            continue
-        if path.stem.casefold() not in loras and len(loras) < Advert.MAX_LORAS:
-            loras[path.stem.casefold()] = (LoraInfo(path.stem, entry["sha256"][:_HASH_CHARS]), path)
-    return loras
-
-
-def _stamp(path: Path) -> tuple[int, int]:
-    status = path.stat()
-    return status.st_size, status.st_mtime_ns
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _folder_files(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
-
-
-def _folder_entry(folder: Path, cache: HashCache) -> ModelEntry | None:
-    files = _folder_files(folder)
-    stamps = [_stamp(p) for p in files]
-    stamp = (sum(s[0] for s in stamps), max((s[1] for s in stamps), default=0))
-
-    def compute() -> dict[str, Any]:
-        # The hash of a listing of each file's path and hash: the same files, the same hash.
-        listing = "".join(f"{p.relative_to(folder).as_posix()}\0{_sha256_file(p)}\n" for p in files)
-        return {
-            "sha256": hashlib.sha256(listing.encode()).hexdigest(),
-            "architecture": folder_architecture(folder),
-        }
-
-    entry = cache.get(folder, stamp, compute)
-    return _model_entry(folder, folder.name, entry, single_file=False)
-
-
-def _file_entry(path: Path, cache: HashCache) -> ModelEntry | None:
-    def compute() -> dict[str, Any]:
-        return {"sha256": _sha256_file(path), "architecture": checkpoint_architecture(path)}
-
-    entry = cache.get(path, _stamp(path), compute)
-    return _model_entry(path, path.stem, entry, single_file=True)
-
-
-def _model_entry(
-    path: Path, name: str, entry: dict[str, Any], *, single_file: bool
-) -> ModelEntry | None:
-    architecture = entry.get("architecture")
-    if not architecture:
-        log.warning("skipping %s: not a Stable Diffusion 1.x, 2.x or XL model", path)
-        return None
-    if not name.strip() or len(name) > 256:
-        log.warning("skipping %s: its name must be 1 to 256 characters", path)
-        return None
-    title = f"{path.name} [{entry['sha256'][:_HASH_CHARS]}]"
-    info = ModelInfo(name, title, entry["sha256"][:_HASH_CHARS], architecture)
-    return ModelEntry(info, path, single_file)
-
-
-def folder_architecture(folder: Path) -> str:
-    """ "sd1", "sd2" or "sdxl" for a diffusers folder, from its configs; "" for anything else."""
-    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    pipeline = index.get("_class_name", "") if isinstance(index, dict) else ""
-    if pipeline.startswith("StableDiffusionXL"):
-        return "sdxl"
-    if not pipeline.startswith("StableDiffusion") or "Upscale" in pipeline:
-        return ""
-    try:
-        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return ""
-    return "sd2" if unet.get("cross_attention_dim") == 1024 else "sd1"
-
-
-def checkpoint_architecture(path: Path) -> str:
-    """ "sd1", "sd2" or "sdxl" for a single-file checkpoint, from its key names; "" otherwise.
-
-    A ``.safetensors`` header is read without torch; a ``.ckpt`` is loaded with torch
-    (``weights_only``, memory-mapped).
-    """
-    if path.suffix.lower() == ".safetensors":
-        keys = _safetensors_keys(path)
-    else:
-        import pickle
-
-        import torch
-
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except (RuntimeError, pickle.UnpicklingError, EOFError) as exc:
-            raise ValueError(f"torch cannot load it: {exc}") from exc
-        data = data.get("state_dict", data) if isinstance(data, dict) else {}
-        keys = [k for k in data if isinstance(k, str)]
-    return _architecture_of_keys(keys)
-
-
-def _safetensors_keys(path: Path) -> list[str]:
-    with path.open("rb") as file:
-        start = file.read(8)
-        if len(start) < 8:
-            raise ValueError("it is too short for a safetensors file")
-        (size,) = struct.unpack("<Q", start)
-        if size > 100 * _MIB:
-            raise ValueError("its safetensors header is implausibly large")
-        header = json.loads(file.read(size))
-    if not isinstance(header, dict):
-        raise ValueError("its safetensors header is not a map")
-    return [k for k in header if k != "__metadata__"]
-
-
-def _architecture_of_keys(keys: list[str]) -> str:
-    if not any(k.startswith("model.diffusion_model.") for k in keys):
-        return ""
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return "sd2"  # OpenCLIP text encoder
-    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return "sd1"
-    return ""
-
-
-# --- the backend -----------------------------------------------------------------------------
-
-
-class _Interrupted(Exception):
-    """Raised in the worker thread at a step once the job was cancelled."""
+    job: JobRequest
+    entry: ModelEntry
+    scheduler: tuple[str, dict[str, Any]]  # class name, settings
+    loras: list[tuple[Path, float]]  # file, weight
+    report: Callable[[int, int], None]  # (step, total), from the worker thread
 
 
 @dataclass(slots=True)
@@ -466,7 +178,7 @@ class DiffusersBackend:
     def __init__(self, config: DiffusersConfig, runtime: _Runtime) -> None:
         self.config = config
         self._runtime = runtime
-        self._cache = HashCache(config.hash_cache or _default_hash_cache())
+        self._cache = HashCache(config.hash_cache or default_hash_cache())
         self._models: dict[str, ModelEntry] = {}
         self._loras: dict[str, tuple[LoraInfo, Path]] = {}
         self._capabilities: Capabilities | None = None
@@ -537,10 +249,9 @@ class DiffusersBackend:
         def report(step: int, total: int) -> None:
             trio.from_thread.run_sync(progress, step, total)
 
+        work = _Work(job, entry, scheduler, loras, report)
         async with self._device_lock:
-            images = await _run_cancellable(
-                lambda stop: self._run(job, entry, scheduler, loras, report, stop)
-            )
+            images = await _run_cancellable(lambda stop: self._run(work, stop))
         seeds = [job.seed + i for i in range(job.batch_size)]
         info = {
             "seeds": seeds,
@@ -551,34 +262,25 @@ class DiffusersBackend:
         return JobOutput(images, info)
 
     async def _resolve(self, job: JobRequest) -> ResolvedJob:
-        if self._capabilities is not None:
-            try:
-                return self._capabilities.resolve(job)
-            except JobError:
-                pass  # it may have been added since the last scan: look again
-        return (await self.capabilities()).resolve(job)
+        return await resolve_or_rescan(
+            self._capabilities, lambda offer: offer.resolve(job), self.capabilities
+        )
 
     # --- the worker thread ---------------------------------------------------------------------
 
-    def _run(
-        self,
-        job: JobRequest,
-        entry: ModelEntry,
-        scheduler: tuple[str, dict[str, Any]],
-        loras: list[tuple[Path, float]],
-        report: Callable[[int, int], None],
-        stop: threading.Event,
-    ) -> list[bytes]:
+    def _run(self, work: _Work, stop: threading.Event) -> list[bytes]:
+        """Run `work` in the worker thread, every failure turned into a JobError."""
         torch = self._runtime.torch
+        job, entry = work.job, work.entry
         try:
-            return self._run_on_device(job, entry, scheduler, loras, report, stop)
+            return self._run_on_device(work, stop)
         except (JobError, _Interrupted):
             raise
         except torch.OutOfMemoryError as exc:
             self._drop_pipelines()
             first_line = str(exc).splitlines()[0] if str(exc) else "out of memory"
             raise JobError(
-                "backend_failed",
+                JobErrorCode.BACKEND_FAILED,
                 f"out of GPU memory for {job.batch_size} x {job.width}x{job.height} on "
                 f"{entry.info.name} ({first_line}); a smaller size or batch may fit",
             ) from None
@@ -586,21 +288,14 @@ class DiffusersBackend:
             # torch, diffusers and the model files can fail in too many ways to list; the job
             # fails, the node goes on.
             log.exception("job on %s failed", entry.info.name)
-            raise JobError("backend_failed", f"{type(exc).__name__}: {exc}") from exc
+            raise JobError(JobErrorCode.BACKEND_FAILED, f"{type(exc).__name__}: {exc}") from exc
 
-    def _run_on_device(
-        self,
-        job: JobRequest,
-        entry: ModelEntry,
-        scheduler: tuple[str, dict[str, Any]],
-        loras: list[tuple[Path, float]],
-        report: Callable[[int, int], None],
-        stop: threading.Event,
-    ) -> list[bytes]:
+    def _run_on_device(self, work: _Work, stop: threading.Event) -> list[bytes]:
         runtime = self._runtime
         torch = runtime.torch
+        job = work.job
         init_image = _decode_init_image(job) if job.kind == "img2img" else None
-        loaded = self._pipeline(entry)
+        loaded = self._pipeline(work.entry)
         if stop.is_set():
             raise _Interrupted
         if job.kind == "img2img" and loaded.img2img is None:
@@ -608,8 +303,8 @@ class DiffusersBackend:
             loaded.img2img.set_progress_bar_config(disable=True)
         pipe = loaded.img2img if job.kind == "img2img" else loaded.pipe
         seeds = [job.seed + i for i in range(job.batch_size)]
-        class_name, settings = scheduler
-        if class_name in _SEEDED_SCHEDULERS:
+        class_name, settings = work.scheduler
+        if class_name in SEEDED_SCHEDULERS:
             settings = {**settings, "noise_sampler_seed": seeds}
         pipe.scheduler = getattr(runtime.diffusers, class_name).from_config(
             loaded.scheduler_config, **settings
@@ -618,7 +313,7 @@ class DiffusersBackend:
         def on_step_end(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> Any:
             if stop.is_set():
                 raise _Interrupted
-            report(index + 1, pipe.num_timesteps)
+            work.report(index + 1, pipe.num_timesteps)
             return tensors
 
         arguments: dict[str, Any] = {
@@ -636,7 +331,7 @@ class DiffusersBackend:
             # At least one step: diffusers refuses a strength that leaves none.
             strength = max(job.denoising_strength, 1 / job.steps)
             arguments.update(image=init_image, strength=strength)
-        with _loras_applied(loaded.pipe, loras), torch.inference_mode():
+        with _loras_applied(loaded.pipe, work.loras), torch.inference_mode():
             output = pipe(**arguments)
         return [_png(image) for image in output.images]
 
@@ -740,7 +435,7 @@ def _loras_applied(pipe: Any, loras: list[tuple[Path, float]]) -> Iterator[None]
                 pipe.load_lora_weights(str(path), adapter_name=name)
             except (ValueError, KeyError, RuntimeError) as exc:
                 raise JobError(
-                    "unsupported", f"LoRA {path.stem!r} does not fit this model: {exc}"
+                    JobErrorCode.UNSUPPORTED, f"LoRA {path.stem!r} does not fit this model: {exc}"
                 ) from exc
         pipe.set_adapters(names, adapter_weights=[weight for _, weight in loras])
         yield
@@ -754,7 +449,7 @@ def _decode_init_image(job: JobRequest) -> Image.Image:
         with Image.open(io.BytesIO(job.init_image or b"")) as source:
             image = source.convert("RGB")
     except _IMAGE_ERRORS as exc:
-        raise JobError("bad_request", f"cannot decode the init image: {exc}") from exc
+        raise JobError(JobErrorCode.BAD_REQUEST, f"cannot decode the init image: {exc}") from exc
     if image.size != (job.width, job.height):
         image = image.resize((job.width, job.height), Image.Resampling.LANCZOS)
     return image

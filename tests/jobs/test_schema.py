@@ -1,3 +1,10 @@
+"""The job schema (sdcn_p2p.jobs.schema) and its init-image checks (sdcn_p2p.jobs.images).
+
+Jobs are written here as SDCN API bodies, the JSON form the seed document gives, made into
+jobs by the gateway's `parse_request` (base64 init images, a `data:` prefix allowed); the
+wire form (`from_wire`) must give the same answers.
+"""
+
 from __future__ import annotations
 
 import base64
@@ -5,40 +12,21 @@ import functools
 import io
 import random
 import struct
+import subprocess
+import sys
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile, WebPImagePlugin
 
-from sdcn_p2p.connection import Stream
-from sdcn_p2p.errors import JobError, ProtocolError, StreamReset, UnsupportedProtocol
-from sdcn_p2p.host import Host
-from sdcn_p2p.identity import PeerId
-from sdcn_p2p.jobs import (
-    JOB,
-    MAX_INIT_IMAGE_BYTES,
-    MAX_JOB_MESSAGE,
-    JobRequest,
-    JobResult,
-    Progress,
-    Queued,
-    decode_reply,
-    error_message,
-    job_message,
-    parse_job_message,
-    progress_message,
-    queued_message,
-    request_job,
-    result_message,
-    split_sampler,
-)
-from sdcn_p2p.testing import open_memory_hosts
+from gateway.sdcn import parse_request
+from sdcn_p2p.errors import JobError
+from sdcn_p2p.jobs import MAX_INIT_IMAGE_BYTES, JobRequest, split_sampler
+from sdcn_p2p.jobs.protocol import MAX_JOB_MESSAGE
 from sdcn_p2p.wire.messages import pack, unpack
 
 MISSING = object()
@@ -126,7 +114,7 @@ def refused(field: str, call: Callable[[], object]) -> JobError:
 
 
 def test_the_seed_txt2img_example_gives_a_job_with_its_values() -> None:
-    job = JobRequest.from_api("txt2img", TXT2IMG)
+    job = parse_request("txt2img", TXT2IMG)
     assert job == JobRequest(
         kind="txt2img",
         model="XXXXXXXX",
@@ -142,12 +130,12 @@ def test_the_seed_txt2img_example_gives_a_job_with_its_values() -> None:
 
 
 def test_a_lora_listed_twice_is_refused() -> None:
-    refused("loras[1]", lambda: JobRequest.from_api("txt2img", TXT2IMG_EXAMPLE))
+    refused("loras[1]", lambda: parse_request("txt2img", TXT2IMG_EXAMPLE))
 
 
 @pytest.mark.parametrize("prefix", ["", "data:image/png;base64,", "DATA:image/jpeg;base64,"])
 def test_the_seed_img2img_example_with_a_base64_png(prefix: str) -> None:
-    job = JobRequest.from_api("img2img", img2img(init_image=prefix + b64(image())))
+    job = parse_request("img2img", img2img(init_image=prefix + b64(image())))
     assert job.kind == "img2img"
     assert job.init_image == image()
     assert job.denoising_strength == 0.55
@@ -156,13 +144,13 @@ def test_the_seed_img2img_example_with_a_base64_png(prefix: str) -> None:
 def test_line_wrapped_base64_is_accepted() -> None:
     wrapped = base64.encodebytes(image()).decode()
     assert "\n" in wrapped
-    assert JobRequest.from_api("img2img", img2img(init_image=wrapped)).init_image == image()
+    assert parse_request("img2img", img2img(init_image=wrapped)).init_image == image()
 
 
 def test_only_model_and_prompt_are_required() -> None:
-    job = JobRequest.from_api("txt2img", {"model": "m", "prompt": ""})
+    job = parse_request("txt2img", {"model": "m", "prompt": ""})
     assert job == JobRequest(kind="txt2img", model="m", prompt="")
-    job = JobRequest.from_api("img2img", {"model": "m", "prompt": "", "init_image": b64(image())})
+    job = parse_request("img2img", {"model": "m", "prompt": "", "init_image": b64(image())})
     assert job.denoising_strength == 0.75
 
 
@@ -180,9 +168,9 @@ def test_boundary_values_are_accepted() -> None:
         loras=[[f"lora{i}", 5 if i % 2 else -5.0] for i in range(8)],
     )
     for body in (low, high):
-        JobRequest.from_api("txt2img", body)
-    JobRequest.from_api("img2img", img2img(denoising_strength=0))
-    JobRequest.from_api("img2img", img2img(denoising_strength=1))
+        parse_request("txt2img", body)
+    parse_request("img2img", img2img(denoising_strength=0))
+    parse_request("img2img", img2img(denoising_strength=1))
 
 
 INVALID = [
@@ -271,7 +259,7 @@ def test_each_invalid_parameter_is_refused_naming_it(
     kind: str, field: str, changes: dict[str, Any]
 ) -> None:
     body = (txt2img if kind == "txt2img" else img2img)(**changes)
-    refused(field, lambda: JobRequest.from_api(kind, body))
+    refused(field, lambda: parse_request(kind, body))
     # The same mistake on the wire gets the same answer (images are bytes there).
     if "init_image" not in changes:
         wire = body | {"kind": kind}
@@ -281,14 +269,14 @@ def test_each_invalid_parameter_is_refused_naming_it(
 
 
 def test_an_unknown_kind_or_a_body_that_is_not_an_object_is_refused() -> None:
-    refused("kind", lambda: JobRequest.from_api("upscale", TXT2IMG))
-    refused("request", lambda: JobRequest.from_api("txt2img", [TXT2IMG]))  # type: ignore[arg-type]
+    refused("kind", lambda: parse_request("upscale", TXT2IMG))
+    refused("request", lambda: parse_request("txt2img", [TXT2IMG]))  # type: ignore[arg-type]
     refused("job", lambda: JobRequest.from_wire([TXT2IMG]))
     refused("kind", lambda: JobRequest.from_wire(TXT2IMG))
 
 
 def test_cheap_mistakes_are_reported_before_the_image_is_decoded(no_decoding: None) -> None:
-    refused("steps", lambda: JobRequest.from_api("img2img", img2img(steps=0)))
+    refused("steps", lambda: parse_request("img2img", img2img(steps=0)))
 
 
 # --- init images ---------------------------------------------------------------------------------
@@ -297,7 +285,7 @@ def test_cheap_mistakes_are_reported_before_the_image_is_decoded(no_decoding: No
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
 def test_png_jpeg_and_webp_init_images_are_accepted(fmt: str) -> None:
     data = image(fmt, (96, 80))
-    assert JobRequest.from_api("img2img", img2img(init_image=b64(data))).init_image == data
+    assert parse_request("img2img", img2img(init_image=b64(data))).init_image == data
 
 
 @pytest.mark.parametrize(
@@ -314,7 +302,7 @@ def test_png_jpeg_and_webp_init_images_are_accepted(fmt: str) -> None:
     ],
 )
 def test_garbage_and_truncated_init_images_are_refused(data: bytes) -> None:
-    refused("init_image", lambda: JobRequest.from_api("img2img", img2img(init_image=b64(data))))
+    refused("init_image", lambda: parse_request("img2img", img2img(init_image=b64(data))))
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
@@ -332,9 +320,7 @@ def test_a_side_over_4096_is_refused_without_decoding_pixels(
 def test_a_decompression_bomb_is_refused_from_its_header(no_decoding: None) -> None:
     bomb = png_declaring(20_000, 20_000)
     assert len(bomb) < 10_000
-    error = refused(
-        "init_image", lambda: JobRequest.from_api("img2img", img2img(init_image=b64(bomb)))
-    )
+    error = refused("init_image", lambda: parse_request("img2img", img2img(init_image=b64(bomb))))
     assert "20000x20000" in error.message
 
 
@@ -359,7 +345,7 @@ def test_a_10_mb_init_image_is_accepted() -> None:
     picture.save(buffer, "PNG", compress_level=0)
     data = buffer.getvalue()
     assert len(data) > 10_000_000
-    job = JobRequest.from_api("img2img", img2img(init_image=b64(data)))
+    job = parse_request("img2img", img2img(init_image=b64(data)))
     assert job.init_image == data
     assert JobRequest.from_wire(unpack(pack(job.to_wire()), max_size=MAX_JOB_MESSAGE)) == job
 
@@ -371,10 +357,10 @@ def test_a_60_mb_init_image_is_refused_by_size_before_decoding(no_decoding: None
     )
     assert "50 MiB" in error.message
     text = "A" * (len(data) * 4 // 3)
-    refused("init_image", lambda: JobRequest.from_api("img2img", img2img(init_image=text)))
+    refused("init_image", lambda: parse_request("img2img", img2img(init_image=text)))
     # Just over the cap, in base64 that decodes.
     just_over = b64(bytes(MAX_INIT_IMAGE_BYTES + 1))
-    refused("init_image", lambda: JobRequest.from_api("img2img", img2img(init_image=just_over)))
+    refused("init_image", lambda: parse_request("img2img", img2img(init_image=just_over)))
 
 
 # --- the wire form and helpers ------------------------------------------------------------------
@@ -382,8 +368,8 @@ def test_a_60_mb_init_image_is_refused_by_size_before_decoding(no_decoding: None
 
 def test_to_wire_and_from_wire_round_trip_through_msgpack() -> None:
     for job in (
-        JobRequest.from_api("txt2img", TXT2IMG),
-        JobRequest.from_api("img2img", img2img(init_image=b64(image("JPEG")))),
+        parse_request("txt2img", TXT2IMG),
+        parse_request("img2img", img2img(init_image=b64(image("JPEG")))),
     ):
         wire = job.to_wire()
         if job.kind == "img2img":
@@ -456,7 +442,7 @@ def test_split_sampler_knows_the_scheduler_suffixes(
 
 
 def test_with_seed_pixels_cost_and_repr() -> None:
-    job = JobRequest.from_api("img2img", img2img(width=1024, height=512, steps=30, batch_size=2))
+    job = parse_request("img2img", img2img(width=1024, height=512, steps=30, batch_size=2))
     assert job.with_seed(42).seed == 42
     assert job.with_seed(42).init_image is job.init_image
     for bad in (-1, 2**32, True):
@@ -467,264 +453,19 @@ def test_with_seed_pixels_cost_and_repr() -> None:
     assert "init_image" not in repr(job) and len(repr(job)) < 500
 
 
-# --- messages ------------------------------------------------------------------------------------
-
-INFO = {
-    "seed": 7,
-    "model": "m",
-    "provider": "12D3KooWtest",
-    "queue_ms": 0,
-    "run_ms": 1500,
-    "backend": "testcard",
-}
+# --- the package ---------------------------------------------------------------------------------
 
 
-def over_the_wire(message: dict[str, Any]) -> Any:
-    return unpack(pack(message), max_size=MAX_JOB_MESSAGE)
-
-
-def test_parse_job_message_returns_the_job_and_its_deadline() -> None:
-    job = JobRequest.from_api("img2img", img2img())
-    assert parse_job_message(over_the_wire(job_message(job, 12.5))) == (job, 12.5)
-    assert job_message(job, 10**9)["deadline"] == 86_400
-
-
-@pytest.mark.parametrize(
-    ("field", "message"),
-    [
-        ("type", ["job"]),
-        ("type", {"type": "jobs", "job": {}, "deadline": 1.0}),
-        ("deadline", {"type": "job", "job": TXT2IMG | {"kind": "txt2img"}}),
-        ("deadline", {"type": "job", "job": TXT2IMG | {"kind": "txt2img"}, "deadline": -1}),
-        ("deadline", {"type": "job", "job": TXT2IMG | {"kind": "txt2img"}, "deadline": True}),
-        ("deadline", {"type": "job", "job": TXT2IMG | {"kind": "txt2img"}, "deadline": 1e9}),
-        ("job", {"type": "job", "deadline": 1.0}),
-        ("width", {"type": "job", "job": txt2img(kind="txt2img", width=7), "deadline": 1.0}),
-    ],
-)
-def test_parse_job_message_refuses_bad_requests(field: str, message: Any) -> None:
-    refused(field, lambda: parse_job_message(message))
-
-
-def test_replies_built_by_the_provider_decode_on_the_client() -> None:
-    png = image()
-    assert decode_reply(over_the_wire(queued_message(3))) == Queued(3)
-    assert decode_reply(over_the_wire(progress_message(5, 20))) == Progress(5, 20)
-    result = decode_reply(over_the_wire(result_message([png, png], INFO | {"testcard": True})))
-    assert result == JobResult([png, png], INFO | {"testcard": True})
-    error = decode_reply(over_the_wire(error_message("busy", "queue full")))
-    assert isinstance(error, JobError)
-    assert (error.code, error.message) == ("busy", "queue full")
-
-
-def test_reply_builders_keep_within_the_limits() -> None:
-    assert progress_message(30, 20) == {"type": "progress", "step": 20, "total": 20}
-    assert progress_message(-1, 0) == {"type": "progress", "step": 0, "total": 1}
-    assert queued_message(-5)["position"] == 0
-    assert len(error_message("backend_failed", "x" * 10_000)["message"]) == 2000
-    with pytest.raises(ValueError, match="code"):
-        error_message("oops", "")
-    for images in ([], [image()] * 5, [image("JPEG")]):
-        with pytest.raises(JobError) as info:
-            result_message(images, INFO)
-        assert info.value.code == "backend_failed"
-    for info in ({k: v for k, v in INFO.items() if k != "seed"}, INFO | {"run_ms": -1}):
-        with pytest.raises(ValueError, match="info"):
-            result_message([image()], info)
-    with pytest.raises(ValueError, match="info"):
-        result_message([image()], INFO | {"extra": "x" * 100_000})
-
-
-PNG = image()
-MALFORMED_REPLIES = [
-    ["progress"],
-    {"kind": "progress"},
-    {"type": "done"},
-    {"type": "progress", "step": 3, "total": 2},
-    {"type": "progress", "step": -1, "total": 2},
-    {"type": "progress", "step": 0, "total": 0},
-    {"type": "progress", "step": True, "total": 2},
-    {"type": "progress", "step": 1.0, "total": 2},
-    {"type": "queued", "position": -1},
-    {"type": "queued"},
-    {"type": "result", "images": [], "info": INFO},
-    {"type": "result", "images": [PNG] * 5, "info": INFO},
-    {"type": "result", "images": [b"GIF89a"], "info": INFO},
-    {"type": "result", "images": ["iVBORw0KGgo="], "info": INFO},
-    {"type": "result", "images": PNG, "info": INFO},
-    {"type": "result", "images": [PNG]},
-    {"type": "result", "images": [PNG], "info": INFO | {"seed": "7"}},
-    {"type": "result", "images": [PNG], "info": INFO | {"queue_ms": -1}},
-    {"type": "result", "images": [PNG], "info": INFO | {"x": b"x" * 100_000}},
-    {"type": "result", "images": [PNG], "info": {**INFO, b"bin": 1}},
-    {"type": "error", "code": "exploded", "message": "boom"},
-    {"type": "error", "code": "busy"},
-    {"type": "error", "code": "busy", "message": "x" * 2001},
-]
-
-
-@pytest.mark.parametrize("reply", MALFORMED_REPLIES)
-def test_malformed_replies_are_protocol_errors(reply: Any) -> None:
-    with pytest.raises(ProtocolError):
-        decode_reply(reply)
-
-
-# --- request_job ---------------------------------------------------------------------------------
-
-Handler = Callable[[Stream], Awaitable[None]]
-JOB_REQUEST = JobRequest(kind="txt2img", model="m", prompt="a dog", steps=2)
-
-
-@asynccontextmanager
-async def provider(handler: Handler | None) -> AsyncIterator[tuple[Host, PeerId]]:
-    async with open_memory_hosts(2) as (client, server):
-        if handler is not None:
-            server.set_handler(JOB, handler, max_message_size=MAX_JOB_MESSAGE)
-        client.peerstore.add_addrs(server.peer_id, server.listen_addrs)
-        yield client, server.peer_id
-
-
-async def test_request_job_returns_the_result_and_reports_progress(autojump_clock: Any) -> None:
-    seen: dict[str, Any] = {}
-
-    async def handler(stream: Stream) -> None:
-        job, deadline = parse_job_message(await stream.receive_message())
-        seen.update(job=job, deadline=deadline)
-        with trio.move_on_after(1):
-            seen["client sent"] = await stream.receive_some()  # no FIN: it would cancel
-        await stream.send_message(queued_message(0))
-        for step in (1, 2):
-            await stream.send_message(progress_message(step, job.steps))
-        await stream.send_message(result_message([PNG], INFO))
-
-    progress: list[tuple[int, int]] = []
-    async with provider(handler) as (client, peer):
-        result = await request_job(
-            client, peer, JOB_REQUEST, deadline=30, on_progress=lambda *p: progress.append(p)
-        )
-    assert result == JobResult([PNG], INFO)
-    assert progress == [(1, 2), (2, 2)]
-    assert seen["job"] == JOB_REQUEST
-    assert 29 < seen["deadline"] <= 30
-    assert "client sent" not in seen
-
-
-async def test_an_error_reply_raises_the_providers_code(autojump_clock: Any) -> None:
-    async def handler(stream: Stream) -> None:
-        await stream.receive_message()
-        await stream.send_message(error_message("busy", "queue full"))
-
-    async with provider(handler) as (client, peer):
-        with pytest.raises(JobError) as info:
-            await request_job(client, peer, JOB_REQUEST, deadline=30)
-    assert (info.value.code, info.value.message) == ("busy", "queue full")
-
-
-async def test_a_provider_refuses_an_invalid_job_naming_the_field(autojump_clock: Any) -> None:
-    async def handler(stream: Stream) -> None:
-        try:
-            parse_job_message(await stream.receive_message())
-        except JobError as exc:
-            await stream.send_message(error_message(exc.code, exc.message))
-
-    async with provider(handler) as (client, peer):
-        with pytest.raises(JobError) as info:
-            bad = JobRequest(kind="txt2img", model="m", prompt="", width=500)
-            await request_job(client, peer, bad, deadline=30)
-    assert info.value.code == "bad_request"
-    assert info.value.message.startswith("width:")
-
-
-def stalling_handler(ended: list[BaseException], done: trio.Event) -> Handler:
-    """A provider that sends one progress message, then waits for the client to go away."""
-
-    async def handler(stream: Stream) -> None:
-        await stream.receive_message()
-        await stream.send_message(progress_message(1, 2))
-        try:
-            await stream.receive_some()
-        except BaseException as exc:
-            ended.append(exc)
-            raise
-        finally:
-            done.set()
-
-    return handler
-
-
-async def test_the_deadline_raises_timeout_and_resets_the_stream(autojump_clock: Any) -> None:
-    ended: list[BaseException] = []
-    done = trio.Event()
-    async with provider(stalling_handler(ended, done)) as (client, peer):
-        start = trio.current_time()
-        with pytest.raises(JobError) as info:
-            await request_job(client, peer, JOB_REQUEST, deadline=5)
-        assert info.value.code == "timeout"
-        assert trio.current_time() - start == pytest.approx(5)
-        await done.wait()
-    assert len(ended) == 1 and isinstance(ended[0], StreamReset)
-
-
-async def test_a_deadline_already_past_times_out_at_once(autojump_clock: Any) -> None:
-    async with provider(None) as (client, peer):
-        with pytest.raises(JobError) as info:
-            await request_job(client, peer, JOB_REQUEST, deadline=-1)
-    assert info.value.code == "timeout"
-
-
-async def test_cancelling_the_caller_resets_the_stream(autojump_clock: Any) -> None:
-    ended: list[BaseException] = []
-    done = trio.Event()
-    async with provider(stalling_handler(ended, done)) as (client, peer):
-        with trio.CancelScope() as scope:
-            await request_job(
-                client, peer, JOB_REQUEST, deadline=30, on_progress=lambda *_: scope.cancel()
-            )
-        assert scope.cancelled_caught
-        await done.wait()
-    assert len(ended) == 1 and isinstance(ended[0], StreamReset)
-
-
-@pytest.mark.parametrize(
-    "reply",
-    [
-        pytest.param(progress_message(1, 2) | {"step": 3}, id="bad-progress"),
-        pytest.param(result_message([PNG, PNG], INFO), id="wrong-image-count"),
-        pytest.param(None, id="closed-without-result"),
-    ],
-)
-async def test_a_misbehaving_provider_is_a_protocol_error(
-    reply: dict[str, Any] | None, autojump_clock: Any
-) -> None:
-    async def handler(stream: Stream) -> None:
-        await stream.receive_message()
-        if reply is not None:
-            await stream.send_message(reply)
-
-    async with provider(handler) as (client, peer):
-        with pytest.raises(ProtocolError):
-            await request_job(client, peer, JOB_REQUEST, deadline=30)
-
-
-async def test_a_peer_without_the_job_protocol_says_so(autojump_clock: Any) -> None:
-    async with provider(None) as (client, peer):
-        with pytest.raises(UnsupportedProtocol):
-            await request_job(client, peer, JOB_REQUEST, deadline=30)
-
-
-async def test_a_10_mb_img2img_job_crosses_the_wire() -> None:
-    size = (1900, 1900)
-    picture = Image.frombytes("RGB", size, random.Random(2).randbytes(size[0] * size[1] * 3))
-    buffer = io.BytesIO()
-    picture.save(buffer, "PNG", compress_level=0)
-    job = JobRequest(kind="img2img", model="m", prompt="", init_image=buffer.getvalue())
-
-    async def handler(stream: Stream) -> None:
-        message = await stream.receive_message()
-        received, _ = await trio.to_thread.run_sync(parse_job_message, message)
-        assert received == job
-        await stream.send_message(result_message([PNG], INFO))
-
-    async with provider(handler) as (client, peer):
-        result = await request_job(client, peer, job, deadline=60)
-    assert result.images == [PNG]
+def test_the_schema_imports_without_the_network() -> None:
+    """A backend imports the schema; the job protocol, and the Host with it, stay unloaded."""
+    code = (
+        "import sys\n"
+        "from sdcn_p2p.jobs import JobRequest, JobResult, Progress, Queued, split_sampler\n"
+        "print(sorted(m for m in sys.modules if m.startswith('sdcn_p2p')))\n"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    for module in ("sdcn_p2p.host", "sdcn_p2p.connection", "sdcn_p2p.jobs.protocol"):
+        assert f"'{module}'" not in loaded, loaded
+    assert "'sdcn_p2p.jobs.schema'" in loaded

@@ -1,26 +1,10 @@
-"""Advert gossip over ``/sdcn/gossip/1.0.0``: a GossipSub-style mesh for one topic, adverts.
+"""`Gossip`: the advert gossip service over a Host, the only part of gossip that awaits.
 
-Each peer keeps a mesh of about `GossipConfig.degree` connected peers that speak the protocol,
-made symmetric with GRAFT and PRUNE, and pushes every advert that is new to its AdvertCache to
-each mesh peer but the one it came from, at once and only once (a seen cache of (peer, seq)).
-Forged, expired, stale or oversized adverts are dropped, never forwarded. A peer may push
-`push_rate` adverts a second (bursts of `push_burst`); the rest of a push beyond that is
-dropped unread, so a flood costs no signature checks and reaches no one. When a connection to
-a gossip peer opens, its dialler sends a digest ({peer: seq}) and both sides pull what they
-lack; every `anti_entropy_interval` a peer does the same with one random mesh peer.
-
-Wire messages are msgpack maps on short-lived streams, capped at `max_message_size`::
-
-    {"type": "ADVERTS", "adverts": [envelope, ...]}            a push: one message per stream
-    {"type": "DIGEST", "digest": [[peer id, seq], ...]}        answered by ADVERTS messages,
-    {"type": "ADVERTS", "adverts": [...], "want": [peer id]}   the last one with "want"; the
-                                                               asker sends those and closes
-    {"type": "GRAFT"}   answered by {"type": "GRAFT"} (joined) or {"type": "PRUNE"} (refused)
-    {"type": "PRUNE"}   one way: the sender dropped us from its mesh
-
-The module has three parts: the messages (`parse_message`), pure state (`SeenCache`,
-`MeshState`, `PushBudget`; time passed in), and the `Gossip` service, the only part that
-awaits.
+It serves `GOSSIP`, keeps the mesh (GRAFT, PRUNE, a heartbeat every `GossipConfig.heartbeat`
+seconds), pushes each advert new to the AdvertCache to every mesh peer but the one it came from
+(each through a bounded queue and a sender task of its own), and runs digest exchanges: with
+each gossip peer it dials, and every `anti_entropy_interval` with one random mesh peer. The
+policies live in `state`, the wire format in `messages`.
 """
 
 from __future__ import annotations
@@ -28,338 +12,41 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias
 
 import trio
 
 from sdcn_p2p.adverts import AdvertCache
 from sdcn_p2p.connection import Stream
-from sdcn_p2p.errors import NETWORK_ERRORS, ConfigError, ProtocolError, RecordError
+from sdcn_p2p.errors import NETWORK_ERRORS, RecordError, RemoteProtocolError
+from sdcn_p2p.gossip.config import GossipConfig
+from sdcn_p2p.gossip.messages import (
+    BIN_OVERHEAD,
+    DIGEST_EXTENSION,
+    ENTRY_SIZE,
+    GOSSIP,
+    MESSAGE_OVERHEAD,
+    AdvertBatch,
+    Digest,
+    GossipMessage,
+    Graft,
+    Prune,
+    max_entries,
+    parse_message,
+)
+from sdcn_p2p.gossip.state import MeshState, PushBudget, SeenCache
 from sdcn_p2p.host import Host
 from sdcn_p2p.identity import PeerId
 from sdcn_p2p.records import Advert, Envelope
 
-__all__ = [
-    "GOSSIP",
-    "AdvertBatch",
-    "Digest",
-    "Gossip",
-    "GossipConfig",
-    "GossipMessage",
-    "GossipStats",
-    "Graft",
-    "MeshState",
-    "Prune",
-    "PushBudget",
-    "SeenCache",
-    "max_entries",
-    "parse_message",
-]
+__all__ = ["Gossip", "GossipStats"]
 
 log = logging.getLogger(__name__)
 
-GOSSIP = "/sdcn/gossip/1.0.0"
-#: Identify extension carrying `AdvertCache.digest_hash`.
-DIGEST_EXTENSION = "gossip/digest"
-
-_MAX_SEQ = 2**64 - 1
-# Upper bound on one encoded digest entry or wanted peer id: a 44-byte peer id behind its bin
-# header, an array header and a uint64.
-_ENTRY_SIZE = 56
-# Room for a message's map keys and list headers.
-_MESSAGE_OVERHEAD = 64
-# A msgpack bin header is at most 5 bytes.
-_BIN_OVERHEAD = 5
 # Honest peers verify before they forward, so a message with this many bad adverts is hostile:
 # the rest of it is dropped unverified, which caps the signature checks one message can cost.
 _MAX_REJECTS_PER_MESSAGE = 8
-
-
-def max_entries(max_message_size: int) -> int:
-    """How many digest entries or wanted peer ids fit in a message of `max_message_size`."""
-    return max(1, (max_message_size - _MESSAGE_OVERHEAD) // _ENTRY_SIZE)
-
-
-# --- messages ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class AdvertBatch:
-    """Advert envelopes (encoded); `want` is set only on the last answer to a Digest."""
-
-    adverts: tuple[bytes, ...]
-    want: tuple[PeerId, ...] | None = None
-
-    def to_wire(self) -> dict[str, Any]:
-        message: dict[str, Any] = {"type": "ADVERTS", "adverts": list(self.adverts)}
-        if self.want is not None:
-            message["want"] = [peer.bytes for peer in self.want]
-        return message
-
-
-@dataclass(frozen=True, slots=True)
-class Digest:
-    """The seq the sender holds for each peer's advert."""
-
-    seqs: dict[PeerId, int]
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"type": "DIGEST", "digest": [[p.bytes, seq] for p, seq in self.seqs.items()]}
-
-
-@dataclass(frozen=True, slots=True)
-class Graft:
-    """Asks to join the receiver's mesh; also the answer that accepts."""
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"type": "GRAFT"}
-
-
-@dataclass(frozen=True, slots=True)
-class Prune:
-    """Leaves the receiver's mesh; also the answer that refuses a Graft."""
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"type": "PRUNE"}
-
-
-GossipMessage: TypeAlias = AdvertBatch | Digest | Graft | Prune
-
-
-def parse_message(obj: object, *, max_entries: int) -> GossipMessage:
-    """Validate a decoded gossip message; raises ProtocolError.
-
-    Digests and want lists may hold at most `max_entries` peers, each once. Envelopes are
-    only checked to be bytes here: each is verified on its own when received.
-    """
-    if type(obj) is not dict:
-        raise ProtocolError("gossip message must be a map")
-    kind = obj.get("type")
-    if kind == "ADVERTS":
-        adverts = obj.get("adverts")
-        if type(adverts) is not list or not all(type(a) is bytes for a in adverts):
-            raise ProtocolError("ADVERTS 'adverts' must be a list of bin")
-        want = None
-        if "want" in obj:
-            want = _peer_list(obj["want"], max_entries)
-        return AdvertBatch(tuple(adverts), want)
-    if kind == "DIGEST":
-        entries = obj.get("digest")
-        if type(entries) is not list or len(entries) > max_entries:
-            raise ProtocolError(f"DIGEST 'digest' must be a list of at most {max_entries}")
-        seqs: dict[PeerId, int] = {}
-        for entry in entries:
-            if type(entry) is not list or len(entry) != 2:
-                raise ProtocolError("DIGEST entries must be [peer id, seq]")
-            peer_bytes, seq = entry
-            if type(seq) is not int or not 0 <= seq <= _MAX_SEQ:
-                raise ProtocolError("DIGEST seq must be an int in 0..2**64-1")
-            peer = _peer_id(peer_bytes)
-            if peer in seqs:
-                raise ProtocolError(f"DIGEST names {peer} twice")
-            seqs[peer] = seq
-        return Digest(seqs)
-    if kind == "GRAFT":
-        return Graft()
-    if kind == "PRUNE":
-        return Prune()
-    raise ProtocolError(f"unknown gossip message type {kind!r:.40}")
-
-
-def _peer_id(value: object) -> PeerId:
-    if type(value) is not bytes:
-        raise ProtocolError("peer id must be bin")
-    try:
-        return PeerId(value)
-    except ValueError as exc:
-        raise ProtocolError(f"invalid peer id: {exc}") from None
-
-
-def _peer_list(value: object, limit: int) -> tuple[PeerId, ...]:
-    if type(value) is not list or len(value) > limit:
-        raise ProtocolError(f"ADVERTS 'want' must be a list of at most {limit} peer ids")
-    peers = tuple(_peer_id(v) for v in value)
-    if len(set(peers)) != len(peers):
-        raise ProtocolError("ADVERTS 'want' names a peer twice")
-    return peers
-
-
-# --- pure state ----------------------------------------------------------------------------------
-
-
-class SeenCache:
-    """The (peer, seq) of adverts already forwarded, at most `max_size`, oldest dropped first.
-
-    An entry is useless once its advert has expired (the cache refuses it then), so `expire`
-    drops such entries from the oldest end.
-    """
-
-    def __init__(self, max_size: int) -> None:
-        self.max_size = max_size
-        self._items: OrderedDict[tuple[PeerId, int], float] = OrderedDict()
-
-    def add(self, key: tuple[PeerId, int], expires_at: float) -> bool:
-        """Remember `key` until wall time `expires_at`; False if it was already seen."""
-        if key in self._items:
-            return False
-        self._items[key] = expires_at
-        if len(self._items) > self.max_size:
-            self._items.popitem(last=False)
-        return True
-
-    def expire(self, now: float) -> int:
-        dropped = 0
-        while self._items and next(iter(self._items.values())) <= now:
-            self._items.popitem(last=False)
-            dropped += 1
-        return dropped
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._items
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
-class MeshState:
-    """Mesh policy: whom to graft or prune, who is being grafted, who is backed off.
-
-    Members are passed in (the service owns them); times are trio seconds.
-    """
-
-    def __init__(self, config: GossipConfig) -> None:
-        self.config = config
-        self.pending: set[PeerId] = set()  # GRAFT sent, no answer yet
-        self._backoff: dict[PeerId, float] = {}  # peer -> time until which we leave it alone
-
-    def backoff(self, peer: PeerId, now: float) -> None:
-        """Leave `peer` out of the mesh for `config.prune_backoff` seconds."""
-        self._backoff[peer] = now + self.config.prune_backoff
-
-    def backed_off(self, peer: PeerId, now: float) -> bool:
-        until = self._backoff.get(peer)
-        return until is not None and until > now
-
-    def accepts_graft(self, peer: PeerId, members: Collection[PeerId], now: float) -> bool:
-        """Whether to let `peer` join our mesh when it asks."""
-        if peer in members:
-            return True
-        return not self.backed_off(peer, now) and len(members) < self.config.degree_high
-
-    def wants(self, peer: PeerId, members: Collection[PeerId], now: float) -> bool:
-        """Whether to graft `peer` now that it connected, the mesh being below `degree`."""
-        return (
-            peer not in members
-            and peer not in self.pending
-            and not self.backed_off(peer, now)
-            and len(members) + len(self.pending) < self.config.degree
-        )
-
-    def heartbeat(
-        self,
-        members: Collection[PeerId],
-        candidates: Iterable[PeerId],
-        now: float,
-        rng: random.Random,
-    ) -> tuple[list[PeerId], list[PeerId]]:
-        """Return (peers to graft, peers to prune) and mark the grafted ones pending.
-
-        Below `degree_low` (counting pending grafts) the mesh is topped up to `degree` from
-        `candidates`, best first; above `degree_high` it is cut down to `degree` at random.
-        """
-        self._backoff = {peer: t for peer, t in self._backoff.items() if t > now}
-        graft: list[PeerId] = []
-        size = len(members) + len(self.pending)
-        if size < self.config.degree_low:
-            for peer in candidates:
-                if len(graft) >= self.config.degree - size:
-                    break
-                if peer in members or peer in self.pending or peer in self._backoff:
-                    continue
-                graft.append(peer)
-            self.pending.update(graft)
-        prune: list[PeerId] = []
-        if len(members) > self.config.degree_high:
-            prune = rng.sample(sorted(members), len(members) - self.config.degree)
-        return graft, prune
-
-
-# --- the service ---------------------------------------------------------------------------------
-
-
-class PushBudget:
-    """How many adverts each peer may still push: a token bucket per peer (time passed in).
-
-    Holds a bucket only for peers that pushed lately: a full bucket is forgotten.
-    """
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate = rate
-        self.burst = burst
-        self._buckets: dict[PeerId, tuple[float, float]] = {}  # peer -> (tokens, at)
-
-    def take(self, peer: PeerId, count: int, now: float) -> int:
-        """Take up to `count` tokens of `peer`'s at time `now`; returns how many it got."""
-        tokens, at = self._buckets.get(peer, (float(self.burst), now))
-        tokens = min(self.burst, tokens + (now - at) * self.rate)
-        granted = min(count, int(tokens))
-        self._buckets[peer] = (tokens - granted, now)
-        if len(self._buckets) > 1024:
-            self._forget_full(now)
-        return granted
-
-    def _forget_full(self, now: float) -> None:
-        for peer in [
-            p for p, (t, at) in self._buckets.items() if t + (now - at) * self.rate >= self.burst
-        ]:
-            del self._buckets[peer]
-
-
-@dataclass(frozen=True, slots=True)
-class GossipConfig:
-    """Mesh degree, timers (seconds) and limits of advert gossip."""
-
-    degree: int = 4
-    degree_low: int = 3
-    #: Room above `degree` for grafts from peers behind NAT, who can graft only reachable
-    #: peers: at 5, 15 % of a network with 40 % of its peers behind NAT were stuck below
-    #: `degree_low` (benchmarks/netsim.py).
-    degree_high: int = 8
-    heartbeat: float = 1.0
-    anti_entropy_interval: float = 30.0
-    seen_size: int = 100_000
-    max_message_size: int = 4 * 1024 * 1024
-    #: Limit on each exchange: a push, a GRAFT, each message of a digest exchange.
-    rpc_timeout: float = 5.0
-    #: Adverts waiting to be pushed to one mesh peer; more are dropped (anti-entropy heals).
-    queue_size: int = 256
-    #: How long a peer that pruned us, refused us, or failed a push stays out of the mesh.
-    prune_backoff: float = 60.0
-    max_concurrent_syncs: int = 8
-    #: Adverts one peer may push to us per second, and at once; digest exchanges we ask for
-    #: are not counted. A mesh peer forwards nearly every advert: 1,000/s is a network of
-    #: 60,000 providers each republishing every minute.
-    push_rate: float = 1000.0
-    push_burst: int = 1000
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.degree_low <= self.degree <= self.degree_high:
-            raise ConfigError(
-                "gossip degrees must satisfy 1 <= degree_low <= degree <= degree_high"
-            )
-        if min(self.heartbeat, self.anti_entropy_interval, self.rpc_timeout) <= 0:
-            raise ConfigError("gossip intervals and timeouts must be positive")
-        if self.prune_backoff < 0:
-            raise ConfigError("gossip prune_backoff must not be negative")
-        if min(self.seen_size, self.queue_size, self.max_concurrent_syncs) < 1:
-            raise ConfigError("gossip sizes must be at least 1")
-        if self.max_message_size < 128 * 1024:
-            raise ConfigError("gossip max_message_size must hold a 64 KiB advert")
-        if self.push_rate <= 0 or self.push_burst < 1:
-            raise ConfigError("gossip push_rate must be positive and push_burst at least 1")
 
 
 @dataclass(slots=True)
@@ -419,7 +106,6 @@ class Gossip:
         self._sync_limiter = trio.CapacityLimiter(config.max_concurrent_syncs)
         self._push_budget = PushBudget(config.push_rate, config.push_burst)
         self._nursery: trio.Nursery | None = None
-        self._listening = False
 
     @property
     def mesh(self) -> frozenset[PeerId]:
@@ -437,17 +123,15 @@ class Gossip:
                     GOSSIP, self._handle_stream, max_message_size=self.config.max_message_size
                 )
                 self.host.set_identify_extension(DIGEST_EXTENSION, lambda: self.adverts.digest_hash)
-                if not self._listening:  # the Host cannot forget listeners: add them once
-                    self.host.add_listener(
-                        on_identified=self._on_identified, on_disconnected=self._on_disconnected
-                    )
-                    self._listening = True
-                for peer in self.host.connected_peers:
-                    self._on_identified(peer)
-                nursery.start_soon(self._heartbeat_loop)
-                nursery.start_soon(self._anti_entropy_loop)
-                task_status.started()
-                await trio.sleep_forever()
+                with self.host.subscribe(
+                    on_identified=self._on_identified, on_disconnected=self._on_disconnected
+                ):
+                    for peer in self.host.connected_peers:
+                        self._on_identified(peer)
+                    nursery.start_soon(self._heartbeat_loop)
+                    nursery.start_soon(self._anti_entropy_loop)
+                    task_status.started()
+                    await trio.sleep_forever()
             finally:
                 # Before the nursery closes: nothing may be started in it from here on.
                 self._nursery = None
@@ -504,7 +188,7 @@ class Gossip:
                 log.debug("dropped an advert from %s: %s", source.short(), exc)
                 if rejected >= _MAX_REJECTS_PER_MESSAGE:
                     self._remove_from_mesh(source, backoff=True)
-                    raise ProtocolError(f"{rejected} bad adverts in one message") from None
+                    raise RemoteProtocolError(f"{rejected} bad adverts in one message") from None
                 continue
             if advert is None:
                 self.stats.duplicates += 1
@@ -526,7 +210,7 @@ class Gossip:
 
     async def _sender(self, link: _Link, queue: trio.MemoryReceiveChannel[bytes]) -> None:
         """Push what is queued for one mesh peer, batching only what is already waiting."""
-        budget = self.config.max_message_size - _MESSAGE_OVERHEAD
+        budget = self.config.max_message_size - MESSAGE_OVERHEAD
         carry: bytes | None = None
         async with queue:
             while True:
@@ -535,17 +219,17 @@ class Gossip:
                         carry = await queue.receive()
                     except trio.EndOfChannel:
                         return
-                batch, size, carry = [carry], len(carry) + _BIN_OVERHEAD, None
+                batch, size, carry = [carry], len(carry) + BIN_OVERHEAD, None
                 while True:
                     try:
                         data = queue.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                    if size + len(data) + _BIN_OVERHEAD > budget:
+                    if size + len(data) + BIN_OVERHEAD > budget:
                         carry = data
                         break
                     batch.append(data)
-                    size += len(data) + _BIN_OVERHEAD
+                    size += len(data) + BIN_OVERHEAD
                 if not await self._push(link.peer, batch):
                     self.stats.dropped += len(batch)
                     if self._links.get(link.peer) is link:
@@ -584,7 +268,7 @@ class Gossip:
         message = await self._receive_message(stream)
         if isinstance(message, AdvertBatch):
             if message.want is not None:
-                raise ProtocolError("'want' outside a digest exchange")
+                raise RemoteProtocolError("'want' outside a digest exchange")
             adverts = message.adverts
             allowed = self._push_budget.take(peer, len(adverts), trio.current_time())
             if allowed < len(adverts):
@@ -652,10 +336,10 @@ class Gossip:
         while True:
             message = await self._receive_message(stream)
             if not isinstance(message, AdvertBatch):
-                raise ProtocolError("a DIGEST must be answered with ADVERTS")
+                raise RemoteProtocolError("a DIGEST must be answered with ADVERTS")
             received += len(message.adverts)
             if received > self._max_entries:
-                raise ProtocolError("digest answer holds too many adverts")
+                raise RemoteProtocolError("digest answer holds too many adverts")
             self._receive(stream.peer_id, message.adverts)
             if message.want is not None:
                 break
@@ -665,7 +349,7 @@ class Gossip:
     async def _answer_digest(self, stream: Stream, digest: Digest) -> None:
         peer = stream.peer_id
         if peer in self._answering:
-            raise ProtocolError("a digest exchange with this peer is already running")
+            raise RemoteProtocolError("a digest exchange with this peer is already running")
         self._answering.add(peer)
         try:
             ours = self.adverts.digest()
@@ -676,8 +360,8 @@ class Gossip:
                     (p for p, seq in theirs.items() if ours.get(p, -1) < seq), self._max_entries
                 )
             )
-            budget = self.config.max_message_size - _MESSAGE_OVERHEAD
-            want_size = len(want) * _ENTRY_SIZE
+            budget = self.config.max_message_size - MESSAGE_OVERHEAD
+            want_size = len(want) * ENTRY_SIZE
             last: list[bytes] = []
             last_size = 0
             for batch, size in self._batches(give):
@@ -695,10 +379,10 @@ class Gossip:
                 except trio.EndOfChannel:
                     break
                 if not isinstance(message, AdvertBatch) or message.want is not None:
-                    raise ProtocolError("expected the wanted ADVERTS")
+                    raise RemoteProtocolError("expected the wanted ADVERTS")
                 received += len(message.adverts)
                 if received > len(want):
-                    raise ProtocolError("sent more adverts than were wanted")
+                    raise RemoteProtocolError("sent more adverts than were wanted")
                 self._receive(peer, message.adverts)
             self.stats.syncs += 1
         finally:
@@ -706,7 +390,7 @@ class Gossip:
 
     def _batches(self, peers: Iterable[PeerId]) -> Iterator[tuple[list[bytes], int]]:
         """The held envelopes of `peers`, encoded, in batches that fit one message."""
-        budget = self.config.max_message_size - _MESSAGE_OVERHEAD
+        budget = self.config.max_message_size - MESSAGE_OVERHEAD
         batch: list[bytes] = []
         size = 0
         for peer in peers:
@@ -714,11 +398,11 @@ class Gossip:
             if envelope is None:
                 continue
             data = envelope.to_bytes()
-            if batch and size + len(data) + _BIN_OVERHEAD > budget:
+            if batch and size + len(data) + BIN_OVERHEAD > budget:
                 yield batch, size
                 batch, size = [], 0
             batch.append(data)
-            size += len(data) + _BIN_OVERHEAD
+            size += len(data) + BIN_OVERHEAD
         if batch:
             yield batch, size
 

@@ -1,0 +1,46 @@
+"""Test support shipped for anyone to use, like `trio.testing`.
+
+- `network` (re-exported here): in-memory networks of Hosts and Peers under MockClock,
+  deterministic identities, a transport that tampers with what it sends, and waiting helpers;
+  and providers dialling a peer over real WebSockets on loopback.
+- `fakewebui`: a fake AUTOMATIC1111 webui speaking its HTTP API with its quirks (needs FastAPI,
+  a core dependency); import it as ``sdcn_p2p.testing.fakewebui``.
+- `fakecomfyui`: a fake ComfyUI speaking its HTTP and WebSocket API with its quirks (its
+  cache, per-client events, history that stays ``{}`` until a prompt ends);
+  ``sdcn_p2p.testing.fakecomfyui``, a package: its node specs, validator, execution, state and
+  server.
+- `tinysd`: a tiny, randomly initialised Stable Diffusion built offline, for the diffusers
+  backend (needs the ``diffusers`` extra, imported when called); ``sdcn_p2p.testing.tinysd``.
+- `gated`: a test card whose jobs take each step only when the test allows it;
+  ``sdcn_p2p.testing.gated``.
+"""
+
+from sdcn_p2p.testing.network import (
+    MOCK_EPOCH,
+    WAIT_TIMEOUT,
+    Tamper,
+    TamperingTransport,
+    all_tasks,
+    mock_wall_clock,
+    open_loopback_providers,
+    open_memory_hosts,
+    open_memory_peers,
+    small_job,
+    test_identity,
+    wait_advert,
+)
+
+__all__ = [
+    "MOCK_EPOCH",
+    "WAIT_TIMEOUT",
+    "Tamper",
+    "TamperingTransport",
+    "all_tasks",
+    "mock_wall_clock",
+    "open_loopback_providers",
+    "open_memory_hosts",
+    "open_memory_peers",
+    "small_job",
+    "test_identity",
+    "wait_advert",
+]
