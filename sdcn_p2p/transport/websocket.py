@@ -364,8 +364,12 @@ class _WebSocketConnection:
                     self._events.extend(self._ws.events())
                 except WsRemoteProtocolError as exc:
                     self._violate(_PROTOCOL_ERROR, f"broke the WebSocket protocol: {exc}")
+                if self._ws.state is ConnectionState.CLOSED:
+                    self._close_answered.set()  # the answer to our close, if we are closing
         finally:
             self._receiving = False
+            if self._closed:
+                self._close_answered.set()  # aclose reads the answer itself, if still due
 
     def _check_receive(self) -> None:
         if self._closed:
@@ -434,11 +438,10 @@ class _WebSocketConnection:
                     code, reason = self._violation or (_NORMAL_CLOSURE, "")
                     with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                         await self._send(self._ws.send(CloseConnection(code, reason)))
+                if self._ws.state is ConnectionState.LOCAL_CLOSING and self._receiving:
+                    await self._close_answered.wait()  # that receiver sees the answer, or leaves
                 if self._ws.state is ConnectionState.LOCAL_CLOSING:
-                    if self._receiving:  # that receiver sees the answer
-                        await self._close_answered.wait()
-                    else:
-                        await self._await_close_answer()
+                    await self._await_close_answer()
         finally:
             await trio.aclose_forcefully(self._stream)
             self._released.set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from functools import partial
 
 import httpx
 import pytest
@@ -173,9 +174,20 @@ async def test_a_client_that_disconnects_cancels_its_job(devnet: Devnet) -> None
         p for p in devnet.providers if "dreamshaper-8" in [m.name for m in p.capabilities.models]
     ]
     slow = sdcn(model="dreamshaper-8", steps=150, width=512, height=512)  # ~50 s on it
-    async with httpx.AsyncClient(base_url=devnet.url, timeout=1.0) as http:
-        with pytest.raises(httpx.ReadTimeout):
-            await http.post("/txt2img", json=slow)
+    running = trio.Event()
+
+    def on_advert(_advert: object) -> None:  # the provider advertises each change of its load
+        if provider.running:
+            running.set()
+
+    async with (
+        httpx.AsyncClient(base_url=devnet.url, timeout=60) as http,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(partial(http.post, "/txt2img", json=slow))
+        with devnet.gateway.peer.adverts.subscribe(on_advert), trio.fail_after(30):
+            await running.wait()
+        nursery.cancel_scope.cancel()  # the client goes away mid-job
     with trio.fail_after(10):  # far sooner than the job would take
         await provider.wait_idle()
     await trio.testing.wait_all_tasks_blocked()  # the job handler finishes its bookkeeping

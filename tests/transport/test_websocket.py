@@ -212,7 +212,8 @@ async def test_closed_connection_raises_closed_resource_error() -> None:
 
 async def test_close_wakes_a_blocked_receiver() -> None:
     async def handler(conn: RawConnection) -> None:
-        await trio.sleep_forever()
+        with pytest.raises(trio.EndOfChannel):
+            await conn.receive_message()
 
     async with serving(handler) as (transport, addr):
         conn = await transport.dial(addr)
@@ -225,6 +226,32 @@ async def test_close_wakes_a_blocked_receiver() -> None:
             nursery.start_soon(receive)
             await trio.testing.wait_all_tasks_blocked()
             await conn.aclose()
+
+
+async def test_close_returns_once_answered_while_a_task_receives() -> None:
+    # The receiving task reads the peer's answer to our close; aclose returns then, not when
+    # CLOSE_TIMEOUT cuts the socket.
+    closed_normally = trio.Event()
+
+    async def handler(conn: RawConnection) -> None:
+        with pytest.raises(trio.EndOfChannel):
+            await conn.receive_message()
+        closed_normally.set()
+
+    async with serving(handler) as (transport, addr):
+        conn = await transport.dial(addr)
+        async with trio.open_nursery() as nursery:
+
+            async def receive() -> None:
+                with pytest.raises(trio.ClosedResourceError):
+                    await conn.receive_message()
+
+            nursery.start_soon(receive)
+            await trio.testing.wait_all_tasks_blocked()
+            with trio.move_on_after(CLOSE_TIMEOUT / 2) as waited_out:
+                await conn.aclose()
+            assert not waited_out.cancelled_caught
+            await closed_normally.wait()
 
 
 async def test_abrupt_close_by_the_server_breaks_the_connection() -> None:
