@@ -216,6 +216,19 @@ class ProviderDirectory:
             queued += max(load - advert.slots, 0)
         return per_second, queued
 
+    def free_slots(self, model: str, now: float) -> int:
+        """Slots of the online providers of `model` (not banned, not held back as busy)
+        that none of this gateway's jobs fills now."""
+        free = 0
+        for advert in self.adverts.find(model, []):
+            if (
+                advert.is_online_provider
+                and not self.is_banned(advert.peer_id, now)
+                and not self._held(advert, now)
+            ):
+                free += max(advert.slots - self._in_flight.get(advert.peer_id, 0), 0)
+        return free
+
     def has_model(self, model: str, loras: Iterable[str] = ()) -> bool:
         """Whether any provider, in any state, banned or not, offers `model` with every LoRA.
 

@@ -92,13 +92,13 @@ class Limits:
         """Raise ConfigError naming the first field out of range."""
         for item in fields(self):
             value = getattr(self, item.name)
+            low = _LOWEST.get(item.name, 0.0)
             number = isinstance(value, int | float) and not isinstance(value, bool)
-            low = 0 if item.name == "max_waiting" else 1 if item.name != "requests_per_second" else 0
-            ok = number and not math.isnan(value) and value >= low and (value > 0 or low == 0)
-            if ok and item.name in _COUNTS and math.isfinite(value):
+            ok = number and not math.isnan(value) and (value >= low if low else value > 0)
+            if ok and item.name in _LOWEST and math.isfinite(value):
                 ok = float(value).is_integer()
-            must = "must be a whole number" if item.name in _COUNTS else "must be a number"
-            require(self, item.name, ok, f"{must} ≥ {low} (or inf: no limit)")
+            must = f"a whole number ≥ {low:g}" if item.name in _LOWEST else "a number > 0"
+            require(self, item.name, ok, f"must be {must} (or inf: no limit)")
 
     @classmethod
     def unlimited(cls) -> Limits:
@@ -112,9 +112,7 @@ class Limits:
         known = {item.name for item in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(
-                f"unknown limit {unknown[0]!r} (known: {', '.join(sorted(known))})"
-            )
+            raise ConfigError(f"unknown limit {unknown[0]!r} (known: {', '.join(sorted(known))})")
         changes = {
             name: math.inf if value == "unlimited" else value for name, value in values.items()
         }
@@ -128,7 +126,8 @@ class Limits:
         }
 
 
-_COUNTS = frozenset({"request_burst", "max_in_flight", "max_waiting"})
+# The counts, and the least each may be.
+_LOWEST = {"request_burst": 1.0, "max_in_flight": 1.0, "max_waiting": 0.0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +154,7 @@ def as_client(client: Client | str) -> Client:
 class TokenBucket:
     """Tokens refilled at `rate` a second up to `capacity` (starting full)."""
 
-    __slots__ = ("capacity", "rate", "tokens", "_at")
+    __slots__ = ("_at", "capacity", "rate", "tokens")
 
     def __init__(self, rate: float, capacity: float, now: float) -> None:
         self.rate = rate
