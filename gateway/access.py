@@ -194,6 +194,14 @@ class AccessConfig:
             keys.append(key)
         return cls(tuple(keys), tiers, require_key, path)
 
+    @classmethod
+    def unlimited(cls) -> AccessConfig:
+        """Everyone served without limits (a private gateway, tests): the built-in tiers
+        with no limits."""
+        unlimited = Limits.unlimited()
+        tiers = {name: Tier(name, tier.weight, unlimited) for name, tier in BUILTIN_TIERS.items()}
+        return cls(tiers=tiers)
+
     def reload(self) -> AccessConfig:
         """The config read again from `path` (ConfigError if it cannot be used)."""
         if self.path is None:

@@ -206,6 +206,11 @@ class Quotas:
     def __len__(self) -> int:
         return len(self._states)
 
+    @property
+    def active(self) -> int:
+        """Clients with jobs in flight or waiting now."""
+        return len(self._busy)
+
     # --- checks --------------------------------------------------------------------------------
 
     def request(self, client: Client, now: float) -> None:
