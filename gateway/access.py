@@ -32,6 +32,7 @@ import hmac
 import ipaddress
 import json
 import math
+import os
 import secrets
 import tomllib
 from dataclasses import dataclass, field
@@ -44,10 +45,12 @@ from sdcn_p2p.errors import ConfigError
 from sdcn_p2p.identity import PeerId
 
 __all__ = [
+    "BUILTIN_TIERS",
     "KEY_PREFIX",
     "AccessConfig",
     "ApiKey",
     "Tier",
+    "add_key",
     "address_client_id",
     "hash_key",
     "key_entry",
@@ -110,12 +113,55 @@ def hash_key(key: str) -> str:
 
 def key_entry(key: str, name: str, *, tier: str | None = None, provider: str | None = None) -> str:
     """The keys file entry (TOML) for `key`."""
-    lines = ["[[keys]]", f"name = {json.dumps(name)}", f'sha256 = "{hash_key(key)}"']
-    if tier is not None:
-        lines.append(f"tier = {json.dumps(tier)}")
-    if provider is not None:
-        lines.append(f"provider = {json.dumps(provider)}")
+    lines = ["[[keys]]"]
+    lines += [
+        f"{field} = {json.dumps(value)}" for field, value in _fields(key, name, tier, provider)
+    ]
     return "\n".join(lines) + "\n"
+
+
+def _fields(key: str, name: str, tier: str | None, provider: str | None) -> list[tuple[str, str]]:
+    fields = [("name", name), ("sha256", hash_key(key))]
+    fields += [(field, value) for field, value in (("tier", tier), ("provider", provider)) if value]
+    return fields
+
+
+def add_key(
+    path: Path, key: str, name: str, *, tier: str | None = None, provider: str | None = None
+) -> None:
+    """Add `key`'s entry to the keys file at `path` (made with mode 0600 if there is none),
+    checked first as the gateway would read the result: ConfigError, and the file left as it
+    was, if it would not load (a name used already, an unknown tier, a bad peer id)."""
+    try:
+        old = path.read_text(encoding="utf-8") if path.exists() else ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"keys file {path}: cannot read it ({exc})") from None
+    if path.suffix == ".json":
+        try:
+            data = json.loads(old) if old.strip() else {}
+        except ValueError as exc:
+            raise ConfigError(f"keys file {path}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict) or not isinstance(data.setdefault("keys", []), list):
+            raise ConfigError(f"keys file {path}: must be an object with a list of keys")
+        data["keys"].append(
+            tomllib.loads(key_entry(key, name, tier=tier, provider=provider))["keys"][0]
+        )
+        text, append = json.dumps(data, indent=2) + "\n", False
+    else:
+        gap = "" if not old else "\n" if old.endswith("\n") else "\n\n"
+        added = gap + key_entry(key, name, tier=tier, provider=provider)
+        text, append = old + added, True
+    try:
+        AccessConfig.from_mapping(json.loads(text) if not append else tomllib.loads(text))
+    except (ConfigError, ValueError) as exc:
+        raise ConfigError(f"keys file {path}: the new key would not load: {exc}") from None
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+    try:
+        fd = os.open(path, flags, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(added if append else text)
+    except OSError as exc:
+        raise ConfigError(f"keys file {path}: cannot write it ({exc})") from None
 
 
 def address_client_id(address: str | None) -> str:
