@@ -6,8 +6,13 @@ to its place), and the clients are served in turn by weighted deficit round robi
 turn a client's credit grows by `weight` x the quantum (the dearest job the line has held,
 in megapixel-steps), and it is served while its next job costs no more than its credit. A
 client with 1,000 jobs waiting so takes turns with one that has a single job, and one of
-weight 4 gets about four times the work of one of weight 1 while both wait. A client whose
-`may_serve` says no (over its jobs in flight) is passed over without gaining credit.
+weight 4 gets about four times the work of one of weight 1 while both wait.
+
+As in FQ-CoDel, a client that had nothing waiting comes in as a *new* client, served before
+the others while its first turn's credit lasts (new clients by weight, then in order of
+coming): someone sending a job now and then waits for a free slot, not for a turn among
+the clients that keep the line full. A client whose `may_serve` says no (over its jobs in
+flight) is passed over without gaining credit.
 
 The service takes the next job from whichever model's line may take one now (its model has
 room, and is not held back after finding no provider) and whose oldest job came first.
@@ -39,7 +44,8 @@ class _Flow(Generic[_T]):
 @dataclass(slots=True)
 class _ModelLine(Generic[_T]):
     flows: dict[str, _Flow[_T]] = field(default_factory=dict)
-    turns: deque[str] = field(default_factory=deque)  # clients with jobs; the first is served
+    fresh: list[str] = field(default_factory=list)  # new clients, in their first turn
+    turns: deque[str] = field(default_factory=deque)  # the others; the first is served
     quantum: float = 0.0  # the dearest job seen: one turn of weight 1 affords any job
 
     def oldest(self) -> int:
@@ -72,15 +78,19 @@ class AdmissionLine(Generic[_T]):
         among that client's jobs. `weight` (> 0) is the client's share now. `returned`: the
         job was taken out before and comes back unserved, so its cost is credited back."""
         line = self._lines.setdefault(key, _ModelLine())
+        line.quantum = max(line.quantum, cost)
         flow = line.flows.get(client)
         if flow is None:
-            flow = line.flows[client] = _Flow(weight)
-            line.turns.append(client)
+            flow = line.flows[client] = _Flow(weight, credit=weight * line.quantum)
+            place = next(
+                (i for i, c in enumerate(line.fresh) if line.flows[c].weight < weight),
+                len(line.fresh),
+            )
+            line.fresh.insert(place, client)
         flow.weight = weight
         if returned:
             flow.credit += cost
         bisect.insort(flow.jobs, (ticket, cost, item), key=_ticket)
-        line.quantum = max(line.quantum, cost)
         self._where[key, ticket] = client
         self._count += 1
 
@@ -126,6 +136,14 @@ class AdmissionLine(Generic[_T]):
 
     def _serve(self, key: str, may_serve: Callable[[str], bool] | None) -> _T | None:
         line = self._lines[key]
+        for client in list(line.fresh):
+            if may_serve is not None and not may_serve(client):
+                continue
+            flow = line.flows[client]
+            if flow.credit >= flow.jobs[0][1]:
+                return self._pop(key, client)
+            line.fresh.remove(client)  # its first turn is over: one of the others now
+            line.turns.append(client)
         turns = line.turns
         allowed = {c for c in turns if may_serve is None or may_serve(c)}
         if not allowed:
@@ -133,25 +151,30 @@ class AdmissionLine(Generic[_T]):
         while True:
             client = turns[0]
             flow = line.flows[client]
-            if client in allowed:
-                ticket, cost, item = flow.jobs[0]
-                if flow.credit >= cost:
-                    flow.credit -= cost
-                    del flow.jobs[0]
-                    del self._where[key, ticket]
-                    self._taken(key, client)
-                    return item
+            if client in allowed and flow.credit >= flow.jobs[0][1]:
+                return self._pop(key, client)
             turns.rotate(-1)
             if turns[0] in allowed:
                 nxt = line.flows[turns[0]]
                 nxt.credit += nxt.weight * line.quantum
+
+    def _pop(self, key: str, client: str) -> _T:
+        flow = self._lines[key].flows[client]
+        ticket, cost, item = flow.jobs.pop(0)
+        flow.credit -= cost
+        del self._where[key, ticket]
+        self._taken(key, client)
+        return item
 
     def _taken(self, key: str, client: str) -> None:
         self._count -= 1
         line = self._lines[key]
         if not line.flows[client].jobs:  # an idle client keeps no credit (DRR)
             del line.flows[client]
-            line.turns.remove(client)
+            if client in line.turns:
+                line.turns.remove(client)
+            else:
+                line.fresh.remove(client)
             if not line.flows:
                 del self._lines[key]
 

@@ -259,6 +259,7 @@ class Dispatcher:
         part: int = 0,
         job_id: str | None = None,
         prefer: Collection[str] = (),
+        own_load: bool = False,
     ) -> DispatchResult:
         """Run `job` within `deadline` seconds (default: `default_deadline`) and return its
         images, trying up to `config.max_attempts` providers.
@@ -267,7 +268,9 @@ class Dispatcher:
         hears the job's events (see `DispatchEvent`), each with `part`. `job_id` names the
         job in the logs, here and on the provider (default: a fresh id; ValueError if it is
         not 1 to 64 of ``[A-Za-z0-9._:-]``). `prefer`: peer ids (text) of providers that take
-        the job first whenever one of them has room (the client's own). Raises a
+        the job first whenever one of them has a slot free of our jobs (the client's own).
+        `own_load`: choose the provider by this gateway's jobs there only, not its
+        advertised queue (the job service, filling the slots it knows are free). Raises a
         DispatchError subclass (`gateway.errors`). Cancelling is safe: the job's stream is
         reset, which cancels it on the provider.
         """
@@ -291,6 +294,7 @@ class Dispatcher:
             part=part,
             job_id=job_id,
             prefer=frozenset(prefer),
+            own_load=own_load,
         )
         work = job.megapixel_steps
         self._work_held += work
@@ -362,6 +366,7 @@ class Dispatcher:
         on_event: EventCallback | None = None,
         job_id: str | None = None,
         prefer: Collection[str] = (),
+        own_load: bool = False,
     ) -> list[DispatchResult]:
         """Run `jobs` in parallel, as `run` runs each (job i's events have ``part=i``), and
         return their results in order. With `job_id`, part i of several is named
@@ -380,6 +385,7 @@ class Dispatcher:
                 part=index,
                 job_id=part_id,
                 prefer=prefer,
+                own_load=own_load,
             )
 
         try:
@@ -520,18 +526,27 @@ class Dispatcher:
         return self.directory.has_model(job.model, [name for name, _ in job.loras])
 
     def _own(self, request: _Request) -> Candidate | None:
-        """One of the providers `request` prefers, if one has room."""
+        """One of the providers `request` prefers, if one has a slot free of our jobs."""
         if not request.prefer:
             return None
         found = self.directory.candidates(
-            request.job, self.peer.wall_clock(), exclude=self._exclude(request)
+            request.job, self.peer.wall_clock(), exclude=self._exclude(request), own_load=True
         )
-        return next((c for c in found if str(c.peer_id) in request.prefer), None)
+        return next(
+            (c for c in found if str(c.peer_id) in request.prefer and c.in_flight < c.advert.slots),
+            None,
+        )
 
     def _choose(self, request: _Request) -> Candidate | None:
         own = self._own(request)
         if own is not None:
             return own
+        if request.own_load:
+            found = self.directory.candidates(
+                request.job, self.peer.wall_clock(), exclude=self._exclude(request), own_load=True
+            )
+            if found:
+                return found[0]
         return self.directory.choose(
             request.job,
             self.peer.wall_clock(),
@@ -723,6 +738,7 @@ class _Request:
     job_id: str = ""
     sent: float | None = None  # trio time the latest attempt was sent
     prefer: frozenset[str] = frozenset()  # providers (peer ids) to take it first
+    own_load: bool = False  # choose by this gateway's jobs at each provider only
 
     @property
     def attempts(self) -> int:

@@ -189,6 +189,7 @@ class Dispatch(Protocol):
         on_event: Callable[[DispatchEvent], None] | None = None,
         job_id: str | None = None,
         prefer: Collection[str] = (),
+        own_load: bool = False,
     ) -> list[DispatchResult]: ...
 
     async def check_offered(self, job: JobRequest) -> None: ...
@@ -272,6 +273,7 @@ class Job:
         self.ticket = ticket
         self.weight = 1.0  # its client's share in the line (async)
         self.prefer: frozenset[str] = frozenset()  # its client's own providers
+        self.fills_slot = False  # sent to the dispatcher for a slot free of our jobs
         self.events: list[JobEvent] = []
         self.changed = trio.lowlevel.ParkingLot()  # followers wait here
         self.ended = trio.Event()  # its terminal event is logged
@@ -294,9 +296,13 @@ class Job:
 
     @property
     def prefers(self) -> dict[str, Any]:
-        """`run_batch`'s keyword for the providers to try first, if any (dispatchers that
-        tests stand in need not take it otherwise)."""
-        return {"prefer": self.prefer} if self.prefer else {}
+        """`run_batch`'s keywords for the providers to try first, if any, and for a job
+        sent to fill a free slot (dispatchers that tests stand in need not take them
+        otherwise)."""
+        prefers: dict[str, Any] = {"prefer": self.prefer} if self.prefer else {}
+        if self.fills_slot:
+            prefers["own_load"] = True
+        return prefers
 
     def log(self, name: str, data: dict[str, Any]) -> JobEvent:
         event = JobEvent(f"{self.record.runs}.{next(self._seq)}", name, data)
@@ -493,6 +499,7 @@ class JobService:
                     break
                 moved = True
                 job.in_line = False
+                job.fills_slot = shared
                 self.quotas.dispatched(job.record.client, now)
                 self._dispatching += 1
                 self._set_unassigned(job, True)
@@ -563,12 +570,13 @@ class JobService:
                     outcome = ("failed", exc)
                 except (DispatchError, StoreError) as exc:
                     outcome = ("failed", exc)
-            with trio.CancelScope(shield=True):
-                await self._end_async(job, *outcome)
         finally:
+            # Its provider's slot is free now, not once its end is stored.
             self._dispatching -= 1
             self._set_unassigned(job, False)
             self._wake.set()
+        with trio.CancelScope(shield=True):
+            await self._end_async(job, *outcome)
 
     def _may_retry(self, job: Job, error: DispatchError) -> bool:
         """Whether an async job the dispatcher could not place should try again later."""
@@ -629,6 +637,8 @@ class JobService:
     ) -> None:
         """End an async job that was `waiting` in line (else at the dispatcher)."""
         job.finishing = True
+        if status == "done":  # counted now: the job's client may be waiting on its provider
+            self._contributed(job)
         refund = job.record.cost if status != "done" else 0.0
         self.quotas.ended(job.record.client, trio.current_time(), waiting=waiting, refund=refund)
         images = [png for r in outcome for png in r.images] if status == "done" else []
@@ -724,6 +734,8 @@ class JobService:
         return JobOutcome(job.id, results)
 
     def _end_sync(self, job: Job, status: str, outcome: Any) -> None:
+        if status == "done":
+            self._contributed(job)
         refund = job.record.cost if status != "done" else 0.0
         self.quotas.ended(job.record.client, trio.current_time(), waiting=False, refund=refund)
         images = [png for r in outcome for png in r.images] if status == "done" else []
@@ -813,7 +825,6 @@ class JobService:
             job.results = outcome
             images = [png for result in outcome for png in result.images]
             job.log("done", {"images": images, "info": outcome[0].info})
-            self._contributed(job)
         elif status == "failed":
             job.error = outcome
             job.log("failed", {"error": outcome})
@@ -836,7 +847,7 @@ class JobService:
         provider = job.record.provider
         if provider is None:
             return
-        at = job.record.finished_at or self._wall_clock()
+        at = self._wall_clock()
         work, jobs, _ = self.contributions.get(provider, (0.0, 0, 0.0))
         self.contributions[provider] = (work + job.record.cost, jobs + 1, at)
         self._store.contribute_nowait(provider, job.record.cost, at)
