@@ -94,7 +94,8 @@ class Limits:
             value = getattr(self, item.name)
             low = _LOWEST.get(item.name, 0.0)
             number = isinstance(value, int | float) and not isinstance(value, bool)
-            ok = number and not math.isnan(value) and (value >= low if low else value > 0)
+            ok = number and not math.isnan(value)
+            ok = ok and (value >= low if item.name in _LOWEST else value > 0)
             if ok and item.name in _LOWEST and math.isfinite(value):
                 ok = float(value).is_integer()
             must = f"a whole number ≥ {low:g}" if item.name in _LOWEST else "a number > 0"
