@@ -456,6 +456,7 @@ def _add_node(commands: argparse._SubParsersAction) -> None:
         help="also be a gateway: serve the SDCN and AUTOMATIC1111 HTTP APIs here",
     )
     _add_jobs_options(parser, data_dir_default=f"{default_data_dir()} (with --http)")
+    _add_access_options(parser)
     capacity = parser.add_argument_group("capacity")
     capacity.add_argument("--slots", type=int, default=1, help="jobs run at once (default 1)")
     capacity.add_argument(
