@@ -21,9 +21,10 @@ A result's files are written before its row says "done", so a done row has its f
 they were lost since (then its GET is 410). Files no row claims are deleted at start.
 
 The schema is versioned (``PRAGMA user_version``): a later version adds a migration step to
-`_MIGRATIONS`. Each row keeps what later issues need: the client key and the provider
-(per-client limits, fair shares), the cost in megapixel-steps (accounting), and the request
-itself (re-running a job after a restart, or on another provider for a spot check).
+`_MIGRATIONS` (version 2 added ``contributions``: each provider's work for this gateway, which
+earns its owner's key a bigger share). Each row keeps the client and the provider, the cost
+in megapixel-steps, and the request itself (re-running a job after a restart, or on another
+provider for a spot check).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ CREATE TABLE jobs (
     kind TEXT NOT NULL,             -- txt2img | img2img
     mode TEXT NOT NULL,             -- async | sync
     api TEXT NOT NULL,              -- sdcn | a1111: the API it came through
-    client TEXT NOT NULL,           -- who asked (an IP address; an API key later)
+    client TEXT NOT NULL,           -- who asked: ip:ADDRESS (IPv6: its /64) or key:NAME
     task_id TEXT,                   -- the A1111 client's force_task_id
     status TEXT NOT NULL,           -- queued | running | done | failed | cancelled
     parts TEXT NOT NULL,            -- JSON: each dispatched job's fields, init image apart
