@@ -154,7 +154,7 @@ async def simulate(args: argparse.Namespace, flood: bool) -> dict[str, object]:
             """Send `batch` jobs at once every `every` s (+-20 %) until the end."""
             async with client(f"10.0.{number // 250}.{number % 250 + 1}") as http:
                 rng = random.Random(f"{args.seed}:{number}")  # the same with the flood or not
-                await trio.sleep(rng.uniform(0, every))
+                await trio.sleep(rng.uniform(0, min(every, args.seconds / 2)))
                 index = number * 10_000
                 async with trio.open_nursery() as jobs:
                     while trio.current_time() < end:
