@@ -40,8 +40,7 @@ to the dispatcher only as providers of their model have free slots, so that they
 where the order is fair, and not in a provider's own queue.
 
 Seams for what comes next: `_finished` is the one place every job ends (metrics: times,
-outcomes, attempts, contributions); the stored request lets a job run again elsewhere (spot
-checks).
+outcomes, attempts); the stored request lets a job run again elsewhere (spot checks).
 """
 
 from __future__ import annotations
