@@ -32,7 +32,7 @@ from sdcn_p2p.backends.testcard import TestcardConfig, open_testcard_backend
 from sdcn_p2p.errors import ConfigError, MultiaddrError, SdcnError
 from sdcn_p2p.host import HostConfig, open_host
 from sdcn_p2p.httpserver import parse_bind
-from sdcn_p2p.identity import Identity, default_key_path, load_or_create_identity
+from sdcn_p2p.identity import Identity, PeerId, default_key_path, load_or_create_identity
 from sdcn_p2p.logs import LOG_FORMATS, configure_logging
 from sdcn_p2p.metrics import open_metrics_server
 from sdcn_p2p.multiaddr import Multiaddr
@@ -365,6 +365,11 @@ def _add_apikey(commands: argparse._SubParsersAction) -> None:
 def _apikey_new(args: argparse.Namespace) -> int:
     from gateway.access import add_key, key_entry, new_key
 
+    if args.provider is not None:
+        try:
+            PeerId.from_string(args.provider)
+        except ValueError as exc:
+            raise ConfigError(f"--provider: not a peer id ({exc})") from None
     key = new_key()
     if args.keys_file is None:
         entry = key_entry(key, args.name, tier=args.tier, provider=args.provider)
