@@ -2,7 +2,7 @@
 in, seconds of trio's clock).
 
 A `Client` is one anonymous address (an IPv4 address, or an IPv6 /64) or one API key, with
-its `Limits` and its weight in the fair share (`gateway.fairshare`). `Quotas` keeps, per
+its `Limits` and its weight in the fair line (`gateway.admission`). `Quotas` keeps, per
 client, what the limits are checked against:
 
 - **requests**: a token bucket of `Limits.requests_per_second`, holding up to
@@ -16,7 +16,7 @@ client, what the limits are checked against:
   a job that ends without images gives it back.
 
 A refusal is `LimitExceeded` naming the limit, with when to come back. `Quotas` also tells
-whether several clients use the gateway now (`shared`), for the dispatcher to keep jobs in
+whether several clients use the gateway now (`shared`), for the job service to keep jobs in
 the gateway's line, where the order is fair, rather than in providers' own queues.
 
 State is kept for at most `Quotas.max_clients` clients; beyond that the ones idle longest
