@@ -23,6 +23,7 @@ from gateway import a1111_api, jobs_api, ops_api, sdcn_api, web_api
 from gateway.http import (
     MAX_BODY,
     RETRY_AFTER,
+    AccessGate,
     BodyLimit,
     GatewayServices,
     install_error_handlers,
@@ -47,6 +48,7 @@ def create_app(gateway: GatewayServices, *, rng: random.Random | None = None) ->
     )
     app.state.services = gateway
     app.state.rng = rng or random.Random()
+    app.add_middleware(AccessGate)  # before the body is read: a refusal costs no upload
     app.add_middleware(BodyLimit, limit=MAX_BODY)
     app.add_middleware(RequestCounter, metrics=gateway.metrics)  # outermost: counts the 413s
     install_error_handlers(app)

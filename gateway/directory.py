@@ -124,13 +124,20 @@ class ProviderDirectory:
     # --- choosing --------------------------------------------------------------------------------
 
     def candidates(
-        self, job: JobRequest, now: float, *, exclude: Collection[PeerId] = ()
+        self,
+        job: JobRequest,
+        now: float,
+        *,
+        exclude: Collection[PeerId] = (),
+        own_load: bool = False,
     ) -> list[Candidate]:
-        """The providers that can run `job` now, soonest first."""
+        """The providers that can run `job` now, soonest first. With `own_load`, a
+        provider's queue is this gateway's jobs there only, not the one its advert gives
+        (which lags): right when this gateway is the one keeping them busy."""
         adverts = [a for a in self._capable(job, now, exclude) if not self._full(a, now)]
         proven_speeds = [self._speed(a) for a in adverts if a.peer_id in self._proven]
         cap = max(proven_speeds, default=None)
-        found = [self._candidate(advert, job, cap) for advert in adverts]
+        found = [self._candidate(advert, job, cap, own_load) for advert in adverts]
         found.sort(key=lambda c: c.eta)
         return found
 
@@ -185,7 +192,9 @@ class ProviderDirectory:
         """Estimated seconds until `advert`'s provider returns `job`'s result."""
         return self._candidate(advert, job, None).eta
 
-    def _candidate(self, advert: Advert, job: JobRequest, cap: float | None) -> Candidate:
+    def _candidate(
+        self, advert: Advert, job: JobRequest, cap: float | None, own_load: bool = False
+    ) -> Candidate:
         """`cap`: the most speed (it/s) an unproven provider is credited with, if any."""
         peer = advert.peer_id
         measured = self._rtt(peer)
@@ -198,7 +207,7 @@ class ProviderDirectory:
         run = job.cost / speed
         # The advertised queue counts our jobs too once the provider has republished; the max
         # avoids counting them twice while reacting to them before the advert does.
-        queue = max(advert.queue, in_flight) / advert.slots
+        queue = (in_flight if own_load else max(advert.queue, in_flight)) / advert.slots
         return Candidate(advert, rtt + queue * run + run, rtt, in_flight, proven)
 
     def capacity(
@@ -217,6 +226,19 @@ class ProviderDirectory:
             load = max(advert.queue, self._in_flight.get(advert.peer_id, 0))
             queued += max(load - advert.slots, 0)
         return per_second, queued
+
+    def free_slots(self, model: str, now: float) -> int:
+        """Slots of the online providers of `model` (not banned, not held back as busy)
+        that none of this gateway's jobs fills now."""
+        free = 0
+        for advert in self.adverts.find(model, []):
+            if (
+                advert.is_online_provider
+                and not self.is_banned(advert.peer_id, now)
+                and not self._held(advert, now)
+            ):
+                free += max(advert.slots - self._in_flight.get(advert.peer_id, 0), 0)
+        return free
 
     def has_model(self, model: str, loras: Iterable[str] = ()) -> bool:
         """Whether any provider, in any state, banned or not, offers `model` with every LoRA.

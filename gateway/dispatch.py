@@ -52,7 +52,7 @@ import itertools
 import logging
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -258,6 +258,8 @@ class Dispatcher:
         on_event: EventCallback | None = None,
         part: int = 0,
         job_id: str | None = None,
+        prefer: Collection[str] = (),
+        own_load: bool = False,
     ) -> DispatchResult:
         """Run `job` within `deadline` seconds (default: `default_deadline`) and return its
         images, trying up to `config.max_attempts` providers.
@@ -265,9 +267,12 @@ class Dispatcher:
         A seed of -1 is replaced by a random one (``info["seed"]`` says which). `on_event`
         hears the job's events (see `DispatchEvent`), each with `part`. `job_id` names the
         job in the logs, here and on the provider (default: a fresh id; ValueError if it is
-        not 1 to 64 of ``[A-Za-z0-9._:-]``). Raises a DispatchError subclass
-        (`gateway.errors`). Cancelling is safe: the job's stream is reset, which cancels it
-        on the provider.
+        not 1 to 64 of ``[A-Za-z0-9._:-]``). `prefer`: peer ids (text) of providers that take
+        the job first whenever one of them has a slot free of our jobs (the client's own).
+        `own_load`: choose the provider by this gateway's jobs there only, not its
+        advertised queue (the job service, filling the slots it knows are free). Raises a
+        DispatchError subclass (`gateway.errors`). Cancelling is safe: the job's stream is
+        reset, which cancels it on the provider.
         """
         if job_id is None:  # unique across gateways, so not from `self._rng` (maybe seeded)
             job_id = new_job_id()
@@ -282,7 +287,14 @@ class Dispatcher:
             deadline = self.default_deadline(job)
         started = trio.current_time()
         request = _Request(
-            job, started, started + deadline, on_event=on_event, part=part, job_id=job_id
+            job,
+            started,
+            started + deadline,
+            on_event=on_event,
+            part=part,
+            job_id=job_id,
+            prefer=frozenset(prefer),
+            own_load=own_load,
         )
         work = job.megapixel_steps
         self._work_held += work
@@ -353,6 +365,8 @@ class Dispatcher:
         deadline: float | None = None,
         on_event: EventCallback | None = None,
         job_id: str | None = None,
+        prefer: Collection[str] = (),
+        own_load: bool = False,
     ) -> list[DispatchResult]:
         """Run `jobs` in parallel, as `run` runs each (job i's events have ``part=i``), and
         return their results in order. With `job_id`, part i of several is named
@@ -365,7 +379,13 @@ class Dispatcher:
         async def run(index: int, job: JobRequest) -> None:
             part_id = job_id if job_id is None or len(jobs) == 1 else f"{job_id}.{index}"
             results[index] = await self.run(
-                job, deadline=deadline, on_event=on_event, part=index, job_id=part_id
+                job,
+                deadline=deadline,
+                on_event=on_event,
+                part=index,
+                job_id=part_id,
+                prefer=prefer,
+                own_load=own_load,
             )
 
         try:
@@ -476,9 +496,12 @@ class Dispatcher:
             )
 
     def _behind_line(self, request: _Request) -> bool:
-        """Whether `request` has not waited yet and jobs of its model are waiting."""
-        return request.wait_until == 0.0 and bool(
-            self._lines.get(normalize_model_name(request.job.model))
+        """Whether `request` has not waited yet and jobs of its model are waiting (and
+        none of the providers it prefers has room: those serve their owner first)."""
+        return (
+            request.wait_until == 0.0
+            and bool(self._lines.get(normalize_model_name(request.job.model)))
+            and self._own(request) is None
         )
 
     def _only_full(self, request: _Request) -> bool:
@@ -502,7 +525,28 @@ class Dispatcher:
         """Whether any provider we know of offers `job`'s model with its LoRAs."""
         return self.directory.has_model(job.model, [name for name, _ in job.loras])
 
+    def _own(self, request: _Request) -> Candidate | None:
+        """One of the providers `request` prefers, if one has a slot free of our jobs."""
+        if not request.prefer:
+            return None
+        found = self.directory.candidates(
+            request.job, self.peer.wall_clock(), exclude=self._exclude(request), own_load=True
+        )
+        return next(
+            (c for c in found if str(c.peer_id) in request.prefer and c.in_flight < c.advert.slots),
+            None,
+        )
+
     def _choose(self, request: _Request) -> Candidate | None:
+        own = self._own(request)
+        if own is not None:
+            return own
+        if request.own_load:
+            found = self.directory.candidates(
+                request.job, self.peer.wall_clock(), exclude=self._exclude(request), own_load=True
+            )
+            if found:
+                return found[0]
         return self.directory.choose(
             request.job,
             self.peer.wall_clock(),
@@ -693,6 +737,8 @@ class _Request:
     position: int | None = None  # in line for room, as last reported
     job_id: str = ""
     sent: float | None = None  # trio time the latest attempt was sent
+    prefer: frozenset[str] = frozenset()  # providers (peer ids) to take it first
+    own_load: bool = False  # choose by this gateway's jobs at each provider only
 
     @property
     def attempts(self) -> int:

@@ -29,7 +29,6 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.http import (
     base64_text,
-    client_key,
     error_docs,
     error_response,
     error_status,
@@ -37,6 +36,7 @@ from gateway.http import (
     json_response,
     json_safe,
     read_json,
+    request_client,
     services,
 )
 from gateway.jobservice import EventFeed, JobEvent, JobState, JobStatus
@@ -168,7 +168,7 @@ async def submit(request: Request) -> Response:
         job = await trio.to_thread.run_sync(parse_request, kind, fields)
     else:
         job = parse_request(kind, fields)
-    state = await services(request).jobs.submit(job, client=client_key(request))
+    state = await services(request).jobs.submit(job, client=request_client(request))
     url = f"{request.scope.get('root_path', '')}/v1/jobs/{state.id}"
     content = {"id": state.id, "status": "queued", "urls": {"self": url, "events": f"{url}/events"}}
     return JSONResponse(content, status_code=202, headers={"Location": url})

@@ -103,3 +103,11 @@ def test_jobs(load, capsys) -> None:  # type: ignore[no-untyped-def]
     assert result["queued_after_restart"] is True
     assert result["restart_s"] > 0 and result["start_empty_s"] > 0
     assert "gateway_rss_growth_mb_queued" in result
+
+
+def test_fairness(load, capsys) -> None:  # type: ignore[no-untyped-def]
+    argv = ["--providers", "2", "--polite", "2", "--flood", "20", "--seconds", "6"]
+    result = run_json(load("fairness"), argv, capsys)
+    assert result["polite_p95_ratio"] > 0 and 0 < result["provider_busy_fraction"] <= 1
+    assert result["contributor_p95_vs_anonymous"] > 0
+    assert result["with_flood"]["flood_done"] > 0

@@ -50,6 +50,37 @@ async def test_a_new_store_has_the_current_schema_in_wal_mode(tmp_path: Path) ->
     assert set(names(tmp_path)) >= {"jobs.db", "results", "inputs", "lock"}
 
 
+async def test_what_providers_ran_is_kept_across_a_restart(tmp_path: Path) -> None:
+    async with open_job_store(tmp_path) as store:
+        assert store.contributions == {}
+        store.contribute_nowait("12D3KooWprovider", 5.5, 1000.0)
+        store.contribute_nowait("12D3KooWprovider", 0.5, 1010.0)
+        store.contribute_nowait("12D3KooWother", 1.0, 900.0)
+        await store.wait_flushed()
+    async with open_job_store(tmp_path) as store:
+        assert store.contributions == {
+            "12D3KooWprovider": (6.0, 2, 1010.0),
+            "12D3KooWother": (1.0, 1, 900.0),
+        }
+
+
+async def test_a_version_1_store_is_migrated_keeping_its_jobs(tmp_path: Path) -> None:
+    from gateway.jobstore import _SCHEMA  # what version 1 was
+
+    with sqlite3.connect(tmp_path / "jobs.db") as db:
+        db.executescript(f"BEGIN; {_SCHEMA}; PRAGMA user_version = 1; COMMIT;")
+    async with open_job_store(tmp_path) as store:
+        await store.add(record(ident(1)))
+    with sqlite3.connect(tmp_path / "jobs.db") as db:
+        db.execute("PRAGMA user_version = 1")
+        db.execute("DROP TABLE contributions")
+    async with open_job_store(tmp_path) as store:
+        assert await store.get(ident(1)) == record(ident(1))
+        store.contribute_nowait("12D3KooWprovider", 1.0, 1.0)
+    with sqlite3.connect(tmp_path / "jobs.db") as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+
+
 async def test_records_round_trip_and_ids_are_checked_before_any_query(tmp_path: Path) -> None:
     async with open_job_store(tmp_path) as store:
         await store.add(record(ident(1)), init_image=b"init")
