@@ -4,7 +4,10 @@
 import { api, el, seconds, shortPeer } from "/static/common.js";
 
 const $ = (id) => document.getElementById(id);
-const TOTALS = ["providers_online", "models_online", "jobs_waiting", "jobs_running", "images_last_minute"];
+const TOTALS = [
+  "providers_online", "models_online", "jobs_waiting", "jobs_running", "images_last_minute",
+  "clients_active",
+];
 const STATES = { online: 0, draining: 1, unavailable: 2 };
 const asked = Number(new URLSearchParams(location.search).get("refresh"));
 const EVERY = Math.min(Math.max(Number.isFinite(asked) && asked > 0 ? asked : 3, 0.5), 60);
@@ -81,6 +84,8 @@ async function refresh() {
       api("/v1/models"),
     ]);
     for (const key of TOTALS) $(key).textContent = String(status[key]);
+    // Jobs per provider slot: 1 is every slot busy, above it a line (null: no provider).
+    $("load").textContent = status.load == null ? "–" : status.load.toFixed(2);
     showProviders(providers);
     showModels(models);
     $("error").textContent = "";

@@ -287,6 +287,9 @@ def test_network_page_shows_each_provider_and_refreshes_itself(
     }
     expect(page.locator("#providers_online")).to_have_text("3")
     expect(page.locator("#models_online")).to_have_text("3")
+    # How loaded the gateway is: jobs per provider slot, from /v1/status.
+    expect(page.locator("#load")).to_have_text(re.compile(r"^\d+\.\d\d$"))
+    expect(page.locator("#clients_active")).to_have_text(re.compile(r"^\d+$"))
     models = page.get_by_role("table", name="Models")
     expect(models.locator("tr[data-model='sd-v1-5'] td").first).to_have_text("3")
     expect(models.locator("tr[data-model='sdxl-base'] td").first).to_have_text("1")
