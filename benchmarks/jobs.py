@@ -252,6 +252,7 @@ def _gateway_args(key: Path, listen: str, port: int, data: Path) -> list[str]:
         f"127.0.0.1:{port}",
         "--data-dir",
         str(data),
+        "--no-limits",  # one client submitting 10,000 jobs
     )
 
 

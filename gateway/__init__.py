@@ -19,8 +19,14 @@ Trust (README.md, "Trust"):
 Jobs (every job, sync or async, is a record with events):
 
 - `jobservice`: `JobService`, `open_job_service`: submit, run, follow, cancel, retention,
-  restart; `admission`: the line of async jobs in front of the dispatcher (pure);
-  `jobstore`: SQLite records and result files in the data dir.
+  restart, per-client quotas, providers' contributions; `admission`: the fair line of async
+  jobs in front of the dispatcher (weighted deficit round robin by client, pure);
+  `jobstore`: SQLite records, contributions and result files in the data dir.
+
+Clients (pure but for reading the keys file):
+
+- `access`: who is asking (API keys and tiers from the keys file, or an address);
+  `limits`: what each client may do (`Limits`, token buckets) and is doing (`Quotas`).
 
 Translating requests (pure):
 
@@ -31,8 +37,9 @@ HTTP (FastAPI):
 
 - `api`: `create_app`, made of `sdcn_api` (``/txt2img``, ``/v1/...``), `jobs_api`
   (``/v1/jobs``, with server-sent events), `a1111_api` (``/sdapi/v1/...``) and `ops_api`
-  (``/metrics``, ``/v1/status``) over `http` (bodies, responses, and errors to statuses, in one
-  place).
+  (``/metrics``, ``/v1/status``) over `http` (bodies, responses, errors to statuses in one
+  place, and `AccessGate`: keys and request rates, before a route runs); `web_api` serves the
+  pages in ``web/`` (``/``, ``/network``).
 
 - `metrics`: what the gateway counts for Prometheus and ``/v1/status`` (the dispatcher's jobs
   and attempts, HTTP requests by API and status, providers by state).

@@ -30,6 +30,7 @@ from gateway.http import (
     gone,
     json_response,
     read_json,
+    request_client,
     services,
     until_disconnect,
 )
@@ -80,7 +81,7 @@ async def _job(request: Request, kind: str) -> Response:
     job = await trio.to_thread.run_sync(plan.job) if kind == "img2img" else plan.job()
     parts = plan.split(job)
     jobs = gateway.jobs
-    client = client_key(request)
+    client = request_client(request)
 
     async def run() -> list[DispatchResult]:
         try:

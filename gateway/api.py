@@ -7,6 +7,8 @@ network catalog and a health check; ``/docs`` and ``/openapi.json`` describe the
 - `gateway.a1111_api`: ``/sdapi/v1/...``, what an A1111 client needs.
 - `gateway.ops_api`: ``GET /metrics`` (Prometheus) and ``GET /v1/status``, for operators;
   every request is counted by `gateway.metrics.RequestCounter`.
+- `gateway.web_api`: the pages, ``GET /`` (generate) and ``GET /network``, from
+  ``gateway/web/``.
 - `gateway.http`: what both share: bodies (at most MAX_BODY bytes), responses, and the one
   mapping of errors to ``{"msg"}`` and a status.
 """
@@ -17,10 +19,11 @@ import random
 
 from fastapi import FastAPI
 
-from gateway import a1111_api, jobs_api, ops_api, sdcn_api
+from gateway import a1111_api, jobs_api, ops_api, sdcn_api, web_api
 from gateway.http import (
     MAX_BODY,
     RETRY_AFTER,
+    AccessGate,
     BodyLimit,
     GatewayServices,
     install_error_handlers,
@@ -45,6 +48,7 @@ def create_app(gateway: GatewayServices, *, rng: random.Random | None = None) ->
     )
     app.state.services = gateway
     app.state.rng = rng or random.Random()
+    app.add_middleware(AccessGate)  # before the body is read: a refusal costs no upload
     app.add_middleware(BodyLimit, limit=MAX_BODY)
     app.add_middleware(RequestCounter, metrics=gateway.metrics)  # outermost: counts the 413s
     install_error_handlers(app)
@@ -52,4 +56,5 @@ def create_app(gateway: GatewayServices, *, rng: random.Random | None = None) ->
     app.include_router(jobs_api.router)
     app.include_router(a1111_api.router)
     app.include_router(ops_api.router)
+    app.include_router(web_api.router)
     return app

@@ -92,9 +92,10 @@ class Catalog:
 
     def providers(self) -> list[dict[str, Any]]:
         """``GET /v1/providers``: every provider's advert (any state), with the RTT measured
-        to it (ms), this gateway's jobs in flight there, the end of its ban if banned, and its
-        record of spot checks: checked jobs and strikes in its window, and, if it is
-        excluded, until when and why.
+        to it (ms), this gateway's jobs in flight there, the jobs it sent there and how many
+        completed, the speed it observed, whether the provider is proven, the end of its ban
+        if banned, and its record of spot checks: checked jobs and strikes in its window,
+        and, if it is excluded, until when and why.
         """
         now = self._wall_clock()
         return [self._provider(a, now) for a in self.adverts if Role.PROVIDER in a.roles]
@@ -103,6 +104,7 @@ class Catalog:
         peer = advert.peer_id
         rtt = self._rtt(peer)
         directory = self._directory
+        sent, done = directory.jobs_sent(peer)
         return {
             "peer_id": str(peer),
             "state": str(advert.state),
@@ -127,6 +129,10 @@ class Catalog:
             "expires_in": max(advert.expires_at - now, 0.0),
             "rtt_ms": None if rtt is None else rtt * 1000,
             "in_flight": directory.in_flight(peer),
+            "jobs_sent": sent,
+            "jobs_done": done,
+            "observed_speed": directory.observed_speed(peer),
+            "proven": directory.is_proven(peer),
             "banned_until": directory.banned_until(peer)
             if directory.is_banned(peer, now)
             else None,

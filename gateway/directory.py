@@ -72,7 +72,8 @@ MAX_IN_FLIGHT = 64
 MAX_PROVEN = 1024
 #: Weight of the newest job in a provider's observed speed.
 OBSERVED_ALPHA = 0.3
-# Observed speeds kept before those of providers without an advert are forgotten.
+# Observed speeds (and job counts) kept before those of providers without an advert are
+# forgotten.
 _MAX_OBSERVED = 4096
 
 
@@ -129,18 +130,26 @@ class ProviderDirectory:
         self._proven: dict[PeerId, None] = {}  # in order of the latest success
         self._busy: dict[PeerId, tuple[int, float]] = {}  # peer -> (advert seq, hold end)
         self._observed: dict[PeerId, float] = {}  # it/s at 512x512, EWMA
+        self._sent: dict[PeerId, list[int]] = {}  # peer -> [jobs sent, jobs done]
 
     # --- choosing --------------------------------------------------------------------------------
 
     def candidates(
-        self, job: JobRequest, now: float, *, exclude: Collection[PeerId] = ()
+        self,
+        job: JobRequest,
+        now: float,
+        *,
+        exclude: Collection[PeerId] = (),
+        own_load: bool = False,
     ) -> list[Candidate]:
-        """The providers that can run `job` now, soonest first."""
+        """The providers that can run `job` now, soonest first. With `own_load`, a
+        provider's queue is this gateway's jobs there only, not the one its advert gives
+        (which lags): right when this gateway is the one keeping them busy."""
         limited = self._limited(job, now)
         adverts = [a for a in self._capable(job, now, exclude) if not self._full(a, now, limited)]
         proven_speeds = [self._speed(a) for a in adverts if a.peer_id in self._proven]
         cap = max(proven_speeds, default=None)
-        found = [self._candidate(advert, job, cap) for advert in adverts]
+        found = [self._candidate(advert, job, cap, own_load) for advert in adverts]
         found.sort(key=lambda c: c.eta)
         return found
 
@@ -210,7 +219,9 @@ class ProviderDirectory:
         """Estimated seconds until `advert`'s provider returns `job`'s result."""
         return self._candidate(advert, job, None).eta
 
-    def _candidate(self, advert: Advert, job: JobRequest, cap: float | None) -> Candidate:
+    def _candidate(
+        self, advert: Advert, job: JobRequest, cap: float | None, own_load: bool = False
+    ) -> Candidate:
         """`cap`: the most speed (it/s) an unproven provider is credited with, if any."""
         peer = advert.peer_id
         measured = self._rtt(peer)
@@ -223,7 +234,7 @@ class ProviderDirectory:
         run = job.cost / speed
         # The advertised queue counts our jobs too once the provider has republished; the max
         # avoids counting them twice while reacting to them before the advert does.
-        queue = max(advert.queue, in_flight) / advert.slots
+        queue = (in_flight if own_load else max(advert.queue, in_flight)) / advert.slots
         return Candidate(advert, rtt + queue * run + run, rtt, in_flight, proven)
 
     def capacity(
@@ -242,6 +253,19 @@ class ProviderDirectory:
             load = max(advert.queue, self._in_flight.get(advert.peer_id, 0))
             queued += max(load - advert.slots, 0)
         return per_second, queued
+
+    def free_slots(self, model: str, now: float) -> int:
+        """Slots of the online providers of `model` (not banned, not held back as busy)
+        that none of this gateway's jobs fills now."""
+        free = 0
+        for advert in self.adverts.find(model, []):
+            if (
+                advert.is_online_provider
+                and not self.is_banned(advert.peer_id, now)
+                and not self._held(advert, now)
+            ):
+                free += max(advert.slots - self._in_flight.get(advert.peer_id, 0), 0)
+        return free
 
     def has_model(self, model: str, loras: Iterable[str] = ()) -> bool:
         """Whether any provider, in any state, banned or not, offers `model` with every LoRA.
@@ -274,6 +298,7 @@ class ProviderDirectory:
     def started(self, peer: PeerId) -> None:
         """Count a job this gateway sent to `peer`; pair with `finished`."""
         self._in_flight[peer] = self._in_flight.get(peer, 0) + 1
+        self._count(peer)[0] += 1
 
     def finished(self, peer: PeerId) -> None:
         """A job counted by `started` ended, whichever way."""
@@ -287,6 +312,21 @@ class ProviderDirectory:
     def in_flight(self, peer: PeerId) -> int:
         """This gateway's jobs running on `peer` now."""
         return self._in_flight.get(peer, 0)
+
+    def jobs_sent(self, peer: PeerId) -> tuple[int, int]:
+        """(attempts this gateway sent `peer`, those it completed), since this gateway started
+        (forgotten for providers whose advert is gone, once many are counted)."""
+        sent, done = self._sent.get(peer, (0, 0))
+        return sent, done
+
+    def _count(self, peer: PeerId) -> list[int]:
+        counts = self._sent.get(peer)
+        if counts is None:
+            if len(self._sent) >= _MAX_OBSERVED:
+                for gone in [p for p in self._sent if self.adverts.get(p) is None]:
+                    del self._sent[gone]
+            counts = self._sent[peer] = [0, 0]
+        return counts
 
     def observe(self, peer: PeerId, cost: float, seconds: float, queued: float = 0.0) -> None:
         """Fold a job `peer` ran for us into its observed speed: `cost` units of work (see
@@ -355,6 +395,7 @@ class ProviderDirectory:
     def succeeded(self, peer: PeerId) -> None:
         """`peer` ran a job: forget its failures, and count it proven."""
         self._bans.pop(peer, None)
+        self._count(peer)[1] += 1
         self._proven.pop(peer, None)
         self._proven[peer] = None
         self.adverts.protected.add(peer)

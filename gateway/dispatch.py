@@ -293,6 +293,8 @@ class Dispatcher:
         part: int = 0,
         verify: bool = False,
         job_id: str | None = None,
+        prefer: Collection[str] = (),
+        own_load: bool = False,
     ) -> DispatchResult:
         """Run `job` within `deadline` seconds (default: `default_deadline`) and return its
         images, trying up to `config.max_attempts` providers.
@@ -302,7 +304,10 @@ class Dispatcher:
         answer waits until a second provider agrees (``info["verified"]``, and
         ``info["verification"]`` says how, or why not). `job_id` names the job in the logs,
         here and on the provider (default: a fresh id; ValueError if it is not 1 to 64 of
-        ``[A-Za-z0-9._:-]``). Raises a DispatchError subclass
+        ``[A-Za-z0-9._:-]``). `prefer`: peer ids (text) of providers that take the job first
+        whenever one of them has a slot free of our jobs (the client's own). `own_load`:
+        choose the provider by this gateway's jobs there only, not its advertised queue (the
+        job service, filling the slots it knows are free). Raises a DispatchError subclass
         (`gateway.errors`). Cancelling is safe: the job's stream is reset, which cancels it
         on the provider.
         """
@@ -315,7 +320,15 @@ class Dispatcher:
                 raise ValueError(exc.message) from None
         if job.seed == -1:
             job = job.with_seed(self._rng.randrange(MAX_SEED + 1))
-        result = await self._dispatch(job, deadline, job_id, on_event=on_event, part=part)
+        result = await self._dispatch(
+            job,
+            deadline,
+            job_id,
+            on_event=on_event,
+            part=part,
+            prefer=frozenset(prefer),
+            own_load=own_load,
+        )
         if self.checker is not None:
             return await self.checker(job, result, verify=verify)
         if verify:
@@ -355,6 +368,8 @@ class Dispatcher:
         part: int = 0,
         avoid: frozenset[PeerId] = frozenset(),
         proven_only: bool = False,
+        prefer: frozenset[str] = frozenset(),
+        own_load: bool = False,
     ) -> DispatchResult:
         if deadline is None:
             deadline = self.default_deadline(job)
@@ -368,6 +383,8 @@ class Dispatcher:
             avoid=avoid,
             proven_only=proven_only,
             job_id=job_id,
+            prefer=prefer,
+            own_load=own_load,
         )
         work = job.megapixel_steps
         self._work_held += work
@@ -440,6 +457,8 @@ class Dispatcher:
         on_event: EventCallback | None = None,
         verify: bool = False,
         job_id: str | None = None,
+        prefer: Collection[str] = (),
+        own_load: bool = False,
     ) -> list[DispatchResult]:
         """Run `jobs` in parallel, as `run` runs each (job i's events have ``part=i``), and
         return their results in order. With `job_id`, part i of several is named
@@ -452,7 +471,14 @@ class Dispatcher:
         async def run(index: int, job: JobRequest) -> None:
             part_id = job_id if job_id is None or len(jobs) == 1 else f"{job_id}.{index}"
             results[index] = await self.run(
-                job, deadline=deadline, on_event=on_event, part=index, verify=verify, job_id=part_id
+                job,
+                deadline=deadline,
+                on_event=on_event,
+                part=index,
+                verify=verify,
+                job_id=part_id,
+                prefer=prefer,
+                own_load=own_load,
             )
 
         try:
@@ -563,9 +589,12 @@ class Dispatcher:
             )
 
     def _behind_line(self, request: _Request) -> bool:
-        """Whether `request` has not waited yet and jobs of its model are waiting."""
-        return request.wait_until == 0.0 and bool(
-            self._lines.get(normalize_model_name(request.job.model))
+        """Whether `request` has not waited yet and jobs of its model are waiting (and
+        none of the providers it prefers has room: those serve their owner first)."""
+        return (
+            request.wait_until == 0.0
+            and bool(self._lines.get(normalize_model_name(request.job.model)))
+            and self._own(request) is None
         )
 
     def _only_full(self, request: _Request) -> bool:
@@ -589,7 +618,28 @@ class Dispatcher:
         """Whether any provider we know of offers `job`'s model with its LoRAs."""
         return self.directory.has_model(job.model, [name for name, _ in job.loras])
 
+    def _own(self, request: _Request) -> Candidate | None:
+        """One of the providers `request` prefers, if one has a slot free of our jobs."""
+        if not request.prefer:
+            return None
+        found = self.directory.candidates(
+            request.job, self.peer.wall_clock(), exclude=self._exclude(request), own_load=True
+        )
+        return next(
+            (c for c in found if str(c.peer_id) in request.prefer and c.in_flight < c.advert.slots),
+            None,
+        )
+
     def _choose(self, request: _Request) -> Candidate | None:
+        own = self._own(request)
+        if own is not None:
+            return own
+        if request.own_load:
+            found = self.directory.candidates(
+                request.job, self.peer.wall_clock(), exclude=self._exclude(request), own_load=True
+            )
+            if found:
+                return found[0]
         return self.directory.choose(
             request.job,
             self.peer.wall_clock(),
@@ -800,6 +850,8 @@ class _Request:
     proven_only: bool = False  # only providers proven here (a second opinion)
     job_id: str = ""
     sent: float | None = None  # trio time the latest attempt was sent
+    prefer: frozenset[str] = frozenset()  # providers (peer ids) to take it first
+    own_load: bool = False  # choose by this gateway's jobs at each provider only
 
     @property
     def attempts(self) -> int:

@@ -21,6 +21,12 @@ The job service (`gateway.jobservice`, `gateway.jobstore`) adds its own::
     └── StoreError          the data dir could not keep the job
         ├── StoreFull       the disk (or the store) is full
         └── StoreUnavailable  the data dir cannot be written (read-only, failing)
+
+Who may ask, and how much (`gateway.access`, `gateway.limits`)::
+
+    AccessError             a client refused before its request is served (`message`, `reason`)
+    ├── Unauthorized        no API key where one is required, or a key the gateway does not know
+    └── LimitExceeded       a client over one of its limits (`retry_after`: when to come back)
 """
 
 from __future__ import annotations
@@ -28,11 +34,13 @@ from __future__ import annotations
 from sdcn_p2p.errors import SdcnError
 
 __all__ = [
+    "AccessError",
     "AllBusy",
     "DeadlinePassed",
     "DispatchError",
     "JobCancelled",
     "JobServiceError",
+    "LimitExceeded",
     "NoProvider",
     "ProviderFailed",
     "Rejected",
@@ -41,6 +49,7 @@ __all__ = [
     "StoreFull",
     "StoreUnavailable",
     "TooManyJobs",
+    "Unauthorized",
     "UnknownJob",
 ]
 
@@ -121,3 +130,27 @@ class StoreFull(StoreError):
 
 class StoreUnavailable(StoreError):
     """The data dir cannot be written now: read-only, or failing."""
+
+
+class AccessError(SdcnError):
+    """A client refused before its request is served; `message` says why, and `reason` (one
+    of `gateway.limits.REFUSAL_REASONS`) is what the refusal is counted as."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+
+
+class Unauthorized(AccessError):
+    """No API key where the gateway requires one (reason ``no_key``), or a key it does not know
+    (``bad_key``)."""
+
+
+class LimitExceeded(AccessError):
+    """A client is over one of its limits (`reason` names it); `retry_after` (seconds) says
+    when trying again is worth it."""
+
+    def __init__(self, message: str, reason: str, retry_after: float) -> None:
+        super().__init__(message, reason)
+        self.retry_after = retry_after

@@ -10,7 +10,9 @@ unreachable, or the queue ahead would not let the job start within its wait (wit
 when the queue ahead is through, if the gateway can tell, else 1 s), 504 the deadline passed.
 The job service adds 404 no such job, 409 the job was cancelled, 410 its result was deleted,
 503 too many unfinished jobs (with Retry-After) or a data dir that cannot be written, 507 a
-full disk.
+full disk. The client's own: 401 no API key where one is required, or an unknown one
+(``WWW-Authenticate: Bearer``), 429 over one of its limits (with Retry-After), answered by
+`AccessGate` before the request is read, or by the job service when the job comes.
 """
 
 from __future__ import annotations
@@ -32,13 +34,16 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.access import AccessConfig, address_client_id
 from gateway.catalog import Catalog
 from gateway.errors import (
+    AccessError,
     AllBusy,
     DeadlinePassed,
     DispatchError,
     JobCancelled,
     JobServiceError,
+    LimitExceeded,
     NoProvider,
     ProviderFailed,
     Rejected,
@@ -50,6 +55,8 @@ from gateway.errors import (
 )
 from gateway.jobservice import JobService
 from gateway.jobstore import json_safe
+from gateway.limits import Client
+from gateway.metrics import RefusalCounter
 from sdcn_p2p._util import open_service_nursery
 from sdcn_p2p.errors import JobError, JobErrorCode, SdcnError
 from sdcn_p2p.identity import PeerId
@@ -58,7 +65,9 @@ from sdcn_p2p.metrics import Metrics
 __all__ = [
     "ERRORS",
     "MAX_BODY",
+    "OPEN_PATHS",
     "RETRY_AFTER",
+    "AccessGate",
     "BodyLimit",
     "GatewayServices",
     "base64_text",
@@ -72,6 +81,8 @@ __all__ = [
     "json_response",
     "json_safe",
     "read_json",
+    "refusal_response",
+    "request_client",
     "services",
     "until_disconnect",
 ]
@@ -100,6 +111,10 @@ class GatewayServices(Protocol):
     default_model: str | None
     #: What ``GET /metrics`` serves.
     metrics: Metrics
+    #: Who may ask (API keys, tiers, limits); replaced whole when the keys file is reloaded.
+    access: AccessConfig
+    #: Counts the clients refused, by reason.
+    refusals: RefusalCounter
 
     @property
     def peer_id(self) -> PeerId: ...
@@ -118,9 +133,61 @@ def services(request: Request) -> GatewayServices:
     return request.app.state.services
 
 
+def request_client(request: Request) -> Client:
+    """Who is asking (`AccessGate` found out): an address, or an API key."""
+    client = request.scope.get("state", {}).get("client")
+    if client is None:  # a path AccessGate lets through as it is
+        return Client(address_client_id(request.client.host if request.client else None))
+    return client
+
+
 def client_key(request: Request) -> str:
-    """Who is asking: the client's address (an API key, once there are keys)."""
-    return request.client.host if request.client is not None else "unknown"
+    """The id of who is asking: ``ip:ADDRESS`` (IPv6: its /64) or ``key:NAME``."""
+    return request_client(request).id
+
+
+#: Paths served to anyone, without a key and outside the limits: health checks, metrics
+#: scrapes and the API's description.
+OPEN_PATHS = frozenset({"/healthz", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+
+
+class AccessGate:
+    """ASGI middleware: find out who is asking (`GatewayServices.access`) and count the
+    request against the client's rate; 401 or 429 ``{"msg"}`` when refused. The client goes
+    in the request's state for the routes (`request_client`)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        gateway: GatewayServices = scope["app"].state.services
+        authorization = None
+        for name, value in scope["headers"]:
+            if name.lower() == b"authorization":
+                authorization = value.decode("latin-1")
+        address = scope["client"][0] if scope.get("client") else None
+        try:
+            client = gateway.access.identify(authorization, address)
+            gateway.jobs.quotas.request(client, trio.current_time())
+        except AccessError as exc:
+            await refusal_response(exc, gateway.refusals)(scope, receive, send)
+            return
+        scope.setdefault("state", {})["client"] = client
+        await self.app(scope, receive, send)
+
+
+def refusal_response(exc: AccessError, refusals: RefusalCounter) -> Response:
+    """401 (with ``WWW-Authenticate``) or 429 (with ``Retry-After``) for a refused client,
+    counted by its reason."""
+    refusals.count(exc.reason)
+    if isinstance(exc, LimitExceeded):
+        retry_after = exc.retry_after
+        seconds = math.ceil(retry_after) if math.isfinite(retry_after) else 3600
+        return error_response(429, exc.message, {"Retry-After": str(max(seconds, 1))})
+    return error_response(401, exc.message, {"WWW-Authenticate": "Bearer"})
 
 
 # --- statuses ----------------------------------------------------------------------------------
@@ -146,10 +213,12 @@ class ErrorMessage(BaseModel):
 
 _MEANING = {
     400: "Bad input; the message names the field",
+    401: "No API key where the gateway requires one, or an unknown key",
     404: "No provider offers the model, a LoRA, the sampler or the size",
     409: "The job was cancelled (DELETE /v1/jobs/{id})",
     410: "The job's result was deleted (retention, room for newer ones, DELETE)",
     413: "Body over 50 MiB",
+    429: "The client is over one of its limits (the message says which; see Retry-After)",
     502: "The provider failed",
     503: "Every capable provider is busy or unreachable",
     504: "The deadline passed",
@@ -167,7 +236,7 @@ def error_docs(
 
 
 #: The error responses of a job route, for /docs.
-ERRORS = error_docs(400, 404, 413, 502, 503, 504)
+ERRORS = error_docs(400, 401, 404, 413, 429, 502, 503, 504)
 
 
 def error_status(exc: SdcnError) -> int:
@@ -190,6 +259,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(JobError, _job_error)
     app.add_exception_handler(DispatchError, _job_error)
     app.add_exception_handler(JobServiceError, _job_error)
+    app.add_exception_handler(AccessError, _access_error)
     app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _internal_error)
 
@@ -201,6 +271,10 @@ async def _job_error(request: Request, exc: JobError | DispatchError | JobServic
     seconds = RETRY_AFTER if retry_after is None else math.ceil(retry_after)
     headers = {"Retry-After": str(seconds)} if status == 503 else None
     return error_response(status, exc.message, headers)
+
+
+async def _access_error(request: Request, exc: AccessError) -> Response:
+    return refusal_response(exc, services(request).refusals)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:

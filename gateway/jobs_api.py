@@ -11,6 +11,8 @@
   after ``Last-Event-ID``; comments keep an idle stream alive. 204 when the client had the
   last event already (an EventSource then stops reconnecting).
 - ``DELETE /v1/jobs/{id}``: cancel it, or delete its result if it has ended.
+- ``GET /v1/jobs/{id}/images/{n}``: image `n` (from 0) of a done job, as PNG, for an
+  ``<img>`` or a download link (the pages' Content-Security-Policy allows no ``data:`` URLs).
 
 A job's result is kept for the gateway's retention; then (and after DELETE) its id is 410.
 """
@@ -22,20 +24,21 @@ import logging
 from typing import Any, Literal
 
 import trio
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Path, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.types import Receive, Scope, Send
 
 from gateway.http import (
     base64_text,
-    client_key,
     error_docs,
+    error_response,
     error_status,
     json_body,
     json_response,
     json_safe,
     read_json,
+    request_client,
     services,
 )
 from gateway.jobservice import EventFeed, JobEvent, JobState, JobStatus
@@ -172,7 +175,7 @@ async def submit(request: Request) -> Response:
         job = await trio.to_thread.run_sync(parse_request, kind, fields)
     else:
         job = parse_request(kind, fields)
-    state = await services(request).jobs.submit(job, client=client_key(request), verify=verify)
+    state = await services(request).jobs.submit(job, client=request_client(request), verify=verify)
     url = f"{request.scope.get('root_path', '')}/v1/jobs/{state.id}"
     content = {"id": state.id, "status": "queued", "urls": {"self": url, "events": f"{url}/events"}}
     return JSONResponse(content, status_code=202, headers={"Location": url})
@@ -220,6 +223,34 @@ async def cancel(job_id: str, request: Request) -> Response:
     that has."""
     state, deleted = await services(request).jobs.cancel(job_id)
     return JSONResponse({**state_json(state), "result_deleted": deleted})
+
+
+@router.get(
+    "/{job_id}/images/{index}",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/png": {}}, "description": "The PNG"},
+        **error_docs(
+            400,
+            404,
+            410,
+            meaning={
+                400: "index is not a whole number from 0",
+                404: "No job has that id, it is not done, or it has fewer images",
+            },
+        ),
+    },
+)
+async def job_image(job_id: str, request: Request, index: int = Path(ge=0, le=2**31)) -> Response:
+    """Image `index` (from 0) of a done job, as PNG."""
+    state = await services(request).jobs.status(job_id)
+    if state.images is None:
+        return error_response(404, f"job {job_id}: no images ({state.status})")
+    if index >= len(state.images):
+        return error_response(404, f"job {job_id}: has {len(state.images)} image(s), not {index}")
+    # A job's images never change: a browser may keep them while the page shows them.
+    headers = {"Cache-Control": "private, max-age=3600"}
+    return Response(state.images[index], media_type="image/png", headers=headers)
 
 
 # --- responses ---------------------------------------------------------------------------------

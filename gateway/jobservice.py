@@ -29,9 +29,18 @@ cancelled (their clients are gone). Finished results are kept `JobsConfig.retent
 and within `JobsConfig.results_max_mb`, oldest first out; their ids then answer ResultGone
 for `JobsConfig.tombstone_keep` seconds more, then UnknownJob.
 
+Clients (`gateway.limits`): every job is a client's (`Client`: an address or an API key).
+`JobService.quotas` checks its limits when the job comes (sync or async alike, so the HTTP
+APIs share them), and tracks its jobs in line and in flight. The line serves clients in turn,
+weighted (`gateway.admission`): by the client's tier, times CONTRIBUTOR_BONUS for a key
+linked to a provider that ran a job for this gateway within CONTRIBUTION_WINDOW. Such a
+key's jobs go to its own providers first when they have room. What each provider ran (its
+megapixel-steps) is kept in the store. While several clients use the gateway, async jobs go
+to the dispatcher only as providers of their model have free slots, so that they wait here,
+where the order is fair, and not in a provider's own queue.
+
 Seams for what comes next: `_finished` is the one place every job ends (metrics: times,
-outcomes, attempts); records carry the client key, provider and cost (per-client limits,
-accounting); the stored request lets a job run again elsewhere (spot checks).
+outcomes, attempts); the stored request lets a job run again elsewhere (spot checks).
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ import math
 import random
 import secrets
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -78,6 +87,7 @@ from gateway.errors import (
     UnknownJob,
 )
 from gateway.jobstore import JobRecord, JobStore, open_job_store, valid_job_id
+from gateway.limits import Client, Quotas, as_client
 from sdcn_p2p._config import require, require_at_least, require_positive
 from sdcn_p2p._util import open_service_nursery
 from sdcn_p2p.jobs import MAX_SEED, JobRequest
@@ -87,6 +97,8 @@ if TYPE_CHECKING:
     from gateway.spotcheck import SpotCheck
 
 __all__ = [
+    "CONTRIBUTION_WINDOW",
+    "CONTRIBUTOR_BONUS",
     "EventFeed",
     "Job",
     "JobEvent",
@@ -105,6 +117,12 @@ log = logging.getLogger(__name__)
 _MAX_BACKOFF = 30.0
 #: Clients whose A1111 interrupt is remembered (for ``state.interrupted``).
 _MAX_INTERRUPTED = 1024
+#: How much more a key's share weighs while a provider linked to it serves this gateway.
+CONTRIBUTOR_BONUS = 4.0
+#: Seconds since a linked provider's latest job for this gateway that the bonus lasts.
+CONTRIBUTION_WINDOW = 3600.0
+# Seconds the scheduler looks again at a line held back for want of free slots.
+_SLOT_RECHECK = 1.0
 
 
 class JobStatus(enum.StrEnum):
@@ -173,6 +191,8 @@ class Dispatch(Protocol):
         on_event: Callable[[DispatchEvent], None] | None = None,
         verify: bool = False,
         job_id: str | None = None,
+        prefer: Collection[str] = (),
+        own_load: bool = False,
     ) -> list[DispatchResult]: ...
 
     async def check_offered(self, job: JobRequest) -> None: ...
@@ -255,6 +275,9 @@ class Job:
         self.parts = [_Part(request, total=request.steps) for request in parts]
         self.model = normalize_model_name(parts[0].model)
         self.ticket = ticket
+        self.weight = 1.0  # its client's share in the line (async)
+        self.prefer: frozenset[str] = frozenset()  # its client's own providers
+        self.fills_slot = False  # sent to the dispatcher for a slot free of our jobs
         self.events: list[JobEvent] = []
         self.changed = trio.lowlevel.ParkingLot()  # followers wait here
         self.ended = trio.Event()  # its terminal event is logged
@@ -274,6 +297,16 @@ class Job:
     @property
     def attempts(self) -> int:
         return self.earlier_attempts + sum(part.attempt for part in self.parts)
+
+    @property
+    def prefers(self) -> dict[str, Any]:
+        """`run_batch`'s keywords for the providers to try first, if any, and for a job
+        sent to fill a free slot (dispatchers that tests stand in need not take them
+        otherwise)."""
+        prefers: dict[str, Any] = {"prefer": self.prefer} if self.prefer else {}
+        if self.fills_slot:
+            prefers["own_load"] = True
+        return prefers
 
     def log(self, name: str, data: dict[str, Any]) -> JobEvent:
         event = JobEvent(f"{self.record.runs}.{next(self._seq)}", name, data)
@@ -359,10 +392,16 @@ class JobService:
         *,
         wall_clock: Callable[[], float],
         rng: random.Random | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         #: Runs the jobs (replaceable, as tests do).
         self.dispatcher = dispatcher
         self.config = config
+        #: Each client's jobs and work against its limits.
+        self.quotas = quotas or Quotas()
+        #: What each provider ran for this gateway: peer id -> (megapixel-steps, jobs,
+        #: Unix seconds of the latest).
+        self.contributions: dict[str, tuple[float, int, float]] = dict(store.contributions)
         self._store = store
         self._directory = directory
         self._nursery = nursery
@@ -396,21 +435,27 @@ class JobService:
 
     # --- async jobs ----------------------------------------------------------------------------
 
-    async def submit(self, job: JobRequest, *, client: str, verify: bool = False) -> JobState:
-        """Accept `job` as an async job: checked that some provider offers what it needs,
-        stored durably, and put in line. Returns its state (queued). With `verify`, its
-        result is kept only once a second provider agreed (`Dispatcher.run`).
+    async def submit(
+        self, job: JobRequest, *, client: Client | str, verify: bool = False
+    ) -> JobState:
+        """Accept `job` as an async job of `client`: checked that some provider offers what
+        it needs and that the client is within its limits, stored durably, and put in line.
+        Returns its state (queued). With `verify`, its result is kept only once a second
+        provider agreed (`Dispatcher.run`).
 
-        Raises NoProvider, TooManyJobs, StoreFull or StoreUnavailable, and then keeps
-        nothing. Cancelling while it stores the job waits for that, and the job stays.
+        Raises LimitExceeded, NoProvider, TooManyJobs, StoreFull or StoreUnavailable, and
+        then keeps nothing. Cancelling while it stores the job waits for that, and the job
+        stays.
         """
+        client = as_client(client)
         if self._unfinished >= self.config.max_unfinished:
             raise TooManyJobs(
                 f"the gateway holds {self._unfinished} unfinished jobs, its limit; try again later",
                 retry_after=_retry_after(self._unfinished),
             )
         await self.dispatcher.check_offered(job)
-        record, parts = self._new_record([job], JobMode.ASYNC, "sdcn", client, None, verify)
+        record, parts = self._new_record([job], JobMode.ASYNC, "sdcn", client.id, None, verify)
+        self.quotas.accept(client, record.cost, trio.current_time(), waits=True)
         init_image = parts[0].init_image
         self._unfinished += 1
         try:
@@ -418,15 +463,26 @@ class JobService:
                 await self._store.add(record, init_image)
         except BaseException:
             self._unfinished -= 1
+            self.quotas.ended(client.id, trio.current_time(), waiting=True, refund=record.cost)
             raise
         live = Job(record, [replace(p, init_image=None) for p in parts], next(self._tickets))
+        live.weight = self.weight(client)
+        live.prefer = client.providers
         self._live[live.id] = live
         self._enqueue(live)
         log.info("job %s accepted: %s %s", live.id, job.kind, job.model)
         return self._state(live)
 
-    def _enqueue(self, job: Job, *, estimate: bool = True) -> None:
-        self._line.add(job.model, job.ticket, job)
+    def _enqueue(self, job: Job, *, estimate: bool = True, returned: bool = False) -> None:
+        self._line.add(
+            job.model,
+            job.ticket,
+            job,
+            client=job.record.client,
+            weight=job.weight,
+            cost=job.record.cost,
+            returned=returned,
+        )
         job.in_line = True
         job.status = JobStatus.QUEUED
         job.position = self._line_position(job)
@@ -443,26 +499,54 @@ class JobService:
             self._wake = trio.Event()
             now = trio.current_time()
             moved = False
+            shared = self.quotas.shared(now)
             while self._dispatching < self.config.max_dispatching:
-                job = self._line.next(self._may_dispatch)
+                job = self._line.next(partial(self._may_dispatch, shared=shared), self._may_serve)
                 if job is None:
                     break
                 moved = True
                 job.in_line = False
+                job.fills_slot = shared
+                self.quotas.dispatched(job.record.client, now)
                 self._dispatching += 1
                 self._set_unassigned(job, True)
                 self._nursery.start_soon(self._dispatch, job)
             if moved:
                 self._line_moved()
             held = [until for _, until in self._holds.values() if until > now]
+            if shared and self._line:  # slots may free up without a word to us
+                held.append(now + _SLOT_RECHECK)
             with trio.move_on_at(min(held, default=math.inf)):
                 await self._wake.wait()
 
-    def _may_dispatch(self, model: str) -> bool:
+    def _may_dispatch(self, model: str, *, shared: bool = False) -> bool:
+        now = trio.current_time()
         hold = self._holds.get(model)
-        if hold is not None and hold[1] > trio.current_time():
+        if hold is not None and hold[1] > now:
             return False
-        return self._unassigned[model] < self.config.max_unassigned
+        room = self.config.max_unassigned
+        if shared:  # the rest wait here, in a fair line, rather than in providers' queues
+            room = min(room, self._directory.free_slots(model, self._wall_clock()))
+        return self._unassigned[model] < room
+
+    def _may_serve(self, client_id: str) -> bool:
+        return self.quotas.may_dispatch(client_id)
+
+    def weight(self, client: Client) -> float:
+        """`client`'s share in the line: its tier's weight, times CONTRIBUTOR_BONUS while
+        a provider linked to its key has served this gateway lately."""
+        if self.contributor(client):
+            return client.weight * CONTRIBUTOR_BONUS
+        return client.weight
+
+    def contributor(self, client: Client) -> bool:
+        """Whether a provider linked to `client`'s key ran a job for this gateway within
+        CONTRIBUTION_WINDOW."""
+        since = self._wall_clock() - CONTRIBUTION_WINDOW
+        return any(
+            (seen := self.contributions.get(provider)) is not None and seen[2] >= since
+            for provider in client.providers
+        )
 
     def _set_unassigned(self, job: Job, value: bool) -> None:
         if job.unassigned == value:
@@ -487,6 +571,7 @@ class JobService:
                         on_event=partial(self._on_event, job),
                         verify=job.record.verify,
                         job_id=job.id,
+                        **job.prefers,
                     )
                     outcome = ("done", results)
                 except (AllBusy, NoProvider) as exc:
@@ -496,12 +581,13 @@ class JobService:
                     outcome = ("failed", exc)
                 except (DispatchError, StoreError) as exc:
                     outcome = ("failed", exc)
-            with trio.CancelScope(shield=True):
-                await self._end_async(job, *outcome)
         finally:
+            # Its provider's slot is free now, not once its end is stored.
             self._dispatching -= 1
             self._set_unassigned(job, False)
             self._wake.set()
+        with trio.CancelScope(shield=True):
+            await self._end_async(job, *outcome)
 
     def _may_retry(self, job: Job, error: DispatchError) -> bool:
         """Whether an async job the dispatcher could not place should try again later."""
@@ -534,6 +620,7 @@ class JobService:
             part.assigned = False
         job.scope = trio.CancelScope()  # a scope serves one `with` block only
         now = trio.current_time()
+        self.quotas.returned(job.record.client, now)
         rounds, until = self._holds.get(job.model, (0, 0.0))
         if until <= now:  # jobs already held back together count as one round
             rounds += 1
@@ -541,19 +628,30 @@ class JobService:
             until = now + min(max(delay, 1.0), _MAX_BACKOFF)
             self._holds[job.model] = (rounds, until)
             log.debug("model %s: no provider free, its line waits %.0f s", job.model, until - now)
-        self._enqueue(job)
+        self._enqueue(job, returned=True)
 
     def _on_advert(self, advert: Advert) -> None:
         """A provider that could take jobs of a held line has room: let the line go on."""
-        if not advert.is_online_provider or not self._holds:
+        if not advert.is_online_provider:
+            return
+        if self._line:  # its slots may let jobs kept back for want of them go
+            self._wake.set()
+        if not self._holds:
             return
         for model in advert.models:
             for name in (model.name, model.title):
                 if name and self._holds.pop(normalize_model_name(name), None) is not None:
                     self._wake.set()
 
-    async def _end_async(self, job: Job, status: str, outcome: Any) -> None:
+    async def _end_async(
+        self, job: Job, status: str, outcome: Any, *, waiting: bool = False
+    ) -> None:
+        """End an async job that was `waiting` in line (else at the dispatcher)."""
         job.finishing = True
+        if status == "done":  # counted now: the job's client may be waiting on its provider
+            self._contributed(job)
+        refund = job.record.cost if status != "done" else 0.0
+        self.quotas.ended(job.record.client, trio.current_time(), waiting=waiting, refund=refund)
         images = [png for r in outcome for png in r.images] if status == "done" else []
         try:
             await self._store.finish(job.id, images, **self._end_values(job, status, outcome))
@@ -593,30 +691,51 @@ class JobService:
         parts: Sequence[JobRequest],
         *,
         api: str,
-        client: str,
+        client: Client | str,
         task_id: str | None = None,
         verify: bool = False,
     ) -> JobOutcome:
-        """Run `parts` (one job, or the jobs an A1111 request splits into) as a sync job in
-        the caller's task, and return their results in order; with `verify`, once a second
-        provider agreed (`Dispatcher.run`).
+        """Run `parts` (one job, or the jobs an A1111 request splits into) as a sync job of
+        `client` in the caller's task, and return their results in order; with `verify`, once
+        a second provider agreed (`Dispatcher.run`).
 
-        Raises the DispatchError the dispatcher raises, or JobCancelled if the job was
-        cancelled (`cancel`, `interrupt`); cancelling the caller cancels the job.
+        Raises LimitExceeded (and runs nothing) if the client is over a limit, the
+        DispatchError the dispatcher raises, or JobCancelled if the job was cancelled
+        (`cancel`, `interrupt`); cancelling the caller cancels the job.
         """
-        record, requests = self._new_record(parts, JobMode.SYNC, api, client, task_id, verify)
+        client = as_client(client)
+        record, requests = self._new_record(parts, JobMode.SYNC, api, client.id, task_id, verify)
+        self.quotas.accept(client, record.cost, trio.current_time(), waits=False)
+        try:
+            return await self._run_sync(record, requests, api, client, task_id)
+        finally:
+            self._wake.set()  # its provider's slot may take a job of the line
+
+    async def _run_sync(
+        self,
+        record: JobRecord,
+        requests: list[JobRequest],
+        api: str,
+        client: Client,
+        task_id: str | None,
+    ) -> JobOutcome:
         self._store.add_nowait(record, requests[0].init_image)
         job = Job(record, requests, next(self._tickets))
         self._live[job.id] = job
         if task_id is not None:
             self._by_task[task_id] = job
         if api == "a1111":
-            self._interrupted.pop(client, None)
+            self._interrupted.pop(client.id, None)
+        job.prefer = client.providers
         job.log("queued", {"position": 0, "eta_s": self._eta(job)})
         try:
             with job.scope:
                 results = await self.dispatcher.run_batch(
-                    requests, on_event=partial(self._on_event, job), verify=verify, job_id=job.id
+                    requests,
+                    on_event=partial(self._on_event, job),
+                    verify=record.verify,
+                    job_id=job.id,
+                    **job.prefers,
                 )
         except DispatchError as exc:
             self._end_sync(job, "failed", exc)
@@ -632,6 +751,10 @@ class JobService:
         return JobOutcome(job.id, results)
 
     def _end_sync(self, job: Job, status: str, outcome: Any) -> None:
+        if status == "done":
+            self._contributed(job)
+        refund = job.record.cost if status != "done" else 0.0
+        self.quotas.ended(job.record.client, trio.current_time(), waiting=False, refund=refund)
         images = [png for r in outcome for png in r.images] if status == "done" else []
         values = self._end_values(job, status, outcome)
         self._finished(job, status, outcome)
@@ -753,6 +876,40 @@ class JobService:
 
         check.subscribe(checked)
 
+    def _contributed(self, job: Job) -> None:
+        """Count a done job's work to the provider that ran it (the last one assigned)."""
+        provider = job.record.provider
+        if provider is None:
+            return
+        at = self._wall_clock()
+        work, jobs, _ = self.contributions.get(provider, (0.0, 0, 0.0))
+        self.contributions[provider] = (work + job.record.cost, jobs + 1, at)
+        self._store.contribute_nowait(provider, job.record.cost, at)
+
+    def account(self, client: Client) -> dict[str, Any]:
+        """What ``GET /v1/account`` shows `client`: its tier, share, limits, usage, and the
+        work of the providers linked to its key."""
+        providers = []
+        for provider in sorted(client.providers):
+            work, jobs, last = self.contributions.get(provider, (0.0, 0, None))
+            providers.append(
+                {
+                    "peer_id": provider,
+                    "megapixel_steps": round(work, 3),
+                    "jobs": jobs,
+                    "last_job_at": last,
+                }
+            )
+        return {
+            "client": client.key if client.key is not None else "anonymous",
+            "tier": client.tier,
+            "weight": self.weight(client),
+            "contributor": self.contributor(client),
+            "limits": client.limits.to_json(),
+            "usage": self.quotas.usage(client, trio.current_time()),
+            "providers": providers,
+        }
+
     def _forget(self, job: Job) -> None:
         """Drop an ended job from memory (followers keep their reference)."""
         self._live.pop(job.id, None)
@@ -815,7 +972,7 @@ class JobService:
                 self._line_moved()
                 job.finishing = True
                 with trio.CancelScope(shield=True):
-                    await self._end_async(job, "cancelled", None)
+                    await self._end_async(job, "cancelled", None, waiting=True)
             else:
                 job.scope.cancel()
                 await job.stored.wait()
@@ -1066,6 +1223,8 @@ class JobService:
             record.status = "queued"
             job = Job(record, parts, next(self._tickets))
             job.earlier_attempts = record.attempts
+            # Its client's limits are not known until it comes back: counted, not checked.
+            self.quotas.accept(as_client(record.client), 0.0, trio.current_time(), waits=True)
             self._live[job.id] = job
             self._unfinished += 1
             self._enqueue(job, estimate=False)  # no adverts yet to estimate from
@@ -1134,6 +1293,7 @@ async def open_job_service(
     *,
     wall_clock: Callable[[], float],
     rng: random.Random | None = None,
+    quotas: Quotas | None = None,
 ) -> AsyncIterator[JobService]:
     """Run the job service over `config.data_dir`, taking up the jobs a previous run left
     unfinished. On exit, jobs still waiting or running stay unfinished in the store (a
@@ -1146,7 +1306,14 @@ async def open_job_service(
         open_service_nursery() as nursery,
     ):
         service = JobService(
-            store, dispatcher, directory, config, nursery, wall_clock=wall_clock, rng=rng
+            store,
+            dispatcher,
+            directory,
+            config,
+            nursery,
+            wall_clock=wall_clock,
+            rng=rng,
+            quotas=quotas,
         )
         service._recover(store.unfinished)
         store.unfinished = []

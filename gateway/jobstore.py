@@ -3,7 +3,8 @@
 ::
 
     DATA_DIR/
-        jobs.db (-wal, -shm)   one row per job; the schema's version is PRAGMA user_version
+        jobs.db (-wal, -shm)   one row per job, one per provider that ran jobs (its work for
+                               this gateway); the schema's version is PRAGMA user_version
         results/ID.N.png       image N of job ID's result
         inputs/ID              the init image of an img2img job, kept as long as its result
         lock                   held (flock) while a gateway uses the dir
@@ -20,9 +21,10 @@ A result's files are written before its row says "done", so a done row has its f
 they were lost since (then its GET is 410). Files no row claims are deleted at start.
 
 The schema is versioned (``PRAGMA user_version``): a later version adds a migration step to
-`_MIGRATIONS`. Each row keeps what later issues need: the client key and the provider
-(per-client limits, fair shares), the cost in megapixel-steps (accounting), and the request
-itself (re-running a job after a restart, or on another provider for a spot check).
+`_MIGRATIONS` (version 2 added ``contributions``: each provider's work for this gateway, which
+earns its owner's key a bigger share). Each row keeps the client and the provider, the cost
+in megapixel-steps, and the request itself (re-running a job after a restart, or on another
+provider for a spot check).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: The version of the schema this code writes (``PRAGMA user_version``).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _DB = "jobs.db"
 # Job ids are ours (URL-safe base64); anything else never reaches a query or a path.
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
@@ -83,7 +85,7 @@ CREATE TABLE jobs (
     kind TEXT NOT NULL,             -- txt2img | img2img
     mode TEXT NOT NULL,             -- async | sync
     api TEXT NOT NULL,              -- sdcn | a1111: the API it came through
-    client TEXT NOT NULL,           -- who asked (an IP address; an API key later)
+    client TEXT NOT NULL,           -- who asked: ip:ADDRESS (IPv6: its /64) or key:NAME
     task_id TEXT,                   -- the A1111 client's force_task_id
     status TEXT NOT NULL,           -- queued | running | done | failed | cancelled
     parts TEXT NOT NULL,            -- JSON: each dispatched job's fields, init image apart
@@ -106,11 +108,20 @@ CREATE TABLE jobs (
 CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
 CREATE INDEX jobs_unfinished ON jobs (created_at) WHERE finished_at IS NULL;
 """
+_CONTRIBUTIONS = """
+CREATE TABLE contributions (
+    provider TEXT PRIMARY KEY NOT NULL,  -- peer id
+    megapixel_steps REAL NOT NULL,       -- work of the jobs it returned images for
+    jobs INTEGER NOT NULL,
+    last_at REAL NOT NULL                -- Unix seconds of the latest
+)
+"""
 #: Migrations from version N to N + 1, by N; version 0 is a new, empty file.
 _MIGRATIONS: dict[int, str] = {
     0: _SCHEMA,
-    # 1: the client asked that a second provider agree before the answer (gateway.spotcheck)
-    1: "ALTER TABLE jobs ADD COLUMN verify INTEGER NOT NULL DEFAULT 0",
+    1: _CONTRIBUTIONS,
+    # 2: the client asked that a second provider agree before the answer (gateway.spotcheck)
+    2: "ALTER TABLE jobs ADD COLUMN verify INTEGER NOT NULL DEFAULT 0",
 }
 _UNFINISHED = ("queued", "running")
 
@@ -160,7 +171,7 @@ class JobRecord:
     error_msg: str | None = None
     last_event: str | None = None
     gone: str | None = None
-    verify: bool = False  # a second provider must agree before the answer (schema 2)
+    verify: bool = False  # a second provider must agree before the answer (schema 3)
 
 
 _COLUMNS = tuple(f.name for f in fields(JobRecord))
@@ -222,6 +233,9 @@ class JobStore:
         self.result_bytes = 0
         #: The unfinished rows found at open, oldest first, for the job service to resume.
         self.unfinished: list[JobRecord] = []
+        #: What each provider ran for this gateway, found at open: peer id ->
+        #: (megapixel-steps, jobs, Unix seconds of the latest).
+        self.contributions: dict[str, tuple[float, int, float]] = {}
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -303,6 +317,20 @@ class JobStore:
     def update_nowait(self, job_id: str, **values: Any) -> None:
         """Queue an update of some columns of `job_id`'s row; a failure is logged."""
         self._write_nowait(lambda db: self._update(db, job_id, values))
+
+    def contribute_nowait(self, provider: str, megapixel_steps: float, at: float) -> None:
+        """Queue adding a job of `megapixel_steps` that `provider` ran (at Unix time `at`)
+        to its row of contributions; a failure is logged."""
+
+        def add(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO contributions VALUES (?, ?, 1, ?) ON CONFLICT (provider) DO UPDATE "
+                "SET megapixel_steps = megapixel_steps + excluded.megapixel_steps, "
+                "jobs = jobs + 1, last_at = max(last_at, excluded.last_at)",
+                (provider, megapixel_steps, at),
+            )
+
+        self._write_nowait(add)
 
     @staticmethod
     def _update(db: sqlite3.Connection, job_id: str, values: dict[str, Any]) -> None:
@@ -654,6 +682,8 @@ def _open(root: Path, min_free: int) -> tuple[JobStore, int | None]:
             "ORDER BY created_at, rowid"
         ).fetchall()
         store.unfinished = _decode(rows)
+        rows = db.execute("SELECT provider, megapixel_steps, jobs, last_at FROM contributions")
+        store.contributions = {row[0]: (row[1], row[2], row[3]) for row in rows}
         _remove_orphans(db, root)
     except sqlite3.DatabaseError as exc:
         db.close()

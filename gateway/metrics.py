@@ -30,6 +30,7 @@ from gateway.errors import (
     ProviderFailed,
     Rejected,
 )
+from gateway.limits import REFUSAL_REASONS
 from sdcn_p2p.jobs import JobRequest
 from sdcn_p2p.metrics import Metrics
 from sdcn_p2p.records import AdvertState, Role
@@ -49,6 +50,7 @@ __all__ = [
     "REPORT_EVENTS",
     "DispatchMetrics",
     "RecentWork",
+    "RefusalCounter",
     "RequestCounter",
     "instrument_gateway",
     "instrument_trust",
@@ -280,6 +282,24 @@ def provider_states(directory: ProviderDirectory, now: float) -> dict[str, int]:
 
 
 # --- HTTP requests -----------------------------------------------------------------------------
+
+
+class RefusalCounter:
+    """``sdcn_gateway_refused_total``: clients refused (401, 429), by reason only (one of
+    `gateway.limits.REFUSAL_REASONS`): never by client, address or key, which would make a
+    series per client."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        counter = metrics.counter(
+            "sdcn_gateway_refused_total",
+            "Requests and jobs refused for their client: no or unknown API key (401), over a "
+            "limit (429), by reason",
+            ["reason"],
+        )
+        self._children = {reason: counter.labels(reason) for reason in REFUSAL_REASONS}
+
+    def count(self, reason: str) -> None:
+        self._children[reason].inc()
 
 
 def api_of(path: str) -> str:

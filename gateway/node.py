@@ -20,12 +20,13 @@ from typing import Any
 
 import trio
 
+from gateway.access import AccessConfig
 from gateway.api import create_app
 from gateway.catalog import Catalog
 from gateway.directory import ProviderDirectory
 from gateway.dispatch import Dispatcher, GatewayConfig, LocalRunner
 from gateway.jobservice import JobsConfig, JobService, open_job_service
-from gateway.metrics import instrument_gateway, instrument_trust
+from gateway.metrics import RefusalCounter, instrument_gateway, instrument_trust
 from gateway.reports import FraudReports, ReportConfig, open_fraud_reports
 from gateway.spotcheck import SpotChecker, open_spot_checker
 from gateway.trust import TrustConfig, TrustLedger
@@ -65,8 +66,12 @@ class Gateway:
         rng: random.Random | None = None,
         local: LocalRunner | None = None,
         trust: TrustConfig = TrustConfig(),
+        access: AccessConfig | None = None,
     ) -> None:
         self.peer = peer
+        #: Who may ask, and their limits (default: everyone, unlimited); `reload_access`
+        #: replaces it.
+        self.access = access or AccessConfig.unlimited()
         self.config = config
         #: Each provider's record of spot checks, and who is excluded.
         self.trust = TrustLedger(trust)
@@ -90,6 +95,7 @@ class Gateway:
         #: The peer's metrics, which ``GET /metrics`` serves.
         self.metrics = peer.metrics
         instrument_gateway(self.metrics, self.dispatcher, peer.wall_clock)
+        self.refusals = RefusalCounter(self.metrics)
         self._started = trio.current_time()
         #: The model a request that names none runs on (A1111's sd_model_checkpoint option).
         self.default_model = default_model
@@ -104,11 +110,27 @@ class Gateway:
         """Unix seconds, from the peer's clock."""
         return self.peer.wall_clock()
 
+    def reload_access(self) -> bool:
+        """Read the keys file again (SIGHUP); on an error keep the keys loaded and log it.
+        Returns whether the new keys are in use."""
+        try:
+            self.access = self.access.reload()
+        except SdcnError as exc:
+            log.error("keys not reloaded, the old ones stay in use: %s", exc)
+            return False
+        log.info("keys reloaded: %d key(s) from %s", len(self.access.keys), self.access.path)
+        return True
+
     def status(self) -> dict[str, Any]:
         """``GET /v1/status``: what this gateway and the providers it sees are doing now."""
         now = trio.current_time()
         dispatcher = self.dispatcher
         images, work = dispatcher.metrics.recent.totals(now)
+        slots = busy = 0
+        for advert in self.peer.adverts:
+            if advert.is_online_provider:
+                slots += advert.slots
+                busy += min(self.directory.in_flight(advert.peer_id), advert.slots)
         return {
             "peer_id": str(self.peer_id),
             "version": __version__,
@@ -120,6 +142,10 @@ class Gateway:
             "megapixel_steps_queued": round(dispatcher.queued_megapixel_steps, 3),
             "megapixel_steps_last_minute": round(work, 3),
             "images_last_minute": images,
+            "jobs_queued": self.jobs.queued,
+            "clients_active": self.jobs.quotas.active,
+            "load": _load(busy + dispatcher.waiting + self.jobs.queued, slots),
+            "keys_required": self.access.require_key,
             "trust": self.trust_status(),
         }
 
@@ -165,6 +191,11 @@ class Gateway:
             await trio.sleep(ADVERT_INTERVAL)
 
 
+def _load(jobs: int, slots: int) -> float | None:
+    """Jobs running or waiting per provider slot (1: every slot busy); None: no slots."""
+    return round(jobs / slots, 3) if slots else None
+
+
 @asynccontextmanager
 async def open_gateway(
     peer: Peer,
@@ -177,6 +208,7 @@ async def open_gateway(
     trust: TrustConfig | None = TrustConfig(),
     reports: ReportConfig = ReportConfig(),
     jobs: JobsConfig = JobsConfig(),
+    access: AccessConfig | None = None,
 ) -> AsyncIterator[Gateway]:
     """Run the gateway role on `peer`, serving the HTTP API on `http` (``HOST:PORT``) if given,
     spot-checking its jobs (`trust`) and exchanging fraud reports (`reports`); with `trust`
@@ -184,7 +216,8 @@ async def open_gateway(
 
     With `provider` (the peer is a provider too) jobs may run on it in-process, and its
     advert carries the gateway role, so the gateway publishes none of its own. `jobs` says
-    where the job service keeps jobs (by default a temporary dir, gone on exit). Raises
+    where the job service keeps jobs (by default a temporary dir, gone on exit); `access`
+    who may ask and their limits (by default everyone, without limits). Raises
     ConfigError if the HTTP address cannot be bound or the data dir cannot be used.
     """
     local = provider.run_job if provider is not None else None
@@ -195,6 +228,7 @@ async def open_gateway(
         rng=rng,
         local=local,
         trust=trust or TrustConfig(),
+        access=access,
     )
     async with AsyncExitStack() as stack:
         if trust is not None:

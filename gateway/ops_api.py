@@ -52,6 +52,13 @@ class Status(BaseModel):
     trust: TrustStatus | None = Field(
         description="Spot checks and exclusions (README, Trust); null if this gateway checks none"
     )
+    jobs_queued: int = Field(description="Async jobs in the gateway's fair line, not yet sent")
+    clients_active: int = Field(description="Clients with jobs waiting or running")
+    load: float | None = Field(
+        description="Jobs running or waiting per provider slot online (1: every slot busy; "
+        "above: a line); null when no provider is online"
+    )
+    keys_required: bool = Field(description="Whether only clients with an API key are served")
 
 
 @router.get("/v1/status", tags=["operate"], response_model=Status)

@@ -5,6 +5,8 @@
   ``"verify": true`` the answer waits until a second provider agrees (`gateway.spotcheck`).
 - ``GET /v1/models``, ``GET /v1/providers``: the catalog (`gateway.catalog`).
 - ``GET /healthz``.
+- ``GET /v1/account``: who the gateway takes the caller for (its API key, or its address),
+  its limits and usage, and the work of the providers linked to its key.
 
 The jobs are sync jobs of the job service (`gateway.jobservice`): recorded like async ones,
 with the job's id in the ``SDCN-Job-Id`` header of the answer. A client that disconnects
@@ -24,13 +26,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway.http import (
     ERRORS,
     base64_text,
-    client_key,
     error_docs,
     gone,
     json_body,
     json_response,
     json_safe,
     read_json,
+    request_client,
     services,
     until_disconnect,
 )
@@ -116,6 +118,12 @@ class ProviderEntry(BaseModel):
     expires_in: float = Field(description="Seconds until the advert expires")
     rtt_ms: float | None = Field(description="Measured round trip (EWMA), null if unknown")
     in_flight: int = Field(description="This gateway's jobs running there now")
+    jobs_sent: int = Field(description="Jobs this gateway sent there since it started")
+    jobs_done: int = Field(description="Of those, the ones it completed")
+    observed_speed: float | None = Field(
+        description="it/s at 512x512 as this gateway measured it (EWMA), null before any job"
+    )
+    proven: bool = Field(description="It completed a job for this gateway")
     banned_until: float | None = Field(
         description="Wall time (Unix seconds) a ban after failures ends, null if not banned"
     )
@@ -170,7 +178,7 @@ async def _job(request: Request, kind: str) -> Response:
         job = await trio.to_thread.run_sync(parse_request, kind, body)
     else:
         job = parse_request(kind, body)
-    client = client_key(request)
+    client = request_client(request)
     outcome = await until_disconnect(
         request, lambda: jobs.run([job], api="sdcn", client=client, verify=verify)
     )
@@ -202,6 +210,45 @@ async def models(request: Request) -> list[dict[str, Any]]:
 async def providers(request: Request) -> list[dict[str, Any]]:
     """Every provider's advert, with the RTT this gateway measured and its load from here."""
     return services(request).catalog.providers()
+
+
+class ProviderWork(BaseModel):
+    peer_id: str
+    megapixel_steps: float = Field(description="Work it returned images for, for this gateway")
+    jobs: int
+    last_job_at: float | None = Field(description="Unix seconds of its latest job here")
+
+
+class Usage(BaseModel):
+    jobs_in_flight: int = Field(description="Jobs running, or next in line for a provider")
+    jobs_waiting: int = Field(description="Async jobs in the gateway's line")
+    megapixel_steps_available: float | None = Field(
+        description="Work the client may submit now (null: no limit)"
+    )
+
+
+class Account(BaseModel):
+    client: str = Field(description='The API key\'s name, or "anonymous"')
+    tier: str | None
+    weight: float = Field(description="The client's share in the gateway's fair line")
+    contributor: bool = Field(
+        description="A provider linked to the key ran a job here lately (a bigger share)"
+    )
+    limits: dict[str, float | None] = Field(description="Each limit; null: none")
+    usage: Usage
+    providers: list[ProviderWork] = Field(description="The providers linked to the key")
+
+
+@router.get(
+    "/v1/account",
+    tags=["network"],
+    response_model=Account,
+    responses=error_docs(401, 429),
+)
+async def account(request: Request) -> dict[str, Any]:
+    """The caller's tier, limits and usage, and its providers' work for this gateway (send
+    the API key: without one, the anonymous client at the caller's address)."""
+    return services(request).jobs.account(request_client(request))
 
 
 @router.get("/healthz", tags=["network"], response_model=Health)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -31,7 +32,7 @@ from sdcn_p2p.backends.testcard import TestcardConfig, open_testcard_backend
 from sdcn_p2p.errors import ConfigError, MultiaddrError, SdcnError
 from sdcn_p2p.host import HostConfig, open_host
 from sdcn_p2p.httpserver import parse_bind
-from sdcn_p2p.identity import Identity, default_key_path, load_or_create_identity
+from sdcn_p2p.identity import Identity, PeerId, default_key_path, load_or_create_identity
 from sdcn_p2p.logs import LOG_FORMATS, configure_logging
 from sdcn_p2p.metrics import open_metrics_server
 from sdcn_p2p.multiaddr import Multiaddr
@@ -40,7 +41,9 @@ from sdcn_p2p.provider import ProviderConfig, open_provider, run_until_signalled
 from sdcn_p2p.records import Role
 
 if TYPE_CHECKING:  # the gateway (FastAPI, pydantic) is imported only by commands that run one
+    from gateway.access import AccessConfig
     from gateway.jobservice import JobsConfig
+    from gateway.node import Gateway
 
 __all__ = [
     "build_parser",
@@ -107,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_bootstrap,
         _add_devnet,
         _add_ping,
+        _add_apikey,
     ):
         add_command(commands)
     return parser
@@ -293,6 +297,91 @@ def jobs_config_from_args(args: argparse.Namespace, *, default_dir: Path | None)
     )
 
 
+def _add_access_options(parser: argparse.ArgumentParser) -> None:
+    """The options of who may use a gateway, and how much."""
+    group = parser.add_argument_group("clients (API keys and limits)")
+    group.add_argument(
+        "--api-keys",
+        type=Path,
+        metavar="FILE",
+        help="the API keys, tiers and limits (TOML, or JSON if it ends in .json; see "
+        "`sdcn apikey new`); read again on SIGHUP",
+    )
+    group.add_argument(
+        "--require-key",
+        action="store_true",
+        help="serve only requests with an API key (others get 401)",
+    )
+    group.add_argument(
+        "--no-limits",
+        action="store_true",
+        help="no per-client limits for anonymous and standard clients (a private gateway); "
+        "by default each gets those the README names",
+    )
+
+
+def access_config_from_args(args: argparse.Namespace) -> AccessConfig:
+    """The gateway's keys and limits from the options (ConfigError if they cannot be used)."""
+    from gateway.access import AccessConfig
+
+    if args.require_key and args.api_keys is None:
+        raise ConfigError("--require-key needs --api-keys FILE: no client could be served")
+    if args.no_limits and args.api_keys is not None:
+        raise ConfigError("--no-limits is for a gateway without --api-keys (set tiers there)")
+    if args.api_keys is not None:
+        return AccessConfig.load(args.api_keys, require_key=args.require_key)
+    return AccessConfig.unlimited() if args.no_limits else AccessConfig()
+
+
+async def reload_keys_on_sighup(gateway: Gateway) -> None:
+    """Read the gateway's keys file again at each SIGHUP, until cancelled."""
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            gateway.reload_access()
+
+
+def _add_apikey(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "apikey",
+        help="make API keys for a gateway's clients",
+        description="Make a new API key: print it (shown this once: the gateway keeps only "
+        "its SHA-256) on the first line, then, unless --keys-file is given, the entry to add "
+        "to the gateway's keys file; with --keys-file, add the entry there (the file is made "
+        "with mode 0600 if need be). Then send the gateway SIGHUP.",
+    )
+    actions = parser.add_subparsers(title="actions", metavar="ACTION", required=True)
+    new = actions.add_parser("new", help="make a new key")
+    new.add_argument("--name", required=True, help="what the gateway calls the key (unique)")
+    new.add_argument("--keys-file", type=Path, metavar="FILE", help="add the entry to FILE")
+    new.add_argument("--tier", help="its tier (default: standard; see the README)")
+    new.add_argument(
+        "--provider",
+        metavar="PEER_ID",
+        help="the peer id of a provider the key's owner runs (its work raises the key's share)",
+    )
+    new.set_defaults(run=_apikey_new)
+
+
+def _apikey_new(args: argparse.Namespace) -> int:
+    from gateway.access import add_key, key_entry, new_key
+
+    if args.provider is not None:
+        try:
+            PeerId.from_string(args.provider)
+        except ValueError as exc:
+            raise ConfigError(f"--provider: not a peer id ({exc})") from None
+    key = new_key()
+    if args.keys_file is None:
+        entry = key_entry(key, args.name, tier=args.tier, provider=args.provider)
+        print(key)
+        print(f"\n# add to the gateway's keys file, then send it SIGHUP:\n{entry}", end="")
+        return 0
+    add_key(args.keys_file, key, args.name, tier=args.tier, provider=args.provider)
+    print(key)
+    print(f"# added {args.name!r} to {args.keys_file}; send the gateway SIGHUP", file=sys.stderr)
+    return 0
+
+
 def _add_node(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "node",
@@ -372,6 +461,7 @@ def _add_node(commands: argparse._SubParsersAction) -> None:
         help="also be a gateway: serve the SDCN and AUTOMATIC1111 HTTP APIs here",
     )
     _add_jobs_options(parser, data_dir_default=f"{default_data_dir()} (with --http)")
+    _add_access_options(parser)
     capacity = parser.add_argument_group("capacity")
     capacity.add_argument("--slots", type=int, default=1, help="jobs run at once (default 1)")
     capacity.add_argument(
@@ -456,6 +546,7 @@ def _node(args: argparse.Namespace) -> int:
     peer_config, provider_config = node_config_from_args(args)
     backend = open_backend_from_args(args)  # checks the backend options before starting
     jobs = jobs_config_from_args(args, default_dir=default_data_dir()) if args.http else None
+    access = access_config_from_args(args) if args.http else None
     trio.run(
         partial(
             run_node,
@@ -466,6 +557,7 @@ def _node(args: argparse.Namespace) -> int:
             http=args.http,
             metrics=args.metrics,
             jobs=jobs,
+            access=access,
         )
     )
     return 0
@@ -480,10 +572,12 @@ async def run_node(
     http: str | None = None,
     metrics: str | None = None,
     jobs: JobsConfig | None = None,
+    access: AccessConfig | None = None,
 ) -> None:
     """Run a provider node until signalled (what ``sdcn node`` does); with `http`, it is a
-    gateway too, keeping its jobs as `jobs` says (default: in a temporary dir); with `metrics`
-    (``HOST:PORT``), it serves its metrics there.
+    gateway too, keeping its jobs as `jobs` says (default: in a temporary dir) and serving
+    clients as `access` says (default: without limits; its keys file is read again on
+    SIGHUP); with `metrics` (``HOST:PORT``), it serves its metrics there.
     """
     async with (
         open_peer(identity, peer_config) as peer,
@@ -498,12 +592,18 @@ async def run_node(
             from gateway.node import open_gateway
 
             # Jobs may run on our own provider; its advert carries the gateway role.
-            await stack.enter_async_context(
-                open_gateway(peer, http=http, provider=provider, jobs=jobs or JobsConfig())
+            gateway = await stack.enter_async_context(
+                open_gateway(
+                    peer, http=http, provider=provider, jobs=jobs or JobsConfig(), access=access
+                )
             )
         mode = "reachable" if peer.reachable else "outbound-only"
         log.info("provider %s (%s) on backend %s", peer.peer_id, mode, opened.name)
-        await run_until_signalled(provider)
+        async with trio.open_nursery() as nursery:
+            if http is not None:
+                nursery.start_soon(reload_keys_on_sighup, gateway)
+            await run_until_signalled(provider)
+            nursery.cancel_scope.cancel()
 
 
 def _add_gateway(commands: argparse._SubParsersAction) -> None:
@@ -528,6 +628,7 @@ def _add_gateway(commands: argparse._SubParsersAction) -> None:
         help="model for A1111 requests that name none (A1111's sd_model_checkpoint)",
     )
     _add_jobs_options(parser, data_dir_default=str(default_data_dir()))
+    _add_access_options(parser)
     parser.set_defaults(run=_gateway)
 
 
@@ -535,6 +636,7 @@ def _gateway(args: argparse.Namespace) -> int:
     identity = load_or_create_identity(args.key)
     config = peer_config_from_args(args, roles=(Role.GATEWAY,))
     jobs = jobs_config_from_args(args, default_dir=default_data_dir())
+    access = access_config_from_args(args)
     trio.run(
         partial(
             run_gateway,
@@ -544,6 +646,7 @@ def _gateway(args: argparse.Namespace) -> int:
             model=args.default_model,
             metrics=args.metrics,
             jobs=jobs,
+            access=access,
         )
     )
     return 0
@@ -557,19 +660,28 @@ async def run_gateway(
     model: str | None = None,
     metrics: str | None = None,
     jobs: JobsConfig | None = None,
+    access: AccessConfig | None = None,
 ) -> None:
     """Run a gateway until interrupted (what ``sdcn gateway`` does), keeping its jobs as
-    `jobs` says (default: in a temporary dir); with `metrics` (``HOST:PORT``), it serves its
-    metrics there too, beside ``GET /metrics`` on `http`."""
+    `jobs` says (default: in a temporary dir) and serving clients as `access` says (default:
+    the public limits; its keys file is read again on SIGHUP); with `metrics`
+    (``HOST:PORT``), it serves its metrics there too, beside ``GET /metrics`` on `http`."""
+    from gateway.access import AccessConfig
     from gateway.jobservice import JobsConfig
     from gateway.node import open_gateway
 
     async with (
         open_peer(identity, config) as peer,
         open_peer_metrics(peer, metrics),
-        open_gateway(peer, http=http, default_model=model, jobs=jobs or JobsConfig()),
+        open_gateway(
+            peer,
+            http=http,
+            default_model=model,
+            jobs=jobs or JobsConfig(),
+            access=access or AccessConfig(),
+        ) as gateway,
     ):
-        await trio.sleep_forever()
+        await reload_keys_on_sighup(gateway)
 
 
 def _add_devnet(commands: argparse._SubParsersAction) -> None:

@@ -160,7 +160,8 @@ def describe(devnet: Devnet) -> str:
         [
             f"SDCN devnet: {len(devnet.providers)} test-card providers, gateway at {url}",
             f"  models: {', '.join(models)}",
-            "try:",
+            f"open {url}/ in a browser to generate images, {url}/network to watch the network",
+            "or try:",
             f"  curl -s {url}/v1/models",
             f"  python examples/sdcn_run.py --gateway {url} txt2img "
             "examples/params-txt2img.json out.png",

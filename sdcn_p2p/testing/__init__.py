@@ -15,6 +15,8 @@
   gateway's spot checks; ``sdcn_p2p.testing.trust``.
 - `gated`: a test card whose jobs take each step only when the test allows it;
   ``sdcn_p2p.testing.gated``.
+- `browser`: headless Chromium under Playwright (the ``test`` extra) for the gateway's pages,
+  and a devnet run by trio in a thread beside it; ``sdcn_p2p.testing.browser``.
 """
 
 from sdcn_p2p.testing.network import (

@@ -14,6 +14,8 @@ from types import ModuleType
 
 import pytest
 
+from sdcn_p2p.dht import keys, routing, store
+
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
@@ -68,6 +70,24 @@ def test_footprint(load, capsys) -> None:  # type: ignore[no-untyped-def]
     assert result["sim_peers_max"] > 6
 
 
+def test_netsim(load, capsys) -> None:  # type: ignore[no-untyped-def]
+    netsim = load("netsim")
+    argv = ["--peers", "200", "--duration", "40", "--after", "30", "--lookups", "100"]
+    result = run_json(netsim, [*argv, "--adverts", "4"], capsys)
+    assert result["peers"] == 200 and 0.4 < result["servers"] / 200 < 0.8
+    assert result["hops_p95"] <= 3 and result["lookup_success"] >= 0.95
+    assert result["lookup_owner_found"] >= 0.95 and result["lookup_ms_p50"] > 0
+    assert 0 < result["propagation_ms_p50"] <= result["propagation_ms_p99"] < 10_000
+    assert result["advert_reach"] > 0.9 and result["msgs_per_peer_per_advert"] > 1
+    assert result["gossip_bytes_per_peer_s"] > result["gossip_push_bytes_per_peer_s"] > 0
+    assert result["after_leave_table_live"] < result["table_live"] <= 1
+    assert result["after_leave_lookup_owner_found"] >= 0.9
+    assert result["store_records_mean"] > 0 and result["peak_rss_mb"] > 0
+    # The key cache and the signature check it swapped out are back in the cores.
+    assert routing.node_key_int is keys.node_key_int
+    assert store.validate.__module__ == "sdcn_p2p.dht.store"
+
+
 def test_comfyui_overhead(load, capsys) -> None:  # type: ignore[no-untyped-def]
     result = run_json(load("comfyui_overhead"), ["--jobs", "2", "--batch", "2"], capsys)
     assert result["raw_cpu_ms"] > 0 and result["backend_cpu_ms"] > 0
@@ -99,3 +119,11 @@ def test_jobs(load, capsys) -> None:  # type: ignore[no-untyped-def]
     assert result["queued_after_restart"] is True
     assert result["restart_s"] > 0 and result["start_empty_s"] > 0
     assert "gateway_rss_growth_mb_queued" in result
+
+
+def test_fairness(load, capsys) -> None:  # type: ignore[no-untyped-def]
+    argv = ["--providers", "2", "--polite", "2", "--flood", "20", "--seconds", "6"]
+    result = run_json(load("fairness"), argv, capsys)
+    assert result["polite_p95_ratio"] > 0 and 0 < result["provider_busy_fraction"] <= 1
+    assert result["contributor_p95_vs_anonymous"] > 0
+    assert result["with_flood"]["flood_done"] > 0

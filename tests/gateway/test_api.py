@@ -594,6 +594,27 @@ async def test_models_providers_and_health(net: Net) -> None:
     }
 
 
+async def test_providers_tell_the_jobs_this_gateway_sent_them(net: Net) -> None:
+    for _ in range(2):
+        assert (await net.http.post("/txt2img", json=sdcn(model="card-b"))).status_code == 200
+    providers = {p["peer_id"]: p for p in (await net.http.get("/v1/providers")).json()}
+    ran = providers[str(net.nodes[0].peer_id)]  # the only one with card-b
+    assert (ran["jobs_sent"], ran["jobs_done"], ran["proven"]) == (2, 2, True)
+    assert ran["observed_speed"] > 0
+    idle = providers[str(net.nodes[1].peer_id)]
+    assert (idle["jobs_sent"], idle["jobs_done"], idle["proven"]) == (0, 0, False)
+    assert idle["observed_speed"] is None
+
+
+async def test_the_pages_are_served_beside_the_api(net: Net) -> None:
+    for path in ("/", "/network", "/static/common.js"):
+        response = await net.http.get(path)
+        assert response.status_code == 200, path
+        assert response.headers["content-security-policy"].startswith("default-src 'self'")
+    paths = (await net.http.get("/openapi.json")).json()["paths"]
+    assert not {"/", "/network", "/static/{name}"} & set(paths)
+
+
 async def test_docs_and_openapi(net: Net) -> None:
     assert (await net.http.get("/docs")).status_code == 200
     schema = (await net.http.get("/openapi.json")).json()

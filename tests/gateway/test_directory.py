@@ -344,6 +344,23 @@ def test_only_the_latest_proven_providers_are_remembered_and_protected(monkeypat
     assert [c.proven for c in found.candidates(job(), NOW)].count(True) == 2
 
 
+def test_jobs_sent_and_done_are_counted_per_provider(monkeypatch) -> None:
+    found = directory(advert(0), advert(1))
+    assert found.jobs_sent(PEERS[0]) == (0, 0)
+    for ok in (True, False, True):
+        found.started(PEERS[0])
+        found.finished(PEERS[0])
+        if ok:
+            found.succeeded(PEERS[0])
+    assert found.jobs_sent(PEERS[0]) == (3, 2) and found.jobs_sent(PEERS[1]) == (0, 0)
+    # Bounded: once many are counted, providers whose advert is gone are forgotten.
+    monkeypatch.setattr("gateway.directory._MAX_OBSERVED", 2)
+    found.started(PEERS[5])  # no advert
+    found.started(PEERS[1])
+    assert found.jobs_sent(PEERS[5]) == (0, 0) and found.jobs_sent(PEERS[1]) == (1, 0)
+    assert found.jobs_sent(PEERS[0]) == (3, 2)
+
+
 def test_capacity_counts_what_capable_providers_get_through_and_their_queues() -> None:
     found = directory(
         advert(0, speed=2.0, slots=2, queue=5),  # 2 slots of 10 s: 0.2 jobs/s, 3 queued

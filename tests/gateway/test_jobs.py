@@ -336,6 +336,29 @@ async def test_delete_of_a_finished_job_deletes_its_stored_result(tmp_path: Path
         assert_msg(await net.http.get(f"/v1/jobs/{job_id}/events"), 410)
 
 
+async def test_a_done_jobs_images_are_served_one_by_one_as_png(tmp_path: Path) -> None:
+    backend = GatedBackend()
+    async with network(tmp_path, backend) as net:
+        job_id = await submit(net.http, batch_size=2)
+        await backend.started.wait()
+        assert_msg(await net.http.get(f"/v1/jobs/{job_id}/images/0"), 404, "running")
+        backend.allow(3)
+        async with follow(net.http, job_id) as events:
+            await events.until("done")
+        for index in (0, 1):
+            response = await net.http.get(f"/v1/jobs/{job_id}/images/{index}")
+            assert response.status_code == 200
+            assert response.headers["content-type"] == "image/png"
+            image = Image.open(io.BytesIO(response.content))
+            assert (image.format, image.size) == ("PNG", (96, 64))
+        assert_msg(await net.http.get(f"/v1/jobs/{job_id}/images/2"), 404, "2 image(s)")
+        assert_msg(await net.http.get(f"/v1/jobs/{job_id}/images/-1"), 400, "index")
+        assert_msg(await net.http.get(f"/v1/jobs/{job_id}/images/x"), 400, "index")
+        assert_msg(await net.http.get(f"/v1/jobs/{'A' * 22}/images/0"), 404)
+        await net.http.delete(f"/v1/jobs/{job_id}")
+        assert_msg(await net.http.get(f"/v1/jobs/{job_id}/images/0"), 410)
+
+
 async def test_an_async_job_outlives_the_client_that_submitted_it(tmp_path: Path) -> None:
     backend = GatedBackend()
     async with network(tmp_path, backend) as net:

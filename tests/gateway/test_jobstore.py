@@ -56,17 +56,18 @@ async def test_a_new_store_has_the_current_schema_in_wal_mode(tmp_path: Path) ->
     assert set(names(tmp_path)) >= {"jobs.db", "results", "inputs", "lock"}
 
 
-async def test_a_version_1_store_gains_the_verify_column_and_keeps_its_rows(
+async def test_a_version_2_store_gains_the_verify_column_and_keeps_its_rows(
     tmp_path: Path,
 ) -> None:
     with sqlite3.connect(tmp_path / "jobs.db") as db:  # as the first job service left it
         db.executescript(_MIGRATIONS[0])
+        db.executescript(_MIGRATIONS[1])
         db.execute(
             "INSERT INTO jobs (id, kind, mode, api, client, status, parts, has_init, cost, "
             "created_at) VALUES (?, 'txt2img', 'async', 'sdcn', 'x', 'queued', '[]', 0, 1, 5)",
             (ident(1),),
         )
-        db.execute("PRAGMA user_version = 1")
+        db.execute("PRAGMA user_version = 2")
     db.close()
     async with open_job_store(tmp_path) as store:
         old = await store.get(ident(1))
@@ -75,8 +76,40 @@ async def test_a_version_1_store_gains_the_verify_column_and_keeps_its_rows(
         new = await store.get(ident(2))
         assert new is not None and new.verify is True
     with sqlite3.connect(tmp_path / "jobs.db") as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     db.close()
+
+
+async def test_what_providers_ran_is_kept_across_a_restart(tmp_path: Path) -> None:
+    async with open_job_store(tmp_path) as store:
+        assert store.contributions == {}
+        store.contribute_nowait("12D3KooWprovider", 5.5, 1000.0)
+        store.contribute_nowait("12D3KooWprovider", 0.5, 1010.0)
+        store.contribute_nowait("12D3KooWother", 1.0, 900.0)
+        await store.wait_flushed()
+    async with open_job_store(tmp_path) as store:
+        assert store.contributions == {
+            "12D3KooWprovider": (6.0, 2, 1010.0),
+            "12D3KooWother": (1.0, 1, 900.0),
+        }
+
+
+async def test_a_version_1_store_is_migrated_keeping_its_jobs(tmp_path: Path) -> None:
+    from gateway.jobstore import _SCHEMA  # what version 1 was
+
+    with sqlite3.connect(tmp_path / "jobs.db") as db:
+        db.executescript(f"BEGIN; {_SCHEMA}; PRAGMA user_version = 1; COMMIT;")
+    async with open_job_store(tmp_path) as store:
+        await store.add(record(ident(1)))
+    with sqlite3.connect(tmp_path / "jobs.db") as db:
+        db.execute("PRAGMA user_version = 1")
+        db.execute("DROP TABLE contributions")
+        db.execute("ALTER TABLE jobs DROP COLUMN verify")  # as version 1 had it
+    async with open_job_store(tmp_path) as store:
+        assert await store.get(ident(1)) == record(ident(1))
+        store.contribute_nowait("12D3KooWprovider", 1.0, 1.0)
+    with sqlite3.connect(tmp_path / "jobs.db") as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
 
 
 async def test_records_round_trip_and_ids_are_checked_before_any_query(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from sdcn_p2p.gossip.config import GossipConfig
 from sdcn_p2p.gossip.state import MeshState, PushBudget, SeenCache
 from sdcn_p2p.testing import test_identity
 
-PEER_IDS = [test_identity(i, seed=3).peer_id for i in range(8)]
+PEER_IDS = [test_identity(i, seed=3).peer_id for i in range(12)]
 
 
 def test_seen_cache_remembers_each_key_once_within_its_bound() -> None:
@@ -81,11 +81,12 @@ def test_mesh_state_backoff_keeps_a_peer_out_for_a_while() -> None:
 def test_mesh_state_accepts_grafts_up_to_degree_high() -> None:
     mesh = MeshState(CONFIG)
     high = CONFIG.degree_high
-    assert mesh.accepts_graft(PEER_IDS[6], PEER_IDS[: high - 1], 0.0)
-    assert not mesh.accepts_graft(PEER_IDS[6], PEER_IDS[:high], 0.0)
+    newcomer = PEER_IDS[-1]
+    assert mesh.accepts_graft(newcomer, PEER_IDS[: high - 1], 0.0)
+    assert not mesh.accepts_graft(newcomer, PEER_IDS[:high], 0.0)
     assert mesh.accepts_graft(PEER_IDS[0], PEER_IDS[:high], 0.0)  # already a member
-    assert mesh.wants(PEER_IDS[6], PEER_IDS[:3], 0.0)
-    assert not mesh.wants(PEER_IDS[6], PEER_IDS[:4], 0.0)
+    assert mesh.wants(newcomer, PEER_IDS[:3], 0.0)
+    assert not mesh.wants(newcomer, PEER_IDS[:4], 0.0)
 
 
 def test_push_budget_refills_at_its_rate_up_to_its_burst() -> None:

@@ -205,7 +205,7 @@ async def test_a_gateway_killed_with_sigkill_keeps_its_results_and_reruns_its_jo
     listen = f"/ip4/127.0.0.1/tcp/{free_port()}/ws"
     port = free_port()
     args = ["--key", str(key), "--listen", listen, "--http", f"127.0.0.1:{port}"]
-    args += ["--data-dir", str(data)]
+    args += ["--data-dir", str(data), "--no-limits"]  # it polls /v1/models
     job = {"kind": "txt2img", "model": "card-x", "prompt": "a cat", "width": 64, "height": 64}
     seed = Multiaddr.parse(f"{listen}/p2p/{gateway_id}")
     async with (
