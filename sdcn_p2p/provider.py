@@ -42,6 +42,7 @@ from sdcn_p2p.connection import Stream
 from sdcn_p2p.errors import NETWORK_ERRORS, BackendUnavailable, JobError, JobErrorCode, SdcnError
 from sdcn_p2p.identity import PeerId
 from sdcn_p2p.jobs import JobRequest, JobResult
+from sdcn_p2p.jobs.images import PNG_SIGNATURE
 from sdcn_p2p.jobs.protocol import (
     JOB,
     MAX_JOB_MESSAGE,
@@ -534,12 +535,23 @@ class Provider:
 
 async def _parse_job(message: Any) -> tuple[JobRequest, float]:
     """Validate a job request; decoding an init image (up to ~1 s of CPU for a large one)
-    happens in a worker thread so the peer keeps answering meanwhile.
+    happens in a worker thread so the peer keeps answering meanwhile. A small PNG is decoded
+    at once: deflate packs at most ~1,000 bytes into one, so 8 KiB is at most ~8 MB of pixels,
+    a few ms, less than the thread hand-off would cost the job.
     """
     job = message.get("job") if isinstance(message, dict) else None
-    if isinstance(job, dict) and job.get("init_image") is not None:
-        return await trio.to_thread.run_sync(parse_job_message, message)
-    return parse_job_message(message)
+    init = job.get("init_image") if isinstance(job, dict) else None
+    small_png = (
+        isinstance(init, bytes)
+        and len(init) <= _INLINE_PNG_BYTES
+        and init.startswith(PNG_SIGNATURE)
+    )
+    if init is None or small_png:
+        return parse_job_message(message)
+    return await trio.to_thread.run_sync(parse_job_message, message)
+
+
+_INLINE_PNG_BYTES = 8 * 1024
 
 
 @dataclass(slots=True)

@@ -70,7 +70,10 @@ class DhtConfig:
     """
 
     k: int = 20
-    alpha: int = 3
+    #: Queries a lookup keeps in flight. 5 rather than Kademlia's 3: in benchmarks/netsim.py at
+    #: 10,000 peers, lookups took 2.85 s at the median instead of 4.11 s (most of it dialling
+    #: peers met on the way), for 4 % more DHT traffic; the hops and results are the same.
+    alpha: int = 5
     rpc_timeout: float = 5.0
     slow_after: float = 2.0
     refresh_interval: float = 600.0
