@@ -255,16 +255,21 @@ class ProviderDirectory:
         return per_second, queued
 
     def free_slots(self, model: str, now: float) -> int:
-        """Slots of the online providers of `model` (not banned, not held back as busy)
-        that none of this gateway's jobs fills now."""
-        free = 0
+        """Slots of the online providers of `model` (not banned, excluded or held back as
+        busy; an unproven one's as many as its trust limit) that none of this gateway's jobs
+        fills now."""
+        free, excluded = 0, self._excluded
         for advert in self.adverts.find(model, []):
             if (
                 advert.is_online_provider
                 and not self.is_banned(advert.peer_id, now)
                 and not self._held(advert, now)
+                and (excluded is None or not excluded(advert.peer_id, now))
             ):
-                free += max(advert.slots - self._in_flight.get(advert.peer_id, 0), 0)
+                slots = advert.slots
+                if self.limit is not None and (limit := self.limit(advert.peer_id)) is not None:
+                    slots = min(slots, limit)
+                free += max(slots - self._in_flight.get(advert.peer_id, 0), 0)
         return free
 
     def has_model(self, model: str, loras: Iterable[str] = ()) -> bool:
