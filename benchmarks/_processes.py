@@ -74,14 +74,16 @@ def start_gateway(
     stack: ExitStack, workdir: Path, *extra: str
 ) -> tuple[subprocess.Popen[bytes], str, str]:
     """An ``sdcn gateway`` process on loopback (with `extra` arguments), without per-client
-    limits (a benchmark is one client asking a lot): (process, its HTTP URL, its multiaddr to
-    bootstrap from)."""
+    limits (a benchmark is one client asking a lot) and without spot checks (the benchmarks
+    measure one job's path; what checks cost, benchmarks/trust.py measures): (process, its
+    HTTP URL, its multiaddr to bootstrap from)."""
     ws_port, http_port = free_port(), free_port()
     key = workdir / "gateway.key"
     gateway_id = keygen(key)
     listen = f"/ip4/127.0.0.1/tcp/{ws_port}/ws"
     http = f"127.0.0.1:{http_port}"
     args = sdcn("gateway", "--key", str(key), "--listen", listen, "--http", http, "--no-limits")
+    args.append("--no-spot-checks")
     if "--data-dir" not in extra:
         args += ["--data-dir", str(workdir / "gateway-data")]
     args += extra

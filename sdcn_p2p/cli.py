@@ -320,6 +320,18 @@ def _add_access_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_trust_options(parser: argparse.ArgumentParser) -> None:
+    """Whether a gateway checks its providers' pictures."""
+    parser.add_argument(
+        "--no-spot-checks",
+        dest="spot_checks",
+        action="store_false",
+        help="run each job once and never check a provider's pictures on another provider "
+        "(a private gateway whose providers you trust); `verify: true` is then answered with "
+        "verified false. By default some jobs are run again, as the README's Trust section says",
+    )
+
+
 def access_config_from_args(args: argparse.Namespace) -> AccessConfig:
     """The gateway's keys and limits from the options (ConfigError if they cannot be used)."""
     from gateway.access import AccessConfig
@@ -462,6 +474,7 @@ def _add_node(commands: argparse._SubParsersAction) -> None:
     )
     _add_jobs_options(parser, data_dir_default=f"{default_data_dir()} (with --http)")
     _add_access_options(parser)
+    _add_trust_options(parser)
     capacity = parser.add_argument_group("capacity")
     capacity.add_argument("--slots", type=int, default=1, help="jobs run at once (default 1)")
     capacity.add_argument(
@@ -558,6 +571,7 @@ def _node(args: argparse.Namespace) -> int:
             metrics=args.metrics,
             jobs=jobs,
             access=access,
+            spot_checks=args.spot_checks,
         )
     )
     return 0
@@ -573,11 +587,13 @@ async def run_node(
     metrics: str | None = None,
     jobs: JobsConfig | None = None,
     access: AccessConfig | None = None,
+    spot_checks: bool = True,
 ) -> None:
     """Run a provider node until signalled (what ``sdcn node`` does); with `http`, it is a
-    gateway too, keeping its jobs as `jobs` says (default: in a temporary dir) and serving
+    gateway too, keeping its jobs as `jobs` says (default: in a temporary dir), serving
     clients as `access` says (default: without limits; its keys file is read again on
-    SIGHUP); with `metrics` (``HOST:PORT``), it serves its metrics there.
+    SIGHUP) and checking providers' pictures unless not `spot_checks`; with `metrics`
+    (``HOST:PORT``), it serves its metrics there.
     """
     async with (
         open_peer(identity, peer_config) as peer,
@@ -590,11 +606,17 @@ async def run_node(
             # Imported only here: FastAPI and pydantic cost a provider ~15 MB it does not need.
             from gateway.jobservice import JobsConfig
             from gateway.node import open_gateway
+            from gateway.trust import TrustConfig
 
             # Jobs may run on our own provider; its advert carries the gateway role.
             gateway = await stack.enter_async_context(
                 open_gateway(
-                    peer, http=http, provider=provider, jobs=jobs or JobsConfig(), access=access
+                    peer,
+                    http=http,
+                    provider=provider,
+                    jobs=jobs or JobsConfig(),
+                    access=access,
+                    trust=TrustConfig() if spot_checks else None,
                 )
             )
         mode = "reachable" if peer.reachable else "outbound-only"
@@ -629,6 +651,7 @@ def _add_gateway(commands: argparse._SubParsersAction) -> None:
     )
     _add_jobs_options(parser, data_dir_default=str(default_data_dir()))
     _add_access_options(parser)
+    _add_trust_options(parser)
     parser.set_defaults(run=_gateway)
 
 
@@ -647,6 +670,7 @@ def _gateway(args: argparse.Namespace) -> int:
             metrics=args.metrics,
             jobs=jobs,
             access=access,
+            spot_checks=args.spot_checks,
         )
     )
     return 0
@@ -661,14 +685,17 @@ async def run_gateway(
     metrics: str | None = None,
     jobs: JobsConfig | None = None,
     access: AccessConfig | None = None,
+    spot_checks: bool = True,
 ) -> None:
     """Run a gateway until interrupted (what ``sdcn gateway`` does), keeping its jobs as
-    `jobs` says (default: in a temporary dir) and serving clients as `access` says (default:
-    the public limits; its keys file is read again on SIGHUP); with `metrics`
-    (``HOST:PORT``), it serves its metrics there too, beside ``GET /metrics`` on `http`."""
+    `jobs` says (default: in a temporary dir), serving clients as `access` says (default:
+    the public limits; its keys file is read again on SIGHUP) and checking providers'
+    pictures unless not `spot_checks`; with `metrics` (``HOST:PORT``), it serves its metrics
+    there too, beside ``GET /metrics`` on `http`."""
     from gateway.access import AccessConfig
     from gateway.jobservice import JobsConfig
     from gateway.node import open_gateway
+    from gateway.trust import TrustConfig
 
     async with (
         open_peer(identity, config) as peer,
@@ -679,6 +706,7 @@ async def run_gateway(
             default_model=model,
             jobs=jobs or JobsConfig(),
             access=access or AccessConfig(),
+            trust=TrustConfig() if spot_checks else None,
         ) as gateway,
     ):
         await reload_keys_on_sighup(gateway)

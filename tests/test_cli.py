@@ -6,7 +6,11 @@ import signal
 import stat
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -21,6 +25,7 @@ from sdcn_p2p.cli import (
     main,
     peer_config_from_args,
     ping_peer,
+    run_gateway,
 )
 from sdcn_p2p.errors import ConfigError
 from sdcn_p2p.host import HostConfig, open_host
@@ -28,6 +33,7 @@ from sdcn_p2p.identity import PeerId, default_key_path, load_or_create_identity
 from sdcn_p2p.jobs import JobRequest
 from sdcn_p2p.jobs.protocol import request_job
 from sdcn_p2p.multiaddr import Multiaddr
+from sdcn_p2p.records import Role
 from sdcn_p2p.testing import test_identity
 
 
@@ -275,6 +281,36 @@ async def test_node_subprocess_serves_metrics_and_logs_json_lines_with_the_job_i
         finally:
             process.kill()
             await process.wait()
+
+
+@pytest.mark.parametrize(("flag", "checks"), [([], True), (["--no-spot-checks"], False)])
+async def test_a_gateway_checks_pictures_unless_told_not_to(
+    monkeypatch: pytest.MonkeyPatch, flag: list[str], checks: bool
+) -> None:
+    import gateway.node
+
+    argv = ["gateway", "--listen", "/ip4/127.0.0.1/tcp/0/ws", "--http", "127.0.0.1:0", *flag]
+    args = build_parser().parse_args(argv)
+    opened = trio.Event()
+    checker: list[bool] = []
+    real = gateway.node.open_gateway
+
+    @asynccontextmanager
+    async def spy(*a: Any, **kw: Any) -> AsyncIterator[Any]:
+        async with real(*a, **kw) as opened_gateway:
+            checker.append(opened_gateway.checker is not None)
+            opened.set()
+            yield opened_gateway
+
+    monkeypatch.setattr(gateway.node, "open_gateway", spy)
+    config = peer_config_from_args(args, roles=(Role.GATEWAY,))
+    async with trio.open_nursery() as nursery:
+        run = partial(run_gateway, test_identity(5), config, http=args.http)
+        nursery.start_soon(partial(run, spot_checks=args.spot_checks))
+        with trio.fail_after(30):
+            await opened.wait()
+        nursery.cancel_scope.cancel()
+    assert checker == [checks]
 
 
 def test_metrics_options_go_into_the_peer_config() -> None:
