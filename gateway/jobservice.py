@@ -864,9 +864,10 @@ class JobService:
 
     def _follow_check(self, job: Job, results: list[DispatchResult]) -> None:
         """When the background spot check of the job's (first) result ends, its outcome goes
-        into the job's info (``spot_check``, ``spot_check_detail``), in memory and stored."""
+        into the job's info (``spot_check``, ``spot_check_detail``), in memory and stored; at
+        once if it ended before the job did."""
         check = results[0].check
-        if check is None or check.status.final:
+        if check is None:
             return
 
         def checked(check: SpotCheck) -> None:
@@ -874,7 +875,11 @@ class JobService:
             results[0] = replace(results[0], info={**results[0].info, **detail})
             self._store.update_nowait(job.id, info=results[0].info)
 
-        check.subscribe(checked)
+        if check.status.final:
+            if results[0].info.get("spot_check") != str(check.status):
+                checked(check)
+        else:
+            check.subscribe(checked)
 
     def _contributed(self, job: Job) -> None:
         """Count a done job's work to the provider that ran it (the last one assigned)."""

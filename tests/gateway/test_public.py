@@ -24,11 +24,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.access import AccessConfig, add_key
 from gateway.api import create_app
 from gateway.node import Gateway, open_gateway
+from sdcn_p2p.backends import Backend
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.cli import reload_keys_on_sighup
 from sdcn_p2p.peer import Peer
 from sdcn_p2p.provider import open_provider
 from sdcn_p2p.testing import open_memory_peers, wait_advert
+from sdcn_p2p.testing.gated import GatedBackend
 
 #: 10 steps of 64x64 take 10 * (64 * 64 / 512**2) / 0.5 = 0.31 s on this card.
 CARD = TestcardConfig(models=("card-a",), speed=0.5)
@@ -66,11 +68,14 @@ class Net:
 
 
 @asynccontextmanager
-async def public_gateway(tmp_path: Path, *, require_key: bool = False) -> AsyncIterator[Net]:
-    """A gateway with the keys file of `keys_file` and two providers; alice's is the second."""
+async def public_gateway(
+    tmp_path: Path, *, require_key: bool = False, backend: Backend | None = None
+) -> AsyncIterator[Net]:
+    """A gateway with the keys file of `keys_file` and two providers (on `backend`, default
+    a paced test card each); alice's is the second."""
     async with open_memory_peers(3) as (peer, *nodes), AsyncExitStack() as stack:
         for node in nodes:
-            await stack.enter_async_context(open_provider(node, TestcardBackend(CARD)))
+            await stack.enter_async_context(open_provider(node, backend or TestcardBackend(CARD)))
             await wait_advert(peer, node)
             await peer.host.ping(node.peer_id)
         path = keys_file(tmp_path / "keys.toml", str(nodes[1].peer_id))
@@ -150,13 +155,14 @@ async def test_limits_hold_on_both_apis_and_async_jobs(
 async def test_jobs_in_flight_and_waiting_are_limited(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    async with public_gateway(tmp_path) as net:
+    gated = GatedBackend(models=CARD.models)  # its jobs run until the test ends
+    async with public_gateway(tmp_path, backend=gated) as net:
         net.gateway.access = AccessConfig.from_mapping(
             {"tiers": {"anonymous": {"limits": {"max_in_flight": 1, "max_waiting": 1}}}}
         )
         async with net.client("2001:db8::1") as one, net.client("2001:db8::2") as same_64:
             assert (await one.post("/v1/jobs", json=JOB)).status_code == 202
-            await trio.testing.wait_all_tasks_blocked()  # it went to a provider
+            await gated.started.wait()  # it went to a provider
             assert (await same_64.post("/v1/jobs", json=JOB)).status_code == 202  # waits
             answer = await one.post("/v1/jobs", json=JOB)
             assert answer.status_code == 429 and "jobs waiting" in answer.json()["msg"]
