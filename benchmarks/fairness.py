@@ -34,9 +34,8 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
-from typing import Any
 
 import httpx
 import trio
@@ -47,7 +46,7 @@ from gateway.api import create_app
 from gateway.node import open_gateway
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.provider import Provider, open_provider
-from sdcn_p2p.testing import open_memory_peers, wait_advert
+from sdcn_p2p.testing import inline_threads, open_memory_peers, wait_advert
 
 MODEL = "card"
 STEPS, SIZE = 10, 256
@@ -214,20 +213,10 @@ async def simulate(args: argparse.Namespace, flood: bool) -> dict[str, object]:
         }
 
 
-async def _inline(fn: Callable[..., Any], *args: Any, **_: Any) -> Any:
-    """`trio.to_thread.run_sync`, run in the calling task: no simulated time passes."""
-    await trio.lowlevel.checkpoint()
-    return fn(*args)
-
-
 def run_case(args: argparse.Namespace, flood: bool) -> dict[str, object]:
     clock = trio.testing.MockClock(autojump_threshold=0)
-    threads = trio.to_thread.run_sync
-    trio.to_thread.run_sync = _inline  # type: ignore[assignment]
-    try:
+    with inline_threads():
         return trio.run(simulate, args, flood, clock=clock)
-    finally:
-        trio.to_thread.run_sync = threads
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,9 +8,10 @@ providers dialling a peer over WebSockets on 127.0.0.1 (real time).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import replace
+from typing import Any
 
 import trio
 
@@ -30,6 +31,7 @@ __all__ = [
     "Tamper",
     "TamperingTransport",
     "all_tasks",
+    "inline_threads",
     "mock_wall_clock",
     "open_loopback_providers",
     "open_memory_hosts",
@@ -219,6 +221,27 @@ MOCK_EPOCH = 1_700_000_000.0
 def mock_wall_clock() -> float:
     """Wall time that follows trio's clock, so MockClock jumps move record expiry too."""
     return MOCK_EPOCH + trio.current_time()
+
+
+@contextmanager
+def inline_threads() -> Iterator[None]:
+    """Run `trio.to_thread.run_sync` in the calling task while the block runs.
+
+    Under an autojumping MockClock, nothing in trio is runnable while a worker thread works,
+    so the clock jumps to the next timer: the job store's SQLite writes or a PNG check would
+    let simulated time pass by how busy the machine is. Inline, they take none.
+    """
+    threads = trio.to_thread.run_sync
+
+    async def inline(fn: Callable[..., Any], *args: Any, **_: Any) -> Any:
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+
+    trio.to_thread.run_sync = inline  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        trio.to_thread.run_sync = threads
 
 
 #: Seconds `wait_advert` waits before failing the test.

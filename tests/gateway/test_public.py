@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +29,7 @@ from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.cli import reload_keys_on_sighup
 from sdcn_p2p.peer import Peer
 from sdcn_p2p.provider import open_provider
-from sdcn_p2p.testing import open_memory_peers, wait_advert
+from sdcn_p2p.testing import inline_threads, open_memory_peers, wait_advert
 from sdcn_p2p.testing.gated import GatedBackend
 
 #: 10 steps of 64x64 take 10 * (64 * 64 / 512**2) / 0.5 = 0.31 s on this card.
@@ -65,6 +65,13 @@ class Net:
             transport=transport, base_url="http://gw", headers=headers
         ) as http:
             yield http
+
+
+@pytest.fixture(autouse=True)
+def _no_time_in_threads() -> Iterator[None]:
+    # The limits count simulated minutes: the job store's thread must not let MockClock jump.
+    with inline_threads():
+        yield
 
 
 @asynccontextmanager
