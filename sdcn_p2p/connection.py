@@ -74,6 +74,9 @@ _HIGH_WATER = 512 * 1024
 _CONTROL_LIMIT = 4 * 1024 * 1024
 #: Seconds a draining connection stays open without streams, for streams already in flight.
 DRAIN_GRACE = 5.0
+#: Seconds the handlers of streams a peer sent whole before closing the connection have to
+#: read them, before they are cancelled with it.
+CLOSE_READ_GRACE = 1.0
 
 
 class SecureChannel:
@@ -644,6 +647,11 @@ class Connection:
         self._on_stream = on_stream
         self._outbuf = bytearray()
         self._writer_lot = trio.lowlevel.ParkingLot()  # the writer waits here for output
+        self._writing = False  # the writer is sending what it took from `_outbuf`
+        self._writer_alive = False
+        self._flushed_lot = trio.lowlevel.ParkingLot()  # a write ended
+        self._forgotten_lot = trio.lowlevel.ParkingLot()  # a stream was forgotten
+        self._reader_done = trio.Event()
         self._space_lot = trio.lowlevel.ParkingLot()  # senders wait here for buffer space
         self._idle_lot = trio.lowlevel.ParkingLot()  # stream-count changes
         self._nursery: trio.Nursery | None = None
@@ -704,9 +712,13 @@ class Connection:
                 nursery.start_soon(self._writer)
                 task_status.started()
                 try:
-                    await self._reader()
+                    try:
+                        await self._reader()
+                    finally:
+                        self._reader_done.set()
                 except trio.EndOfChannel:
                     reason = "closed by the remote peer"
+                    await self._let_finished_streams_be_read()
                 except ProtocolError as exc:
                     reason = f"protocol error: {exc}"
                     log.info("connection to %s: %s", self.peer_id.short(), exc)
@@ -778,17 +790,37 @@ class Connection:
         return waited
 
     async def _writer(self) -> None:
+        self._writer_alive = True
         try:
             while True:
                 while not self._outbuf:
                     await self._writer_lot.park()
                 data, self._outbuf = self._outbuf, bytearray()
                 self._space_lot.unpark_all()
-                await self._channel.send_all(data)
+                self._writing = True
+                try:
+                    await self._channel.send_all(data)
+                finally:
+                    self._writing = False
+                    self._flushed_lot.unpark_all()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            # The reader sees the same failure; make sure it stops waiting.
-            await self._channel.aclose()
             log.debug("connection to %s: write failed: %r", self.peer_id.short(), exc)
+            self._writer_alive = False
+            self._flushed_lot.unpark_all()
+            # The reader sees the end too, after what the peer sent before it left (a last
+            # advert): let it read that, then make sure it stops waiting.
+            with trio.move_on_after(CLOSE_READ_GRACE):
+                await self._reader_done.wait()
+            await self._channel.aclose()
+        finally:
+            self._writer_alive = False
+            self._flushed_lot.unpark_all()
+
+    async def _wait_flushed(self) -> None:
+        """Wait until the writer has sent everything queued so far (or has stopped)."""
+        self._pump()
+        while self._writer_alive and (self._outbuf or self._writing):
+            await self._flushed_lot.park()
 
     async def _flush_before_close(self) -> None:
         self._pump()
@@ -811,6 +843,15 @@ class Connection:
         if self._streams.get(stream.stream_id) is stream:
             del self._streams[stream.stream_id]
             self._touch()
+            self._forgotten_lot.unpark_all()
+
+    async def _let_finished_streams_be_read(self) -> None:
+        """The peer closed the connection after sending some streams whole (data and FIN, a
+        last advert say): give their handlers, maybe not yet started, until they are done with
+        them, or CLOSE_READ_GRACE, before everything is cancelled."""
+        with trio.move_on_after(CLOSE_READ_GRACE):
+            while any(s._remote_eof and not s._reset for s in self._streams.values()):
+                await self._forgotten_lot.park()
 
     def _forget_if_done(self, stream: Stream) -> None:
         # Once both sides sent FIN no more events come for the stream; the application may
@@ -860,8 +901,11 @@ class Connection:
             self.close_reason = reason
         self.closed = True
         try:
-            # The reader keeps draining meanwhile, so the transport's closing handshake can
-            # complete instead of waiting behind unread messages.
+            # What streams already sent (a last advert, a FIN) goes out first, while the peer
+            # reads it. The reader keeps draining meanwhile, so the transport's closing
+            # handshake can complete instead of waiting behind unread messages.
+            with trio.move_on_after(CLOSE_READ_GRACE):
+                await self._wait_flushed()
             await self._channel.aclose()
         finally:
             if self._nursery is not None:

@@ -112,13 +112,14 @@ class Peer:
         """Whether other peers can dial us (we have an address to advertise)."""
         return bool(self.host.advertised_addrs)
 
-    async def publish_advert(self, advert: Advert) -> Envelope:
+    async def publish_advert(self, advert: Advert, *, flush: bool = False) -> Envelope:
         """Sign `advert`, gossip it to the network and store it in the DHT under its models.
 
-        The DHT store runs in the background; gossip is pushed before this returns.
+        The DHT store runs in the background; gossip pushes are queued for each mesh peer
+        before this returns, or, with `flush`, sent (`Gossip.publish`).
         """
         envelope = advert.seal(self.identity)
-        await self.gossip.publish(envelope)
+        await self.gossip.publish(envelope, flush=flush)
         self._nursery.start_soon(self._store_in_dht, envelope)
         return envelope
 

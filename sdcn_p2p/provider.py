@@ -225,7 +225,8 @@ class Provider:
         if self.state is not AdvertState.DRAINING:
             log.info("draining: %d job(s) to finish", self.load)
             self.state = AdvertState.DRAINING
-            await self._publish()
+            # Sent before anything else happens: with no job running, the peer may close next.
+            await self._publish(flush=True)
         await self.wait_idle()
 
     # --- capabilities and adverts --------------------------------------------------------------
@@ -271,12 +272,12 @@ class Provider:
                 await self._changed.wait()
             await trio.sleep(self.config.min_advert_gap)  # batch bursts of changes
 
-    async def _publish(self) -> None:
+    async def _publish(self, *, flush: bool = False) -> None:
         self._changed = trio.Event()
         advert = self._build_advert()
         self.advert = advert
         try:
-            await self.peer.publish_advert(advert)
+            await self.peer.publish_advert(advert, flush=flush)
         except SdcnError as exc:
             log.warning("could not publish our advert: %s", exc)
 

@@ -13,12 +13,21 @@ from PIL import Image
 from sdcn_p2p.backends import Capabilities, JobOutput
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.errors import BackendUnavailable, JobError
+from sdcn_p2p.host import HostConfig
 from sdcn_p2p.jobs import JobRequest
 from sdcn_p2p.jobs.protocol import JOB, MAX_JOB_MESSAGE, request_job
 from sdcn_p2p.logs import ContextFilter
+from sdcn_p2p.multiaddr import Multiaddr
+from sdcn_p2p.peer import PeerConfig, open_peer
 from sdcn_p2p.provider import ProviderConfig, open_provider
 from sdcn_p2p.records import Advert, Role
-from sdcn_p2p.testing import open_memory_peers, small_job, wait_advert
+from sdcn_p2p.testing import (
+    mock_wall_clock,
+    open_memory_peers,
+    small_job,
+    test_identity,
+    wait_advert,
+)
 from sdcn_p2p.transport.memory import MemoryNetwork
 
 CARD = TestcardConfig(models=("card-a", "card-b"), loras=("pixel",), speed=10.0)
@@ -217,6 +226,30 @@ async def test_draining_refuses_new_jobs_and_waits_for_running_ones(autojump_clo
                 await request_job(client.host, node.peer_id, job(), deadline=60)
             assert info.value.code == "busy"
         assert len(results) == 1 and provider.load == 0
+
+
+async def test_an_idle_provider_that_drains_and_leaves_at_once_is_seen_draining(
+    autojump_clock,
+) -> None:
+    # What `sdcn node` does on SIGTERM with nothing running: drain, then close the peer at
+    # once. The draining advert is sent before drain returns, goes out before the connection
+    # closes, and is read by the other side before it tears the connection down.
+    network = MemoryNetwork(latency=0.005)
+    async with open_memory_peers(1, network=network) as (client,):
+        transport = network.transport()
+        listen = (Multiaddr.parse(f"/ip4/{transport.host}/tcp/4001/ws"),)
+        seed = client.host.listen_addrs[0].with_peer_id(client.peer_id)
+        config = PeerConfig(host=HostConfig(listen=listen), bootstrap=(seed,))
+        async with (
+            open_peer(
+                test_identity(7), config, transport=transport, wall_clock=mock_wall_clock
+            ) as node,
+            open_provider(node, TestcardBackend(CARD)) as provider,
+        ):
+            await wait_advert(client, node, lambda a: a.state == "online")
+            await provider.drain()
+        # The node is gone; what it sent before is all there is.
+        await wait_advert(client, node, lambda a: a.state == "draining")
 
 
 class FlakyBackend(TestcardBackend):

@@ -139,29 +139,41 @@ class Gossip:
                 for peer in list(self._links):
                     self._remove_from_mesh(peer)
 
-    async def publish(self, envelope: Envelope) -> Advert:
+    async def publish(self, envelope: Envelope, *, flush: bool = False) -> Advert:
         """Add a sealed advert to the cache and push it to every mesh peer at once.
 
         While the mesh is below `degree_low` (a peer just started), connected gossip peers
-        outside it get the advert too, up to `degree` peers in all. Raises RecordError if the
-        cache refuses it: forged, oversized, expired, or not newer than the one it holds.
+        outside it get the advert too, up to `degree` peers in all. The pushes go out from
+        each mesh peer's queue; with `flush`, straight away, and this returns once each has
+        been sent or has failed (within `rpc_timeout`): for a last advert before leaving.
+        Raises RecordError if the cache refuses it: forged, oversized, expired, or not newer
+        than the one it holds.
         """
         await trio.lowlevel.checkpoint()
         advert = self.adverts.add(envelope)
         if advert is None:
             raise RecordError("advert not kept: the cache holds a newer or equal seq of that peer")
         data = envelope.to_bytes()
-        self._forward(advert, data, source=None)
-        nursery = self._nursery
-        if nursery is not None and len(self._links) < self.config.degree_low:
+        extra: list[PeerId] = []
+        if len(self._links) < self.config.degree_low:
             others = [
                 p
                 for p in self.host.connected_peers
                 if p not in self._links and self._speaks_gossip(p)
             ]
             count = min(self.config.degree - len(self._links), len(others))
-            for peer in self._rng.sample(others, count):
-                nursery.start_soon(self._push, peer, [data])
+            extra = self._rng.sample(others, count)
+        if flush:
+            self._seen.add((advert.peer_id, advert.seq), advert.expires_at)
+            self.stats.forwarded += 1
+            async with trio.open_nursery() as nursery:
+                for peer in [*self._links, *extra]:
+                    nursery.start_soon(self._push, peer, [data])
+            return advert
+        self._forward(advert, data, source=None)
+        if self._nursery is not None:
+            for peer in extra:
+                self._nursery.start_soon(self._push, peer, [data])
         return advert
 
     async def wait_mesh(self, size: int | None = None) -> None:
