@@ -36,6 +36,7 @@ __all__ = [
     "open_loopback_providers",
     "open_memory_hosts",
     "open_memory_peers",
+    "open_memory_providers",
     "small_job",
     "test_identity",
     "wait_advert",
@@ -140,6 +141,33 @@ async def open_memory_peers(
         for peer in peers:
             await peer.bootstrapped.wait()
         yield peers
+
+
+@asynccontextmanager
+async def open_memory_providers(
+    backends: Sequence[Backend],
+    configs: Sequence[ProviderConfig] | None = None,
+    *,
+    network: MemoryNetwork | None = None,
+    config: PeerConfig = PeerConfig(),
+) -> AsyncIterator[tuple[Peer, list[Peer], list[Provider]]]:
+    """`open_memory_peers` for peer 0 (everyone's bootstrap: run a gateway on it) and one
+    peer per backend after it, each running a provider on its backend (with ``configs[i]``,
+    default `ProviderConfig()`): (peer 0, the providers' peers, the providers), once peer 0
+    holds every provider's online advert. All stop on exit.
+    """
+    configs = configs or [ProviderConfig()] * len(backends)
+    async with (
+        open_memory_peers(1 + len(backends), network=network, config=config) as (peer, *nodes),
+        AsyncExitStack() as stack,
+    ):
+        providers = [
+            await stack.enter_async_context(open_provider(node, backend, provider_config))
+            for node, backend, provider_config in zip(nodes, backends, configs, strict=True)
+        ]
+        for node in nodes:
+            await wait_advert(peer, node)
+        yield peer, nodes, providers
 
 
 @asynccontextmanager

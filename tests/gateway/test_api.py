@@ -10,7 +10,7 @@ import base64
 import io
 import json
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,8 +29,8 @@ from sdcn_p2p.backends import JobOutput
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.jobs import JobRequest
 from sdcn_p2p.peer import Peer
-from sdcn_p2p.provider import Provider, ProviderConfig, open_provider
-from sdcn_p2p.testing import open_memory_peers, wait_advert
+from sdcn_p2p.provider import Provider
+from sdcn_p2p.testing import open_memory_providers
 
 CARDS = (
     TestcardConfig(models=("card-a", "card-b"), loras=("pixel",)),
@@ -73,18 +73,9 @@ async def gateway_network(
     """Peer 0 is the gateway; one test-card provider per backend after it."""
     backends = backends or tuple(TestcardBackend(card) for card in CARDS)
     async with (
-        open_memory_peers(1 + len(backends)) as (peer, *nodes),
-        AsyncExitStack() as stack,
+        open_memory_providers(backends) as (peer, nodes, providers),
+        open_gateway(peer, default_model=default_model, trust=trust) as gateway,
     ):
-        providers = [
-            await stack.enter_async_context(open_provider(node, backend, ProviderConfig()))
-            for node, backend in zip(nodes, backends, strict=True)
-        ]
-        for node in nodes:
-            await wait_advert(peer, node)
-        gateway = await stack.enter_async_context(
-            open_gateway(peer, default_model=default_model, trust=trust)
-        )
         app = create_app(gateway)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -28,9 +28,14 @@ from sdcn_p2p.errors import ConfigError, JobError
 from sdcn_p2p.jobs import JobRequest
 from sdcn_p2p.jobs.protocol import request_job
 from sdcn_p2p.peer import Peer
-from sdcn_p2p.provider import Provider, ProviderConfig, open_provider
+from sdcn_p2p.provider import Provider, ProviderConfig
 from sdcn_p2p.records import model_key
-from sdcn_p2p.testing import mock_wall_clock, open_memory_peers, small_job, wait_advert
+from sdcn_p2p.testing import (
+    mock_wall_clock,
+    open_memory_providers,
+    small_job,
+    wait_advert,
+)
 from sdcn_p2p.transport.memory import MemoryNetwork
 
 #: 10 steps of 64x64 take 10 * (64 * 64 / 512**2) / 0.5 = 0.31 s on this card.
@@ -105,17 +110,11 @@ async def gateway_network(
 ) -> AsyncIterator[Net]:
     """Peer 0 is the gateway (and everyone's bootstrap); one provider per backend after it."""
     network = MemoryNetwork(latency=0.005)
-    configs = configs or [ProviderConfig()] * len(backends)
-    async with (
-        open_memory_peers(1 + len(backends), network=network) as (gateway, *nodes),
-        AsyncExitStack() as stack,
+    async with open_memory_providers(backends, configs, network=network) as (
+        gateway,
+        nodes,
+        providers,
     ):
-        providers = [
-            await stack.enter_async_context(open_provider(node, backend, config))
-            for node, backend, config in zip(nodes, backends, configs, strict=True)
-        ]
-        for node in nodes:
-            await wait_advert(gateway, node, lambda a: a.state == "online")
         directory = ProviderDirectory(
             gateway.adverts, gateway.host.peerstore.rtt, rng=random.Random(1)
         )

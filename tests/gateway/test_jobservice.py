@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -26,8 +26,8 @@ from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.errors import ConfigError
 from sdcn_p2p.jobs import JobRequest
 from sdcn_p2p.peer import Peer
-from sdcn_p2p.provider import Provider, ProviderConfig, open_provider
-from sdcn_p2p.testing import open_memory_peers, wait_advert
+from sdcn_p2p.provider import Provider, ProviderConfig
+from sdcn_p2p.testing import open_memory_peers, open_memory_providers
 from sdcn_p2p.testing.gated import GatedBackend
 
 CARD = TestcardConfig(models=("card",))
@@ -45,14 +45,8 @@ async def memory_network(
     tmp_path: Path, *backends: Backend, config: ProviderConfig = ProviderConfig(max_queue=32)
 ) -> AsyncIterator[Net]:
     """Peer 0 will be the gateway; a provider per backend after it."""
-    async with (
-        open_memory_peers(1 + len(backends)) as (peer, *nodes),
-        AsyncExitStack() as stack,
-    ):
-        providers = []
-        for node, backend in zip(nodes, backends, strict=True):
-            providers.append(await stack.enter_async_context(open_provider(node, backend, config)))
-            await wait_advert(peer, node)
+    configs = [config] * len(backends)
+    async with open_memory_providers(backends, configs) as (peer, _, providers):
         yield Net(peer, providers, tmp_path / "data")
 
 

@@ -12,7 +12,7 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,8 +33,8 @@ from sdcn_p2p.jobs import JobRequest
 from sdcn_p2p.jobs.protocol import request_job
 from sdcn_p2p.logs import ContextFilter, JsonFormatter
 from sdcn_p2p.peer import Peer, PeerConfig
-from sdcn_p2p.provider import Provider, ProviderConfig, open_provider
-from sdcn_p2p.testing import open_memory_peers, small_job, wait_advert
+from sdcn_p2p.provider import Provider, ProviderConfig
+from sdcn_p2p.testing import open_memory_providers, small_job
 
 #: 10 steps of 64x64 take 10 * (64 * 64 / 512**2) / 0.5 = 0.31 s on this card.
 SLOW = TestcardConfig(models=("card-a",), speed=0.5)
@@ -83,19 +83,14 @@ async def gateway_network(
 ) -> AsyncIterator[Net]:
     """Peer 0 is the gateway (checking no jobs unless given `trust`); one provider per
     backend after it."""
-    configs = configs or [ProviderConfig()] * len(backends)
     async with (
-        open_memory_peers(1 + len(backends), config=PeerConfig(metrics=metrics)) as peers,
-        AsyncExitStack() as stack,
+        open_memory_providers(backends, configs, config=PeerConfig(metrics=metrics)) as (
+            gateway_peer,
+            nodes,
+            providers,
+        ),
+        open_gateway(gateway_peer, trust=trust) as gateway,
     ):
-        gateway_peer, *nodes = peers
-        providers = [
-            await stack.enter_async_context(open_provider(node, backend, config))
-            for node, backend, config in zip(nodes, backends, configs, strict=True)
-        ]
-        for node in nodes:
-            await wait_advert(gateway_peer, node, lambda a: a.state == "online")
-        gateway = await stack.enter_async_context(open_gateway(gateway_peer, trust=trust))
         for node in nodes:  # every RTT known, so that the choice of provider is by speed alone
             await gateway_peer.host.ping(node.peer_id)
         transport = httpx.ASGITransport(app=create_app(gateway))

@@ -28,8 +28,7 @@ from sdcn_p2p.backends import Backend
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.cli import reload_keys_on_sighup
 from sdcn_p2p.peer import Peer
-from sdcn_p2p.provider import open_provider
-from sdcn_p2p.testing import inline_threads, open_memory_peers, wait_advert
+from sdcn_p2p.testing import inline_threads, open_memory_providers
 from sdcn_p2p.testing.gated import GatedBackend
 
 #: 10 steps of 64x64 take 10 * (64 * 64 / 512**2) / 0.5 = 0.31 s on this card.
@@ -80,10 +79,9 @@ async def public_gateway(
 ) -> AsyncIterator[Net]:
     """A gateway with the keys file of `keys_file` and two providers (on `backend`, default
     a paced test card each); alice's is the second."""
-    async with open_memory_peers(3) as (peer, *nodes), AsyncExitStack() as stack:
+    backends = [backend or TestcardBackend(CARD) for _ in range(2)]
+    async with open_memory_providers(backends) as (peer, nodes, _), AsyncExitStack() as stack:
         for node in nodes:
-            await stack.enter_async_context(open_provider(node, backend or TestcardBackend(CARD)))
-            await wait_advert(peer, node)
             await peer.host.ping(node.peer_id)
         path = keys_file(tmp_path / "keys.toml", str(nodes[1].peer_id))
         access = AccessConfig.load(path, require_key=require_key)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 
 import httpx
 import trio
@@ -15,7 +15,7 @@ from gateway.api import create_app
 from gateway.node import Gateway, open_gateway
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.provider import Provider, ProviderConfig, open_provider
-from sdcn_p2p.testing import open_memory_peers, wait_advert
+from sdcn_p2p.testing import open_memory_peers, open_memory_providers, wait_advert
 from sdcn_p2p.transport.memory import MemoryNetwork
 
 
@@ -37,20 +37,12 @@ async def network(
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Gateway, list[Provider], MemoryNetwork]]:
     """Peer 0 is the gateway; a test-card provider of model "card" per speed after it."""
     network = MemoryNetwork(latency=0.01)
+    backends = [TestcardBackend(TestcardConfig(models=("card",), speed=s)) for s in speeds]
+    configs = [ProviderConfig(slots=slots, max_queue=max_queue)] * len(speeds)
     async with (
-        open_memory_peers(1 + len(speeds), network=network) as (peer, *nodes),
-        AsyncExitStack() as stack,
+        open_memory_providers(backends, configs, network=network) as (peer, _, providers),
+        open_gateway(peer, trust=None) as gateway,
     ):
-        providers = []
-        for node, speed in zip(nodes, speeds, strict=True):
-            card = TestcardConfig(models=("card",), speed=speed)
-            config = ProviderConfig(slots=slots, max_queue=max_queue)
-            providers.append(
-                await stack.enter_async_context(open_provider(node, TestcardBackend(card), config))
-            )
-        for node in nodes:
-            await wait_advert(peer, node)
-        gateway = await stack.enter_async_context(open_gateway(peer, trust=None))
         transport = httpx.ASGITransport(app=create_app(gateway))
         async with httpx.AsyncClient(
             transport=transport, base_url="http://gateway", timeout=None

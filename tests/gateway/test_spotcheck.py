@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -18,8 +18,12 @@ from gateway.trust import TrustConfig
 from sdcn_p2p.backends import Backend
 from sdcn_p2p.backends.testcard import TestcardBackend, TestcardConfig
 from sdcn_p2p.jobs import JobRequest
-from sdcn_p2p.provider import Provider, ProviderConfig, open_provider
-from sdcn_p2p.testing import all_tasks, open_memory_peers, small_job, wait_advert
+from sdcn_p2p.provider import Provider
+from sdcn_p2p.testing import (
+    all_tasks,
+    open_memory_providers,
+    small_job,
+)
 from sdcn_p2p.testing.trust import JitterBackend, Lie, LyingBackend
 
 #: A job takes 10 * 64 * 64 / 512**2 / 4 = 0.039 s on these cards.
@@ -64,21 +68,12 @@ async def trust_network(
     backends: Sequence[Backend], *, trust: TrustConfig = TrustConfig()
 ) -> AsyncIterator[Net]:
     """Peer 0 is the gateway, checking its jobs; a provider per backend after it."""
-    async with (
-        open_memory_peers(1 + len(backends)) as (peer, *nodes),
-        AsyncExitStack() as stack,
-    ):
-        providers = [
-            await stack.enter_async_context(open_provider(node, backend, ProviderConfig()))
-            for node, backend in zip(nodes, backends, strict=True)
-        ]
-        for node in nodes:
-            await wait_advert(peer, node)
+    async with open_memory_providers(backends) as (peer, _, providers):
         gateway = Gateway(peer, rng=random.Random(1), trust=trust)
-        checker = await stack.enter_async_context(
-            open_spot_checker(gateway.dispatcher, gateway.trust, rng=random.Random(2))
-        )
-        yield Net(gateway, checker, providers)
+        async with open_spot_checker(
+            gateway.dispatcher, gateway.trust, rng=random.Random(2)
+        ) as checker:
+            yield Net(gateway, checker, providers)
 
 
 @pytest.mark.parametrize("lie", list(Lie))

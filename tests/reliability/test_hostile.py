@@ -31,16 +31,15 @@ from sdcn_p2p.identity import Identity
 from sdcn_p2p.jobs import JobRequest
 from sdcn_p2p.multiaddr import Multiaddr
 from sdcn_p2p.peer import Peer, PeerConfig
-from sdcn_p2p.provider import Provider, ProviderConfig, open_provider
+from sdcn_p2p.provider import Provider
 from sdcn_p2p.records import Advert, ModelInfo, PeerRecord, model_key
 from sdcn_p2p.testing import (
     all_tasks,
     mock_wall_clock,
     open_memory_hosts,
-    open_memory_peers,
+    open_memory_providers,
     small_job,
     test_identity,
-    wait_advert,
 )
 from sdcn_p2p.transport.memory import MemoryNetwork
 
@@ -88,16 +87,11 @@ async def gateway_network(
     before = all_tasks()
     network = MemoryNetwork(latency=0.005)
     config = PeerConfig(host=host)
-    async with (
-        open_memory_peers(1 + len(backends), network=network, config=config) as (gw, *nodes),
-        AsyncExitStack() as stack,
+    async with open_memory_providers(backends, network=network, config=config) as (
+        gw,
+        nodes,
+        providers,
     ):
-        providers = [
-            await stack.enter_async_context(open_provider(node, backend, ProviderConfig()))
-            for node, backend in zip(nodes, backends, strict=True)
-        ]
-        for node in nodes:
-            await wait_advert(gw, node)
         dispatcher = Gateway(gw, rng=random.Random(3)).dispatcher
         yield Net(network, gw, nodes, providers, dispatcher)
     assert all_tasks() == before
