@@ -96,8 +96,10 @@ def wait_http(
     process: subprocess.Popen[bytes],
     check: Callable[[Any], bool] = lambda body: True,
     timeout: float = READY_TIMEOUT,
+    poll: float = 0.1,
 ) -> Any:
-    """Poll `url` until it answers 200 with JSON that passes `check`; return that JSON.
+    """Poll `url` every `poll` seconds until it answers 200 with JSON that passes `check`;
+    return that JSON.
 
     Raises RuntimeError if `process` exits first or `timeout` seconds pass.
     """
@@ -113,5 +115,5 @@ def wait_http(
                 return body
         except httpx.HTTPError:
             pass
-        time.sleep(0.1)  # another process's readiness: there is nothing to wait on instead
+        time.sleep(poll)  # another process's readiness: there is nothing to wait on instead
     raise RuntimeError(f"{url} not ready within {timeout:.0f} s")
