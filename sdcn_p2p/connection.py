@@ -74,9 +74,9 @@ _HIGH_WATER = 512 * 1024
 _CONTROL_LIMIT = 4 * 1024 * 1024
 #: Seconds a draining connection stays open without streams, for streams already in flight.
 DRAIN_GRACE = 5.0
-#: Seconds the handlers of streams a peer sent whole before closing the connection have to
-#: read them, before they are cancelled with it.
-CLOSE_READ_GRACE = 1.0
+#: Seconds a closing connection gives what its streams wrote to go out, and the handlers of
+#: streams a peer sent whole before it closed the connection to read them.
+CLOSING_GRACE = 1.0
 
 
 class SecureChannel:
@@ -805,22 +805,14 @@ class Connection:
                     self._flushed_lot.unpark_all()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug("connection to %s: write failed: %r", self.peer_id.short(), exc)
-            self._writer_alive = False
-            self._flushed_lot.unpark_all()
-            # The reader sees the end too, after what the peer sent before it left (a last
-            # advert): let it read that, then make sure it stops waiting.
-            with trio.move_on_after(CLOSE_READ_GRACE):
-                await self._reader_done.wait()
-            await self._channel.aclose()
         finally:
             self._writer_alive = False
             self._flushed_lot.unpark_all()
-
-    async def _wait_flushed(self) -> None:
-        """Wait until the writer has sent everything queued so far (or has stopped)."""
-        self._pump()
-        while self._writer_alive and (self._outbuf or self._writing):
-            await self._flushed_lot.park()
+        # Only a failed write gets here. The reader sees the end too, after what the peer sent
+        # before it left (a last advert): let it read that, then make sure it stops waiting.
+        with trio.move_on_after(CLOSING_GRACE):
+            await self._reader_done.wait()
+        await self._channel.aclose()
 
     async def _flush_before_close(self) -> None:
         self._pump()
@@ -829,6 +821,12 @@ class Connection:
                 data, self._outbuf = self._outbuf, bytearray()
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await self._channel.send_all(data)
+
+    async def _wait_flushed(self) -> None:
+        """Wait until the writer has sent everything queued so far (or has stopped)."""
+        self._pump()
+        while self._writer_alive and (self._outbuf or self._writing):
+            await self._flushed_lot.park()
 
     # --- bookkeeping -----------------------------------------------------------------------------
 
@@ -848,8 +846,8 @@ class Connection:
     async def _let_finished_streams_be_read(self) -> None:
         """The peer closed the connection after sending some streams whole (data and FIN, a
         last advert say): give their handlers, maybe not yet started, until they are done with
-        them, or CLOSE_READ_GRACE, before everything is cancelled."""
-        with trio.move_on_after(CLOSE_READ_GRACE):
+        them, or CLOSING_GRACE, before everything is cancelled."""
+        with trio.move_on_after(CLOSING_GRACE):
             while any(s._remote_eof and not s._reset for s in self._streams.values()):
                 await self._forgotten_lot.park()
 
@@ -904,7 +902,7 @@ class Connection:
             # What streams already sent (a last advert, a FIN) goes out first, while the peer
             # reads it. The reader keeps draining meanwhile, so the transport's closing
             # handshake can complete instead of waiting behind unread messages.
-            with trio.move_on_after(CLOSE_READ_GRACE):
+            with trio.move_on_after(CLOSING_GRACE):
                 await self._wait_flushed()
             await self._channel.aclose()
         finally:
